@@ -1,0 +1,32 @@
+# `make test` and `make bench` set up their own virtual environment (pinned versions),
+# then run. On a machine without a GPU the kernels run in Triton's interpreter.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+# Two workers: the CI machine has two cores.
+WORKERS ?= 2
+
+.PHONY: venv test test-gpu bench clean
+
+venv: $(STAMP)
+
+$(STAMP): requirements-dev.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -r requirements-dev.txt
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+# CPU: kernels run in the interpreter (TRITON_INTERPRET=1) on CPU tensors.
+test: $(STAMP)
+	TRITON_INTERPRET=1 $(PY) -m pytest -n $(WORKERS) -q
+
+# GPU: the same suite, compiled (run on a CUDA machine).
+test-gpu:
+	$(PYTHON) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) -m tritonorm bench
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

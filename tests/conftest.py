@@ -1,0 +1,43 @@
+"""Shared test setup.
+
+Kernels run in Triton's interpreter on CPU tensors unless a CUDA device is present (then the
+suite runs compiled on the GPU). Tests that need a real GPU carry ``@pytest.mark.gpu``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
+
+if not HAS_CUDA:
+    # The kernels need the interpreter on CPU tensors; `make test` sets it, this covers a bare `pytest`
+    # (the variable is read when triton is imported, so set it before anything imports triton).
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_CUDA:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (compiled Triton kernels)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def device():
+    return DEVICE
+
+
+@pytest.fixture(autouse=True)
+def _fresh_seed(request):
+    # A different seed per test (from its id), so inputs are fresh random data but a failure
+    # can be reproduced by re-running the same test.
+    seed = abs(hash(request.node.nodeid)) % (2**31)
+    torch.manual_seed(seed)
+    yield

@@ -1,0 +1,48 @@
+"""Tolerance rule and input helpers shared by the tests.
+
+The rule (DESIGN §7): compare every kernel against the float64 reference. In fp32 the error must
+be far under 1e-4 relative to the output's scale. In fp16/bf16 the kernel's error may be at most
+twice the error of an eager PyTorch computation at the same precision, plus one unit in the last
+place of the output's scale (the final rounding that any implementation must do).
+"""
+
+from __future__ import annotations
+
+import torch
+
+LOW = (torch.float16, torch.bfloat16)
+FP32_RTOL = 2e-5
+
+
+def poison_(t: torch.Tensor) -> torch.Tensor:
+    """Fill an output buffer with NaN so a kernel that forgets to write shows up."""
+    return t.fill_(float("nan"))
+
+
+def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    if a.numel() == 0:
+        return 0.0
+    return (a.double() - b.double()).abs().max().item()
+
+
+def scale(t: torch.Tensor) -> float:
+    return max(t.double().abs().max().item(), 1e-30) if t.numel() else 1.0
+
+
+def assert_close(ours: torch.Tensor, ref64: torch.Tensor, dtype: torch.dtype,
+                 eager: torch.Tensor | None = None, what: str = "output") -> None:
+    """Assert ``ours`` matches the float64 ``ref64`` under the rule above.
+
+    ``eager`` is the same quantity computed by eager PyTorch in ``dtype`` (needed for fp16/bf16).
+    """
+    assert ours.shape == ref64.shape, f"{what}: shape {tuple(ours.shape)} != {tuple(ref64.shape)}"
+    assert torch.isfinite(ours).all() == torch.isfinite(ref64).all(), f"{what}: non-finite values differ"
+    err = max_err(ours, ref64)
+    s = scale(ref64)
+    if dtype in LOW:
+        assert eager is not None, "low-precision comparisons need the eager error"
+        ulp = torch.finfo(dtype).eps * s
+        tol = 2.0 * max_err(eager, ref64) + ulp
+    else:
+        tol = FP32_RTOL * s
+    assert err <= tol, f"{what}: max error {err:.3e} > tolerance {tol:.3e} (scale {s:.3e}, {dtype})"

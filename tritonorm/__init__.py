@@ -1,0 +1,14 @@
+"""tritonorm: Triton kernels for normalization layers.
+
+``import tritonorm`` works where triton cannot be imported: then only the reference path runs.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from . import reference, scope
+from .backend import triton_available
+from .core import norm
+
+__all__ = ["__version__", "norm", "reference", "scope", "triton_available"]

@@ -1,0 +1,106 @@
+"""Pure-PyTorch reference of every tritonorm operation.
+
+Readable and float64-capable: the CPU fallback, the tests' oracle and the benchmarks' baseline
+all import it from here. It follows the same semantics as the kernels (DESIGN §2-3):
+
+    mu, var = mean and biased variance of x over the scope (var = mean(x^2), mu = 0 if not center)
+    y = act(weight_c * (x - mu) / sqrt(var + eps) + bias_c + residual)
+
+Arguments are assumed valid (``tritonorm.norm`` checks them before calling in).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import activations
+from .scope import Spec
+
+
+def _grouped(x: torch.Tensor, spec: Spec) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """View x as (N, G, Cg, *spatial) and return it with the dims to reduce."""
+    n, c = x.shape[0], x.shape[1]
+    xg = x.reshape(n, spec.num_groups, c // spec.num_groups, *x.shape[2:])
+    dims = tuple(i for i, (_, _, red) in enumerate(spec.logical_axes(x.shape)) if red)
+    return xg, dims
+
+
+def moments(x: torch.Tensor, spec: Spec, center: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-statistic mean and biased variance, shaped ``spec.stat_shape(x.shape)``.
+
+    Computed in float32 for low-precision x (float64 stays float64). With ``center=False`` the
+    mean is zero and the "variance" is the mean square.
+    """
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    xg, dims = _grouped(x.to(acc), spec)
+    if center:
+        mean = xg.mean(dim=dims, keepdim=True)
+        var = (xg - mean).square().mean(dim=dims, keepdim=True)
+    else:
+        mean = torch.zeros((), dtype=acc, device=x.device)
+        var = xg.square().mean(dim=dims, keepdim=True)
+    shape = spec.stat_shape(x.shape)
+    return mean.expand_as(var).reshape(shape), var.reshape(shape)
+
+
+def _broadcast_stat(stat: torch.Tensor, spec: Spec, shape) -> torch.Tensor:
+    """Reshape a per-statistic tensor so it broadcasts against the (N, G, Cg, *spatial) view."""
+    full = [1 if red else size for _, size, red in spec.logical_axes(shape)]
+    return stat.reshape(full)
+
+
+def norm(
+    x: torch.Tensor,
+    spec: Spec,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    eps: float = 1e-5,
+    center: bool = True,
+    activation: str | None = None,
+    residual: torch.Tensor | None = None,
+    running_mean: torch.Tensor | None = None,
+    running_var: torch.Tensor | None = None,
+    momentum: float = 0.1,
+    training: bool = True,
+    compute_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Reference normalization. Differentiable by autograd; updates running stats in place.
+
+    ``compute_dtype`` defaults to float64 for float64 input and float32 otherwise; passing the
+    input's own low-precision dtype gives what an eager composition of PyTorch ops computes.
+    """
+    if compute_dtype is None:
+        compute_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    shape = x.shape
+    xc = x.to(compute_dtype)
+    xg, dims = _grouped(xc, spec)
+    use_running = running_var is not None and not training
+    if use_running:
+        var = _broadcast_stat(running_var.to(compute_dtype), spec, shape)
+        mean = _broadcast_stat(running_mean.to(compute_dtype), spec, shape) if center else None
+    else:
+        if center:
+            mean = xg.mean(dim=dims, keepdim=True)
+            var = (xg - mean).square().mean(dim=dims, keepdim=True)
+        else:
+            mean = None
+            var = xg.square().mean(dim=dims, keepdim=True)
+        if training and running_var is not None:
+            m = spec.count(shape)
+            with torch.no_grad():
+                v = var.detach().reshape(-1)
+                if center:
+                    v = v * (m / (m - 1))
+                    running_mean.mul_(1 - momentum).add_(mean.detach().reshape(-1).to(running_mean.dtype), alpha=momentum)
+                running_var.mul_(1 - momentum).add_(v.to(running_var.dtype), alpha=momentum)
+    xhat = (xg - mean if center else xg) * torch.rsqrt(var + eps)
+    y = xhat.reshape(shape)
+    bshape = (1, -1) + (1,) * (x.dim() - 2)
+    if weight is not None:
+        y = y * weight.to(compute_dtype).reshape(bshape)
+    if bias is not None:
+        y = y + bias.to(compute_dtype).reshape(bshape)
+    if residual is not None:
+        y = y + residual.to(compute_dtype)
+    y = activations.apply(activation, y)
+    return y.to(x.dtype)
