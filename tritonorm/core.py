@@ -1,0 +1,87 @@
+"""``tritonorm.norm``: mean/variance normalization over any scope, fused with affine, residual
+and activation. Checks arguments, picks the backend, runs it, updates running statistics."""
+
+from __future__ import annotations
+
+import torch
+
+from . import activations, backend as backends, ops, reference  # noqa: F401 (ops registers torch.ops.tritonorm)
+from .scope import Spec
+from .validation import check_norm_args
+
+
+def norm(x: torch.Tensor, scope: str = "group", *, num_groups: int | None = None,
+         weight: torch.Tensor | None = None, bias: torch.Tensor | None = None, eps: float = 1e-5,
+         center: bool = True, activation: str | None = None, residual: torch.Tensor | None = None,
+         running_mean: torch.Tensor | None = None, running_var: torch.Tensor | None = None,
+         momentum: float = 0.1, training: bool = True, backend: str | None = None) -> torch.Tensor:
+    """Normalize ``x`` (N, C, *spatial) over ``scope``: ``act(weight * xhat + bias + residual)``.
+
+    See docs/api.md for every argument. ``xhat = (x - mean) / sqrt(var + eps)`` with the mean
+    and biased variance taken over the scope (``center=False``: no mean, RMS normalization).
+    """
+    y, _, _ = norm_with_stats(x, scope, num_groups=num_groups, weight=weight, bias=bias, eps=eps,
+                              center=center, activation=activation, residual=residual,
+                              running_mean=running_mean, running_var=running_var, momentum=momentum,
+                              training=training, backend=backend)
+    return y
+
+
+def norm_with_stats(x, scope="group", *, num_groups=None, weight=None, bias=None, eps=1e-5,
+                    center=True, activation=None, residual=None, running_mean=None,
+                    running_var=None, momentum=0.1, training=True, backend=None,
+                    check_single_value=True):
+    """``norm`` that also returns the batch statistics (mean, biased var; fp32 or float64,
+    shaped like the kept axes, detached). When running statistics are used (eval) both are None.
+
+    For the functionals and modules built on top (instance_norm's running statistics,
+    Switchable Normalization).
+    """
+    spec, act = check_norm_args(x, scope, num_groups, weight, bias, eps, center, activation, residual,
+                                running_mean, running_var, momentum,
+                                training and check_single_value)
+    name = backends.resolve(backend, x.device, x.dtype)
+    use_running = running_var is not None and not training
+    if x.numel() == 0:
+        stat_shape = spec.stat_shape(x.shape)
+        empty = torch.zeros(stat_shape, dtype=torch.float32, device=x.device)
+        return x.clone(), empty, empty
+    if name == "reference":
+        return _reference(x, spec, weight, bias, eps, center, act, residual, running_mean,
+                          running_var, momentum, training, use_running)
+    given_mean = given_rstd = None
+    if use_running:
+        given_rstd = torch.rsqrt(running_var.detach().float() + eps)
+        given_mean = running_mean.detach().float() if center else torch.zeros_like(given_rstd)
+    y, mean, _, var = torch.ops.tritonorm.norm_fwd(
+        x, weight, bias, residual, given_mean, given_rstd, spec.layout, spec.letters,
+        spec.num_groups, float(eps), center, activations.code(act))
+    if use_running:
+        return y, None, None
+    if training and running_var is not None:
+        _update_running(spec, x.shape, mean, var, running_mean, running_var, momentum, center)
+    return y, mean, var
+
+
+def _update_running(spec: Spec, shape, mean, var, running_mean, running_var, momentum, center):
+    """PyTorch's rule: r <- (1 - m) r + m batch, with the unbiased variance."""
+    m = spec.count(shape)
+    with torch.no_grad():
+        if center:
+            running_mean.mul_(1 - momentum).add_(mean.reshape(-1).to(running_mean.dtype), alpha=momentum)
+            var = var * (m / (m - 1))
+        running_var.mul_(1 - momentum).add_(var.reshape(-1).to(running_var.dtype), alpha=momentum)
+
+
+def _reference(x, spec, weight, bias, eps, center, act, residual, running_mean, running_var,
+               momentum, training, use_running):
+    if use_running:
+        y = reference.norm(x, spec, weight, bias, eps, center, act, residual, running_mean,
+                           running_var, momentum, training=False)
+        return y, None, None
+    mean, var = reference.moments(x.detach(), spec, center)
+    y = reference.norm(x, spec, weight, bias, eps, center, act, residual, None, None, momentum,
+                       training)
+    if training and running_var is not None:
+        _update_running(spec, x.shape, mean, var, running_mean, running_var, momentum, center)
+    return y, mean, var

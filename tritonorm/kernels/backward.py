@@ -1,0 +1,197 @@
+"""Backward kernels.
+
+With g = dy * act'(pre) * w_c (the gradient at xhat) and, per statistic over its M elements,
+S1 = sum g and S2 = sum g * xhat:
+
+    dx = rstd * (g - S1/M - xhat * S2/M)     (centred)
+    dx = rstd * (g - xhat * S2/M)            (center=False: RMS)
+    dx = rstd * g                            (statistics given: eval with running stats)
+
+dresidual = dy * act'(pre); dweight_c = sum dy*act'(pre)*xhat and dbias_c = sum dy*act'(pre)
+over every element of channel c (the channel view, with fp32 partials summed in a second,
+deterministic stage). The regimes mirror the forward ones: fused (x, dy read once), looped
+(twice), split (partial sums on SPLIT programs per statistic, then apply).
+"""
+
+import triton
+import triton.language as tl
+
+from .common import grad_terms, side_offsets
+
+
+@triton.jit
+def _dx(g, xhat, rstd, s1, s2, M, CENTER: tl.constexpr, GIVEN: tl.constexpr):
+    if GIVEN:
+        dx = g * rstd[:, None]
+    elif CENTER:
+        dx = (g - s1[:, None] / M - xhat * (s2[:, None] / M)) * rstd[:, None]
+    else:
+        dx = (g - xhat * (s2[:, None] / M)) * rstd[:, None]
+    return dx
+
+
+@triton.jit
+def _bwd_fused_kernel(
+    X, DY, Res, W, B, Mean, Rstd, DX, DRes,  # DRes written only when WRITE_DRES
+    P, M,
+    rs1, rs2, rx0, rx1, rx2, ro0, ro1, ro2, rt0, rt1, rt2, rh0, rh1, rh2,
+    cs1, cs2, cx0, cx1, cx2, co0, co1, co2, ct0, ct1, ct2, ch0, ch1, ch2,
+    CENTER: tl.constexpr, GIVEN: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+    HAS_RES: tl.constexpr, WRITE_DRES: tl.constexpr, ACT: tl.constexpr, INT64: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """Whole statistic in registers: S1, S2 and dx in one pass over x and dy."""
+    rows = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    cols = tl.arange(0, BLOCK_M)
+    if INT64:
+        rows = rows.to(tl.int64)
+        cols = cols.to(tl.int64)
+    rmask = rows < P
+    mask = rmask[:, None] & (cols < M)[None, :]
+    rx, ro, rt, rh = side_offsets(rows, rs1, rs2, rx0, rx1, rx2, ro0, ro1, ro2, rt0, rt1, rt2, rh0, rh1, rh2)
+    cx, co, ct, ch = side_offsets(cols, cs1, cs2, cx0, cx1, cx2, co0, co1, co2, ct0, ct1, ct2, ch0, ch1, ch2)
+    mean = tl.load(Mean + rt, mask=rmask, other=0.0)
+    rstd = tl.load(Rstd + rt, mask=rmask, other=0.0)
+    out = ro[:, None] + co[None, :]
+    x = tl.load(X + (rx[:, None] + cx[None, :]), mask=mask, other=0.0).to(tl.float32)
+    dy = tl.load(DY + out, mask=mask, other=0.0).to(tl.float32)
+    res = 0.0
+    if HAS_RES:
+        res = tl.load(Res + out, mask=mask, other=0.0).to(tl.float32)
+    xhat, gz, g = grad_terms(x, dy, mean[:, None], rstd[:, None], rh[:, None] + ch[None, :], mask,
+                             res, W, B, HAS_W, HAS_B, HAS_RES, ACT)
+    s1 = tl.sum(g, axis=1)
+    s2 = tl.sum(g * xhat, axis=1)
+    dx = _dx(g, xhat, rstd, s1, s2, M, CENTER, GIVEN)
+    tl.store(DX + out, dx.to(DX.dtype.element_ty), mask=mask)
+    if WRITE_DRES:
+        tl.store(DRes + out, gz.to(DRes.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _bwd_sums_kernel(
+    X, DY, Res, W, B, Mean, Rstd, PS1, PS2,  # partial sums out, [P, SPLIT] fp32
+    P, M, CHUNK, SPLIT,
+    rs1, rs2, rx0, rx1, rx2, ro0, ro1, ro2, rt0, rt1, rt2, rh0, rh1, rh2,
+    cs1, cs2, cx0, cx1, cx2, co0, co1, co2, ct0, ct1, ct2, ch0, ch1, ch2,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr,
+    INT64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """S1, S2 over one column chunk (looped regime: SPLIT = 1; split regime: stage 1)."""
+    rows = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    sp = tl.program_id(1)
+    if INT64:
+        rows = rows.to(tl.int64)
+    rmask = rows < P
+    rx, ro, rt, rh = side_offsets(rows, rs1, rs2, rx0, rx1, rx2, ro0, ro1, ro2, rt0, rt1, rt2, rh0, rh1, rh2)
+    mean = tl.load(Mean + rt, mask=rmask, other=0.0)
+    rstd = tl.load(Rstd + rt, mask=rmask, other=0.0)
+    start = sp * CHUNK
+    end = tl.minimum(start + CHUNK, M)
+    s1 = tl.zeros([BLOCK_P], dtype=tl.float32)
+    s2 = tl.zeros([BLOCK_P], dtype=tl.float32)
+    for m0 in range(start, end, BLOCK_M):
+        cols = m0 + tl.arange(0, BLOCK_M)
+        if INT64:
+            cols = cols.to(tl.int64)
+        mask = rmask[:, None] & (cols < end)[None, :]
+        cx, co, ct, ch = side_offsets(cols, cs1, cs2, cx0, cx1, cx2, co0, co1, co2, ct0, ct1, ct2, ch0, ch1, ch2)
+        out = ro[:, None] + co[None, :]
+        x = tl.load(X + (rx[:, None] + cx[None, :]), mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + out, mask=mask, other=0.0).to(tl.float32)
+        res = 0.0
+        if HAS_RES:
+            res = tl.load(Res + out, mask=mask, other=0.0).to(tl.float32)
+        xhat, gz, g = grad_terms(x, dy, mean[:, None], rstd[:, None], rh[:, None] + ch[None, :], mask,
+                                 res, W, B, HAS_W, HAS_B, HAS_RES, ACT)
+        s1 += tl.sum(g, axis=1)
+        s2 += tl.sum(g * xhat, axis=1)
+    tl.store(PS1 + rows * SPLIT + sp, s1, mask=rmask)
+    tl.store(PS2 + rows * SPLIT + sp, s2, mask=rmask)
+
+
+@triton.jit
+def _bwd_apply_kernel(
+    X, DY, Res, W, B, Mean, Rstd, S1, S2, DX, DRes,  # S1, S2: [P] fp32 by row index (unused if GIVEN)
+    P, M,
+    rs1, rs2, rx0, rx1, rx2, ro0, ro1, ro2, rt0, rt1, rt2, rh0, rh1, rh2,
+    cs1, cs2, cx0, cx1, cx2, co0, co1, co2, ct0, ct1, ct2, ch0, ch1, ch2,
+    CENTER: tl.constexpr, GIVEN: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+    HAS_RES: tl.constexpr, WRITE_DRES: tl.constexpr, ACT: tl.constexpr, INT64: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """dx (and dresidual) over a 2-D grid of (row block, column tiles)."""
+    rows = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    if INT64:
+        rows = rows.to(tl.int64)
+    rmask = rows < P
+    rx, ro, rt, rh = side_offsets(rows, rs1, rs2, rx0, rx1, rx2, ro0, ro1, ro2, rt0, rt1, rt2, rh0, rh1, rh2)
+    mean = tl.load(Mean + rt, mask=rmask, other=0.0)
+    rstd = tl.load(Rstd + rt, mask=rmask, other=0.0)
+    s1 = rstd * 0.0
+    s2 = rstd * 0.0
+    if not GIVEN:
+        s1 = tl.load(S1 + rows, mask=rmask, other=0.0)
+        s2 = tl.load(S2 + rows, mask=rmask, other=0.0)
+    n_tiles = tl.cdiv(M, BLOCK_M)
+    for t in range(tl.program_id(1), n_tiles, tl.num_programs(1)):
+        cols = t * BLOCK_M + tl.arange(0, BLOCK_M)
+        if INT64:
+            cols = cols.to(tl.int64)
+        mask = rmask[:, None] & (cols < M)[None, :]
+        cx, co, ct, ch = side_offsets(cols, cs1, cs2, cx0, cx1, cx2, co0, co1, co2, ct0, ct1, ct2, ch0, ch1, ch2)
+        out = ro[:, None] + co[None, :]
+        x = tl.load(X + (rx[:, None] + cx[None, :]), mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + out, mask=mask, other=0.0).to(tl.float32)
+        res = 0.0
+        if HAS_RES:
+            res = tl.load(Res + out, mask=mask, other=0.0).to(tl.float32)
+        xhat, gz, g = grad_terms(x, dy, mean[:, None], rstd[:, None], rh[:, None] + ch[None, :], mask,
+                                 res, W, B, HAS_W, HAS_B, HAS_RES, ACT)
+        dx = _dx(g, xhat, rstd, s1, s2, M, CENTER, GIVEN)
+        tl.store(DX + out, dx.to(DX.dtype.element_ty), mask=mask)
+        if WRITE_DRES:
+            tl.store(DRes + out, gz.to(DRes.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _dwdb_kernel(
+    X, DY, Res, W, B, Mean, Rstd, PDW, PDB,  # partial dweight/dbias out, [C, SPLIT] fp32
+    C, M, CHUNK, SPLIT,                      # channel view: C rows, M = N * spatial columns
+    rs1, rs2, rx0, rx1, rx2, ro0, ro1, ro2, rt0, rt1, rt2, rh0, rh1, rh2,
+    cs1, cs2, cx0, cx1, cx2, co0, co1, co2, ct0, ct1, ct2, ch0, ch1, ch2,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr,
+    INT64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """Per-channel sums of gz * xhat and gz over one column chunk (stage 1 of dweight, dbias)."""
+    rows = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    sp = tl.program_id(1)
+    if INT64:
+        rows = rows.to(tl.int64)
+    rmask = rows < C
+    rx, ro, rt, rh = side_offsets(rows, rs1, rs2, rx0, rx1, rx2, ro0, ro1, ro2, rt0, rt1, rt2, rh0, rh1, rh2)
+    start = sp * CHUNK
+    end = tl.minimum(start + CHUNK, M)
+    dw = tl.zeros([BLOCK_P], dtype=tl.float32)
+    db = tl.zeros([BLOCK_P], dtype=tl.float32)
+    for m0 in range(start, end, BLOCK_M):
+        cols = m0 + tl.arange(0, BLOCK_M)
+        if INT64:
+            cols = cols.to(tl.int64)
+        mask = rmask[:, None] & (cols < end)[None, :]
+        cx, co, ct, ch = side_offsets(cols, cs1, cs2, cx0, cx1, cx2, co0, co1, co2, ct0, ct1, ct2, ch0, ch1, ch2)
+        out = ro[:, None] + co[None, :]
+        st = rt[:, None] + ct[None, :]
+        mean = tl.load(Mean + st, mask=mask, other=0.0)
+        rstd = tl.load(Rstd + st, mask=mask, other=0.0)
+        x = tl.load(X + (rx[:, None] + cx[None, :]), mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + out, mask=mask, other=0.0).to(tl.float32)
+        res = 0.0
+        if HAS_RES:
+            res = tl.load(Res + out, mask=mask, other=0.0).to(tl.float32)
+        xhat, gz, g = grad_terms(x, dy, mean, rstd, rh[:, None] + ch[None, :], mask,
+                                 res, W, B, HAS_W, HAS_B, HAS_RES, ACT)
+        dw += tl.sum(gz * xhat, axis=1)
+        db += tl.sum(gz, axis=1)
+    tl.store(PDW + rh * SPLIT + sp, dw, mask=rmask)
+    tl.store(PDB + rh * SPLIT + sp, db, mask=rmask)

@@ -1,0 +1,146 @@
+"""Triton helpers shared by the forward and backward kernels (jit functions only).
+
+Index convention (see layout.py): a side's flat index ``idx`` splits as
+``idx = (i0 * s1 + i1) * s2 + i2``; an offset into a tensor is ``i0*st0 + i1*st1 + i2*st2`` with
+that tensor's strides. Padded dims have size 1, which Triton specializes, so the splits fold away
+for 1-D sides.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def side_offsets(idx, s1, s2, x0, x1, x2, o0, o1, o2, t0, t1, t2, h0, h1, h2):
+    """Offsets of flat side indices into x, the outputs, the statistics and the channels."""
+    i2 = idx % s2
+    q = idx // s2
+    i1 = q % s1
+    i0 = q // s1
+    x = i0 * x0 + i1 * x1 + i2 * x2
+    o = i0 * o0 + i1 * o1 + i2 * o2
+    t = i0 * t0 + i1 * t1 + i2 * t2
+    h = i0 * h0 + i1 * h1 + i2 * h2
+    return x, o, t, h
+
+
+@triton.jit
+def sigmoid(z):
+    return 1.0 / (1.0 + tl.exp(-z))
+
+
+@triton.jit
+def tanh(z):
+    # 1 - 2/(e^{2z}+1): saturates cleanly to +-1 in fp32 (e^{2z} -> inf or 0).
+    return 1.0 - 2.0 / (tl.exp(2.0 * z) + 1.0)
+
+
+@triton.jit
+def activation(z, ACT: tl.constexpr):
+    """act(z) for the activation codes of tritonorm.activations (0 = identity)."""
+    out = z
+    if ACT == 1:
+        out = tl.maximum(z, 0.0)
+    elif ACT == 2:
+        out = tl.where(z > 0, z, 0.01 * z)
+    elif ACT == 3:
+        out = z * sigmoid(z)
+    elif ACT == 4:
+        out = 0.5 * z * (1.0 + tl.erf(z * 0.7071067811865476))
+    elif ACT == 5:
+        out = 0.5 * z * (1.0 + tanh(0.7978845608028654 * (z + 0.044715 * z * z * z)))
+    elif ACT == 6:
+        out = sigmoid(z)
+    elif ACT == 7:
+        out = tanh(z)
+    return out
+
+
+@triton.jit
+def activation_grad(z, ACT: tl.constexpr):
+    """d act(z) / dz."""
+    out = z * 0.0 + 1.0
+    if ACT == 1:
+        out = tl.where(z > 0, 1.0, 0.0)
+    elif ACT == 2:
+        out = tl.where(z > 0, 1.0, 0.01)
+    elif ACT == 3:
+        s = sigmoid(z)
+        out = s + z * s * (1.0 - s)
+    elif ACT == 4:
+        out = 0.5 * (1.0 + tl.erf(z * 0.7071067811865476)) + z * tl.exp(-0.5 * z * z) * 0.3989422804014327
+    elif ACT == 5:
+        k = 0.7978845608028654
+        t = tanh(k * (z + 0.044715 * z * z * z))
+        out = 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * k * (1.0 + 3.0 * 0.044715 * z * z)
+    elif ACT == 6:
+        s = sigmoid(z)
+        out = s * (1.0 - s)
+    elif ACT == 7:
+        t = tanh(z)
+        out = 1.0 - t * t
+    return out
+
+
+@triton.jit
+def tile_moments(x, mask, n, CENTER: tl.constexpr):
+    """Per-row (mean, M2) of a [rows, cols] tile over its ``n`` valid columns (x is 0 where masked).
+
+    Two passes over registers (mean, then squared deviations): exact, no E[x^2]-E[x]^2.
+    Without centering the mean is 0 and M2 is the sum of squares.
+    """
+    if CENTER:
+        mean = tl.sum(x, axis=1) / n
+        d = tl.where(mask, x - mean[:, None], 0.0)
+        m2 = tl.sum(d * d, axis=1)
+    else:
+        m2 = tl.sum(x * x, axis=1)
+        mean = m2 * 0.0
+    return mean, m2
+
+
+@triton.jit
+def chan_merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
+    """Chan et al.'s merge of two (count, mean, M2) partials; returns (mean, M2).
+
+    The counts are scalars known from the tile geometry, so they are not carried.
+    """
+    frac = n_b / (n_a + n_b)
+    delta = mean_b - mean_a
+    mean = mean_a + delta * frac
+    m2 = m2_a + m2_b + delta * delta * n_a * frac
+    return mean, m2
+
+
+@triton.jit
+def epilogue(xhat, chan, mask, res, W, B, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+             HAS_RES: tl.constexpr, ACT: tl.constexpr):
+    """act(w_c * xhat + b_c + residual), in fp32."""
+    z = xhat
+    if HAS_W:
+        z = z * tl.load(W + chan, mask=mask, other=0.0).to(tl.float32)
+    if HAS_B:
+        z = z + tl.load(B + chan, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RES:
+        z = z + res
+    return activation(z, ACT)
+
+
+@triton.jit
+def grad_terms(x, dy, mean, rstd, chan, mask, res, W, B, HAS_W: tl.constexpr,
+               HAS_B: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr):
+    """xhat, gz = dy * act'(pre) (the gradient at the affine output) and g = gz * w_c (at xhat)."""
+    xhat = (x - mean) * rstd
+    w = 1.0
+    if HAS_W:
+        w = tl.load(W + chan, mask=mask, other=0.0).to(tl.float32)
+    gz = dy
+    if ACT != 0:
+        pre = xhat * w
+        if HAS_B:
+            pre = pre + tl.load(B + chan, mask=mask, other=0.0).to(tl.float32)
+        if HAS_RES:
+            pre = pre + res
+        gz = dy * activation_grad(pre, ACT)
+    g = gz * w
+    return xhat, gz, g

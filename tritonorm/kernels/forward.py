@@ -1,0 +1,193 @@
+"""Forward kernels: y = act(w_c * (x - mean) * rstd + b_c + residual), and mean/rstd per statistic.
+
+Regimes (chosen by tritonorm.dispatch):
+  fused   one program per BLOCK_P statistics; the whole statistic in registers; x read once.
+  looped  one program per BLOCK_P statistics; Welford/Chan over BLOCK_M tiles, then a second
+          loop applies the epilogue; x read twice.
+  split   partial moments of column chunks on SPLIT programs per statistic -> merge -> apply;
+          x read twice, the whole GPU busy when there are few statistics (BatchNorm).
+Given statistics (eval with running stats) use the apply kernel alone.
+
+Every kernel takes the view arguments of layout.View in order: rows (s1, s2, 4x3 strides) then
+cols (the same). Statistics are fp32.
+"""
+
+import triton
+import triton.language as tl
+
+from .common import chan_merge, epilogue, side_offsets, tile_moments
+
+@triton.jit
+def _fwd_fused_kernel(
+    X, Y, Res, W, B, Mean, Rstd, Var,  # x, output, residual, weight, bias (per channel), stats out
+    P, M, eps,                    # statistics, elements per statistic, epsilon
+    rs1, rs2, rx0, rx1, rx2, ro0, ro1, ro2, rt0, rt1, rt2, rh0, rh1, rh2,
+    cs1, cs2, cx0, cx1, cx2, co0, co1, co2, ct0, ct1, ct2, ch0, ch1, ch2,
+    CENTER: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_RES: tl.constexpr,
+    ACT: tl.constexpr, INT64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """Whole statistic in registers: moments, epilogue and stats in one pass over x."""
+    rows = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    cols = tl.arange(0, BLOCK_M)
+    if INT64:
+        rows = rows.to(tl.int64)
+        cols = cols.to(tl.int64)
+    rmask = rows < P
+    mask = rmask[:, None] & (cols < M)[None, :]
+    rx, ro, rt, rh = side_offsets(rows, rs1, rs2, rx0, rx1, rx2, ro0, ro1, ro2, rt0, rt1, rt2, rh0, rh1, rh2)
+    cx, co, ct, ch = side_offsets(cols, cs1, cs2, cx0, cx1, cx2, co0, co1, co2, ct0, ct1, ct2, ch0, ch1, ch2)
+    x = tl.load(X + (rx[:, None] + cx[None, :]), mask=mask, other=0.0).to(tl.float32)
+    mean, m2 = tile_moments(x, mask, M, CENTER)
+    var = m2 / M
+    rstd = tl.rsqrt(var + eps)
+    tl.store(Mean + rt, mean, mask=rmask)
+    tl.store(Rstd + rt, rstd, mask=rmask)
+    tl.store(Var + rt, var, mask=rmask)
+    out = ro[:, None] + co[None, :]
+    res = 0.0
+    if HAS_RES:
+        res = tl.load(Res + out, mask=mask, other=0.0).to(tl.float32)
+    y = epilogue((x - mean[:, None]) * rstd[:, None], rh[:, None] + ch[None, :], mask, res,
+                 W, B, HAS_W, HAS_B, HAS_RES, ACT)
+    tl.store(Y + out, y.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _fwd_looped_kernel(
+    X, Y, Res, W, B, Mean, Rstd, Var,
+    P, M, eps,
+    rs1, rs2, rx0, rx1, rx2, ro0, ro1, ro2, rt0, rt1, rt2, rh0, rh1, rh2,
+    cs1, cs2, cx0, cx1, cx2, co0, co1, co2, ct0, ct1, ct2, ch0, ch1, ch2,
+    CENTER: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_RES: tl.constexpr,
+    ACT: tl.constexpr, INT64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """Moments by Chan-merging BLOCK_M tiles, then a second sweep applies the epilogue."""
+    rows = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    if INT64:
+        rows = rows.to(tl.int64)
+    rmask = rows < P
+    rx, ro, rt, rh = side_offsets(rows, rs1, rs2, rx0, rx1, rx2, ro0, ro1, ro2, rt0, rt1, rt2, rh0, rh1, rh2)
+    mean = tl.zeros([BLOCK_P], dtype=tl.float32)
+    m2 = tl.zeros([BLOCK_P], dtype=tl.float32)
+    for m0 in range(0, M, BLOCK_M):
+        cols = m0 + tl.arange(0, BLOCK_M)
+        if INT64:
+            cols = cols.to(tl.int64)
+        mask = rmask[:, None] & (cols < M)[None, :]
+        cx, co, ct, ch = side_offsets(cols, cs1, cs2, cx0, cx1, cx2, co0, co1, co2, ct0, ct1, ct2, ch0, ch1, ch2)
+        x = tl.load(X + (rx[:, None] + cx[None, :]), mask=mask, other=0.0).to(tl.float32)
+        nt = tl.minimum(M - m0, BLOCK_M).to(tl.float32)
+        t_mean, t_m2 = tile_moments(x, mask, nt, CENTER)
+        mean, m2 = chan_merge(m0 * 1.0, mean, m2, nt, t_mean, t_m2)
+    var = m2 / M
+    rstd = tl.rsqrt(var + eps)
+    tl.store(Mean + rt, mean, mask=rmask)
+    tl.store(Rstd + rt, rstd, mask=rmask)
+    tl.store(Var + rt, var, mask=rmask)
+    for m0 in range(0, M, BLOCK_M):
+        cols = m0 + tl.arange(0, BLOCK_M)
+        if INT64:
+            cols = cols.to(tl.int64)
+        mask = rmask[:, None] & (cols < M)[None, :]
+        cx, co, ct, ch = side_offsets(cols, cs1, cs2, cx0, cx1, cx2, co0, co1, co2, ct0, ct1, ct2, ch0, ch1, ch2)
+        x = tl.load(X + (rx[:, None] + cx[None, :]), mask=mask, other=0.0).to(tl.float32)
+        out = ro[:, None] + co[None, :]
+        res = 0.0
+        if HAS_RES:
+            res = tl.load(Res + out, mask=mask, other=0.0).to(tl.float32)
+        y = epilogue((x - mean[:, None]) * rstd[:, None], rh[:, None] + ch[None, :], mask, res,
+                     W, B, HAS_W, HAS_B, HAS_RES, ACT)
+        tl.store(Y + out, y.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _fwd_partial_kernel(
+    X, PMean, PM2,                # x; partial means and M2, [P, SPLIT] fp32
+    P, M, CHUNK, SPLIT,           # CHUNK: columns per split (a multiple of BLOCK_M)
+    rs1, rs2, rx0, rx1, rx2, ro0, ro1, ro2, rt0, rt1, rt2, rh0, rh1, rh2,
+    cs1, cs2, cx0, cx1, cx2, co0, co1, co2, ct0, ct1, ct2, ch0, ch1, ch2,
+    CENTER: tl.constexpr, INT64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """Moments of one column chunk of BLOCK_P statistics (split regime, stage 1)."""
+    rows = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    sp = tl.program_id(1)
+    if INT64:
+        rows = rows.to(tl.int64)
+    rmask = rows < P
+    rx, ro, rt, rh = side_offsets(rows, rs1, rs2, rx0, rx1, rx2, ro0, ro1, ro2, rt0, rt1, rt2, rh0, rh1, rh2)
+    start = sp * CHUNK
+    end = tl.minimum(start + CHUNK, M)
+    mean = tl.zeros([BLOCK_P], dtype=tl.float32)
+    m2 = tl.zeros([BLOCK_P], dtype=tl.float32)
+    for m0 in range(start, end, BLOCK_M):
+        cols = m0 + tl.arange(0, BLOCK_M)
+        if INT64:
+            cols = cols.to(tl.int64)
+        mask = rmask[:, None] & (cols < end)[None, :]
+        cx, co, ct, ch = side_offsets(cols, cs1, cs2, cx0, cx1, cx2, co0, co1, co2, ct0, ct1, ct2, ch0, ch1, ch2)
+        x = tl.load(X + (rx[:, None] + cx[None, :]), mask=mask, other=0.0).to(tl.float32)
+        nt = tl.minimum(end - m0, BLOCK_M).to(tl.float32)
+        t_mean, t_m2 = tile_moments(x, mask, nt, CENTER)
+        mean, m2 = chan_merge((m0 - start) * 1.0, mean, m2, nt, t_mean, t_m2)
+    tl.store(PMean + rows * SPLIT + sp, mean, mask=rmask)
+    tl.store(PM2 + rows * SPLIT + sp, m2, mask=rmask)
+
+
+@triton.jit
+def _fwd_merge_kernel(
+    PMean, PM2, Mean, Rstd, Var,  # partials [P, SPLIT]; stats out
+    P, M, CHUNK, SPLIT, eps,
+    rs1, rs2, rx0, rx1, rx2, ro0, ro1, ro2, rt0, rt1, rt2, rh0, rh1, rh2,
+    BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    """Merge SPLIT partials per statistic: mean = sum n_i mu_i / n, M2 = sum M2_i + n_i (mu_i - mean)^2."""
+    rows = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    sps = tl.arange(0, BLOCK_S)
+    rmask = rows < P
+    mask = rmask[:, None] & (sps < SPLIT)[None, :]
+    idx = rows[:, None] * SPLIT + sps[None, :]
+    mu = tl.load(PMean + idx, mask=mask, other=0.0)
+    m2 = tl.load(PM2 + idx, mask=mask, other=0.0)
+    cnt = tl.minimum(tl.maximum(M - sps * CHUNK, 0), CHUNK).to(tl.float32)[None, :]
+    mean = tl.sum(cnt * mu, axis=1) / M
+    d = tl.where(mask, mu - mean[:, None], 0.0)
+    m2_all = tl.sum(m2, axis=1) + tl.sum(cnt * d * d, axis=1)
+    rx, ro, rt, rh = side_offsets(rows, rs1, rs2, rx0, rx1, rx2, ro0, ro1, ro2, rt0, rt1, rt2, rh0, rh1, rh2)
+    var = m2_all / M
+    tl.store(Mean + rt, mean, mask=rmask)
+    tl.store(Rstd + rt, tl.rsqrt(var + eps), mask=rmask)
+    tl.store(Var + rt, var, mask=rmask)
+
+
+@triton.jit
+def _fwd_apply_kernel(
+    X, Y, Res, W, B, Mean, Rstd,  # as the fused kernel; Mean/Rstd are inputs here
+    P, M,
+    rs1, rs2, rx0, rx1, rx2, ro0, ro1, ro2, rt0, rt1, rt2, rh0, rh1, rh2,
+    cs1, cs2, cx0, cx1, cx2, co0, co1, co2, ct0, ct1, ct2, ch0, ch1, ch2,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_RES: tl.constexpr,
+    ACT: tl.constexpr, INT64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """Epilogue with given statistics, over a 2-D grid of (row block, column tiles)."""
+    rows = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    if INT64:
+        rows = rows.to(tl.int64)
+    rmask = rows < P
+    rx, ro, rt, rh = side_offsets(rows, rs1, rs2, rx0, rx1, rx2, ro0, ro1, ro2, rt0, rt1, rt2, rh0, rh1, rh2)
+    mean = tl.load(Mean + rt, mask=rmask, other=0.0)
+    rstd = tl.load(Rstd + rt, mask=rmask, other=0.0)
+    n_tiles = tl.cdiv(M, BLOCK_M)
+    for t in range(tl.program_id(1), n_tiles, tl.num_programs(1)):
+        cols = t * BLOCK_M + tl.arange(0, BLOCK_M)
+        if INT64:
+            cols = cols.to(tl.int64)
+        mask = rmask[:, None] & (cols < M)[None, :]
+        cx, co, ct, ch = side_offsets(cols, cs1, cs2, cx0, cx1, cx2, co0, co1, co2, ct0, ct1, ct2, ch0, ch1, ch2)
+        x = tl.load(X + (rx[:, None] + cx[None, :]), mask=mask, other=0.0).to(tl.float32)
+        out = ro[:, None] + co[None, :]
+        res = 0.0
+        if HAS_RES:
+            res = tl.load(Res + out, mask=mask, other=0.0).to(tl.float32)
+        y = epilogue((x - mean[:, None]) * rstd[:, None], rh[:, None] + ch[None, :], mask, res,
+                     W, B, HAS_W, HAS_B, HAS_RES, ACT)
+        tl.store(Y + out, y.to(Y.dtype.element_ty), mask=mask)

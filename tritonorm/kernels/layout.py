@@ -1,0 +1,154 @@
+"""Strided views: any scope of any layout as a (rows x cols) problem, without copies.
+
+A kernel sees two *sides*: the rows (one per statistic in the statistic view) and the columns
+(the elements one statistic is taken over). Each side is up to three dims, the last fastest,
+and every dim carries four strides: into x, into the outputs (y, and dy/dx/residual, which share
+y's strides), into the per-statistic tensors (mean, rstd), and into the per-channel tensors
+(weight, bias: the channel coefficient). An element's offset in any tensor is the sum of a row
+part and a column part, so a kernel computes offsets once per row and once per column.
+
+Building the view: the logical axes N, G, Cg, *spatial are split into the two sides, size-1 axes
+are dropped, each side is sorted by x's strides (largest first) and adjacent axes are merged
+wherever every stride set allows it (as TensorIterator coalesces). Merging is what makes the
+common cases 1-D: LayerNorm rows, contiguous GroupNorm groups, channels_last channels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..scope import Spec
+
+MAX_DIMS = 3
+_I32_MAX = 2**31 - 1
+
+# stride-set indices of an axis tuple: (size, x, out, stat, chan)
+_SETS = 4
+
+
+class TooManyDims(Exception):
+    """A side needs more than MAX_DIMS dims after merging (exotic strides); copy x and retry."""
+
+
+@dataclass(frozen=True)
+class Side:
+    numel: int
+    sizes: tuple[int, int, int]            # only sizes[1:] enter the index split
+    strides: tuple[tuple[int, int, int], ...]  # per set (x, out, stat, chan): three strides
+
+    def args(self) -> list[int]:
+        """Kernel arguments: s1, s2, then the three strides of each set."""
+        out = [self.sizes[1], self.sizes[2]]
+        for st in self.strides:
+            out.extend(st)
+        return out
+
+    def max_offset(self, k: int) -> int:
+        return sum((s - 1) * abs(st) for s, st in zip(self.sizes, self.strides[k]))
+
+
+@dataclass(frozen=True)
+class View:
+    rows: Side
+    cols: Side
+    int64: bool
+
+    @property
+    def P(self) -> int:
+        return self.rows.numel
+
+    @property
+    def M(self) -> int:
+        return self.cols.numel
+
+    def args(self) -> list[int]:
+        return self.rows.args() + self.cols.args()
+
+
+def _coalesce(axes: list[tuple[int, ...]]) -> Side:
+    axes = [a for a in axes if a[0] != 1]
+    axes.sort(key=lambda a: (abs(a[1]), abs(a[2])), reverse=True)
+    merged: list[list[int]] = []
+    for a in axes:
+        if merged:
+            prev = merged[-1]
+            if all(prev[1 + k] == a[1 + k] * a[0] for k in range(_SETS)):
+                prev[0] *= a[0]
+                for k in range(_SETS):
+                    prev[1 + k] = a[1 + k]
+                continue
+        merged.append(list(a))
+    if len(merged) > MAX_DIMS:
+        raise TooManyDims(len(merged))
+    numel = 1
+    for a in merged:
+        numel *= a[0]
+    while len(merged) < MAX_DIMS:
+        merged.append([1, 0, 0, 0, 0])  # padding at the fast end: index math folds away
+    sizes = tuple(a[0] for a in merged)
+    strides = tuple(tuple(a[1 + k] for a in merged) for k in range(_SETS))
+    return Side(numel=numel, sizes=sizes, strides=strides)
+
+
+def _logical(shape, spec: Spec, x_strides, out_strides) -> list[tuple[str, tuple[int, ...], bool]]:
+    """(name, (size, x, out, stat, chan), reduced) for the logical axes N, G, Cg, *spatial."""
+    g = spec.num_groups
+    cg = shape[1] // g
+    names, sizes, xs, os_, chans, reds = [], [], [], [], [], []
+    for i, (name, size, red) in enumerate(spec.logical_axes(shape)):
+        if name == "N":
+            xs.append(x_strides[0]); os_.append(out_strides[0]); chans.append(0)
+        elif name == "G":
+            xs.append(x_strides[1] * cg); os_.append(out_strides[1] * cg); chans.append(cg)
+        elif name == "Cg":
+            xs.append(x_strides[1]); os_.append(out_strides[1]); chans.append(1)
+        else:
+            d = 2 + (i - 3)
+            xs.append(x_strides[d]); os_.append(out_strides[d]); chans.append(0)
+        names.append(name); sizes.append(size); reds.append(red)
+    # Per-statistic tensors are contiguous over the kept axes in logical order.
+    stats = [0] * len(sizes)
+    acc = 1
+    for i in reversed(range(len(sizes))):
+        if not reds[i]:
+            stats[i] = acc
+            acc *= sizes[i]
+    return [(names[i], (sizes[i], xs[i], os_[i], stats[i], chans[i]), reds[i]) for i in range(len(sizes))]
+
+
+def _finish(rows: Side, cols: Side, extra: int = 0) -> View:
+    big = max(rows.max_offset(k) + cols.max_offset(k) for k in range(_SETS))
+    big = max(big, rows.numel * max(cols.numel, 1), extra)
+    return View(rows=rows, cols=cols, int64=big > _I32_MAX)
+
+
+def stat_view(shape, spec: Spec, x_strides, out_strides) -> View:
+    """Rows: one per statistic (kept axes); cols: the reduced axes."""
+    axes = _logical(shape, spec, x_strides, out_strides)
+    rows = _coalesce([a for _, a, red in axes if not red])
+    cols = _coalesce([a for _, a, red in axes if red])
+    return _finish(rows, cols)
+
+
+def channel_view(shape, spec: Spec, x_strides, out_strides) -> View:
+    """Rows: one per channel (G and Cg); cols: N and the spatial axes. For dweight/dbias."""
+    axes = _logical(shape, spec, x_strides, out_strides)
+    rows = _coalesce([a for name, a, _ in axes if name in ("G", "Cg")])
+    cols = _coalesce([a for name, a, _ in axes if name not in ("G", "Cg")])
+    return _finish(rows, cols)
+
+
+def alloc_out(x: torch.Tensor) -> torch.Tensor:
+    """An output like x: same strides when x is dense, else dense in x's stride order."""
+    return torch.empty_like(x, memory_format=torch.preserve_format)
+
+
+def match_strides(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``t`` with ``like``'s strides (a copy only when they differ)."""
+    if all(a == b or n == 1 for a, b, n in zip(t.stride(), like.stride(), like.shape)):
+        return t
+    out = torch.empty_strided(like.shape, like.stride(), dtype=t.dtype, device=t.device)
+    out.copy_(t)
+    return out

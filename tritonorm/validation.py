@@ -1,0 +1,91 @@
+"""Argument checks for tritonorm.norm and the functionals.
+
+Everything is checked before anything runs, so a failing call changes nothing (running
+statistics included). Messages name the argument and what was expected.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+from . import activations
+from .scope import Spec, parse
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def check_tensor(name: str, t, x: torch.Tensor, shape=None, allow_none: bool = True,
+                 same_dtype: bool = False) -> None:
+    if t is None:
+        if not allow_none:
+            raise ValueError(f"{name} is required")
+        return
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {_dtype_name(t.dtype)}")
+    if same_dtype and t.dtype != x.dtype:
+        raise TypeError(f"{name} must have x's dtype {_dtype_name(x.dtype)}, got {_dtype_name(t.dtype)}")
+    if t.device != x.device:
+        raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+    if shape is not None and tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+
+
+def check_number(name: str, value, lo=None, hi=None, lo_open: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    v = float(value)
+    if not math.isfinite(v):
+        raise ValueError(f"{name} must be finite, got {value}")
+    if lo is not None and (v <= lo if lo_open else v < lo):
+        raise ValueError(f"{name} must be {'>' if lo_open else '>='} {lo}, got {value}")
+    if hi is not None and v > hi:
+        raise ValueError(f"{name} must be <= {hi}, got {value}")
+    return v
+
+
+def check_norm_args(x, scope, num_groups, weight, bias, eps, center, activation, residual,
+                    running_mean, running_var, momentum, training) -> tuple[Spec, str | None]:
+    """Validate a tritonorm.norm call; return the parsed scope and activation name."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point tensor (float32, float16, bfloat16 or float64), "
+                        f"got {_dtype_name(x.dtype)}")
+    spec = parse(scope, x.dim(), num_groups, channels=x.shape[1] if x.dim() >= 2 else None)
+    c = x.shape[1]
+    check_tensor("weight", weight, x, (c,))
+    check_tensor("bias", bias, x, (c,))
+    check_tensor("residual", residual, x, tuple(x.shape), same_dtype=True)
+    act = activations.check(activation)
+    check_number("eps", eps, lo=0.0, lo_open=True)
+    check_number("momentum", momentum, lo=0.0, hi=1.0)
+    if not isinstance(center, bool):
+        raise TypeError(f"center must be a bool, got {type(center).__name__}")
+    if not isinstance(training, bool):
+        raise TypeError(f"training must be a bool, got {type(training).__name__}")
+    if running_mean is not None or running_var is not None:
+        if not spec.allows_running_stats:
+            raise ValueError(
+                f"running statistics need a scope that reduces N and every spatial axis "
+                f"({'N' + spec.spatial}); scope {scope!r} reduces {spec.letters}")
+        n_stats = math.prod(spec.stat_shape(x.shape))
+        if center:
+            if running_mean is None or running_var is None:
+                raise ValueError("running_mean and running_var must be given together")
+        elif running_mean is not None:
+            raise ValueError("running_mean must be None with center=False "
+                             "(running_var then tracks the mean square)")
+        check_tensor("running_mean", running_mean, x, (n_stats,))
+        check_tensor("running_var", running_var, x, (n_stats,))
+    if training and center and x.numel() > 0 and spec.count(x.shape) == 1:
+        raise ValueError(
+            f"each statistic of scope {spec.letters!r} covers a single value for x of shape "
+            f"{tuple(x.shape)}; expected more than 1 value per statistic in training")
+    return spec, act
