@@ -12,3 +12,7 @@ from .backend import triton_available
 from .core import norm
 
 __all__ = ["__version__", "norm", "reference", "scope", "triton_available"]
+
+from . import functional  # noqa: E402
+from .core import norm_with_stats  # noqa: E402
+__all__ += ["functional", "norm_with_stats"]

@@ -61,8 +61,10 @@ class Spec:
         return axes
 
     def stat_shape(self, shape) -> tuple[int, ...]:
-        """Shape of the per-statistic tensors (kept logical axes, in logical order)."""
-        return tuple(size for _, size, red in self.logical_axes(shape) if not red)
+        """Shape of the per-statistic tensors: the kept logical axes in logical order, with
+        G standing for the channel axis when C is reduced (e.g. (N, G) for group, (C,) for batch)."""
+        return tuple(size for name, size, red in self.logical_axes(shape)
+                     if not red and not (name == "G" and not self.reduces_c))
 
     def count(self, shape) -> int:
         """Number of elements that one statistic is taken over."""

@@ -46,12 +46,15 @@ class _Whitening(nn.Module):
             self.register_parameter("weight", None)
             self.register_parameter("bias", None)
 
-    def _whitening_matrix(self, xc: torch.Tensor, use_triton: bool) -> torch.Tensor:
+    def _whitening_matrix(self, xc: torch.Tensor, use_triton: bool, bad: list) -> torch.Tensor:
+        """(G, n, m) centred samples → (G, n, n); appends the Newton divergence flag to ``bad``."""
         if self.method == "eigen":
             return reference.whitening_matrix(xc, "eigen", self.T, self.eps)
         sigma = reference.gram(xc, self.eps, scale=1.0 / xc.shape[-1])
         tr = sigma.diagonal(dim1=-2, dim2=-1).sum(-1)[:, None, None]
-        return ops.newton_isqrt(sigma / tr, self.T, use_triton) * tr.rsqrt()
+        b = ops.newton_isqrt(sigma / tr, self.T, use_triton)
+        bad.append(ops.diverged(b.detach()))
+        return b * tr.rsqrt()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (N, C) or (N, C, *spatial) → the same shape and dtype."""
@@ -64,13 +67,13 @@ class _Whitening(nn.Module):
             raise ValueError(f"x has {samples} value per channel; training needs more than 1 (shape {tuple(x.shape)})")
         use_triton = _backend.resolve(self.backend, x.device, x.dtype) == "triton"
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-        parts = []
+        parts, bad = [], []
         for start, count, size, xg in reference.channel_groups(x.to(acc), self.group_size):
             g = slice(start // self.group_size, start // self.group_size + count)
             if self.training:
                 mu = xg.mean(dim=-1, keepdim=True)
                 xc = xg - mu
-                wm = self._whitening_matrix(xc, use_triton)
+                wm = self._whitening_matrix(xc, use_triton, bad)
                 self._update(g, size, mu.detach(), wm.detach())
             else:
                 mu = self.running_mean[g, :size].to(acc)
@@ -78,7 +81,8 @@ class _Whitening(nn.Module):
                 xc = xg - mu
             parts.append(torch.matmul(wm, xc))
         out = reference.ungroup(parts, x.shape)
-        ops.check_finite(out, f"{type(self).__name__}(T={self.T})")
+        bad.append(ops.nonfinite(out.detach()))
+        ops.raise_if(torch.stack(bad).any(), f"{type(self).__name__}(T={self.T})")
         if self.affine:
             shape = (1, -1) + (1,) * (x.dim() - 2)
             out = out * self.weight.reshape(shape).to(acc) + self.bias.reshape(shape).to(acc)

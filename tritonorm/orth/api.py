@@ -62,7 +62,7 @@ def orthogonalize(weight: torch.Tensor, *, method: str = "newton_schulz", group_
     Computed in fp32 for fp16/bf16 (float64 stays float64, on the reference path).
 
     Raises ValueError/TypeError naming the argument on bad input, FloatingPointError when the result
-    is not finite (Newton divergence), and warns when ``group_size >= d`` (see
+    is not finite or the Newton iteration diverged (``ops.diverged``), and warns when ``group_size >= d`` (see
     ``warn_if_not_orthonormal``).
     """
     if not isinstance(weight, torch.Tensor):
@@ -85,17 +85,22 @@ def orthogonalize(weight: torch.Tensor, *, method: str = "newton_schulz", group_
 
     acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
     z = weight.reshape(rows, d).to(acc)
-    parts = []
+    parts, bad = [], []
     for start, count, gsize in reference.chunks(rows, size):
         zg = z[start:start + count * gsize].reshape(count, gsize, d)
-        parts.append(_orth_batch(zg, method, iters, eps, use_triton=path == "triton").reshape(-1, d))
+        w, b = _orth_batch(zg, method, iters, eps, use_triton=path == "triton")
+        parts.append(w.reshape(-1, d))
+        if b is not None:
+            bad.append(ops.diverged(b.detach()))
     out = torch.cat(parts) if len(parts) > 1 else parts[0]
-    ops.check_finite(out, f"orthogonalize(method={method!r}, iters={iters})")
+    bad.append(ops.nonfinite(out.detach()))
+    ops.raise_if(torch.stack(bad).any(), f"orthogonalize(method={method!r}, iters={iters})")
     return out.reshape(weight.shape).to(weight.dtype)
 
 
-def _orth_batch(z: torch.Tensor, method: str, iters: int, eps: float, use_triton: bool) -> torch.Tensor:
-    """One batch of equal-size groups, z (G, n, d) → W (G, n, d).
+def _orth_batch(z: torch.Tensor, method: str, iters: int, eps: float, use_triton: bool):
+    """One batch of equal-size groups, z (G, n, d) → ``(W, B_T)``: W (G, n, d), and the Newton
+    iterate (G, n, n) for the divergence check (None for ``"eigen"``).
 
     The Gram matrix and the final product are batched matmuls (cuBLAS is already good at them);
     what the kernel fuses is the T-step iteration on the small matrices, ~3T launches on eager.
@@ -103,7 +108,7 @@ def _orth_batch(z: torch.Tensor, method: str, iters: int, eps: float, use_triton
     zc = z - z.mean(dim=-1, keepdim=True)
     s = reference.gram(zc, eps)
     if method == "eigen":
-        return torch.matmul(reference.inv_sqrt_eigh(s, floor=eps), zc)
+        return torch.matmul(reference.inv_sqrt_eigh(s, floor=eps), zc), None
     c = torch.linalg.matrix_norm(s)[:, None, None]
     b = ops.newton_isqrt(s / c, iters, use_triton)
-    return torch.matmul(b, zc) * c.rsqrt()
+    return torch.matmul(b, zc) * c.rsqrt(), b

@@ -1,0 +1,116 @@
+"""Drop-in replacements for ``torch.nn.functional``'s normalization functions.
+
+Same signatures as PyTorch's, plus keyword-only ``activation`` and ``residual`` (added after the
+affine, before the activation), and ``backend``. They run on ``tritonorm.norm``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .core import norm, norm_with_stats
+from .validation import check_tensor
+
+
+def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False,
+               momentum=0.1, eps=1e-5, *, activation=None, residual=None, backend=None):
+    """``F.batch_norm``: statistics per channel over N and the spatial axes."""
+    return norm(input, "batch", weight=weight, bias=bias, eps=eps, activation=activation,
+                residual=residual, running_mean=running_mean, running_var=running_var,
+                momentum=momentum, training=training, backend=backend)
+
+
+def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5, *, activation=None,
+               residual=None, backend=None):
+    """``F.group_norm``: statistics per (sample, group of contiguous channels)."""
+    return norm_with_stats(input, "group", num_groups=num_groups, weight=weight, bias=bias, eps=eps,
+                           activation=activation, residual=residual, training=False,
+                           backend=backend)[0]
+
+
+def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=None,
+                  use_input_stats=True, momentum=0.1, eps=1e-5, *, activation=None, residual=None,
+                  backend=None):
+    """``F.instance_norm``: statistics per (sample, channel) over the spatial axes.
+
+    As in PyTorch, running statistics (per channel) are the batch average of the per-instance
+    mean and unbiased variance; ``use_input_stats=False`` normalizes with them instead.
+    """
+    if isinstance(input, torch.Tensor) and input.dim() < 3:
+        raise ValueError(f"input must have spatial axes (N, C, *spatial) for instance_norm, got {input.dim()}-D")
+    if not use_input_stats:
+        if running_mean is None or running_var is None:
+            raise ValueError("use_input_stats=False needs running_mean and running_var")
+        return norm(input, "batch", weight=weight, bias=bias, eps=eps, activation=activation,
+                    residual=residual, running_mean=running_mean, running_var=running_var,
+                    momentum=momentum, training=False, backend=backend)
+    c = input.shape[1]
+    for name, t in (("running_mean", running_mean), ("running_var", running_var)):
+        check_tensor(name, t, input, (c,))
+    y, mean, var = norm_with_stats(input, "instance", weight=weight, bias=bias, eps=eps,
+                                   activation=activation, residual=residual, momentum=momentum,
+                                   training=True, backend=backend)
+    if input.numel() and (running_mean is not None or running_var is not None):
+        m = math.prod(input.shape[2:])
+        with torch.no_grad():
+            if running_mean is not None:
+                running_mean.mul_(1 - momentum).add_(mean.mean(0).to(running_mean.dtype), alpha=momentum)
+            if running_var is not None:
+                unbiased = var * (m / (m - 1))
+                running_var.mul_(1 - momentum).add_(unbiased.mean(0).to(running_var.dtype), alpha=momentum)
+    return y
+
+
+def _rows(input: torch.Tensor, normalized_shape, name: str) -> tuple[tuple[int, ...], int]:
+    if isinstance(normalized_shape, int):
+        normalized_shape = (normalized_shape,)
+    try:
+        shape = tuple(int(s) for s in normalized_shape)
+    except TypeError:
+        raise TypeError(f"normalized_shape must be an int or a sequence of ints, got {normalized_shape!r}") from None
+    if not isinstance(input, torch.Tensor):
+        raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
+    k = len(shape)
+    if k == 0 or input.dim() < k or tuple(input.shape[input.dim() - k:]) != shape:
+        raise ValueError(f"{name}: normalized_shape={list(shape)} must match the trailing dims of "
+                         f"input of shape {tuple(input.shape)}")
+    return shape, math.prod(shape)
+
+
+def _last_dims(input, normalized_shape, weight, bias, eps, center, activation, residual, backend, name):
+    shape, d = _rows(input, normalized_shape, name)
+    for arg, t in (("weight", weight), ("bias", bias)):
+        if t is not None:
+            check_tensor(arg, t, input, shape)
+    check_tensor("residual", residual, input, tuple(input.shape), same_dtype=True)
+    lead = input.shape[: input.dim() - len(shape)]
+    rows = math.prod(lead)
+    # The transformer case: rows of a (B, T, D) tensor are a 2-D (rows, D) input whose
+    # "channel" axis is D, normalized over C with an elementwise affine.
+    x2 = input.reshape(rows, d)
+    r2 = residual.reshape(rows, d) if residual is not None else None
+    y = norm_with_stats(x2, "C", weight=None if weight is None else weight.reshape(d),
+                        bias=None if bias is None else bias.reshape(d), eps=eps, center=center,
+                        activation=activation, residual=r2, training=False, backend=backend)[0]
+    return y.reshape(input.shape)
+
+
+def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5, *, activation=None,
+               residual=None, backend=None):
+    """``F.layer_norm``: normalize the trailing ``normalized_shape`` with an elementwise affine."""
+    return _last_dims(input, normalized_shape, weight, bias, eps, True, activation, residual,
+                      backend, "layer_norm")
+
+
+def rms_norm(input, normalized_shape, weight=None, eps=None, *, activation=None, residual=None,
+             backend=None):
+    """``F.rms_norm``: ``x / sqrt(mean(x^2) + eps) * weight`` over the trailing dims.
+
+    ``eps=None`` means ``torch.finfo(input.dtype).eps``, as in PyTorch.
+    """
+    if eps is None and isinstance(input, torch.Tensor) and input.is_floating_point():
+        eps = torch.finfo(input.dtype).eps
+    return _last_dims(input, normalized_shape, weight, None, eps, False, activation, residual,
+                      backend, "rms_norm")
