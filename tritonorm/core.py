@@ -53,7 +53,7 @@ def norm_with_stats(x, scope="group", *, num_groups=None, weight=None, bias=None
     if use_running:
         given_rstd = torch.rsqrt(running_var.detach().float() + eps)
         given_mean = running_mean.detach().float() if center else torch.zeros_like(given_rstd)
-    y, mean, _, var = torch.ops.tritonorm.norm_fwd(
+    y, mean, var, _, _, _ = torch.ops.tritonorm.norm_fwd(
         x, weight, bias, residual, given_mean, given_rstd, spec.layout, spec.letters,
         spec.num_groups, float(eps), center, activations.code(act))
     if use_running:

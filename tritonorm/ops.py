@@ -23,60 +23,62 @@ def _spec(layout: str, letters: str, num_groups: int) -> Spec:
 @torch.library.custom_op("tritonorm::norm_fwd", mutates_args=())
 def norm_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], residual: Optional[Tensor],
              given_mean: Optional[Tensor], given_rstd: Optional[Tensor], layout: str, letters: str,
-             num_groups: int, eps: float, center: bool, act: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """y, mean, rstd, var (statistics fp32, shaped like the kept axes)."""
+             num_groups: int, eps: float, center: bool,
+             act: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """y, mean, var, then what backward needs: pivot, shifted mean, rstd (fp32 statistics,
+    shaped like the kept axes; mean = pivot + shifted mean, see kernels/forward.py)."""
     from .kernels import launch
 
     given = None if given_rstd is None else (given_mean, given_rstd)
-    return launch.forward(x, _spec(layout, letters, num_groups), weight, bias, residual, eps,
-                          center, act, given=given)
+    y, k, mean_d, rstd, var = launch.forward(x, _spec(layout, letters, num_groups), weight, bias,
+                                             residual, eps, center, act, given=given)
+    return y, k + mean_d, var, k, mean_d, rstd
 
 
 @norm_fwd.register_fake
 def _(x, weight, bias, residual, given_mean, given_rstd, layout, letters, num_groups, eps, center, act):
     shape = _spec(layout, letters, num_groups).stat_shape(x.shape)
     y = torch.empty_like(x, memory_format=torch.preserve_format)
-    stats = [x.new_empty(shape, dtype=torch.float32) for _ in range(3)]
+    stats = [x.new_empty(shape, dtype=torch.float32) for _ in range(5)]
     return (y, *stats)
 
 
 @torch.library.custom_op("tritonorm::norm_bwd", mutates_args=())
 def norm_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
-             residual: Optional[Tensor], mean: Tensor, rstd: Tensor, layout: str, letters: str,
-             num_groups: int, center: bool, act: int, given: bool,
+             residual: Optional[Tensor], pivot: Tensor, mean_shifted: Tensor, rstd: Tensor,
+             layout: str, letters: str, num_groups: int, center: bool, act: int, given: bool,
              needs: list[bool]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """dx, dweight, dbias, dresidual; an empty tensor stands for a gradient not asked for."""
     from .kernels import launch
 
     dx, dw, db, dres = launch.backward(dy, x, _spec(layout, letters, num_groups), weight, bias,
-                                       residual, mean, rstd, center, act, given, *needs)
-    empty = x.new_empty(0)
+                                       residual, pivot, mean_shifted, rstd, center, act, given, *needs)
     if dres is dy:  # the op's outputs must not alias its inputs
         dres = dy.clone()
-    return tuple(empty if t is None else t for t in (dx, dw, db, dres))
+    # Distinct empty tensors: outputs must not alias each other either.
+    return tuple(x.new_empty(0) if t is None else t for t in (dx, dw, db, dres))
 
 
 @norm_bwd.register_fake
-def _(dy, x, weight, bias, residual, mean, rstd, layout, letters, num_groups, center, act, given, needs):
-    empty = x.new_empty(0)
-    like_x = torch.empty_like(x, memory_format=torch.preserve_format)
-    dx = like_x if needs[0] else empty
-    dw = torch.empty_like(weight) if needs[1] else empty
-    db = torch.empty_like(bias) if needs[2] else empty
-    dres = torch.empty_like(x, memory_format=torch.preserve_format) if needs[3] else empty
+def _(dy, x, weight, bias, residual, pivot, mean_shifted, rstd, layout, letters, num_groups, center,
+      act, given, needs):
+    dx = torch.empty_like(x, memory_format=torch.preserve_format) if needs[0] else x.new_empty(0)
+    dw = torch.empty_like(weight) if needs[1] else x.new_empty(0)
+    db = torch.empty_like(bias) if needs[2] else x.new_empty(0)
+    dres = torch.empty_like(x, memory_format=torch.preserve_format) if needs[3] else x.new_empty(0)
     return dx, dw, db, dres
 
 
 def _setup(ctx, inputs, output):
     x, weight, bias, residual, given_mean, given_rstd, layout, letters, num_groups, eps, center, act = inputs
-    _, mean, rstd, _ = output
-    ctx.save_for_backward(x, weight, bias, residual if act != 0 else None, mean, rstd)
+    _, mean, var, k, mean_d, rstd = output
+    ctx.save_for_backward(x, weight, bias, residual if act != 0 else None, k, mean_d, rstd)
     ctx.meta = (layout, letters, num_groups, center, act, given_rstd is not None, residual is not None)
-    ctx.mark_non_differentiable(mean, rstd, output[3])
+    ctx.mark_non_differentiable(mean, var, k, mean_d, rstd)
 
 
-def _backward(ctx, dy, _dmean, _drstd, _dvar):
-    x, weight, bias, residual, mean, rstd = ctx.saved_tensors
+def _backward(ctx, dy, *_stat_grads):
+    x, weight, bias, residual, k, mean_d, rstd = ctx.saved_tensors
     layout, letters, num_groups, center, act, given, has_res = ctx.meta
     need = ctx.needs_input_grad
     needs = [bool(need[0]), weight is not None and bool(need[1]), bias is not None and bool(need[2]),
@@ -85,8 +87,9 @@ def _backward(ctx, dy, _dmean, _drstd, _dvar):
         return (None,) * 12
     # Without an activation dresidual is dy itself: no kernel output needed for it.
     kernel_needs = needs[:3] + [needs[3] and act != 0]
-    dx, dw, db, dres = torch.ops.tritonorm.norm_bwd(dy, x, weight, bias, residual, mean, rstd, layout,
-                                                    letters, num_groups, center, act, given, kernel_needs)
+    dx, dw, db, dres = torch.ops.tritonorm.norm_bwd(dy, x, weight, bias, residual, k, mean_d, rstd,
+                                                    layout, letters, num_groups, center, act, given,
+                                                    kernel_needs)
     if needs[3] and act == 0:
         dres = dy
     out = [dx if needs[0] else None, dw if needs[1] else None, db if needs[2] else None,

@@ -9,7 +9,8 @@ S1 = sum g and S2 = sum g * xhat:
 
 dresidual = dy * act'(pre); dweight_c = sum dy*act'(pre)*xhat and dbias_c = sum dy*act'(pre)
 over every element of channel c (the channel view, with fp32 partials summed in a second,
-deterministic stage). The regimes mirror the forward ones: fused (x, dy read once), looped
+deterministic stage). Every kernel normalizes ``(x - K) - Mean`` with the forward's pivot K
+and shifted mean (see forward.py). The regimes mirror the forward ones: fused (x, dy read once), looped
 (twice), split (partial sums on SPLIT programs per statistic, then apply).
 """
 
@@ -32,10 +33,10 @@ def _dx(g, xhat, rstd, s1, s2, M, CENTER: tl.constexpr, GIVEN: tl.constexpr):
 
 @triton.jit
 def _bwd_fused_kernel(
-    X, DY, Res, W, B, Mean, Rstd, DX, DRes,  # DRes written only when WRITE_DRES
+    X, DY, Res, W, B, K, Mean, Rstd, DX, DRes,  # K, Mean: pivot and shifted mean; DRes only if WRITE_DRES
     P, M,
-    rs1, rs2, rx0, rx1, rx2, ro0, ro1, ro2, rt0, rt1, rt2, rh0, rh1, rh2,
-    cs1, cs2, cx0, cx1, cx2, co0, co1, co2, ct0, ct1, ct2, ch0, ch1, ch2,
+    rs1, rs2, rs3, rx0, rx1, rx2, rx3, ro0, ro1, ro2, ro3, rt0, rt1, rt2, rt3, rh0, rh1, rh2, rh3,
+    cs1, cs2, cs3, cx0, cx1, cx2, cx3, co0, co1, co2, co3, ct0, ct1, ct2, ct3, ch0, ch1, ch2, ch3,
     CENTER: tl.constexpr, GIVEN: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
     HAS_RES: tl.constexpr, WRITE_DRES: tl.constexpr, ACT: tl.constexpr, INT64: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -48,12 +49,13 @@ def _bwd_fused_kernel(
         cols = cols.to(tl.int64)
     rmask = rows < P
     mask = rmask[:, None] & (cols < M)[None, :]
-    rx, ro, rt, rh = side_offsets(rows, rs1, rs2, rx0, rx1, rx2, ro0, ro1, ro2, rt0, rt1, rt2, rh0, rh1, rh2)
-    cx, co, ct, ch = side_offsets(cols, cs1, cs2, cx0, cx1, cx2, co0, co1, co2, ct0, ct1, ct2, ch0, ch1, ch2)
+    rx, ro, rt, rh = side_offsets(rows, rs1, rs2, rs3, rx0, rx1, rx2, rx3, ro0, ro1, ro2, ro3, rt0, rt1, rt2, rt3, rh0, rh1, rh2, rh3)
+    cx, co, ct, ch = side_offsets(cols, cs1, cs2, cs3, cx0, cx1, cx2, cx3, co0, co1, co2, co3, ct0, ct1, ct2, ct3, ch0, ch1, ch2, ch3)
+    k = tl.load(K + rt, mask=rmask, other=0.0)
     mean = tl.load(Mean + rt, mask=rmask, other=0.0)
     rstd = tl.load(Rstd + rt, mask=rmask, other=0.0)
     out = ro[:, None] + co[None, :]
-    x = tl.load(X + (rx[:, None] + cx[None, :]), mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(X + (rx[:, None] + cx[None, :]), mask=mask, other=0.0).to(tl.float32) - k[:, None]
     dy = tl.load(DY + out, mask=mask, other=0.0).to(tl.float32)
     res = 0.0
     if HAS_RES:
@@ -70,10 +72,10 @@ def _bwd_fused_kernel(
 
 @triton.jit
 def _bwd_sums_kernel(
-    X, DY, Res, W, B, Mean, Rstd, PS1, PS2,  # partial sums out, [P, SPLIT] fp32
+    X, DY, Res, W, B, K, Mean, Rstd, PS1, PS2,  # partial sums out, [P, SPLIT] fp32
     P, M, CHUNK, SPLIT,
-    rs1, rs2, rx0, rx1, rx2, ro0, ro1, ro2, rt0, rt1, rt2, rh0, rh1, rh2,
-    cs1, cs2, cx0, cx1, cx2, co0, co1, co2, ct0, ct1, ct2, ch0, ch1, ch2,
+    rs1, rs2, rs3, rx0, rx1, rx2, rx3, ro0, ro1, ro2, ro3, rt0, rt1, rt2, rt3, rh0, rh1, rh2, rh3,
+    cs1, cs2, cs3, cx0, cx1, cx2, cx3, co0, co1, co2, co3, ct0, ct1, ct2, ct3, ch0, ch1, ch2, ch3,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr,
     INT64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
@@ -83,7 +85,8 @@ def _bwd_sums_kernel(
     if INT64:
         rows = rows.to(tl.int64)
     rmask = rows < P
-    rx, ro, rt, rh = side_offsets(rows, rs1, rs2, rx0, rx1, rx2, ro0, ro1, ro2, rt0, rt1, rt2, rh0, rh1, rh2)
+    rx, ro, rt, rh = side_offsets(rows, rs1, rs2, rs3, rx0, rx1, rx2, rx3, ro0, ro1, ro2, ro3, rt0, rt1, rt2, rt3, rh0, rh1, rh2, rh3)
+    k = tl.load(K + rt, mask=rmask, other=0.0)
     mean = tl.load(Mean + rt, mask=rmask, other=0.0)
     rstd = tl.load(Rstd + rt, mask=rmask, other=0.0)
     start = sp * CHUNK
@@ -95,9 +98,9 @@ def _bwd_sums_kernel(
         if INT64:
             cols = cols.to(tl.int64)
         mask = rmask[:, None] & (cols < end)[None, :]
-        cx, co, ct, ch = side_offsets(cols, cs1, cs2, cx0, cx1, cx2, co0, co1, co2, ct0, ct1, ct2, ch0, ch1, ch2)
+        cx, co, ct, ch = side_offsets(cols, cs1, cs2, cs3, cx0, cx1, cx2, cx3, co0, co1, co2, co3, ct0, ct1, ct2, ct3, ch0, ch1, ch2, ch3)
         out = ro[:, None] + co[None, :]
-        x = tl.load(X + (rx[:, None] + cx[None, :]), mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(X + (rx[:, None] + cx[None, :]), mask=mask, other=0.0).to(tl.float32) - k[:, None]
         dy = tl.load(DY + out, mask=mask, other=0.0).to(tl.float32)
         res = 0.0
         if HAS_RES:
@@ -112,10 +115,10 @@ def _bwd_sums_kernel(
 
 @triton.jit
 def _bwd_apply_kernel(
-    X, DY, Res, W, B, Mean, Rstd, S1, S2, DX, DRes,  # S1, S2: [P] fp32 by row index (unused if GIVEN)
+    X, DY, Res, W, B, K, Mean, Rstd, S1, S2, DX, DRes,  # S1, S2: [P] fp32 by row index (unused if GIVEN)
     P, M,
-    rs1, rs2, rx0, rx1, rx2, ro0, ro1, ro2, rt0, rt1, rt2, rh0, rh1, rh2,
-    cs1, cs2, cx0, cx1, cx2, co0, co1, co2, ct0, ct1, ct2, ch0, ch1, ch2,
+    rs1, rs2, rs3, rx0, rx1, rx2, rx3, ro0, ro1, ro2, ro3, rt0, rt1, rt2, rt3, rh0, rh1, rh2, rh3,
+    cs1, cs2, cs3, cx0, cx1, cx2, cx3, co0, co1, co2, co3, ct0, ct1, ct2, ct3, ch0, ch1, ch2, ch3,
     CENTER: tl.constexpr, GIVEN: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
     HAS_RES: tl.constexpr, WRITE_DRES: tl.constexpr, ACT: tl.constexpr, INT64: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -125,7 +128,8 @@ def _bwd_apply_kernel(
     if INT64:
         rows = rows.to(tl.int64)
     rmask = rows < P
-    rx, ro, rt, rh = side_offsets(rows, rs1, rs2, rx0, rx1, rx2, ro0, ro1, ro2, rt0, rt1, rt2, rh0, rh1, rh2)
+    rx, ro, rt, rh = side_offsets(rows, rs1, rs2, rs3, rx0, rx1, rx2, rx3, ro0, ro1, ro2, ro3, rt0, rt1, rt2, rt3, rh0, rh1, rh2, rh3)
+    k = tl.load(K + rt, mask=rmask, other=0.0)
     mean = tl.load(Mean + rt, mask=rmask, other=0.0)
     rstd = tl.load(Rstd + rt, mask=rmask, other=0.0)
     s1 = rstd * 0.0
@@ -139,9 +143,9 @@ def _bwd_apply_kernel(
         if INT64:
             cols = cols.to(tl.int64)
         mask = rmask[:, None] & (cols < M)[None, :]
-        cx, co, ct, ch = side_offsets(cols, cs1, cs2, cx0, cx1, cx2, co0, co1, co2, ct0, ct1, ct2, ch0, ch1, ch2)
+        cx, co, ct, ch = side_offsets(cols, cs1, cs2, cs3, cx0, cx1, cx2, cx3, co0, co1, co2, co3, ct0, ct1, ct2, ct3, ch0, ch1, ch2, ch3)
         out = ro[:, None] + co[None, :]
-        x = tl.load(X + (rx[:, None] + cx[None, :]), mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(X + (rx[:, None] + cx[None, :]), mask=mask, other=0.0).to(tl.float32) - k[:, None]
         dy = tl.load(DY + out, mask=mask, other=0.0).to(tl.float32)
         res = 0.0
         if HAS_RES:
@@ -156,10 +160,10 @@ def _bwd_apply_kernel(
 
 @triton.jit
 def _dwdb_kernel(
-    X, DY, Res, W, B, Mean, Rstd, PDW, PDB,  # partial dweight/dbias out, [C, SPLIT] fp32
+    X, DY, Res, W, B, K, Mean, Rstd, PDW, PDB,  # partial dweight/dbias out, [C, SPLIT] fp32
     C, M, CHUNK, SPLIT,                      # channel view: C rows, M = N * spatial columns
-    rs1, rs2, rx0, rx1, rx2, ro0, ro1, ro2, rt0, rt1, rt2, rh0, rh1, rh2,
-    cs1, cs2, cx0, cx1, cx2, co0, co1, co2, ct0, ct1, ct2, ch0, ch1, ch2,
+    rs1, rs2, rs3, rx0, rx1, rx2, rx3, ro0, ro1, ro2, ro3, rt0, rt1, rt2, rt3, rh0, rh1, rh2, rh3,
+    cs1, cs2, cs3, cx0, cx1, cx2, cx3, co0, co1, co2, co3, ct0, ct1, ct2, ct3, ch0, ch1, ch2, ch3,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr,
     INT64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
@@ -169,7 +173,7 @@ def _dwdb_kernel(
     if INT64:
         rows = rows.to(tl.int64)
     rmask = rows < C
-    rx, ro, rt, rh = side_offsets(rows, rs1, rs2, rx0, rx1, rx2, ro0, ro1, ro2, rt0, rt1, rt2, rh0, rh1, rh2)
+    rx, ro, rt, rh = side_offsets(rows, rs1, rs2, rs3, rx0, rx1, rx2, rx3, ro0, ro1, ro2, ro3, rt0, rt1, rt2, rt3, rh0, rh1, rh2, rh3)
     start = sp * CHUNK
     end = tl.minimum(start + CHUNK, M)
     dw = tl.zeros([BLOCK_P], dtype=tl.float32)
@@ -179,12 +183,13 @@ def _dwdb_kernel(
         if INT64:
             cols = cols.to(tl.int64)
         mask = rmask[:, None] & (cols < end)[None, :]
-        cx, co, ct, ch = side_offsets(cols, cs1, cs2, cx0, cx1, cx2, co0, co1, co2, ct0, ct1, ct2, ch0, ch1, ch2)
+        cx, co, ct, ch = side_offsets(cols, cs1, cs2, cs3, cx0, cx1, cx2, cx3, co0, co1, co2, co3, ct0, ct1, ct2, ct3, ch0, ch1, ch2, ch3)
         out = ro[:, None] + co[None, :]
         st = rt[:, None] + ct[None, :]
+        k = tl.load(K + st, mask=mask, other=0.0)
         mean = tl.load(Mean + st, mask=mask, other=0.0)
         rstd = tl.load(Rstd + st, mask=mask, other=0.0)
-        x = tl.load(X + (rx[:, None] + cx[None, :]), mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(X + (rx[:, None] + cx[None, :]), mask=mask, other=0.0).to(tl.float32) - k
         dy = tl.load(DY + out, mask=mask, other=0.0).to(tl.float32)
         res = 0.0
         if HAS_RES:

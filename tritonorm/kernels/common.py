@@ -1,8 +1,8 @@
 """Triton helpers shared by the forward and backward kernels (jit functions only).
 
 Index convention (see layout.py): a side's flat index ``idx`` splits as
-``idx = (i0 * s1 + i1) * s2 + i2``; an offset into a tensor is ``i0*st0 + i1*st1 + i2*st2`` with
-that tensor's strides. Padded dims have size 1, which Triton specializes, so the splits fold away
+``idx = ((i0 * s1 + i1) * s2 + i2) * s3 + i3``; an offset into a tensor is
+``i0*st0 + i1*st1 + i2*st2 + i3*st3`` with that tensor's strides. Padded dims have size 1, which Triton specializes, so the splits fold away
 for 1-D sides.
 """
 
@@ -11,17 +11,28 @@ import triton.language as tl
 
 
 @triton.jit
-def side_offsets(idx, s1, s2, x0, x1, x2, o0, o1, o2, t0, t1, t2, h0, h1, h2):
+def side_offsets(idx, s1, s2, s3, x0, x1, x2, x3, o0, o1, o2, o3, t0, t1, t2, t3, h0, h1, h2, h3):
     """Offsets of flat side indices into x, the outputs, the statistics and the channels."""
-    i2 = idx % s2
-    q = idx // s2
+    i3 = idx % s3
+    q = idx // s3
+    i2 = q % s2
+    q = q // s2
     i1 = q % s1
     i0 = q // s1
-    x = i0 * x0 + i1 * x1 + i2 * x2
-    o = i0 * o0 + i1 * o1 + i2 * o2
-    t = i0 * t0 + i1 * t1 + i2 * t2
-    h = i0 * h0 + i1 * h1 + i2 * h2
+    x = i0 * x0 + i1 * x1 + i2 * x2 + i3 * x3
+    o = i0 * o0 + i1 * o1 + i2 * o2 + i3 * o3
+    t = i0 * t0 + i1 * t1 + i2 * t2 + i3 * t3
+    h = i0 * h0 + i1 * h1 + i2 * h2 + i3 * h3
     return x, o, t, h
+
+
+@triton.jit
+def pivot(X, rx, rmask, CENTER: tl.constexpr):
+    """Each row's first element (column 0 has offset 0 in every view), or 0 without centring."""
+    k = tl.load(X + rx, mask=rmask, other=0.0).to(tl.float32)
+    if not CENTER:
+        k = k * 0.0
+    return k
 
 
 @triton.jit

@@ -8,6 +8,11 @@ Regimes (chosen by tritonorm.dispatch):
           x read twice, the whole GPU busy when there are few statistics (BatchNorm).
 Given statistics (eval with running stats) use the apply kernel alone.
 
+Moments are taken of x minus a per-statistic pivot K (its first element): sums of deviations
+instead of raw values keep the mean exact to fp32 when |mean| >> std, where PyTorch's kernels
+lose digits. The kernels store K and the shifted mean (``Mean`` = mean - K) and every consumer
+normalizes ``(x - K) - Mean``; the true mean K + Mean is formed only for the caller.
+
 Every kernel takes the view arguments of layout.View in order: rows (s1, s2, 4x3 strides) then
 cols (the same). Statistics are fp32.
 """
@@ -15,14 +20,14 @@ cols (the same). Statistics are fp32.
 import triton
 import triton.language as tl
 
-from .common import chan_merge, epilogue, side_offsets, tile_moments
+from .common import chan_merge, epilogue, pivot, side_offsets, tile_moments
 
 @triton.jit
 def _fwd_fused_kernel(
-    X, Y, Res, W, B, Mean, Rstd, Var,  # x, output, residual, weight, bias (per channel), stats out
+    X, Y, Res, W, B, K, Mean, Rstd, Var,  # x, y, residual, weight, bias; stats out (pivot, shifted mean, ...)
     P, M, eps,                    # statistics, elements per statistic, epsilon
-    rs1, rs2, rx0, rx1, rx2, ro0, ro1, ro2, rt0, rt1, rt2, rh0, rh1, rh2,
-    cs1, cs2, cx0, cx1, cx2, co0, co1, co2, ct0, ct1, ct2, ch0, ch1, ch2,
+    rs1, rs2, rs3, rx0, rx1, rx2, rx3, ro0, ro1, ro2, ro3, rt0, rt1, rt2, rt3, rh0, rh1, rh2, rh3,
+    cs1, cs2, cs3, cx0, cx1, cx2, cx3, co0, co1, co2, co3, ct0, ct1, ct2, ct3, ch0, ch1, ch2, ch3,
     CENTER: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_RES: tl.constexpr,
     ACT: tl.constexpr, INT64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
@@ -34,30 +39,33 @@ def _fwd_fused_kernel(
         cols = cols.to(tl.int64)
     rmask = rows < P
     mask = rmask[:, None] & (cols < M)[None, :]
-    rx, ro, rt, rh = side_offsets(rows, rs1, rs2, rx0, rx1, rx2, ro0, ro1, ro2, rt0, rt1, rt2, rh0, rh1, rh2)
-    cx, co, ct, ch = side_offsets(cols, cs1, cs2, cx0, cx1, cx2, co0, co1, co2, ct0, ct1, ct2, ch0, ch1, ch2)
+    rx, ro, rt, rh = side_offsets(rows, rs1, rs2, rs3, rx0, rx1, rx2, rx3, ro0, ro1, ro2, ro3, rt0, rt1, rt2, rt3, rh0, rh1, rh2, rh3)
+    cx, co, ct, ch = side_offsets(cols, cs1, cs2, cs3, cx0, cx1, cx2, cx3, co0, co1, co2, co3, ct0, ct1, ct2, ct3, ch0, ch1, ch2, ch3)
     x = tl.load(X + (rx[:, None] + cx[None, :]), mask=mask, other=0.0).to(tl.float32)
-    mean, m2 = tile_moments(x, mask, M, CENTER)
+    k = pivot(X, rx, rmask, CENTER)
+    d = tl.where(mask, x - k[:, None], 0.0)
+    mean_d, m2 = tile_moments(d, mask, M, CENTER)
     var = m2 / M
     rstd = tl.rsqrt(var + eps)
-    tl.store(Mean + rt, mean, mask=rmask)
+    tl.store(K + rt, k, mask=rmask)
+    tl.store(Mean + rt, mean_d, mask=rmask)
     tl.store(Rstd + rt, rstd, mask=rmask)
     tl.store(Var + rt, var, mask=rmask)
     out = ro[:, None] + co[None, :]
     res = 0.0
     if HAS_RES:
         res = tl.load(Res + out, mask=mask, other=0.0).to(tl.float32)
-    y = epilogue((x - mean[:, None]) * rstd[:, None], rh[:, None] + ch[None, :], mask, res,
+    y = epilogue((d - mean_d[:, None]) * rstd[:, None], rh[:, None] + ch[None, :], mask, res,
                  W, B, HAS_W, HAS_B, HAS_RES, ACT)
     tl.store(Y + out, y.to(Y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _fwd_looped_kernel(
-    X, Y, Res, W, B, Mean, Rstd, Var,
+    X, Y, Res, W, B, K, Mean, Rstd, Var,
     P, M, eps,
-    rs1, rs2, rx0, rx1, rx2, ro0, ro1, ro2, rt0, rt1, rt2, rh0, rh1, rh2,
-    cs1, cs2, cx0, cx1, cx2, co0, co1, co2, ct0, ct1, ct2, ch0, ch1, ch2,
+    rs1, rs2, rs3, rx0, rx1, rx2, rx3, ro0, ro1, ro2, ro3, rt0, rt1, rt2, rt3, rh0, rh1, rh2, rh3,
+    cs1, cs2, cs3, cx0, cx1, cx2, cx3, co0, co1, co2, co3, ct0, ct1, ct2, ct3, ch0, ch1, ch2, ch3,
     CENTER: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_RES: tl.constexpr,
     ACT: tl.constexpr, INT64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
@@ -66,22 +74,25 @@ def _fwd_looped_kernel(
     if INT64:
         rows = rows.to(tl.int64)
     rmask = rows < P
-    rx, ro, rt, rh = side_offsets(rows, rs1, rs2, rx0, rx1, rx2, ro0, ro1, ro2, rt0, rt1, rt2, rh0, rh1, rh2)
-    mean = tl.zeros([BLOCK_P], dtype=tl.float32)
+    rx, ro, rt, rh = side_offsets(rows, rs1, rs2, rs3, rx0, rx1, rx2, rx3, ro0, ro1, ro2, ro3, rt0, rt1, rt2, rt3, rh0, rh1, rh2, rh3)
+    k = pivot(X, rx, rmask, CENTER)
+    mean_d = tl.zeros([BLOCK_P], dtype=tl.float32)
     m2 = tl.zeros([BLOCK_P], dtype=tl.float32)
     for m0 in range(0, M, BLOCK_M):
         cols = m0 + tl.arange(0, BLOCK_M)
         if INT64:
             cols = cols.to(tl.int64)
         mask = rmask[:, None] & (cols < M)[None, :]
-        cx, co, ct, ch = side_offsets(cols, cs1, cs2, cx0, cx1, cx2, co0, co1, co2, ct0, ct1, ct2, ch0, ch1, ch2)
+        cx, co, ct, ch = side_offsets(cols, cs1, cs2, cs3, cx0, cx1, cx2, cx3, co0, co1, co2, co3, ct0, ct1, ct2, ct3, ch0, ch1, ch2, ch3)
         x = tl.load(X + (rx[:, None] + cx[None, :]), mask=mask, other=0.0).to(tl.float32)
+        d = tl.where(mask, x - k[:, None], 0.0)
         nt = tl.minimum(M - m0, BLOCK_M).to(tl.float32)
-        t_mean, t_m2 = tile_moments(x, mask, nt, CENTER)
-        mean, m2 = chan_merge(m0 * 1.0, mean, m2, nt, t_mean, t_m2)
+        t_mean, t_m2 = tile_moments(d, mask, nt, CENTER)
+        mean_d, m2 = chan_merge(m0 * 1.0, mean_d, m2, nt, t_mean, t_m2)
     var = m2 / M
     rstd = tl.rsqrt(var + eps)
-    tl.store(Mean + rt, mean, mask=rmask)
+    tl.store(K + rt, k, mask=rmask)
+    tl.store(Mean + rt, mean_d, mask=rmask)
     tl.store(Rstd + rt, rstd, mask=rmask)
     tl.store(Var + rt, var, mask=rmask)
     for m0 in range(0, M, BLOCK_M):
@@ -89,14 +100,14 @@ def _fwd_looped_kernel(
         if INT64:
             cols = cols.to(tl.int64)
         mask = rmask[:, None] & (cols < M)[None, :]
-        cx, co, ct, ch = side_offsets(cols, cs1, cs2, cx0, cx1, cx2, co0, co1, co2, ct0, ct1, ct2, ch0, ch1, ch2)
+        cx, co, ct, ch = side_offsets(cols, cs1, cs2, cs3, cx0, cx1, cx2, cx3, co0, co1, co2, co3, ct0, ct1, ct2, ct3, ch0, ch1, ch2, ch3)
         x = tl.load(X + (rx[:, None] + cx[None, :]), mask=mask, other=0.0).to(tl.float32)
         out = ro[:, None] + co[None, :]
         res = 0.0
         if HAS_RES:
             res = tl.load(Res + out, mask=mask, other=0.0).to(tl.float32)
-        y = epilogue((x - mean[:, None]) * rstd[:, None], rh[:, None] + ch[None, :], mask, res,
-                     W, B, HAS_W, HAS_B, HAS_RES, ACT)
+        y = epilogue(((x - k[:, None]) - mean_d[:, None]) * rstd[:, None], rh[:, None] + ch[None, :],
+                     mask, res, W, B, HAS_W, HAS_B, HAS_RES, ACT)
         tl.store(Y + out, y.to(Y.dtype.element_ty), mask=mask)
 
 
@@ -104,19 +115,21 @@ def _fwd_looped_kernel(
 def _fwd_partial_kernel(
     X, PMean, PM2,                # x; partial means and M2, [P, SPLIT] fp32
     P, M, CHUNK, SPLIT,           # CHUNK: columns per split (a multiple of BLOCK_M)
-    rs1, rs2, rx0, rx1, rx2, ro0, ro1, ro2, rt0, rt1, rt2, rh0, rh1, rh2,
-    cs1, cs2, cx0, cx1, cx2, co0, co1, co2, ct0, ct1, ct2, ch0, ch1, ch2,
+    rs1, rs2, rs3, rx0, rx1, rx2, rx3, ro0, ro1, ro2, ro3, rt0, rt1, rt2, rt3, rh0, rh1, rh2, rh3,
+    cs1, cs2, cs3, cx0, cx1, cx2, cx3, co0, co1, co2, co3, ct0, ct1, ct2, ct3, ch0, ch1, ch2, ch3,
     CENTER: tl.constexpr, INT64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
-    """Moments of one column chunk of BLOCK_P statistics (split regime, stage 1)."""
+    """Moments (of x minus the row's pivot) of one column chunk of BLOCK_P statistics
+    (split regime, stage 1)."""
     rows = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     sp = tl.program_id(1)
     if INT64:
         rows = rows.to(tl.int64)
     rmask = rows < P
-    rx, ro, rt, rh = side_offsets(rows, rs1, rs2, rx0, rx1, rx2, ro0, ro1, ro2, rt0, rt1, rt2, rh0, rh1, rh2)
+    rx, ro, rt, rh = side_offsets(rows, rs1, rs2, rs3, rx0, rx1, rx2, rx3, ro0, ro1, ro2, ro3, rt0, rt1, rt2, rt3, rh0, rh1, rh2, rh3)
     start = sp * CHUNK
     end = tl.minimum(start + CHUNK, M)
+    k = pivot(X, rx, rmask, CENTER)
     mean = tl.zeros([BLOCK_P], dtype=tl.float32)
     m2 = tl.zeros([BLOCK_P], dtype=tl.float32)
     for m0 in range(start, end, BLOCK_M):
@@ -124,10 +137,11 @@ def _fwd_partial_kernel(
         if INT64:
             cols = cols.to(tl.int64)
         mask = rmask[:, None] & (cols < end)[None, :]
-        cx, co, ct, ch = side_offsets(cols, cs1, cs2, cx0, cx1, cx2, co0, co1, co2, ct0, ct1, ct2, ch0, ch1, ch2)
+        cx, co, ct, ch = side_offsets(cols, cs1, cs2, cs3, cx0, cx1, cx2, cx3, co0, co1, co2, co3, ct0, ct1, ct2, ct3, ch0, ch1, ch2, ch3)
         x = tl.load(X + (rx[:, None] + cx[None, :]), mask=mask, other=0.0).to(tl.float32)
+        d = tl.where(mask, x - k[:, None], 0.0)
         nt = tl.minimum(end - m0, BLOCK_M).to(tl.float32)
-        t_mean, t_m2 = tile_moments(x, mask, nt, CENTER)
+        t_mean, t_m2 = tile_moments(d, mask, nt, CENTER)
         mean, m2 = chan_merge((m0 - start) * 1.0, mean, m2, nt, t_mean, t_m2)
     tl.store(PMean + rows * SPLIT + sp, mean, mask=rmask)
     tl.store(PM2 + rows * SPLIT + sp, m2, mask=rmask)
@@ -135,10 +149,10 @@ def _fwd_partial_kernel(
 
 @triton.jit
 def _fwd_merge_kernel(
-    PMean, PM2, Mean, Rstd, Var,  # partials [P, SPLIT]; stats out
+    X, PMean, PM2, K, Mean, Rstd, Var,  # x (for the pivots); partials [P, SPLIT]; stats out
     P, M, CHUNK, SPLIT, eps,
-    rs1, rs2, rx0, rx1, rx2, ro0, ro1, ro2, rt0, rt1, rt2, rh0, rh1, rh2,
-    BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr,
+    rs1, rs2, rs3, rx0, rx1, rx2, rx3, ro0, ro1, ro2, ro3, rt0, rt1, rt2, rt3, rh0, rh1, rh2, rh3,
+    CENTER: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     """Merge SPLIT partials per statistic: mean = sum n_i mu_i / n, M2 = sum M2_i + n_i (mu_i - mean)^2."""
     rows = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -152,8 +166,9 @@ def _fwd_merge_kernel(
     mean = tl.sum(cnt * mu, axis=1) / M
     d = tl.where(mask, mu - mean[:, None], 0.0)
     m2_all = tl.sum(m2, axis=1) + tl.sum(cnt * d * d, axis=1)
-    rx, ro, rt, rh = side_offsets(rows, rs1, rs2, rx0, rx1, rx2, ro0, ro1, ro2, rt0, rt1, rt2, rh0, rh1, rh2)
+    rx, ro, rt, rh = side_offsets(rows, rs1, rs2, rs3, rx0, rx1, rx2, rx3, ro0, ro1, ro2, ro3, rt0, rt1, rt2, rt3, rh0, rh1, rh2, rh3)
     var = m2_all / M
+    tl.store(K + rt, pivot(X, rx, rmask, CENTER), mask=rmask)
     tl.store(Mean + rt, mean, mask=rmask)
     tl.store(Rstd + rt, tl.rsqrt(var + eps), mask=rmask)
     tl.store(Var + rt, var, mask=rmask)
@@ -161,10 +176,10 @@ def _fwd_merge_kernel(
 
 @triton.jit
 def _fwd_apply_kernel(
-    X, Y, Res, W, B, Mean, Rstd,  # as the fused kernel; Mean/Rstd are inputs here
+    X, Y, Res, W, B, K, Mean, Rstd,  # as the fused kernel; the statistics are inputs here
     P, M,
-    rs1, rs2, rx0, rx1, rx2, ro0, ro1, ro2, rt0, rt1, rt2, rh0, rh1, rh2,
-    cs1, cs2, cx0, cx1, cx2, co0, co1, co2, ct0, ct1, ct2, ch0, ch1, ch2,
+    rs1, rs2, rs3, rx0, rx1, rx2, rx3, ro0, ro1, ro2, ro3, rt0, rt1, rt2, rt3, rh0, rh1, rh2, rh3,
+    cs1, cs2, cs3, cx0, cx1, cx2, cx3, co0, co1, co2, co3, ct0, ct1, ct2, ct3, ch0, ch1, ch2, ch3,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_RES: tl.constexpr,
     ACT: tl.constexpr, INT64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
@@ -173,7 +188,8 @@ def _fwd_apply_kernel(
     if INT64:
         rows = rows.to(tl.int64)
     rmask = rows < P
-    rx, ro, rt, rh = side_offsets(rows, rs1, rs2, rx0, rx1, rx2, ro0, ro1, ro2, rt0, rt1, rt2, rh0, rh1, rh2)
+    rx, ro, rt, rh = side_offsets(rows, rs1, rs2, rs3, rx0, rx1, rx2, rx3, ro0, ro1, ro2, ro3, rt0, rt1, rt2, rt3, rh0, rh1, rh2, rh3)
+    k = tl.load(K + rt, mask=rmask, other=0.0)
     mean = tl.load(Mean + rt, mask=rmask, other=0.0)
     rstd = tl.load(Rstd + rt, mask=rmask, other=0.0)
     n_tiles = tl.cdiv(M, BLOCK_M)
@@ -182,12 +198,12 @@ def _fwd_apply_kernel(
         if INT64:
             cols = cols.to(tl.int64)
         mask = rmask[:, None] & (cols < M)[None, :]
-        cx, co, ct, ch = side_offsets(cols, cs1, cs2, cx0, cx1, cx2, co0, co1, co2, ct0, ct1, ct2, ch0, ch1, ch2)
+        cx, co, ct, ch = side_offsets(cols, cs1, cs2, cs3, cx0, cx1, cx2, cx3, co0, co1, co2, co3, ct0, ct1, ct2, ct3, ch0, ch1, ch2, ch3)
         x = tl.load(X + (rx[:, None] + cx[None, :]), mask=mask, other=0.0).to(tl.float32)
         out = ro[:, None] + co[None, :]
         res = 0.0
         if HAS_RES:
             res = tl.load(Res + out, mask=mask, other=0.0).to(tl.float32)
-        y = epilogue((x - mean[:, None]) * rstd[:, None], rh[:, None] + ch[None, :], mask, res,
-                     W, B, HAS_W, HAS_B, HAS_RES, ACT)
+        y = epilogue(((x - k[:, None]) - mean[:, None]) * rstd[:, None], rh[:, None] + ch[None, :],
+                     mask, res, W, B, HAS_W, HAS_B, HAS_RES, ACT)
         tl.store(Y + out, y.to(Y.dtype.element_ty), mask=mask)

@@ -9,25 +9,33 @@ from .. import dispatch
 from ..scope import Spec
 from . import backward as bk
 from . import forward as fk
+from . import native
 from .layout import TooManyDims, alloc_out, channel_view, match_strides, stat_view
 
 _MAX_GRID_1 = 65535  # CUDA's limit on the second grid dimension
 
+# Tests set this to fill every buffer a kernel must write with NaN first, so a kernel that
+# skips an element cannot pass by leaving zeros or stale memory behind.
+POISON = False
+
+
+def _empty(shape, device) -> torch.Tensor:
+    t = torch.empty(shape, dtype=torch.float32, device=device)
+    return t.fill_(float("nan")) if POISON else t
+
+
+def _out_like(x: torch.Tensor) -> torch.Tensor:
+    t = alloc_out(x)
+    return t.fill_(float("nan")) if POISON else t
+
 
 def profile_for(device: torch.device) -> dispatch.DeviceProfile:
-    if device.type != "cuda":
-        return dispatch.PROFILES["interpreter"]
-    props = torch.cuda.get_device_properties(device)
-    name = props.name.lower()
-    for key in ("h200", "h100"):
-        if key in name:
-            return dispatch.PROFILES[key]
-    return dispatch.DeviceProfile(props.name, sm_count=props.multi_processor_count)
+    return dispatch.profile_for_device(device)
 
 
 def _views(x: torch.Tensor, out: torch.Tensor, spec: Spec, channel: bool = False):
     """The statistic view (and the channel view) of x read in place; x is copied into out's
-    layout only when its strides are too irregular for three dims a side."""
+    layout only when its strides are too irregular for MAX_DIMS dims a side."""
     try:
         sv = stat_view(x.shape, spec, x.stride(), out.stride())
         cv = channel_view(x.shape, spec, x.stride(), out.stride()) if channel else None
@@ -38,9 +46,27 @@ def _views(x: torch.Tensor, out: torch.Tensor, spec: Spec, channel: bool = False
     return x, sv, cv
 
 
-def _problem(op: str, view, x: torch.Tensor) -> dispatch.Problem:
-    rows_unit = view.rows.strides[0][0] == 1 and view.rows.numel > 1 and view.rows.sizes[1:] == (1, 1)
-    return dispatch.Problem(op=op, P=view.P, M=view.M, elem_bytes=x.element_size(), rows_unit_stride=rows_unit)
+def _fits(x: torch.Tensor, spec: Spec, channel: bool) -> bool:
+    """Whether _views succeeds for x and an output like x (checked on shapes and strides only)."""
+    out = torch.empty_like(x, device="meta", memory_format=torch.preserve_format).stride()
+    for xs in (x.stride(), out):
+        try:
+            stat_view(x.shape, spec, xs, out)
+            if channel:
+                channel_view(x.shape, spec, xs, out)
+            return True
+        except TooManyDims:
+            continue
+    return False
+
+
+def _restride(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
+    return None if t is None or t.numel() == 0 else match_strides(t, alloc_out(like))
+
+
+def _problem(op: str, view, x: torch.Tensor, spec: Spec | None = None, flags: str = "") -> dispatch.Problem:
+    return dispatch.problem_from_view(op, view, x.element_size(), spec=spec,
+                                      dtype=str(x.dtype).replace("torch.", ""), flags=flags)
 
 
 def _chunk(M: int, block_m: int, split: int) -> int:
@@ -53,12 +79,18 @@ def _dummy(x: torch.Tensor) -> torch.Tensor:
 
 def forward(x, spec: Spec, weight, bias, residual, eps: float, center: bool, act: int,
             given: tuple[torch.Tensor, torch.Tensor] | None = None):
-    """Returns (y, mean, rstd, var); the statistics are fp32, shaped ``spec.stat_shape``
-    (var is the biased variance, or the mean square without centring).
+    """Returns (y, pivot, mean_shifted, rstd, var): fp32 statistics shaped ``spec.stat_shape``.
 
-    ``given``: (mean, rstd) to apply instead of computing statistics (eval with running stats).
+    The mean is ``pivot + mean_shifted`` (see forward.py); var is the biased variance, or the
+    mean square without centring. ``given``: (mean, rstd) to apply instead of computing
+    statistics (eval with running stats); the pivot is then 0.
     """
-    y = alloc_out(x)
+    if not _fits(x, spec, channel=False):
+        # A dense permutation that still needs more than MAX_DIMS dims a side: run contiguous.
+        y, *stats = forward(x.contiguous(), spec, weight, bias,
+                            None if residual is None else residual.contiguous(), eps, center, act, given)
+        return (_restride(y, x), *stats)
+    y = _out_like(x)
     x, view, _ = _views(x, y, spec)
     if residual is not None:
         residual = match_strides(residual, y)
@@ -70,55 +102,67 @@ def forward(x, spec: Spec, weight, bias, residual, eps: float, center: bool, act
     b = bias if bias is not None else _dummy(x)
     r = residual if residual is not None else _dummy(x)
     args = view.args()
+    fkey = dispatch.flags_key(weight is not None, bias is not None, residual is not None, act, center)
+    plan = dispatch.plan_for(_problem("forward", view, x, spec, fkey), profile_for(x.device))
+    if plan.kernel == dispatch.NATIVE:
+        y, mean, rstd, var = native.forward(x, spec, weight, bias, residual, eps, center, act, given)
+        return y, torch.zeros_like(mean), mean, rstd, var
+    cfg = plan.config
+    bp, bm, nw = cfg["block_p"], cfg["block_m"], cfg["num_warps"]
     if given is not None:
         mean = given[0].reshape(stat_shape).to(torch.float32, copy=True).contiguous()
         rstd = given[1].reshape(stat_shape).to(torch.float32, copy=True).contiguous()
-        plan = dispatch.plan_for(_problem("forward", view, x), profile_for(x.device))
-        bp, bm = plan.config["block_p"], min(plan.config["block_m"], 4096)
+        k = torch.zeros_like(mean)
+        bm = min(bm, 4096)
         grid = (triton.cdiv(P, bp), min(triton.cdiv(M, bm), _MAX_GRID_1))
-        fk._fwd_apply_kernel[grid](x, y, r, w, b, mean, rstd, P, M, *args, **flags,
-                                   BLOCK_P=bp, BLOCK_M=bm, num_warps=plan.config["num_warps"])
-        return y, mean, rstd, rstd.reciprocal().square() - eps
-    mean = torch.empty(stat_shape, dtype=torch.float32, device=x.device)
-    rstd = torch.empty(stat_shape, dtype=torch.float32, device=x.device)
-    var = torch.empty(stat_shape, dtype=torch.float32, device=x.device)
-    plan = dispatch.plan_for(_problem("forward", view, x), profile_for(x.device))
-    cfg = plan.config
-    bp, bm, nw = cfg["block_p"], cfg["block_m"], cfg["num_warps"]
+        fk._fwd_apply_kernel[grid](x, y, r, w, b, k, mean, rstd, P, M, *args, **flags,
+                                   BLOCK_P=bp, BLOCK_M=bm, num_warps=nw)
+        return y, k, mean, rstd, rstd.reciprocal().square() - eps
+    k = _empty(stat_shape, x.device)
+    mean = _empty(stat_shape, x.device)
+    rstd = _empty(stat_shape, x.device)
+    var = _empty(stat_shape, x.device)
     if plan.kernel == "fused":
         fk._fwd_fused_kernel[(triton.cdiv(P, bp),)](
-            x, y, r, w, b, mean, rstd, var, P, M, eps, *args, CENTER=center, **flags,
+            x, y, r, w, b, k, mean, rstd, var, P, M, eps, *args, CENTER=center, **flags,
             BLOCK_P=bp, BLOCK_M=bm, num_warps=nw)
     elif plan.kernel == "looped":
         fk._fwd_looped_kernel[(triton.cdiv(P, bp),)](
-            x, y, r, w, b, mean, rstd, var, P, M, eps, *args, CENTER=center, **flags,
+            x, y, r, w, b, k, mean, rstd, var, P, M, eps, *args, CENTER=center, **flags,
             BLOCK_P=bp, BLOCK_M=bm, num_warps=nw)
     else:
         split = cfg["split"]
         chunk = _chunk(M, bm, split)
-        pmean = torch.empty((P, split), dtype=torch.float32, device=x.device)
-        pm2 = torch.empty((P, split), dtype=torch.float32, device=x.device)
+        pmean = _empty((P, split), x.device)
+        pm2 = _empty((P, split), x.device)
         fk._fwd_partial_kernel[(triton.cdiv(P, bp), split)](
             x, pmean, pm2, P, M, chunk, split, *args, CENTER=center, INT64=view.int64,
             BLOCK_P=bp, BLOCK_M=bm, num_warps=nw)
         mbp = min(_pow2(P), 64)
         fk._fwd_merge_kernel[(triton.cdiv(P, mbp),)](
-            pmean, pm2, mean, rstd, var, P, M, chunk, split, eps, *view.rows.args(),
-            BLOCK_P=mbp, BLOCK_S=_pow2(split))
+            x, pmean, pm2, k, mean, rstd, var, P, M, chunk, split, eps, *view.rows.args(),
+            CENTER=center, BLOCK_P=mbp, BLOCK_S=_pow2(split))
         grid = (triton.cdiv(P, bp), min(triton.cdiv(M, bm), _MAX_GRID_1))
-        fk._fwd_apply_kernel[grid](x, y, r, w, b, mean, rstd, P, M, *args, **flags,
+        fk._fwd_apply_kernel[grid](x, y, r, w, b, k, mean, rstd, P, M, *args, **flags,
                                    BLOCK_P=bp, BLOCK_M=bm, num_warps=nw)
-    return y, mean, rstd, var
+    return y, k, mean, rstd, var
 
 
 def _pow2(n: int) -> int:
     return 1 << max(0, (max(1, n) - 1).bit_length())
 
 
-def backward(dy, x, spec: Spec, weight, bias, residual, mean, rstd, center: bool, act: int,
+def backward(dy, x, spec: Spec, weight, bias, residual, k, mean, rstd, center: bool, act: int,
              given: bool, need_dx: bool, need_dw: bool, need_db: bool, need_dres: bool):
-    """Returns (dx, dweight, dbias, dresidual), each None when not needed."""
-    dx = alloc_out(x)
+    """Returns (dx, dweight, dbias, dresidual), each None when not needed.
+
+    ``k, mean, rstd``: the forward's pivot, shifted mean and rstd."""
+    if not _fits(x, spec, channel=need_dw or need_db):
+        dx, dw, db, dres = backward(dy.contiguous(), x.contiguous(), spec, weight, bias,
+                                    None if residual is None else residual.contiguous(), k, mean,
+                                    rstd, center, act, given, need_dx, need_dw, need_db, need_dres)
+        return _restride(dx, x), dw, db, _restride(dres, x)
+    dx = _out_like(x)
     x, view, cview = _views(x, dx, spec, channel=need_dw or need_db)
     dy = match_strides(dy, dx)
     if residual is not None:
@@ -130,46 +174,48 @@ def backward(dy, x, spec: Spec, weight, bias, residual, mean, rstd, center: bool
     flags = dict(HAS_W=weight is not None, HAS_B=bias is not None, HAS_RES=residual is not None,
                  ACT=act, INT64=view.int64)
     write_dres = need_dres and act != 0
-    dres = alloc_out(x) if write_dres else None
+    dres = _out_like(x) if write_dres else None
     dr = dres if dres is not None else _dummy(x)
     args = view.args()
-    plan = dispatch.plan_for(_problem("backward", view, x), profile_for(x.device))
+    fkey = dispatch.flags_key(weight is not None, bias is not None, residual is not None, act, center)
+    plan = dispatch.plan_for(_problem("backward", view, x, spec, fkey), profile_for(x.device))
+    if plan.kernel == dispatch.NATIVE:
+        return native.backward(dy, x, spec, weight, bias, residual, k + mean, rstd, center, act,
+                               given, need_dx, need_dw, need_db, need_dres)
     cfg = plan.config
     bp, bm, nw = cfg["block_p"], cfg["block_m"], cfg["num_warps"]
     if need_dx or write_dres:
         if plan.kernel == "fused":
             bk._bwd_fused_kernel[(triton.cdiv(P, bp),)](
-                x, dy, r, w, b, mean, rstd, dx, dr, P, M, *args, CENTER=center, GIVEN=given,
+                x, dy, r, w, b, k, mean, rstd, dx, dr, P, M, *args, CENTER=center, GIVEN=given,
                 WRITE_DRES=write_dres, **flags, BLOCK_P=bp, BLOCK_M=bm, num_warps=nw)
         else:
             split = cfg.get("split", 1)
             s1 = s2 = mean  # unused when the statistics are given
             if not given:
                 chunk = _chunk(M, bm, split)
-                ps1 = torch.empty((P, split), dtype=torch.float32, device=x.device)
-                ps2 = torch.empty((P, split), dtype=torch.float32, device=x.device)
+                ps1 = _empty((P, split), x.device)
+                ps2 = _empty((P, split), x.device)
                 bk._bwd_sums_kernel[(triton.cdiv(P, bp), split)](
-                    x, dy, r, w, b, mean, rstd, ps1, ps2, P, M, chunk, split, *args, **flags,
+                    x, dy, r, w, b, k, mean, rstd, ps1, ps2, P, M, chunk, split, *args, **flags,
                     BLOCK_P=bp, BLOCK_M=bm, num_warps=nw)
                 s1, s2 = ps1.sum(dim=1), ps2.sum(dim=1)
             n_col = 1 if plan.kernel == "looped" else min(triton.cdiv(M, bm), _MAX_GRID_1)
             bk._bwd_apply_kernel[(triton.cdiv(P, bp), n_col)](
-                x, dy, r, w, b, mean, rstd, s1, s2, dx, dr, P, M, *args, CENTER=center,
+                x, dy, r, w, b, k, mean, rstd, s1, s2, dx, dr, P, M, *args, CENTER=center,
                 GIVEN=given, WRITE_DRES=write_dres, **flags, BLOCK_P=bp, BLOCK_M=bm, num_warps=nw)
     dw = db = None
     if need_dw or need_db:
         C = cview.P
-        cplan = dispatch.plan_for(dispatch.Problem("backward", C, cview.M, x.element_size(),
-                                                   cview.rows.strides[0][0] == 1),
-                                  profile_for(x.device))
+        cplan = dispatch.plan_for(_problem("dwdb", cview, x, spec, fkey), profile_for(x.device))
         cbp = cplan.config["block_p"]
         cbm = min(cplan.config["block_m"], 4096)
         split = max(1, cplan.config.get("split", 1))
         chunk = _chunk(cview.M, cbm, split)
-        pdw = torch.empty((C, split), dtype=torch.float32, device=x.device)
-        pdb = torch.empty((C, split), dtype=torch.float32, device=x.device)
+        pdw = _empty((C, split), x.device)
+        pdb = _empty((C, split), x.device)
         bk._dwdb_kernel[(triton.cdiv(C, cbp), split)](
-            x, dy, r, w, b, mean, rstd, pdw, pdb, C, cview.M, chunk, split, *cview.args(),
+            x, dy, r, w, b, k, mean, rstd, pdw, pdb, C, cview.M, chunk, split, *cview.args(),
             HAS_W=flags["HAS_W"], HAS_B=flags["HAS_B"], HAS_RES=flags["HAS_RES"], ACT=act,
             INT64=cview.int64, BLOCK_P=cbp, BLOCK_M=cbm, num_warps=cplan.config["num_warps"])
         if need_dw:

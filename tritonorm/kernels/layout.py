@@ -1,7 +1,7 @@
 """Strided views: any scope of any layout as a (rows x cols) problem, without copies.
 
 A kernel sees two *sides*: the rows (one per statistic in the statistic view) and the columns
-(the elements one statistic is taken over). Each side is up to three dims, the last fastest,
+(the elements one statistic is taken over). Each side is up to four dims, the last fastest,
 and every dim carries four strides: into x, into the outputs (y, and dy/dx/residual, which share
 y's strides), into the per-statistic tensors (mean, rstd), and into the per-channel tensors
 (weight, bias: the channel coefficient). An element's offset in any tensor is the sum of a row
@@ -21,7 +21,7 @@ import torch
 
 from ..scope import Spec
 
-MAX_DIMS = 3
+MAX_DIMS = 4
 _I32_MAX = 2**31 - 1
 
 # stride-set indices of an axis tuple: (size, x, out, stat, chan)
@@ -29,18 +29,20 @@ _SETS = 4
 
 
 class TooManyDims(Exception):
-    """A side needs more than MAX_DIMS dims after merging (exotic strides); copy x and retry."""
+    """A side needs more than MAX_DIMS dims after merging. Dense layouts never do (at most four:
+    e.g. N, G, D, W kept apart by the channel and statistic strides); irregular strides can,
+    and the launcher then copies x into a dense layout."""
 
 
 @dataclass(frozen=True)
 class Side:
     numel: int
-    sizes: tuple[int, int, int]            # only sizes[1:] enter the index split
-    strides: tuple[tuple[int, int, int], ...]  # per set (x, out, stat, chan): three strides
+    sizes: tuple[int, ...]                 # MAX_DIMS sizes; only sizes[1:] enter the index split
+    strides: tuple[tuple[int, ...], ...]   # per set (x, out, stat, chan): MAX_DIMS strides
 
     def args(self) -> list[int]:
-        """Kernel arguments: s1, s2, then the three strides of each set."""
-        out = [self.sizes[1], self.sizes[2]]
+        """Kernel arguments: s1, s2, s3, then the four strides of each set."""
+        out = list(self.sizes[1:])
         for st in self.strides:
             out.extend(st)
         return out
@@ -86,7 +88,7 @@ def _coalesce(axes: list[tuple[int, ...]]) -> Side:
     for a in merged:
         numel *= a[0]
     while len(merged) < MAX_DIMS:
-        merged.append([1, 0, 0, 0, 0])  # padding at the fast end: index math folds away
+        merged.append([1, 0, 0, 0, 0])  # padding at the fast end: the index math folds away
     sizes = tuple(a[0] for a in merged)
     strides = tuple(tuple(a[1 + k] for a in merged) for k in range(_SETS))
     return Side(numel=numel, sizes=sizes, strides=strides)

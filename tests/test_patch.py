@@ -1,0 +1,194 @@
+"""``patch``/``unpatch``: same tensors and keys, fused activations, faithful refusals, and real
+third-party architectures (transformers BERT, diffusers UNet2DModel; tiny configs, random
+weights, nothing downloaded) that match their unpatched twins in train and eval mode."""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import pytest
+import torch
+from torch import nn
+
+from helpers import max_err, scale
+from tritonorm.nn import modules as tn
+from tritonorm.nn.sync_batchnorm import SyncBatchNorm
+from tritonorm.patching import FusedActivation, patch, report, unpatch
+
+
+def assert_like_torch(ours, eager32, ref64, what):
+    """The patched fp32 model may be at most 2x as far from the float64 twin as the unpatched
+    fp32 model, plus 1e-6 of the output's scale (the ops differ in summation order)."""
+    err, err_torch = max_err(ours, ref64), max_err(eager32, ref64)
+    tol = 2 * err_torch + 1e-6 * scale(ref64)
+    assert err <= tol, f"{what}: error {err:.3e} > {tol:.3e} (torch fp32 error {err_torch:.3e})"
+
+
+def _twins(model):
+    """(patched model, unpatched fp32 twin, unpatched float64 twin), same weights."""
+    eager = copy.deepcopy(model)
+    ref = copy.deepcopy(model).double()
+    return patch(model), eager, ref
+
+
+def _compare_models(model, make_input, *, train_steps=2, what="model", forward=None):
+    forward = forward or (lambda m, x: m(x))
+    patched, eager, ref = _twins(model)
+    for training in [True] * train_steps + [False]:
+        for m in (patched, eager, ref):
+            m.train(training)
+            m.zero_grad(set_to_none=True)
+        x = make_input()
+        outs = [forward(m, x if m is not ref else _double(x)) for m in (patched, eager, ref)]
+        mode = "train" if training else "eval"
+        assert_like_torch(outs[0], outs[1], outs[2], f"{what} {mode} output")
+        dy = torch.randn_like(outs[0])
+        for o in outs:
+            o.backward(dy.to(o.dtype))
+        for (name, p), p32, p64 in zip(patched.named_parameters(), eager.parameters(), ref.parameters()):
+            if p64.grad is not None:
+                assert_like_torch(p.grad, p32.grad, p64.grad, f"{what} {mode} grad {name}")
+        for (name, b), b32, b64 in zip(patched.named_buffers(), eager.buffers(), ref.buffers()):
+            if b.is_floating_point():
+                assert_like_torch(b, b32, b64, f"{what} {mode} buffer {name}")
+            else:
+                assert torch.equal(b, b32), f"{what}: buffer {name}"
+    return patched
+
+
+def _double(x):
+    return x.double() if torch.is_tensor(x) and x.is_floating_point() else x
+
+
+class Block(nn.Module):
+    """A ResNet basic block with its norms and activations in Sequentials (fusible)."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c),
+                                  nn.ReLU(inplace=True), nn.Conv2d(c, c, 3, padding=1, bias=False),
+                                  nn.BatchNorm2d(c))
+        self.act = nn.ReLU()
+
+    def forward(self, x):
+        return self.act(self.body(x) + x)
+
+
+def small_cnn():
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), Block(8),
+                         nn.Conv2d(8, 8, 3, padding=1), nn.GroupNorm(2, 8), nn.SiLU(),
+                         nn.InstanceNorm2d(8, affine=True, track_running_stats=True),
+                         nn.LeakyReLU(0.01), nn.Flatten(), nn.LayerNorm(8 * 5 * 5), nn.Tanh(),
+                         nn.Linear(200, 6), nn.BatchNorm1d(6, momentum=None), nn.Sigmoid())
+
+
+def test_patch_keeps_tensors_keys_and_flags():
+    model = small_cnn().train(False)
+    params = {n: p for n, p in model.named_parameters()}
+    buffers = {n: b for n, b in model.named_buffers()}
+    keys = list(model.state_dict())
+    out = patch(model)
+    assert out is model and not model.training
+    assert {n: id(p) for n, p in model.named_parameters()} == {n: id(p) for n, p in params.items()}
+    assert {n: id(b) for n, b in model.named_buffers()} == {n: id(b) for n, b in buffers.items()}
+    assert list(model.state_dict()) == keys
+    assert type(model[1]) is tn.BatchNorm2d and model[1].activation == "relu"
+    assert isinstance(model[2], FusedActivation)
+    assert type(model[3].body[1]) is tn.BatchNorm2d and model[3].body[1].activation == "relu"
+    assert model[5].activation == "silu" and model[7].activation == "leaky_relu"
+    assert model[10].activation == "tanh" and model[13].activation == "sigmoid"
+    rep = report(model)
+    assert len(rep.replaced) == 7 and len(rep.fused) == 6 and not rep.left_alone
+    # A state_dict saved from the patched model loads into a plain torch model and back.
+    plain = small_cnn()
+    plain.load_state_dict(model.state_dict())
+    model.load_state_dict(plain.state_dict())
+
+
+def test_patched_cnn_matches_unpatched():
+    _compare_models(small_cnn(), lambda: torch.randn(3, 3, 5, 5), what="cnn")
+
+
+def test_unpatch_restores_torch_modules():
+    model = small_cnn()
+    ids = [id(m) for m in model.modules()]
+    twin = copy.deepcopy(model)
+    patch(model)
+    unpatch(model)
+    assert [type(m) for m in model.modules()] == [type(m) for m in twin.modules()]
+    assert [id(m) for m in model.modules()] == ids
+    assert all(not hasattr(m, "activation") for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+    model.eval(), twin.eval()
+    x = torch.randn(2, 3, 5, 5)
+    torch.testing.assert_close(model(x), twin(x))
+
+
+def test_left_alone_and_reported(caplog):
+    class MyBN(nn.BatchNorm2d):
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    shared = nn.BatchNorm2d(4)
+    hooked = nn.BatchNorm2d(4)
+    hooked.register_forward_hook(lambda m, i, o: None)
+    custom_forward = nn.GroupNorm(2, 4)
+    custom_forward.forward = lambda x: x
+    model = nn.Sequential(MyBN(4), nn.ReLU(), shared, nn.ReLU(), shared, nn.LeakyReLU(0.2), hooked,
+                          nn.ReLU(), custom_forward, nn.GELU())
+    with caplog.at_level(logging.INFO, logger="tritonorm.patch"):
+        patch(model)
+    assert "left" in caplog.text
+    rep = report(model)
+    reasons = " | ".join(f"{n}:{why}" for n, _, why in rep.left_alone)
+    assert type(model[0]) is MyBN and "0:subclass" in reasons
+    assert type(model[2]) is tn.BatchNorm2d and model[2].activation is None and "more than one place" in reasons
+    assert isinstance(model[5], nn.LeakyReLU) and "5:not fused" in reasons
+    assert model[6].activation is None and "hooks" in reasons
+    assert type(model[8]) is nn.GroupNorm and "overridden" in reasons
+    assert isinstance(model[9], nn.GELU)
+
+
+def test_patch_bad_arguments():
+    with pytest.raises(TypeError, match="model"):
+        patch("not a model")
+    model = small_cnn()
+    with pytest.raises(TypeError, match="fuse_activation"):
+        patch(model, fuse_activation=1)
+    assert type(model[1]) is nn.BatchNorm2d
+
+
+def test_sync_batchnorm_conversion_single_process():
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.ReLU())
+    twin = copy.deepcopy(model)
+    patch(model, sync_batchnorm=True)
+    assert type(model[1]) is SyncBatchNorm and model[1].activation == "relu"
+    x = torch.randn(3, 3, 4, 4)
+    torch.testing.assert_close(model(x), twin(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model[1].running_var, twin[1].running_var)
+    unpatch(model)
+    assert type(model[1]) is nn.BatchNorm2d and "process_group" not in model[1].__dict__
+
+
+def test_patched_bert_matches_unpatched():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=2,
+                                  num_attention_heads=2, intermediate_size=32,
+                                  max_position_embeddings=16, hidden_dropout_prob=0.0,
+                                  attention_probs_dropout_prob=0.0)
+    model = transformers.BertModel(cfg)
+    patched = _compare_models(model, lambda: torch.randint(0, 40, (2, 7)), train_steps=1, what="bert",
+                              forward=lambda m, ids: m(input_ids=ids).last_hidden_state)
+    assert sum(type(m) is tn.LayerNorm for m in patched.modules()) == 5
+
+
+def test_patched_diffusers_unet_matches_unpatched():
+    diffusers = pytest.importorskip("diffusers")
+    model = diffusers.UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(8, 16),
+                                  layers_per_block=1, norm_num_groups=4, attention_head_dim=8,
+                                  down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                                  up_block_types=("AttnUpBlock2D", "UpBlock2D"))
+    t = torch.tensor([3, 500])
+    patched = _compare_models(model, lambda: torch.randn(2, 3, 8, 8), train_steps=1, what="unet",
+                              forward=lambda m, x: m(x, t).sample)
+    assert sum(type(m) is tn.GroupNorm for m in patched.modules()) == 21

@@ -1,0 +1,314 @@
+"""Switchable Normalization and Sparse SN against a float64 transcription of the public reference
+implementations (ALGORITHMS.md sections 5 and 6): outputs, gradients to x, weight, bias and both
+mixing vectors, running statistics in both modes, the sparsestmax freeze rule."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from helpers import assert_close
+from tritonorm import activations
+from tritonorm.nn.switchable import (SparseSwitchNorm2d, SwitchNorm1d, SwitchNorm2d, SwitchNorm3d,
+                                     radius_schedule, sparsemax, sparsestmax)
+
+# ---------------------------------------------------------------------------------------------
+# The oracle: the reference's formulas as written there (naive E[x^2] - E[x]^2 included), in
+# float64, differentiated by autograd.
+
+
+def ref_sparsemax(v):
+    z, _ = torch.sort(v, dim=0, descending=True)
+    cssv = torch.cumsum(z, dim=0) - 1
+    ind = torch.arange(1, 1 + len(v), dtype=v.dtype)
+    cond = z - cssv / ind > 0
+    rho = ind.masked_select(cond)[-1]
+    tau = cssv.masked_select(cond)[-1] / rho
+    return torch.clamp(v - tau, min=0)
+
+
+def ref_sparsestmax(v, rad_in=0.0, u_in=None):
+    w = ref_sparsemax(v)
+    if max(w) - min(w) == 1:
+        return w
+    ind = (w > 0).detach().to(w.dtype)
+    u = ind / torch.sum(ind)
+    if u_in is None:
+        rad = rad_in
+    else:
+        rad = math.sqrt(rad_in ** 2 - float(torch.sum((u - u_in) ** 2)))
+    distance = torch.norm(w - u)
+    if distance >= rad:
+        return w
+    p = rad * (w - u) / distance + u
+    if min(p) < 0:
+        return ref_sparsestmax(p, rad, u)
+    return p.clamp(min=0, max=1)
+
+
+def ref_switch_norm(x, weight, bias, mw, vw, rm, rv, *, training, momentum, moving_average,
+                    using_bn, eps=1e-5, mix=None):
+    """SwitchNorm2d/3d forward (rm/rv updated in place like the reference's buffers)."""
+    shape = x.shape
+    n, c = shape[:2]
+    x = x.reshape(n, c, -1)
+    mean_in = x.mean(-1, keepdim=True)
+    var_in = x.var(-1, keepdim=True)
+    mean_ln = mean_in.mean(1, keepdim=True)
+    temp = var_in + mean_in ** 2
+    var_ln = temp.mean(1, keepdim=True) - mean_ln ** 2
+    if using_bn:
+        if training:
+            mean_bn = mean_in.mean(0, keepdim=True)
+            var_bn = temp.mean(0, keepdim=True) - mean_bn ** 2
+            with torch.no_grad():
+                if moving_average:
+                    rm.mul_(momentum).add_((1 - momentum) * mean_bn)
+                    rv.mul_(momentum).add_((1 - momentum) * var_bn)
+                else:
+                    rm.add_(mean_bn)
+                    rv.add_(mean_bn ** 2 + var_bn)
+        else:
+            mean_bn, var_bn = rm, rv
+    wm, wv = mix if mix is not None else (torch.softmax(mw, 0), torch.softmax(vw, 0))
+    mean = wm[0] * mean_in + wm[1] * mean_ln
+    var = wv[0] * var_in + wv[1] * var_ln
+    if using_bn:
+        mean = mean + wm[2] * mean_bn
+        var = var + wv[2] * var_bn
+    y = ((x - mean) / (var + eps).sqrt()).reshape(shape)
+    return y * weight + bias
+
+
+def ref_switch_norm1d(x, weight, bias, mw, vw, rm, rv, *, training, momentum, moving_average, eps=1e-5):
+    mean_ln = x.mean(1, keepdim=True)
+    var_ln = x.var(1, keepdim=True)
+    if training:
+        mean_bn = x.mean(0, keepdim=True)
+        var_bn = x.var(0, keepdim=True)
+        with torch.no_grad():
+            if moving_average:
+                rm.mul_(momentum).add_((1 - momentum) * mean_bn)
+                rv.mul_(momentum).add_((1 - momentum) * var_bn)
+            else:
+                rm.add_(mean_bn)
+                rv.add_(mean_bn ** 2 + var_bn)
+    else:
+        mean_bn, var_bn = rm, rv
+    wm, wv = torch.softmax(mw, 0), torch.softmax(vw, 0)
+    mean = wm[0] * mean_ln + wm[1] * mean_bn
+    var = wv[0] * var_ln + wv[1] * var_bn
+    return (x - mean) / (var + eps).sqrt() * weight + bias
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _randomize(m):
+    with torch.no_grad():
+        for p in m.parameters():
+            p.copy_(torch.randn_like(p) * 0.5 + (1.0 if p.dim() > 1 and p is m.weight else 0.0))
+    return m
+
+
+def _grads(module, x):
+    return [x.grad] + [p.grad for p in (module.weight, module.bias, module.mean_weight, module.var_weight)]
+
+
+def _run_pair(module, shape, *, ref_fn, ref_kw, activation=None, dtype=torch.float32, steps=2):
+    """Train ``steps`` forwards then one eval forward; compare every output and gradient."""
+    ref_params = [p.detach().double().clone().requires_grad_(True)
+                  for p in (module.weight, module.bias, module.mean_weight, module.var_weight)]
+    has_running = hasattr(module, "running_mean")
+    rm = module.running_mean.double().clone() if has_running else None
+    rv = module.running_var.double().clone() if has_running else None
+    for training in [True] * steps + [False]:
+        module.train(training)
+        x = (torch.randn(shape) * 2 + 3).to(dtype).requires_grad_(True)
+        for p in module.parameters():
+            p.grad = None
+        for p in ref_params:
+            p.grad = None
+        y = module(x)
+        dy = torch.randn_like(y)
+        y.backward(dy)
+        x64 = x.detach().double().requires_grad_(True)
+        y64 = ref_fn(x64, *ref_params, rm, rv, training=training, **ref_kw)
+        y64 = activations.apply(activation, y64)
+        y64.backward(dy.double())
+        what = "train" if training else "eval"
+        assert_close(y, y64, torch.float32, what=f"{what} output")
+        ours = _grads(module, x)
+        theirs = [x64.grad] + [p.grad for p in ref_params]
+        for name, a, b in zip(("dx", "dweight", "dbias", "dmean_weight", "dvar_weight"), ours, theirs):
+            assert a is not None, f"{what}: no gradient {name}"
+            assert_close(a, b, torch.float32, what=f"{what} {name}")
+        if has_running:
+            assert_close(module.running_mean, rm, torch.float32, what="running_mean")
+            assert_close(module.running_var, rv, torch.float32, what="running_var")
+
+
+# Shapes: odd sizes; a 3-D input for SwitchNorm3d; HW >= 2 (the unbiased variance needs it).
+@pytest.mark.parametrize("using_bn,moving_average", [(True, True), (True, False), (False, True)])
+def test_switch_norm2d_matches_reference(using_bn, moving_average):
+    m = _randomize(SwitchNorm2d(5, using_bn=using_bn, using_moving_average=moving_average))
+    _run_pair(m, (3, 5, 3, 4), ref_fn=ref_switch_norm,
+              ref_kw=dict(momentum=0.9, moving_average=moving_average, using_bn=using_bn))
+
+
+def test_switch_norm3d_with_activation_matches_reference():
+    m = _randomize(SwitchNorm3d(3, activation="silu"))
+    _run_pair(m, (2, 3, 2, 3, 2), ref_fn=ref_switch_norm,
+              ref_kw=dict(momentum=0.997, moving_average=True, using_bn=True), activation="silu")
+
+
+@pytest.mark.parametrize("moving_average", [True, False])
+def test_switch_norm1d_matches_reference(moving_average):
+    m = _randomize(SwitchNorm1d(6, using_moving_average=moving_average))
+    _run_pair(m, (4, 6), ref_fn=ref_switch_norm1d, ref_kw=dict(momentum=0.997, moving_average=moving_average))
+
+
+def test_switch_norm_float64_reference_backend():
+    m = _randomize(SwitchNorm2d(4)).double()
+    x = torch.randn(2, 4, 3, 3, dtype=torch.float64, requires_grad=True)
+    rm, rv = m.running_mean.clone(), m.running_var.clone()
+    y = m(x)
+    params = [p.detach().clone().requires_grad_(True) for p in (m.weight, m.bias, m.mean_weight, m.var_weight)]
+    x64 = x.detach().clone().requires_grad_(True)
+    y64 = ref_switch_norm(x64, *params, rm, rv, training=True, momentum=0.9, moving_average=True, using_bn=True)
+    torch.testing.assert_close(y, y64, rtol=1e-10, atol=1e-10)
+    y.sum().backward()
+    y64.sum().backward()
+    torch.testing.assert_close(m.var_weight.grad, params[3].grad, rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(m.running_var, rv, rtol=1e-12, atol=1e-12)
+
+
+def test_switch_norm_large_mean_is_robust():
+    # Mean 1e3 and unit variance: the reference's E[x^2]-E[x]^2 form loses digits in fp32;
+    # ours is compared with the float64 reference.
+    m = SwitchNorm2d(4)
+    x = torch.randn(2, 4, 4, 4) + 1e3
+    y = m(x)
+    y64 = ref_switch_norm(x.double(), m.weight.double(), m.bias.double(), m.mean_weight.double(),
+                          m.var_weight.double(), torch.zeros(1, 4, 1, dtype=torch.float64),
+                          torch.zeros(1, 4, 1, dtype=torch.float64), training=True, momentum=0.9,
+                          moving_average=True, using_bn=True)
+    assert_close(y, y64, torch.float32, what="output at mean 1e3")
+
+
+def test_switch_norm_state_dict_names_and_defaults():
+    m = SwitchNorm2d(8, last_gamma=True)
+    sd = m.state_dict()
+    assert {k: tuple(v.shape) for k, v in sd.items()} == {
+        "weight": (1, 8, 1, 1), "bias": (1, 8, 1, 1), "mean_weight": (3,), "var_weight": (3,),
+        "running_mean": (1, 8, 1), "running_var": (1, 8, 1)}
+    assert m.weight.abs().sum() == 0 and m.running_var.abs().sum() == 0 and m.momentum == 0.9
+    assert set(SwitchNorm2d(8, using_bn=False).state_dict()) == {"weight", "bias", "mean_weight", "var_weight"}
+    assert SwitchNorm3d(2).momentum == 0.997 and SwitchNorm1d(2).momentum == 0.997
+    assert SwitchNorm3d(2).weight.shape == (1, 2, 1, 1, 1)
+    assert set(SparseSwitchNorm2d(3).state_dict()) == {
+        "weight", "bias", "mean_weight", "var_weight", "running_mean", "running_var",
+        "mean_fixed", "var_fixed", "radius"}
+    m2 = SwitchNorm2d(8)
+    m2.load_state_dict(sd)
+    assert m2.weight.abs().sum() == 0
+
+
+def test_switch_norm_bad_arguments():
+    with pytest.raises(ValueError, match="num_features"):
+        SwitchNorm2d(0)
+    with pytest.raises(ValueError, match="momentum"):
+        SwitchNorm2d(4, momentum=1.5)
+    with pytest.raises(TypeError, match="using_bn"):
+        SwitchNorm2d(4, using_bn=1)
+    with pytest.raises(ValueError, match="activation"):
+        SwitchNorm2d(4, activation="swish")
+    m = SwitchNorm2d(4)
+    before = m.running_mean.clone()
+    with pytest.raises(ValueError, match="4D"):
+        m(torch.randn(2, 4, 3))
+    with pytest.raises(ValueError, match="at least 2"):
+        m(torch.randn(2, 4, 1, 1))
+    with pytest.raises(ValueError, match="channels"):
+        m(torch.randn(2, 3, 2, 2))
+    assert torch.equal(m.running_mean, before)
+    with pytest.raises(ValueError, match="at least 2"):
+        SwitchNorm1d(4)(torch.randn(1, 4))
+
+
+# ---------------------------------------------------------------------------------------------
+# Sparse SN
+
+
+@pytest.mark.parametrize("rad", [0.0, 0.2, 0.5, 0.8, 1.0])
+def test_sparsestmax_matches_reference(rad):
+    for _ in range(20):
+        v = (torch.randn(3, dtype=torch.float64) * 0.7).requires_grad_(True)
+        ours = sparsestmax(v, rad)
+        v2 = v.detach().clone().requires_grad_(True)
+        theirs = ref_sparsestmax(v2, rad)
+        torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+        assert abs(float(ours.sum()) - 1) < 1e-9 and float(ours.min()) >= 0
+        g = torch.randn(3, dtype=torch.float64)
+        if ours.requires_grad and theirs.requires_grad:
+            (ga,) = torch.autograd.grad(ours, v, g, allow_unused=True)
+            (gb,) = torch.autograd.grad(theirs, v2, g, allow_unused=True)
+            torch.testing.assert_close(ga if ga is not None else torch.zeros(3, dtype=torch.float64),
+                                       gb if gb is not None else torch.zeros(3, dtype=torch.float64))
+
+
+def test_sparsemax_projects_onto_simplex():
+    v = torch.tensor([0.1, 1.2, -0.3, 0.9], dtype=torch.float64)
+    torch.testing.assert_close(sparsemax(v), ref_sparsemax(v))
+    assert float(sparsemax(torch.tensor([3.0, 0.0, 0.0])).max()) == 1.0
+    assert radius_schedule(0, 0, 10, 100) == 0.0 and radius_schedule(5, 0, 10, 100) == 0.5
+
+
+def test_sparse_switch_norm_matches_reference():
+    m = _randomize(SparseSwitchNorm2d(4))
+    with torch.no_grad():
+        m.mean_weight.copy_(torch.tensor([0.5, 0.2, 0.1]))
+        m.var_weight.copy_(torch.tensor([0.1, 0.4, 0.3]))
+    m.set_rad(0.3)
+    x = torch.randn(3, 4, 3, 3, requires_grad=True)
+    y = m(x)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    params = [p.detach().double().clone().requires_grad_(True)
+              for p in (m.weight, m.bias, m.mean_weight, m.var_weight)]
+    rm = torch.zeros(1, 4, 1, dtype=torch.float64)
+    rv = torch.zeros(1, 4, 1, dtype=torch.float64)
+    mix = (ref_sparsestmax(params[2], 0.3), ref_sparsestmax(params[3], 0.3))
+    x64 = x.detach().double().requires_grad_(True)
+    y64 = ref_switch_norm(x64, *params, rm, rv, training=True, momentum=0.997, moving_average=True,
+                          using_bn=True, mix=mix)
+    y64.backward(dy.double())
+    assert_close(y, y64, torch.float32)
+    for a, b, name in zip([x.grad, m.weight.grad, m.mean_weight.grad, m.var_weight.grad],
+                          [x64.grad, params[0].grad, params[2].grad, params[3].grad],
+                          ["dx", "dweight", "dmean_weight", "dvar_weight"]):
+        assert_close(a, b, torch.float32, what=name)
+    assert_close(m.running_var, rv, torch.float32, what="running_var")
+    torch.testing.assert_close(m.get_mean().double(), mix[0].detach(), rtol=1e-6, atol=1e-7)
+
+
+def test_sparse_switch_norm_freezes_at_one_hot():
+    m = SparseSwitchNorm2d(2)
+    with torch.no_grad():
+        m.mean_weight.copy_(torch.tensor([2.0, 0.1, 0.0]))  # sparsemax is already one-hot
+        m.var_weight.copy_(torch.tensor([0.4, 0.5, 0.3]))
+    m.set_rad(0.2)
+    y = m(torch.randn(2, 2, 3, 3))
+    y.square().sum().backward()
+    assert int(m.mean_fixed) == 1 and int(m.var_fixed) == 0
+    assert torch.equal(m.mean_weight.detach(), torch.tensor([1.0, 0.0, 0.0]))
+    assert m.mean_weight.grad is None, "a frozen weight vector gets no gradient"
+    assert m.var_weight.grad is not None
+    # Frozen for good: later values of the parameter are used as they are.
+    m(torch.randn(2, 2, 3, 3))
+    assert int(m.mean_fixed) == 1
+    with pytest.raises(ValueError, match="rad"):
+        m.set_rad(2.0)

@@ -1,0 +1,173 @@
+"""IterNorm and DBN against float64 references: outputs, gradients, covariance, running stats.
+
+Tolerances: fp32 by tests/helpers.py (2e-5 of the output's scale), outputs and gradients. bf16:
+the eager baseline is the fp32 computation rounded to bf16 (eigh takes no bf16), ours may be at
+most twice its error plus one bf16 ulp of the output's scale.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from helpers import assert_close
+from tritonorm.nn.whitening import DBN, IterNorm
+from tritonorm.orth import reference
+
+
+def _correlated(n, c, device):
+    """n samples of c correlated channels with standard deviations 1..c along random axes (cond c²)."""
+    q, _ = torch.linalg.qr(torch.randn(c, c, device=device))
+    return (torch.randn(n, c, device=device) * torch.arange(1.0, c + 1, device=device)) @ q.T
+
+
+def _make(kind, c, **kw):
+    return IterNorm(c, **kw) if kind == "iternorm" else DBN(c, **kw)
+
+
+def _method(kind):
+    return "newton" if kind == "iternorm" else "eigen"
+
+
+# (input shape, num_channels): why each is here.
+CASES = [
+    ((64, 6), None),          # (N, C), one group of 6 channels
+    ((8, 10, 3, 3), 4),       # (N, C, H, W), groups 4, 4 and a smaller last group of 2
+    ((8, 16, 5), 16),         # (N, C, L), one group of exactly BLOCK_N = 16 channels (m = 40)
+]
+
+
+@pytest.mark.parametrize("kind", ["iternorm", "dbn"])
+@pytest.mark.parametrize("shape,nc", CASES)
+def test_train_forward_backward_fp32(kind, shape, nc, device):
+    c = shape[1]
+    layer = _make(kind, c, num_channels=nc, affine=True).to(device)
+    with torch.no_grad():
+        layer.weight.uniform_(0.5, 1.5)
+        layer.bias.normal_()
+    x = (torch.randn(shape, device=device) * 2 + 1).requires_grad_()
+    y = layer(x)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    x64 = x.detach().double().requires_grad_()
+    w64 = layer.weight.detach().double().requires_grad_()
+    xhat, means, wms = reference.whiten(x64, layer.group_size, _method(kind), layer.T, layer.eps)
+    bshape = (1, c) + (1,) * (x.dim() - 2)
+    y64 = xhat * w64.reshape(bshape) + layer.bias.detach().double().reshape(bshape)
+    y64.backward(dy.double())
+    assert_close(y, y64, torch.float32, what="y")
+    assert_close(x.grad, x64.grad, torch.float32, what="dx")
+    assert_close(layer.weight.grad, w64.grad, torch.float32, what="dweight")
+    # Running stats after one step from (0, I): momentum · batch + (1 − momentum) · initial.
+    m = layer.momentum
+    rm = torch.cat([mu.reshape(-1) for mu in means])
+    assert_close(_unpad_mean(layer), m * rm, torch.float32, what="running_mean")
+    for got, wm in zip(_unpad_wm(layer), [w for ws in wms for w in ws]):
+        eye = torch.eye(wm.shape[-1], dtype=torch.float64, device=device)
+        assert_close(got, (1 - m) * eye + m * wm, torch.float32, what="running_wm")
+
+
+def _unpad_mean(layer):
+    c, size = layer.num_features, layer.group_size
+    return torch.cat([layer.running_mean[g, :min(size, c - g * size), 0] for g in range(layer.num_groups)])
+
+
+def _unpad_wm(layer):
+    c, size = layer.num_features, layer.group_size
+    return [layer.running_wm[g, :k, :k] for g in range(layer.num_groups) for k in [min(size, c - g * size)]]
+
+
+@pytest.mark.parametrize("kind", ["iternorm", "dbn"])
+def test_train_bf16(kind, device):
+    layer = _make(kind, 8, num_channels=4).to(device)
+    x = torch.randn(32, 8, device=device).bfloat16()
+    y = layer(x)
+    assert y.dtype == torch.bfloat16
+    y64 = reference.whiten(x.double(), 4, _method(kind), 5, 1e-5)[0]
+    y32 = reference.whiten(x.float(), 4, _method(kind), 5, 1e-5)[0]
+    assert_close(y, y64, torch.bfloat16, eager=y32.bfloat16(), what="y")
+
+
+def test_dbn_output_is_white(device):
+    # ZCA: cov(x̂) = Σ^{-1/2}·(Σ − eps·I)·Σ^{-1/2} = I − eps·Σ^{-1}, exactly, per group.
+    layer = DBN(6, num_channels=3).to(device)
+    x = _correlated(200, 6, device) + 3.0
+    y = layer(x).double()
+    for g in range(2):
+        yg = y[:, 3 * g:3 * g + 3]
+        cov = (yg - yg.mean(0)).T @ (yg - yg.mean(0)) / yg.shape[0]
+        xg = x[:, 3 * g:3 * g + 3].double()
+        sigma = (xg - xg.mean(0)).T @ (xg - xg.mean(0)) / xg.shape[0] + 1e-5 * torch.eye(3, dtype=torch.float64)
+        expect = torch.eye(3, dtype=torch.float64) - 1e-5 * torch.linalg.inv(sigma)
+        assert (cov - expect).abs().max() <= 2e-5
+
+
+def test_iternorm_covariance_follows_theory(device):
+    # cov(x̂) = B_T·(Σ_N − eps/trΣ·I)·B_T: eigenvalues (λ − eps/trΣ)·b_T(λ)², λ = eig(Σ/trΣ).
+    # Its distance to I shrinks with T.
+    x = _correlated(300, 4, device)
+    xc = (x - x.mean(0)).double()
+    sigma = xc.T @ xc / x.shape[0] + 1e-5 * torch.eye(4, dtype=torch.float64)
+    tr = sigma.trace()
+    lam = torch.linalg.eigvalsh(sigma / tr)
+    prev = float("inf")
+    for t in range(1, 8):
+        y = IterNorm(4, T=t, affine=False).to(device)(x).double()
+        cov = (y - y.mean(0)).T @ (y - y.mean(0)) / y.shape[0]
+        got = torch.linalg.eigvalsh(cov)
+        expect = ((lam - 1e-5 / tr) * reference.newton_scalar(lam, t).square()).sort().values
+        assert (got - expect).abs().max() <= 2e-5, f"T={t}"
+        dist = (expect - 1).abs().max().item()
+        assert dist < prev, f"T={t}: whitening error did not fall"
+        prev = dist
+
+
+@pytest.mark.parametrize("kind", ["iternorm", "dbn"])
+def test_eval_uses_running_stats(kind, device):
+    layer = _make(kind, 6, num_channels=4, momentum=0.5).to(device)
+    for _ in range(2):
+        layer(torch.randn(16, 6, 2, 2, device=device))
+    layer.eval()
+    before = (layer.running_mean.clone(), layer.running_wm.clone())
+    x = torch.randn(3, 6, 2, 2, device=device)
+    y = layer(x)
+    assert torch.equal(layer.running_mean, before[0]) and torch.equal(layer.running_wm, before[1])
+    x64 = x.double()
+    parts = []
+    for start, count, size, xg in reference.channel_groups(x64, 4):
+        g = slice(start // 4, start // 4 + count)
+        parts.append(layer.running_wm[g, :size, :size].double() @ (xg - layer.running_mean[g, :size].double()))
+    expect = reference.ungroup(parts, x.shape)
+    if layer.affine:
+        expect = expect * layer.weight.double().reshape(1, -1, 1, 1) + layer.bias.double().reshape(1, -1, 1, 1)
+    assert_close(y, expect, torch.float32, what="eval y")
+
+
+@pytest.mark.filterwarnings("ignore:(overflow|invalid value):RuntimeWarning")  # the blow-up itself
+def test_iternorm_divergence_is_reported(device):
+    # 16 channels, 17 samples: centred rank 16 with λ_min ~ eps, unstable at large T.
+    layer = IterNorm(16, T=30).to(device)
+    with pytest.raises(FloatingPointError, match="diverged"):
+        layer(torch.randn(17, 16, device=device))
+
+
+@pytest.mark.parametrize("kwargs,exc,name", [
+    ({"num_groups": 0}, ValueError, "num_groups"),
+    ({"num_channels": 0}, ValueError, "num_channels"),
+    ({"T": 0}, ValueError, "T"),
+    ({"momentum": 2.0}, ValueError, "momentum"),
+    ({"eps": 0.0}, ValueError, "eps"),
+])
+def test_bad_arguments(kwargs, exc, name):
+    with pytest.raises(exc, match=name):
+        IterNorm(8, **kwargs)
+
+
+def test_bad_inputs(device):
+    layer = DBN(4).to(device)
+    with pytest.raises(ValueError, match="x must be"):
+        layer(torch.randn(3, 5, device=device))
+    with pytest.raises(ValueError, match="more than 1"):
+        layer(torch.randn(1, 4, device=device))
+    with pytest.raises(TypeError, match="floating"):
+        layer(torch.ones(3, 4, dtype=torch.int64, device=device))
