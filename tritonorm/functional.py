@@ -67,8 +67,10 @@ def _rows(input: torch.Tensor, normalized_shape, name: str) -> tuple[tuple[int, 
     if isinstance(normalized_shape, int):
         normalized_shape = (normalized_shape,)
     try:
+        if isinstance(normalized_shape, (str, bytes)):
+            raise TypeError
         shape = tuple(int(s) for s in normalized_shape)
-    except TypeError:
+    except (TypeError, ValueError):
         raise TypeError(f"normalized_shape must be an int or a sequence of ints, got {normalized_shape!r}") from None
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
