@@ -90,12 +90,15 @@ def test_views_merge_to_one_dim_for_common_cases():
     from tritonorm import scope as scopes
     x = torch.empty(4, 64, 8, 8)
     v = layout.stat_view(x.shape, scopes.parse("group", 4, 32, 64), x.stride(), x.stride())
-    # One group: channels x positions, contiguous in x (the channel coefficient keeps them apart).
-    assert v.cols.sizes == (2, 64, 1, 1) and v.cols.strides[0] == (64, 1, 0, 0)
-    assert v.rows.sizes == (4, 32, 1, 1)                       # (N, G): kept apart by the channel coefficient
+    # One group's channels and positions are one contiguous run; (N, G) one stride.
+    assert v.cols.sizes == (2 * 64, 1, 1, 1) and v.cols.strides[0] == (1, 0, 0, 0)
+    assert v.cols.chan == (64, 2, 1)         # channel within the group = col // 64
+    assert v.rows.sizes == (4 * 32, 1, 1, 1) and v.rows.chan == (1, 32, 2)
     v = layout.stat_view(x.shape, scopes.parse("layer", 4), x.stride(), x.stride())
-    assert v.cols.numel == 64 * 64 and v.rows.sizes == (4, 1, 1, 1)
+    assert v.cols.sizes == (64 * 64, 1, 1, 1) and v.rows.sizes == (4, 1, 1, 1)
     xl = x.contiguous(memory_format=torch.channels_last)
     v = layout.stat_view(xl.shape, scopes.parse("batch", 4), xl.stride(), xl.stride())
     assert v.rows.sizes == (64, 1, 1, 1) and v.rows.strides[0][0] == 1  # channels are unit-stride
     assert v.cols.sizes == (4 * 64, 1, 1, 1)                            # N*H*W merged
+    v = layout.channel_view(x.shape, scopes.parse("group", 4, 32, 64), x.stride(), x.stride())
+    assert v.rows.numel == 64 and v.rows.chan == (1, 64, 1)          # G and Cg: the channel itself

@@ -35,10 +35,11 @@ def _dx(g, xhat, rstd, s1, s2, M, CENTER: tl.constexpr, GIVEN: tl.constexpr):
 def _bwd_fused_kernel(
     X, DY, Res, W, B, K, Mean, Rstd, DX, DRes,  # K, Mean: pivot and shifted mean; DRes only if WRITE_DRES
     P, M,
-    rs1, rs2, rs3, rx0, rx1, rx2, rx3, ro0, ro1, ro2, ro3, rt0, rt1, rt2, rt3, rh0, rh1, rh2, rh3,
-    cs1, cs2, cs3, cx0, cx1, cx2, cx3, co0, co1, co2, co3, ct0, ct1, ct2, ct3, ch0, ch1, ch2, ch3,
+    rs1, rs2, rs3, rx0, rx1, rx2, rx3, ro0, ro1, ro2, ro3, rt0, rt1, rt2, rt3, rhd, rhm, rhk,
+    cs1, cs2, cs3, cx0, cx1, cx2, cx3, co0, co1, co2, co3, ct0, ct1, ct2, ct3, chd, chm, chk,
     CENTER: tl.constexpr, GIVEN: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
-    HAS_RES: tl.constexpr, WRITE_DRES: tl.constexpr, ACT: tl.constexpr, INT64: tl.constexpr,
+    HAS_RES: tl.constexpr, WRITE_DRES: tl.constexpr, ACT: tl.constexpr, CHAN: tl.constexpr,
+    INT64: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     """Whole statistic in registers: S1, S2 and dx in one pass over x and dy."""
@@ -48,9 +49,10 @@ def _bwd_fused_kernel(
         rows = rows.to(tl.int64)
         cols = cols.to(tl.int64)
     rmask = rows < P
-    mask = rmask[:, None] & (cols < M)[None, :]
-    rx, ro, rt, rh = side_offsets(rows, rs1, rs2, rs3, rx0, rx1, rx2, rx3, ro0, ro1, ro2, ro3, rt0, rt1, rt2, rt3, rh0, rh1, rh2, rh3)
-    cx, co, ct, ch = side_offsets(cols, cs1, cs2, cs3, cx0, cx1, cx2, cx3, co0, co1, co2, co3, ct0, ct1, ct2, ct3, ch0, ch1, ch2, ch3)
+    cmask = cols < M
+    mask = rmask[:, None] & cmask[None, :]
+    rx, ro, rt, rh = side_offsets(rows, rs1, rs2, rs3, rx0, rx1, rx2, rx3, ro0, ro1, ro2, ro3, rt0, rt1, rt2, rt3, rhd, rhm, rhk)
+    cx, co, ct, ch = side_offsets(cols, cs1, cs2, cs3, cx0, cx1, cx2, cx3, co0, co1, co2, co3, ct0, ct1, ct2, ct3, chd, chm, chk)
     k = tl.load(K + rt, mask=rmask, other=0.0)
     mean = tl.load(Mean + rt, mask=rmask, other=0.0)
     rstd = tl.load(Rstd + rt, mask=rmask, other=0.0)
@@ -60,8 +62,8 @@ def _bwd_fused_kernel(
     res = 0.0
     if HAS_RES:
         res = tl.load(Res + out, mask=mask, other=0.0).to(tl.float32)
-    xhat, gz, g = grad_terms(x, dy, mean[:, None], rstd[:, None], rh[:, None] + ch[None, :], mask,
-                             res, W, B, HAS_W, HAS_B, HAS_RES, ACT)
+    xhat, gz, g = grad_terms(x, dy, mean[:, None], rstd[:, None], rh, ch, rmask, cmask,
+                             res, W, B, HAS_W, HAS_B, HAS_RES, ACT, CHAN)
     s1 = tl.sum(g, axis=1)
     s2 = tl.sum(g * xhat, axis=1)
     dx = _dx(g, xhat, rstd, s1, s2, M, CENTER, GIVEN)
@@ -74,10 +76,10 @@ def _bwd_fused_kernel(
 def _bwd_sums_kernel(
     X, DY, Res, W, B, K, Mean, Rstd, PS1, PS2,  # partial sums out, [P, SPLIT] fp32
     P, M, CHUNK, SPLIT,
-    rs1, rs2, rs3, rx0, rx1, rx2, rx3, ro0, ro1, ro2, ro3, rt0, rt1, rt2, rt3, rh0, rh1, rh2, rh3,
-    cs1, cs2, cs3, cx0, cx1, cx2, cx3, co0, co1, co2, co3, ct0, ct1, ct2, ct3, ch0, ch1, ch2, ch3,
+    rs1, rs2, rs3, rx0, rx1, rx2, rx3, ro0, ro1, ro2, ro3, rt0, rt1, rt2, rt3, rhd, rhm, rhk,
+    cs1, cs2, cs3, cx0, cx1, cx2, cx3, co0, co1, co2, co3, ct0, ct1, ct2, ct3, chd, chm, chk,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr,
-    INT64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr,
+    CHAN: tl.constexpr, INT64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     """S1, S2 over one column chunk (looped regime: SPLIT = 1; split regime: stage 1)."""
     rows = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -85,7 +87,7 @@ def _bwd_sums_kernel(
     if INT64:
         rows = rows.to(tl.int64)
     rmask = rows < P
-    rx, ro, rt, rh = side_offsets(rows, rs1, rs2, rs3, rx0, rx1, rx2, rx3, ro0, ro1, ro2, ro3, rt0, rt1, rt2, rt3, rh0, rh1, rh2, rh3)
+    rx, ro, rt, rh = side_offsets(rows, rs1, rs2, rs3, rx0, rx1, rx2, rx3, ro0, ro1, ro2, ro3, rt0, rt1, rt2, rt3, rhd, rhm, rhk)
     k = tl.load(K + rt, mask=rmask, other=0.0)
     mean = tl.load(Mean + rt, mask=rmask, other=0.0)
     rstd = tl.load(Rstd + rt, mask=rmask, other=0.0)
@@ -97,16 +99,17 @@ def _bwd_sums_kernel(
         cols = m0 + tl.arange(0, BLOCK_M)
         if INT64:
             cols = cols.to(tl.int64)
-        mask = rmask[:, None] & (cols < end)[None, :]
-        cx, co, ct, ch = side_offsets(cols, cs1, cs2, cs3, cx0, cx1, cx2, cx3, co0, co1, co2, co3, ct0, ct1, ct2, ct3, ch0, ch1, ch2, ch3)
+        cmask = cols < end
+        mask = rmask[:, None] & cmask[None, :]
+        cx, co, ct, ch = side_offsets(cols, cs1, cs2, cs3, cx0, cx1, cx2, cx3, co0, co1, co2, co3, ct0, ct1, ct2, ct3, chd, chm, chk)
         out = ro[:, None] + co[None, :]
         x = tl.load(X + (rx[:, None] + cx[None, :]), mask=mask, other=0.0).to(tl.float32) - k[:, None]
         dy = tl.load(DY + out, mask=mask, other=0.0).to(tl.float32)
         res = 0.0
         if HAS_RES:
             res = tl.load(Res + out, mask=mask, other=0.0).to(tl.float32)
-        xhat, gz, g = grad_terms(x, dy, mean[:, None], rstd[:, None], rh[:, None] + ch[None, :], mask,
-                                 res, W, B, HAS_W, HAS_B, HAS_RES, ACT)
+        xhat, gz, g = grad_terms(x, dy, mean[:, None], rstd[:, None], rh, ch, rmask, cmask,
+                                 res, W, B, HAS_W, HAS_B, HAS_RES, ACT, CHAN)
         s1 += tl.sum(g, axis=1)
         s2 += tl.sum(g * xhat, axis=1)
     tl.store(PS1 + rows * SPLIT + sp, s1, mask=rmask)
@@ -117,10 +120,11 @@ def _bwd_sums_kernel(
 def _bwd_apply_kernel(
     X, DY, Res, W, B, K, Mean, Rstd, S1, S2, DX, DRes,  # S1, S2: [P] fp32 by row index (unused if GIVEN)
     P, M,
-    rs1, rs2, rs3, rx0, rx1, rx2, rx3, ro0, ro1, ro2, ro3, rt0, rt1, rt2, rt3, rh0, rh1, rh2, rh3,
-    cs1, cs2, cs3, cx0, cx1, cx2, cx3, co0, co1, co2, co3, ct0, ct1, ct2, ct3, ch0, ch1, ch2, ch3,
+    rs1, rs2, rs3, rx0, rx1, rx2, rx3, ro0, ro1, ro2, ro3, rt0, rt1, rt2, rt3, rhd, rhm, rhk,
+    cs1, cs2, cs3, cx0, cx1, cx2, cx3, co0, co1, co2, co3, ct0, ct1, ct2, ct3, chd, chm, chk,
     CENTER: tl.constexpr, GIVEN: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
-    HAS_RES: tl.constexpr, WRITE_DRES: tl.constexpr, ACT: tl.constexpr, INT64: tl.constexpr,
+    HAS_RES: tl.constexpr, WRITE_DRES: tl.constexpr, ACT: tl.constexpr, CHAN: tl.constexpr,
+    INT64: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     """dx (and dresidual) over a 2-D grid of (row block, column tiles)."""
@@ -128,7 +132,7 @@ def _bwd_apply_kernel(
     if INT64:
         rows = rows.to(tl.int64)
     rmask = rows < P
-    rx, ro, rt, rh = side_offsets(rows, rs1, rs2, rs3, rx0, rx1, rx2, rx3, ro0, ro1, ro2, ro3, rt0, rt1, rt2, rt3, rh0, rh1, rh2, rh3)
+    rx, ro, rt, rh = side_offsets(rows, rs1, rs2, rs3, rx0, rx1, rx2, rx3, ro0, ro1, ro2, ro3, rt0, rt1, rt2, rt3, rhd, rhm, rhk)
     k = tl.load(K + rt, mask=rmask, other=0.0)
     mean = tl.load(Mean + rt, mask=rmask, other=0.0)
     rstd = tl.load(Rstd + rt, mask=rmask, other=0.0)
@@ -142,16 +146,17 @@ def _bwd_apply_kernel(
         cols = t * BLOCK_M + tl.arange(0, BLOCK_M)
         if INT64:
             cols = cols.to(tl.int64)
-        mask = rmask[:, None] & (cols < M)[None, :]
-        cx, co, ct, ch = side_offsets(cols, cs1, cs2, cs3, cx0, cx1, cx2, cx3, co0, co1, co2, co3, ct0, ct1, ct2, ct3, ch0, ch1, ch2, ch3)
+        cmask = cols < M
+        mask = rmask[:, None] & cmask[None, :]
+        cx, co, ct, ch = side_offsets(cols, cs1, cs2, cs3, cx0, cx1, cx2, cx3, co0, co1, co2, co3, ct0, ct1, ct2, ct3, chd, chm, chk)
         out = ro[:, None] + co[None, :]
         x = tl.load(X + (rx[:, None] + cx[None, :]), mask=mask, other=0.0).to(tl.float32) - k[:, None]
         dy = tl.load(DY + out, mask=mask, other=0.0).to(tl.float32)
         res = 0.0
         if HAS_RES:
             res = tl.load(Res + out, mask=mask, other=0.0).to(tl.float32)
-        xhat, gz, g = grad_terms(x, dy, mean[:, None], rstd[:, None], rh[:, None] + ch[None, :], mask,
-                                 res, W, B, HAS_W, HAS_B, HAS_RES, ACT)
+        xhat, gz, g = grad_terms(x, dy, mean[:, None], rstd[:, None], rh, ch, rmask, cmask,
+                                 res, W, B, HAS_W, HAS_B, HAS_RES, ACT, CHAN)
         dx = _dx(g, xhat, rstd, s1, s2, M, CENTER, GIVEN)
         tl.store(DX + out, dx.to(DX.dtype.element_ty), mask=mask)
         if WRITE_DRES:
@@ -162,10 +167,10 @@ def _bwd_apply_kernel(
 def _dwdb_kernel(
     X, DY, Res, W, B, K, Mean, Rstd, PDW, PDB,  # partial dweight/dbias out, [C, SPLIT] fp32
     C, M, CHUNK, SPLIT,                      # channel view: C rows, M = N * spatial columns
-    rs1, rs2, rs3, rx0, rx1, rx2, rx3, ro0, ro1, ro2, ro3, rt0, rt1, rt2, rt3, rh0, rh1, rh2, rh3,
-    cs1, cs2, cs3, cx0, cx1, cx2, cx3, co0, co1, co2, co3, ct0, ct1, ct2, ct3, ch0, ch1, ch2, ch3,
+    rs1, rs2, rs3, rx0, rx1, rx2, rx3, ro0, ro1, ro2, ro3, rt0, rt1, rt2, rt3, rhd, rhm, rhk,
+    cs1, cs2, cs3, cx0, cx1, cx2, cx3, co0, co1, co2, co3, ct0, ct1, ct2, ct3, chd, chm, chk,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr,
-    INT64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr,
+    CHAN: tl.constexpr, INT64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     """Per-channel sums of gz * xhat and gz over one column chunk (stage 1 of dweight, dbias)."""
     rows = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -173,7 +178,7 @@ def _dwdb_kernel(
     if INT64:
         rows = rows.to(tl.int64)
     rmask = rows < C
-    rx, ro, rt, rh = side_offsets(rows, rs1, rs2, rs3, rx0, rx1, rx2, rx3, ro0, ro1, ro2, ro3, rt0, rt1, rt2, rt3, rh0, rh1, rh2, rh3)
+    rx, ro, rt, rh = side_offsets(rows, rs1, rs2, rs3, rx0, rx1, rx2, rx3, ro0, ro1, ro2, ro3, rt0, rt1, rt2, rt3, rhd, rhm, rhk)
     start = sp * CHUNK
     end = tl.minimum(start + CHUNK, M)
     dw = tl.zeros([BLOCK_P], dtype=tl.float32)
@@ -182,8 +187,9 @@ def _dwdb_kernel(
         cols = m0 + tl.arange(0, BLOCK_M)
         if INT64:
             cols = cols.to(tl.int64)
-        mask = rmask[:, None] & (cols < end)[None, :]
-        cx, co, ct, ch = side_offsets(cols, cs1, cs2, cs3, cx0, cx1, cx2, cx3, co0, co1, co2, co3, ct0, ct1, ct2, ct3, ch0, ch1, ch2, ch3)
+        cmask = cols < end
+        mask = rmask[:, None] & cmask[None, :]
+        cx, co, ct, ch = side_offsets(cols, cs1, cs2, cs3, cx0, cx1, cx2, cx3, co0, co1, co2, co3, ct0, ct1, ct2, ct3, chd, chm, chk)
         out = ro[:, None] + co[None, :]
         st = rt[:, None] + ct[None, :]
         k = tl.load(K + st, mask=mask, other=0.0)
@@ -194,8 +200,8 @@ def _dwdb_kernel(
         res = 0.0
         if HAS_RES:
             res = tl.load(Res + out, mask=mask, other=0.0).to(tl.float32)
-        xhat, gz, g = grad_terms(x, dy, mean, rstd, rh[:, None] + ch[None, :], mask,
-                                 res, W, B, HAS_W, HAS_B, HAS_RES, ACT)
+        xhat, gz, g = grad_terms(x, dy, mean, rstd, rh, ch, rmask, cmask,
+                                 res, W, B, HAS_W, HAS_B, HAS_RES, ACT, CHAN)
         dw += tl.sum(gz * xhat, axis=1)
         db += tl.sum(gz, axis=1)
     tl.store(PDW + rh * SPLIT + sp, dw, mask=rmask)

@@ -2,7 +2,8 @@
 
 Index convention (see layout.py): a side's flat index ``idx`` splits as
 ``idx = ((i0 * s1 + i1) * s2 + i2) * s3 + i3``; an offset into a tensor is
-``i0*st0 + i1*st1 + i2*st2 + i3*st3`` with that tensor's strides. Padded dims have size 1, which Triton specializes, so the splits fold away
+``i0*st0 + i1*st1 + i2*st2 + i3*st3`` with that tensor's strides, and the channel is
+``(idx // hd) % hm * hk``. Padded dims have size 1, which Triton specializes, so the splits fold away
 for 1-D sides.
 """
 
@@ -11,8 +12,8 @@ import triton.language as tl
 
 
 @triton.jit
-def side_offsets(idx, s1, s2, s3, x0, x1, x2, x3, o0, o1, o2, o3, t0, t1, t2, t3, h0, h1, h2, h3):
-    """Offsets of flat side indices into x, the outputs, the statistics and the channels."""
+def side_offsets(idx, s1, s2, s3, x0, x1, x2, x3, o0, o1, o2, o3, t0, t1, t2, t3, hd, hm, hk):
+    """Offsets of flat side indices into x, the outputs and the statistics, and their channel."""
     i3 = idx % s3
     q = idx // s3
     i2 = q % s2
@@ -22,7 +23,7 @@ def side_offsets(idx, s1, s2, s3, x0, x1, x2, x3, o0, o1, o2, o3, t0, t1, t2, t3
     x = i0 * x0 + i1 * x1 + i2 * x2 + i3 * x3
     o = i0 * o0 + i1 * o1 + i2 * o2 + i3 * o3
     t = i0 * t0 + i1 * t1 + i2 * t2 + i3 * t3
-    h = i0 * h0 + i1 * h1 + i2 * h2 + i3 * h3
+    h = (idx // hd) % hm * hk
     return x, o, t, h
 
 
@@ -124,32 +125,48 @@ def chan_merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
 
 
 @triton.jit
-def epilogue(xhat, chan, mask, res, W, B, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
-             HAS_RES: tl.constexpr, ACT: tl.constexpr):
+def load_channel(W, rh, ch, rmask, cmask, CHAN: tl.constexpr):
+    """Per-channel values for a [rows, cols] tile, loaded once per side when the channel depends
+    on one side only (CHAN: 0 both sides, 1 columns only, 2 rows only, 3 neither)."""
+    if CHAN == 1:
+        v = tl.load(W + ch, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    elif CHAN == 2:
+        v = tl.load(W + rh, mask=rmask, other=0.0).to(tl.float32)[:, None]
+    elif CHAN == 3:
+        v = tl.load(W + rh * 0, mask=rmask, other=0.0).to(tl.float32)[:, None]
+    else:
+        v = tl.load(W + (rh[:, None] + ch[None, :]), mask=rmask[:, None] & cmask[None, :],
+                    other=0.0).to(tl.float32)
+    return v
+
+
+@triton.jit
+def epilogue(xhat, rh, ch, rmask, cmask, res, W, B, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+             HAS_RES: tl.constexpr, ACT: tl.constexpr, CHAN: tl.constexpr):
     """act(w_c * xhat + b_c + residual), in fp32."""
     z = xhat
     if HAS_W:
-        z = z * tl.load(W + chan, mask=mask, other=0.0).to(tl.float32)
+        z = z * load_channel(W, rh, ch, rmask, cmask, CHAN)
     if HAS_B:
-        z = z + tl.load(B + chan, mask=mask, other=0.0).to(tl.float32)
+        z = z + load_channel(B, rh, ch, rmask, cmask, CHAN)
     if HAS_RES:
         z = z + res
     return activation(z, ACT)
 
 
 @triton.jit
-def grad_terms(x, dy, mean, rstd, chan, mask, res, W, B, HAS_W: tl.constexpr,
-               HAS_B: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr):
+def grad_terms(x, dy, mean, rstd, rh, ch, rmask, cmask, res, W, B, HAS_W: tl.constexpr,
+               HAS_B: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr, CHAN: tl.constexpr):
     """xhat, gz = dy * act'(pre) (the gradient at the affine output) and g = gz * w_c (at xhat)."""
     xhat = (x - mean) * rstd
     w = 1.0
     if HAS_W:
-        w = tl.load(W + chan, mask=mask, other=0.0).to(tl.float32)
+        w = load_channel(W, rh, ch, rmask, cmask, CHAN)
     gz = dy
     if ACT != 0:
         pre = xhat * w
         if HAS_B:
-            pre = pre + tl.load(B + chan, mask=mask, other=0.0).to(tl.float32)
+            pre = pre + load_channel(B, rh, ch, rmask, cmask, CHAN)
         if HAS_RES:
             pre = pre + res
         gz = dy * activation_grad(pre, ACT)

@@ -26,10 +26,11 @@ from .common import chan_merge, epilogue, pivot, side_offsets, tile_moments
 def _fwd_fused_kernel(
     X, Y, Res, W, B, K, Mean, Rstd, Var,  # x, y, residual, weight, bias; stats out (pivot, shifted mean, ...)
     P, M, eps,                    # statistics, elements per statistic, epsilon
-    rs1, rs2, rs3, rx0, rx1, rx2, rx3, ro0, ro1, ro2, ro3, rt0, rt1, rt2, rt3, rh0, rh1, rh2, rh3,
-    cs1, cs2, cs3, cx0, cx1, cx2, cx3, co0, co1, co2, co3, ct0, ct1, ct2, ct3, ch0, ch1, ch2, ch3,
+    rs1, rs2, rs3, rx0, rx1, rx2, rx3, ro0, ro1, ro2, ro3, rt0, rt1, rt2, rt3, rhd, rhm, rhk,
+    cs1, cs2, cs3, cx0, cx1, cx2, cx3, co0, co1, co2, co3, ct0, ct1, ct2, ct3, chd, chm, chk,
     CENTER: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_RES: tl.constexpr,
-    ACT: tl.constexpr, INT64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr,
+    ACT: tl.constexpr, CHAN: tl.constexpr, INT64: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_M: tl.constexpr,
 ):
     """Whole statistic in registers: moments, epilogue and stats in one pass over x."""
     rows = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -38,9 +39,10 @@ def _fwd_fused_kernel(
         rows = rows.to(tl.int64)
         cols = cols.to(tl.int64)
     rmask = rows < P
-    mask = rmask[:, None] & (cols < M)[None, :]
-    rx, ro, rt, rh = side_offsets(rows, rs1, rs2, rs3, rx0, rx1, rx2, rx3, ro0, ro1, ro2, ro3, rt0, rt1, rt2, rt3, rh0, rh1, rh2, rh3)
-    cx, co, ct, ch = side_offsets(cols, cs1, cs2, cs3, cx0, cx1, cx2, cx3, co0, co1, co2, co3, ct0, ct1, ct2, ct3, ch0, ch1, ch2, ch3)
+    cmask = cols < M
+    mask = rmask[:, None] & cmask[None, :]
+    rx, ro, rt, rh = side_offsets(rows, rs1, rs2, rs3, rx0, rx1, rx2, rx3, ro0, ro1, ro2, ro3, rt0, rt1, rt2, rt3, rhd, rhm, rhk)
+    cx, co, ct, ch = side_offsets(cols, cs1, cs2, cs3, cx0, cx1, cx2, cx3, co0, co1, co2, co3, ct0, ct1, ct2, ct3, chd, chm, chk)
     x = tl.load(X + (rx[:, None] + cx[None, :]), mask=mask, other=0.0).to(tl.float32)
     k = pivot(X, rx, rmask, CENTER)
     d = tl.where(mask, x - k[:, None], 0.0)
@@ -55,8 +57,8 @@ def _fwd_fused_kernel(
     res = 0.0
     if HAS_RES:
         res = tl.load(Res + out, mask=mask, other=0.0).to(tl.float32)
-    y = epilogue((d - mean_d[:, None]) * rstd[:, None], rh[:, None] + ch[None, :], mask, res,
-                 W, B, HAS_W, HAS_B, HAS_RES, ACT)
+    y = epilogue((d - mean_d[:, None]) * rstd[:, None], rh, ch, rmask, cmask, res,
+                 W, B, HAS_W, HAS_B, HAS_RES, ACT, CHAN)
     tl.store(Y + out, y.to(Y.dtype.element_ty), mask=mask)
 
 
@@ -64,17 +66,18 @@ def _fwd_fused_kernel(
 def _fwd_looped_kernel(
     X, Y, Res, W, B, K, Mean, Rstd, Var,
     P, M, eps,
-    rs1, rs2, rs3, rx0, rx1, rx2, rx3, ro0, ro1, ro2, ro3, rt0, rt1, rt2, rt3, rh0, rh1, rh2, rh3,
-    cs1, cs2, cs3, cx0, cx1, cx2, cx3, co0, co1, co2, co3, ct0, ct1, ct2, ct3, ch0, ch1, ch2, ch3,
+    rs1, rs2, rs3, rx0, rx1, rx2, rx3, ro0, ro1, ro2, ro3, rt0, rt1, rt2, rt3, rhd, rhm, rhk,
+    cs1, cs2, cs3, cx0, cx1, cx2, cx3, co0, co1, co2, co3, ct0, ct1, ct2, ct3, chd, chm, chk,
     CENTER: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_RES: tl.constexpr,
-    ACT: tl.constexpr, INT64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr,
+    ACT: tl.constexpr, CHAN: tl.constexpr, INT64: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_M: tl.constexpr,
 ):
     """Moments by Chan-merging BLOCK_M tiles, then a second sweep applies the epilogue."""
     rows = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     if INT64:
         rows = rows.to(tl.int64)
     rmask = rows < P
-    rx, ro, rt, rh = side_offsets(rows, rs1, rs2, rs3, rx0, rx1, rx2, rx3, ro0, ro1, ro2, ro3, rt0, rt1, rt2, rt3, rh0, rh1, rh2, rh3)
+    rx, ro, rt, rh = side_offsets(rows, rs1, rs2, rs3, rx0, rx1, rx2, rx3, ro0, ro1, ro2, ro3, rt0, rt1, rt2, rt3, rhd, rhm, rhk)
     k = pivot(X, rx, rmask, CENTER)
     mean_d = tl.zeros([BLOCK_P], dtype=tl.float32)
     m2 = tl.zeros([BLOCK_P], dtype=tl.float32)
@@ -82,8 +85,9 @@ def _fwd_looped_kernel(
         cols = m0 + tl.arange(0, BLOCK_M)
         if INT64:
             cols = cols.to(tl.int64)
-        mask = rmask[:, None] & (cols < M)[None, :]
-        cx, co, ct, ch = side_offsets(cols, cs1, cs2, cs3, cx0, cx1, cx2, cx3, co0, co1, co2, co3, ct0, ct1, ct2, ct3, ch0, ch1, ch2, ch3)
+        cmask = cols < M
+        mask = rmask[:, None] & cmask[None, :]
+        cx, co, ct, ch = side_offsets(cols, cs1, cs2, cs3, cx0, cx1, cx2, cx3, co0, co1, co2, co3, ct0, ct1, ct2, ct3, chd, chm, chk)
         x = tl.load(X + (rx[:, None] + cx[None, :]), mask=mask, other=0.0).to(tl.float32)
         d = tl.where(mask, x - k[:, None], 0.0)
         nt = tl.minimum(M - m0, BLOCK_M).to(tl.float32)
@@ -99,15 +103,16 @@ def _fwd_looped_kernel(
         cols = m0 + tl.arange(0, BLOCK_M)
         if INT64:
             cols = cols.to(tl.int64)
-        mask = rmask[:, None] & (cols < M)[None, :]
-        cx, co, ct, ch = side_offsets(cols, cs1, cs2, cs3, cx0, cx1, cx2, cx3, co0, co1, co2, co3, ct0, ct1, ct2, ct3, ch0, ch1, ch2, ch3)
+        cmask = cols < M
+        mask = rmask[:, None] & cmask[None, :]
+        cx, co, ct, ch = side_offsets(cols, cs1, cs2, cs3, cx0, cx1, cx2, cx3, co0, co1, co2, co3, ct0, ct1, ct2, ct3, chd, chm, chk)
         x = tl.load(X + (rx[:, None] + cx[None, :]), mask=mask, other=0.0).to(tl.float32)
         out = ro[:, None] + co[None, :]
         res = 0.0
         if HAS_RES:
             res = tl.load(Res + out, mask=mask, other=0.0).to(tl.float32)
-        y = epilogue(((x - k[:, None]) - mean_d[:, None]) * rstd[:, None], rh[:, None] + ch[None, :],
-                     mask, res, W, B, HAS_W, HAS_B, HAS_RES, ACT)
+        y = epilogue(((x - k[:, None]) - mean_d[:, None]) * rstd[:, None], rh, ch, rmask, cmask, res,
+                     W, B, HAS_W, HAS_B, HAS_RES, ACT, CHAN)
         tl.store(Y + out, y.to(Y.dtype.element_ty), mask=mask)
 
 
@@ -115,8 +120,8 @@ def _fwd_looped_kernel(
 def _fwd_partial_kernel(
     X, PMean, PM2,                # x; partial means and M2, [P, SPLIT] fp32
     P, M, CHUNK, SPLIT,           # CHUNK: columns per split (a multiple of BLOCK_M)
-    rs1, rs2, rs3, rx0, rx1, rx2, rx3, ro0, ro1, ro2, ro3, rt0, rt1, rt2, rt3, rh0, rh1, rh2, rh3,
-    cs1, cs2, cs3, cx0, cx1, cx2, cx3, co0, co1, co2, co3, ct0, ct1, ct2, ct3, ch0, ch1, ch2, ch3,
+    rs1, rs2, rs3, rx0, rx1, rx2, rx3, ro0, ro1, ro2, ro3, rt0, rt1, rt2, rt3, rhd, rhm, rhk,
+    cs1, cs2, cs3, cx0, cx1, cx2, cx3, co0, co1, co2, co3, ct0, ct1, ct2, ct3, chd, chm, chk,
     CENTER: tl.constexpr, INT64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     """Moments (of x minus the row's pivot) of one column chunk of BLOCK_P statistics
@@ -126,7 +131,7 @@ def _fwd_partial_kernel(
     if INT64:
         rows = rows.to(tl.int64)
     rmask = rows < P
-    rx, ro, rt, rh = side_offsets(rows, rs1, rs2, rs3, rx0, rx1, rx2, rx3, ro0, ro1, ro2, ro3, rt0, rt1, rt2, rt3, rh0, rh1, rh2, rh3)
+    rx, ro, rt, rh = side_offsets(rows, rs1, rs2, rs3, rx0, rx1, rx2, rx3, ro0, ro1, ro2, ro3, rt0, rt1, rt2, rt3, rhd, rhm, rhk)
     start = sp * CHUNK
     end = tl.minimum(start + CHUNK, M)
     k = pivot(X, rx, rmask, CENTER)
@@ -136,8 +141,9 @@ def _fwd_partial_kernel(
         cols = m0 + tl.arange(0, BLOCK_M)
         if INT64:
             cols = cols.to(tl.int64)
-        mask = rmask[:, None] & (cols < end)[None, :]
-        cx, co, ct, ch = side_offsets(cols, cs1, cs2, cs3, cx0, cx1, cx2, cx3, co0, co1, co2, co3, ct0, ct1, ct2, ct3, ch0, ch1, ch2, ch3)
+        cmask = cols < end
+        mask = rmask[:, None] & cmask[None, :]
+        cx, co, ct, ch = side_offsets(cols, cs1, cs2, cs3, cx0, cx1, cx2, cx3, co0, co1, co2, co3, ct0, ct1, ct2, ct3, chd, chm, chk)
         x = tl.load(X + (rx[:, None] + cx[None, :]), mask=mask, other=0.0).to(tl.float32)
         d = tl.where(mask, x - k[:, None], 0.0)
         nt = tl.minimum(end - m0, BLOCK_M).to(tl.float32)
@@ -151,7 +157,7 @@ def _fwd_partial_kernel(
 def _fwd_merge_kernel(
     X, PMean, PM2, K, Mean, Rstd, Var,  # x (for the pivots); partials [P, SPLIT]; stats out
     P, M, CHUNK, SPLIT, eps,
-    rs1, rs2, rs3, rx0, rx1, rx2, rx3, ro0, ro1, ro2, ro3, rt0, rt1, rt2, rt3, rh0, rh1, rh2, rh3,
+    rs1, rs2, rs3, rx0, rx1, rx2, rx3, ro0, ro1, ro2, ro3, rt0, rt1, rt2, rt3, rhd, rhm, rhk,
     CENTER: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     """Merge SPLIT partials per statistic: mean = sum n_i mu_i / n, M2 = sum M2_i + n_i (mu_i - mean)^2."""
@@ -166,7 +172,7 @@ def _fwd_merge_kernel(
     mean = tl.sum(cnt * mu, axis=1) / M
     d = tl.where(mask, mu - mean[:, None], 0.0)
     m2_all = tl.sum(m2, axis=1) + tl.sum(cnt * d * d, axis=1)
-    rx, ro, rt, rh = side_offsets(rows, rs1, rs2, rs3, rx0, rx1, rx2, rx3, ro0, ro1, ro2, ro3, rt0, rt1, rt2, rt3, rh0, rh1, rh2, rh3)
+    rx, ro, rt, rh = side_offsets(rows, rs1, rs2, rs3, rx0, rx1, rx2, rx3, ro0, ro1, ro2, ro3, rt0, rt1, rt2, rt3, rhd, rhm, rhk)
     var = m2_all / M
     tl.store(K + rt, pivot(X, rx, rmask, CENTER), mask=rmask)
     tl.store(Mean + rt, mean, mask=rmask)
@@ -178,17 +184,18 @@ def _fwd_merge_kernel(
 def _fwd_apply_kernel(
     X, Y, Res, W, B, K, Mean, Rstd,  # as the fused kernel; the statistics are inputs here
     P, M,
-    rs1, rs2, rs3, rx0, rx1, rx2, rx3, ro0, ro1, ro2, ro3, rt0, rt1, rt2, rt3, rh0, rh1, rh2, rh3,
-    cs1, cs2, cs3, cx0, cx1, cx2, cx3, co0, co1, co2, co3, ct0, ct1, ct2, ct3, ch0, ch1, ch2, ch3,
+    rs1, rs2, rs3, rx0, rx1, rx2, rx3, ro0, ro1, ro2, ro3, rt0, rt1, rt2, rt3, rhd, rhm, rhk,
+    cs1, cs2, cs3, cx0, cx1, cx2, cx3, co0, co1, co2, co3, ct0, ct1, ct2, ct3, chd, chm, chk,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_RES: tl.constexpr,
-    ACT: tl.constexpr, INT64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr,
+    ACT: tl.constexpr, CHAN: tl.constexpr, INT64: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_M: tl.constexpr,
 ):
     """Epilogue with given statistics, over a 2-D grid of (row block, column tiles)."""
     rows = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     if INT64:
         rows = rows.to(tl.int64)
     rmask = rows < P
-    rx, ro, rt, rh = side_offsets(rows, rs1, rs2, rs3, rx0, rx1, rx2, rx3, ro0, ro1, ro2, ro3, rt0, rt1, rt2, rt3, rh0, rh1, rh2, rh3)
+    rx, ro, rt, rh = side_offsets(rows, rs1, rs2, rs3, rx0, rx1, rx2, rx3, ro0, ro1, ro2, ro3, rt0, rt1, rt2, rt3, rhd, rhm, rhk)
     k = tl.load(K + rt, mask=rmask, other=0.0)
     mean = tl.load(Mean + rt, mask=rmask, other=0.0)
     rstd = tl.load(Rstd + rt, mask=rmask, other=0.0)
@@ -197,13 +204,14 @@ def _fwd_apply_kernel(
         cols = t * BLOCK_M + tl.arange(0, BLOCK_M)
         if INT64:
             cols = cols.to(tl.int64)
-        mask = rmask[:, None] & (cols < M)[None, :]
-        cx, co, ct, ch = side_offsets(cols, cs1, cs2, cs3, cx0, cx1, cx2, cx3, co0, co1, co2, co3, ct0, ct1, ct2, ct3, ch0, ch1, ch2, ch3)
+        cmask = cols < M
+        mask = rmask[:, None] & cmask[None, :]
+        cx, co, ct, ch = side_offsets(cols, cs1, cs2, cs3, cx0, cx1, cx2, cx3, co0, co1, co2, co3, ct0, ct1, ct2, ct3, chd, chm, chk)
         x = tl.load(X + (rx[:, None] + cx[None, :]), mask=mask, other=0.0).to(tl.float32)
         out = ro[:, None] + co[None, :]
         res = 0.0
         if HAS_RES:
             res = tl.load(Res + out, mask=mask, other=0.0).to(tl.float32)
-        y = epilogue(((x - k[:, None]) - mean[:, None]) * rstd[:, None], rh[:, None] + ch[None, :],
-                     mask, res, W, B, HAS_W, HAS_B, HAS_RES, ACT)
+        y = epilogue(((x - k[:, None]) - mean[:, None]) * rstd[:, None], rh, ch, rmask, cmask, res,
+                     W, B, HAS_W, HAS_B, HAS_RES, ACT, CHAN)
         tl.store(Y + out, y.to(Y.dtype.element_ty), mask=mask)

@@ -73,6 +73,12 @@ def _chunk(M: int, block_m: int, split: int) -> int:
     return triton.cdiv(triton.cdiv(M, split), block_m) * block_m
 
 
+def _chan_mode(view) -> int:
+    """Which sides the channel index depends on (the kernels' CHAN flag)."""
+    rows, cols = view.rows.chan[2] != 0, view.cols.chan[2] != 0
+    return {(True, True): 0, (False, True): 1, (True, False): 2, (False, False): 3}[(rows, cols)]
+
+
 def _dummy(x: torch.Tensor) -> torch.Tensor:
     return x  # any valid pointer for an argument a constexpr flag turns off
 
@@ -97,7 +103,7 @@ def forward(x, spec: Spec, weight, bias, residual, eps: float, center: bool, act
     stat_shape = spec.stat_shape(x.shape)
     P, M = view.P, view.M
     flags = dict(HAS_W=weight is not None, HAS_B=bias is not None, HAS_RES=residual is not None,
-                 ACT=act, INT64=view.int64)
+                 ACT=act, CHAN=_chan_mode(view), INT64=view.int64)
     w = weight if weight is not None else _dummy(x)
     b = bias if bias is not None else _dummy(x)
     r = residual if residual is not None else _dummy(x)
@@ -172,7 +178,7 @@ def backward(dy, x, spec: Spec, weight, bias, residual, k, mean, rstd, center: b
     b = bias if bias is not None else _dummy(x)
     r = residual if residual is not None else _dummy(x)
     flags = dict(HAS_W=weight is not None, HAS_B=bias is not None, HAS_RES=residual is not None,
-                 ACT=act, INT64=view.int64)
+                 ACT=act, CHAN=_chan_mode(view), INT64=view.int64)
     write_dres = need_dres and act != 0
     dres = _out_like(x) if write_dres else None
     dr = dres if dres is not None else _dummy(x)
@@ -217,7 +223,7 @@ def backward(dy, x, spec: Spec, weight, bias, residual, k, mean, rstd, center: b
         bk._dwdb_kernel[(triton.cdiv(C, cbp), split)](
             x, dy, r, w, b, k, mean, rstd, pdw, pdb, C, cview.M, chunk, split, *cview.args(),
             HAS_W=flags["HAS_W"], HAS_B=flags["HAS_B"], HAS_RES=flags["HAS_RES"], ACT=act,
-            INT64=cview.int64, BLOCK_P=cbp, BLOCK_M=cbm, num_warps=cplan.config["num_warps"])
+            CHAN=_chan_mode(cview), INT64=cview.int64, BLOCK_P=cbp, BLOCK_M=cbm, num_warps=cplan.config["num_warps"])
         if need_dw:
             dw = pdw.sum(dim=1).to(weight.dtype)
         if need_db:

@@ -2,15 +2,17 @@
 
 A kernel sees two *sides*: the rows (one per statistic in the statistic view) and the columns
 (the elements one statistic is taken over). Each side is up to four dims, the last fastest,
-and every dim carries four strides: into x, into the outputs (y, and dy/dx/residual, which share
-y's strides), into the per-statistic tensors (mean, rstd), and into the per-channel tensors
-(weight, bias: the channel coefficient). An element's offset in any tensor is the sum of a row
-part and a column part, so a kernel computes offsets once per row and once per column.
+and every dim carries three strides: into x, into the outputs (y, and dy/dx/residual, which share
+y's strides) and into the per-statistic tensors (mean, rstd). The channel (for weight and bias) is
+one "digit" of each side's flat index, ``(idx // div) % mod * mul``. An element's offset in any
+tensor is the sum of a row part and a column part, so a kernel computes offsets once per row and
+once per column.
 
 Building the view: the logical axes N, G, Cg, *spatial are split into the two sides, size-1 axes
 are dropped, each side is sorted by x's strides (largest first) and adjacent axes are merged
 wherever every stride set allows it (as TensorIterator coalesces). Merging is what makes the
-common cases 1-D: LayerNorm rows, contiguous GroupNorm groups, channels_last channels.
+common cases 1-D: LayerNorm rows, contiguous GroupNorm groups (channels x positions), channels_last
+channels.
 """
 
 from __future__ import annotations
@@ -24,8 +26,8 @@ from ..scope import Spec
 MAX_DIMS = 4
 _I32_MAX = 2**31 - 1
 
-# stride-set indices of an axis tuple: (size, x, out, stat, chan)
-_SETS = 4
+# stride sets per axis: (x, out, stat); an axis tuple is (size, x, out, stat, channel coefficient)
+_SETS = 3
 
 
 class TooManyDims(Exception):
@@ -38,13 +40,15 @@ class TooManyDims(Exception):
 class Side:
     numel: int
     sizes: tuple[int, ...]                 # MAX_DIMS sizes; only sizes[1:] enter the index split
-    strides: tuple[tuple[int, ...], ...]   # per set (x, out, stat, chan): MAX_DIMS strides
+    strides: tuple[tuple[int, ...], ...]   # per set (x, out, stat): MAX_DIMS strides
+    chan: tuple[int, int, int] = (1, 1, 0)  # channel index = (idx // div) % mod * mul
 
     def args(self) -> list[int]:
-        """Kernel arguments: s1, s2, s3, then the four strides of each set."""
+        """Kernel arguments: s1, s2, s3, the four strides of each set, then div, mod, mul."""
         out = list(self.sizes[1:])
         for st in self.strides:
             out.extend(st)
+        out.extend(self.chan)
         return out
 
     def max_offset(self, k: int) -> int:
@@ -69,9 +73,34 @@ class View:
         return self.rows.args() + self.cols.args()
 
 
+def _channel_digit(axes: list[tuple[int, ...]]) -> tuple[int, int, int]:
+    """(div, mod, mul) with channel = (flat index // div) % mod * mul over the sorted axes.
+
+    A side holds at most one channel-bearing axis (G or Cg), or both G and Cg in that order
+    (the channel view), whose joint index is the channel itself. Computing the channel from the
+    flat index rather than as a stride set lets the other axes merge across it.
+    """
+    idx = [i for i, a in enumerate(axes) if a[4] != 0]
+    if not idx:
+        return (1, 1, 0)
+    if len(idx) == 2 and idx[1] == idx[0] + 1 and axes[idx[0]][4] == axes[idx[1]][0] * axes[idx[1]][4]:
+        first, last = idx
+        mod = axes[first][0] * axes[last][0]
+    elif len(idx) == 1:
+        first = last = idx[0]
+        mod = axes[first][0]
+    else:
+        raise TooManyDims(len(axes))
+    div = 1
+    for a in axes[last + 1:]:
+        div *= a[0]
+    return (div, mod, axes[last][4])
+
+
 def _coalesce(axes: list[tuple[int, ...]]) -> Side:
     axes = [a for a in axes if a[0] != 1]
     axes.sort(key=lambda a: (abs(a[1]), abs(a[2])), reverse=True)
+    chan = _channel_digit(axes)
     merged: list[list[int]] = []
     for a in axes:
         if merged:
@@ -81,17 +110,17 @@ def _coalesce(axes: list[tuple[int, ...]]) -> Side:
                 for k in range(_SETS):
                     prev[1 + k] = a[1 + k]
                 continue
-        merged.append(list(a))
+        merged.append(list(a[: 1 + _SETS]))
     if len(merged) > MAX_DIMS:
         raise TooManyDims(len(merged))
     numel = 1
     for a in merged:
         numel *= a[0]
     while len(merged) < MAX_DIMS:
-        merged.append([1, 0, 0, 0, 0])  # padding at the fast end: the index math folds away
+        merged.append([1] + [0] * _SETS)  # padding at the fast end: the index math folds away
     sizes = tuple(a[0] for a in merged)
     strides = tuple(tuple(a[1 + k] for a in merged) for k in range(_SETS))
-    return Side(numel=numel, sizes=sizes, strides=strides)
+    return Side(numel=numel, sizes=sizes, strides=strides, chan=chan)
 
 
 def _logical(shape, spec: Spec, x_strides, out_strides) -> list[tuple[str, tuple[int, ...], bool]]:
