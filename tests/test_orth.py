@@ -223,3 +223,22 @@ def test_reference_backend_float64(device):
     y = orthogonalize(w, backend="reference", iters=5)
     assert y.dtype == torch.float64
     assert torch.equal(y, reference.orthogonalize(w, "newton_schulz", None, 5, 1e-5))
+
+
+def test_registered_op_passes_opcheck(device):
+    # Schema, fake (meta) implementation, autograd registration and AOT dispatch of the kernel op.
+    sn = _random_sn(2, 5, device).float().requires_grad_()
+    torch.library.opcheck(ops._newton_fwd_op, (sn, 3, True))
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # dynamo's note about lru_cache in backend.py
+def test_traces_under_torch_compile_fullgraph(device):
+    w = torch.randn(12, 40, device=device, requires_grad=True)
+    f = torch.compile(lambda v: orthogonalize(v, group_size=6), fullgraph=True, backend="aot_eager")
+    y = f(w)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    w64, y64 = _oracle64(w, "newton_schulz", 6, 5)
+    y64.backward(dy.double())
+    assert_close(y, y64, torch.float32, what="W (compiled)")
+    assert_close(w.grad, w64.grad, torch.float32, what="dL/dweight (compiled)")

@@ -15,4 +15,9 @@ __all__ = ["__version__", "norm", "reference", "scope", "triton_available"]
 
 from . import functional  # noqa: E402
 from .core import norm_with_stats  # noqa: E402
-__all__ += ["functional", "norm_with_stats"]
+from .dispatch import Plan  # noqa: E402
+from .explain import explain  # noqa: E402
+from .orth import orthogonalize  # noqa: E402
+from . import nn  # noqa: E402
+
+__all__ += ["functional", "norm_with_stats", "explain", "Plan", "orthogonalize", "nn"]

@@ -27,7 +27,7 @@ class _Whitening(nn.Module):
         if num_channels is not None and (isinstance(num_channels, bool) or not isinstance(num_channels, int)
                                          or num_channels < 1):
             raise ValueError(f"num_channels must be a positive int or None, got {num_channels!r}")
-        api.check_common(iters=T, eps=eps)
+        api.check_common(iters=T, eps=eps, iters_name="T")
         if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0.0 <= momentum <= 1.0:
             raise ValueError(f"momentum must be a number in [0, 1], got {momentum!r}")
         _backend.check_backend_name(backend)

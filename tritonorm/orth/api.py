@@ -13,12 +13,13 @@ from . import ops, reference
 METHODS = ("newton_schulz", "eigen")
 
 
-def check_common(*, iters: int, eps: float, group_size: int | None = None) -> None:
-    """Checks shared by ``orthogonalize`` and the modules; raises before anything is computed."""
+def check_common(*, iters: int, eps: float, group_size: int | None = None, iters_name: str = "iters") -> None:
+    """Checks shared by ``orthogonalize`` and the modules; raises before anything is computed.
+    ``iters_name`` is what the caller calls the iteration count (IterNorm: ``T``)."""
     if isinstance(iters, bool) or not isinstance(iters, int):
-        raise TypeError(f"iters must be an int, got {type(iters).__name__}")
+        raise TypeError(f"{iters_name} must be an int, got {type(iters).__name__}")
     if iters < 1:
-        raise ValueError(f"iters must be >= 1, got {iters}")
+        raise ValueError(f"{iters_name} must be >= 1, got {iters}")
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0:
         raise ValueError(f"eps must be a positive finite number, got {eps!r}")
     if group_size is not None:
@@ -111,4 +112,4 @@ def _orth_batch(z: torch.Tensor, method: str, iters: int, eps: float, use_triton
         return torch.matmul(reference.inv_sqrt_eigh(s, floor=eps), zc), None
     c = torch.linalg.matrix_norm(s)[:, None, None]
     b = ops.newton_isqrt(s / c, iters, use_triton)
-    return torch.matmul(b, zc) * c.rsqrt(), b
+    return torch.matmul(b, zc) / c.sqrt(), b

@@ -33,7 +33,7 @@ def _newton_fwd_kernel(
     offs = rows[:, None] * n + rows[None, :]
     nn = n * n
     s = tl.load(SN + g * nn + offs, mask=mask, other=0.0)
-    b = tl.where((rows[:, None] == rows[None, :]) & mask, 1.0, 0.0)
+    b = ((rows[:, None] == rows[None, :]) & mask).to(tl.float32)  # I on the real rows only
     for t in range(iters):
         if SAVE_HISTORY:
             tl.store(Hist + (g * iters + t) * nn + offs, b, mask=mask)

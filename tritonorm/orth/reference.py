@@ -69,7 +69,10 @@ class _InvSqrtEigh(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, s: torch.Tensor, floor: float) -> torch.Tensor:
-        lam, u = torch.linalg.eigh(s)
+        try:
+            lam, u = torch.linalg.eigh(s)
+        except torch.linalg.LinAlgError as exc:  # CPU LAPACK reports NaN/inf input this way
+            raise FloatingPointError(f"eigendecomposition failed (non-finite input?): {exc}") from exc
         # True eigenvalues of Zc·Zcᵀ + eps·I are >= eps; rounding in the solver can push them
         # below (even negative) when eps is small relative to ||S||, so clamp at the floor.
         lam = lam.clamp_min(floor)
