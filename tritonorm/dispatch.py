@@ -1,56 +1,155 @@
 """Choosing a kernel regime and launch configuration for a problem.
 
-``choose`` is a pure function of the problem (direction, statistics P, elements per statistic M,
-element size, which side is unit-stride) and a device profile, so plans for a GPU can be made and
-tested on any machine. The thresholds here are first heuristics from the kernels' register
-budgets; docs/dispatch.md records which of them have been measured.
+A *problem* is what the kernels see once layout.py has made any scope a rows x cols strided view:
+P statistics (rows) of M elements (columns), the element size, which side is unit-stride, plus
+the descriptive key fields (op, scope, dtype, layout, flags) the tuning cache is keyed by.
+
+``plan_for`` is the one entry point the launchers use. In order it returns:
+  1. a plan forced by ``forced(...)`` (tests and the tuner),
+  2. the user's tuning cache (measured on this GPU by ``tritonorm tune``; live devices only),
+  3. the table shipped for the profile (tritonorm/tables/<name>.json),
+  4. the analytic heuristic ``choose``.
+Everything here is a pure function of (problem, profile), so plans for a GPU can be made and
+tested on any machine. The thresholds are first heuristics from the kernels' register budgets
+and occupancy arithmetic; docs/dispatch.md says which have been measured (none yet).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 from dataclasses import dataclass, field, replace
 
+# Triton kernel regimes (tests iterate over these).
 REGIMES = ("fused", "looped", "split")
+# The torch native op: selectable by a tuned table or cache entry, or forced; never chosen by the
+# heuristic, because no measurement yet shows where it wins.
+NATIVE = "torch"
+KERNELS = REGIMES + (NATIVE,)
+
+# The merge stage holds BLOCK_P x split partials in registers, and ``split`` is a power of two so
+# the merge kernel's BLOCK_S takes few values (one compile each).
+MAX_SPLIT = 256
 
 
 @dataclass(frozen=True)
 class DeviceProfile:
-    """What the dispatcher needs to know about a device."""
+    """What the dispatcher needs to know about a device.
+
+    ``fused_max``: largest statistic (elements) one program holds in registers, per element size
+    in bytes, forward; the backward holds x and dy, so it gets half for fp32. Given as a dict,
+    stored as sorted pairs so the profile stays hashable.
+    """
 
     name: str
     sm_count: int
-    # Largest statistic held in registers by one program (elements, per element size in bytes).
-    fused_max: dict = field(default_factory=lambda: {4: 8192, 2: 16384})
-    # Elements one program should touch per tile.
+    fused_max: tuple = ((2, 16384), (4, 16384))
+    fused_max_backward: tuple = ((2, 16384), (4, 8192))
+    # Elements one program should touch per tile (looped/split) or per launch block (fused).
     tile: int = 4096
     max_warps: int = 16
+    # Programs per SM the regimes aim for: ~4 resident programs of 8-16 warps fill an SM's
+    # 64 warp slots, which is what hides HBM latency in a streaming kernel.
+    programs_per_sm: int = 4
+    # Below this many bytes moved, an op is launch-latency bound (a few microseconds): one
+    # fused launch beats the three launches of a split reduction even on an idle GPU.
+    split_min_bytes: int = 4 << 20
     interpreter: bool = False
+    # Shipped table name (tritonorm/tables/<table>.json) and cache validators.
+    table: str | None = None
+    gpu_name: str | None = None
+    capability: tuple | None = None
+    # True for a profile built from a device present in this process (then the user's tuning
+    # cache, which holds measurements of that device, is consulted).
+    live: bool = False
+
+    def __post_init__(self):
+        for attr in ("fused_max", "fused_max_backward"):
+            value = getattr(self, attr)
+            if isinstance(value, dict):
+                object.__setattr__(self, attr, tuple(sorted(value.items())))
+
+    def fused_limit(self, elem_bytes: int, op: str = "forward") -> int:
+        pairs = dict(self.fused_max_backward if op != "forward" else self.fused_max)
+        return pairs.get(elem_bytes, pairs.get(4, min(pairs.values())))
 
 
 PROFILES = {
-    "h100": DeviceProfile("h100", sm_count=132),
-    "h200": DeviceProfile("h200", sm_count=132),
+    # H100 SXM5 and H200: the same GH100 die, 132 SMs, 50 MB L2, compute capability 9.0;
+    # the H200 has more and faster HBM (141 GB HBM3e, 4.8 TB/s vs 80 GB HBM3, 3.35 TB/s).
+    "h100": DeviceProfile("h100", sm_count=132, table="h100", gpu_name="NVIDIA H100", capability=(9, 0)),
+    "h200": DeviceProfile("h200", sm_count=132, table="h200", gpu_name="NVIDIA H200", capability=(9, 0)),
     # Triton's interpreter runs programs one after another in Python: few, large programs are
     # fastest there, and the limits only bound memory.
     "interpreter": DeviceProfile("interpreter", sm_count=4, fused_max={4: 4096, 2: 4096},
-                                 tile=4096, interpreter=True),
+                                 fused_max_backward={4: 4096, 2: 4096}, tile=4096,
+                                 split_min_bytes=1 << 62, interpreter=True),
 }
+
+
+def profile_named(name: str) -> DeviceProfile:
+    key = name.strip().lower()
+    if key not in PROFILES:
+        raise ValueError(f"device={name!r} is not a known profile; expected one of {', '.join(PROFILES)}")
+    return PROFILES[key]
+
+
+def profile_from_properties(gpu_name: str, sm_count: int, capability: tuple) -> DeviceProfile:
+    """The profile of a present GPU: a named profile's table when the name matches, with the
+    device's own SM count (an H100 PCIe has 114 SMs, not 132)."""
+    lower = gpu_name.lower()
+    base = DeviceProfile(gpu_name, sm_count=sm_count)
+    for key in ("h200", "h100"):
+        if key in lower:
+            base = PROFILES[key]
+            break
+    return replace(base, sm_count=sm_count, gpu_name=gpu_name, capability=tuple(capability), live=True)
+
+
+def profile_for_device(device) -> DeviceProfile:
+    """The profile for a torch device (CUDA: its properties; anything else: the interpreter)."""
+    import torch
+
+    device = torch.device(device)
+    if device.type != "cuda":
+        return PROFILES["interpreter"]
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _cuda_profile(index)
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_profile(index: int) -> DeviceProfile:
+    import torch
+
+    props = torch.cuda.get_device_properties(index)
+    return profile_from_properties(props.name, props.multi_processor_count, (props.major, props.minor))
 
 
 @dataclass(frozen=True)
 class Problem:
-    op: str            # "forward" or "backward"
+    op: str            # "forward", "backward" (dx) or "dwdb" (weight/bias gradient reduction)
     P: int             # number of statistics
     M: int             # elements per statistic
     elem_bytes: int    # bytes per element of x
     rows_unit_stride: bool = False  # x's unit stride is on the statistics side (e.g. channels_last BN)
+    # Descriptive fields: part of the tuning-cache key, not of the heuristic.
+    scope: str = ""    # e.g. "NCHW:NHW/g1" (layout, reduced letters, groups)
+    dtype: str = ""    # "float32", "bfloat16", "float16"
+    layout: str = ""   # which side is unit-stride and how many dims each side has, e.g. "cols/1x2"
+    flags: str = ""    # epilogue flags, e.g. "w,b,act=silu"
+    col_run: int = 0   # contiguous elements per statistic run in x (0: unknown)
+
+    def key(self) -> str:
+        """The tuning-cache key: descriptive fields and the power-of-two buckets of P and M."""
+        return "|".join((self.op, self.scope, self.dtype, self.layout, self.flags,
+                         f"P{bucket(self.P)}", f"M{bucket(self.M)}"))
 
 
 @dataclass(frozen=True)
 class Plan:
-    """A kernel choice: ``kernel`` names the regime, ``config`` the launch parameters."""
+    """A kernel choice: ``kernel`` names the regime, ``config`` the launch parameters, ``reason``
+    why (heuristic, cache hit, shipped table, forced)."""
 
     kernel: str
     config: dict
@@ -64,68 +163,219 @@ def _pow2(n: int) -> int:
     return 1 << max(0, (max(1, n) - 1).bit_length())
 
 
+def bucket(n: int) -> int:
+    """Shape bucket: the next power of two. Configs depend on P and M only through these."""
+    return _pow2(n)
+
+
 def _warps(elements: int, profile: DeviceProfile) -> int:
+    # ~8 fp32 values per thread per tile: enough to vectorize loads, few enough to keep registers.
     return max(1, min(profile.max_warps, _pow2(elements // 256)))
 
 
+def problem_from_view(op: str, view, elem_bytes: int, *, spec=None, dtype: str = "",
+                      flags: str = "") -> Problem:
+    """The problem a launcher (or explain) solves on a layout.View; one definition for both."""
+    rows, cols = view.rows, view.cols
+    rows_unit = rows.numel > 1 and _unit_run(rows) > 1
+    run = _unit_run(cols)
+    side = "rows" if rows_unit else ("cols" if run > 1 else "none")
+    layout = f"{side}/{_ndims(rows)}x{_ndims(cols)}"
+    if side == "cols":
+        layout += f"/run{min(bucket(run), 4096)}"
+    scope = f"{spec.layout}:{spec.letters}/g{spec.num_groups}" if spec is not None else ""
+    return Problem(op=op, P=view.P, M=view.M, elem_bytes=elem_bytes, rows_unit_stride=rows_unit,
+                   scope=scope, dtype=dtype, layout=layout, flags=flags, col_run=run)
+
+
+def _ndims(side) -> int:
+    return max(1, sum(1 for n in side.sizes if n > 1))
+
+
+def _unit_run(side) -> int:
+    """Elements of a statistic that lie contiguously in x (the fastest dim, if unit-stride)."""
+    dims = [(n, st) for n, st in zip(side.sizes, side.strides[0]) if n > 1]
+    if not dims or dims[-1][1] != 1:
+        return 1
+    return dims[-1][0]
+
+
+def flags_key(has_w: bool, has_b: bool, has_res: bool, act: int | str | None, center: bool) -> str:
+    parts = [p for p, on in (("w", has_w), ("b", has_b), ("res", has_res), ("rms", not center)) if on]
+    if act not in (None, 0, "none"):
+        parts.append(f"act={act}")
+    return ",".join(parts) or "-"
+
+
 def choose(problem: Problem, profile: DeviceProfile) -> Plan:
+    """The analytic heuristic (docs/dispatch.md explains each step)."""
     P, M = problem.P, problem.M
-    fused_max = profile.fused_max.get(problem.elem_bytes, profile.fused_max[4])
+    Pb = bucket(P)
+    total_bytes = P * M * problem.elem_bytes
+    fill = profile.programs_per_sm * profile.sm_count
+    fused_max = profile.fused_limit(problem.elem_bytes, problem.op)
     block_m_full = _pow2(M)
-    if block_m_full <= fused_max:
-        # Enough rows per program to fill a tile, but keep >= 2 programs per SM when P allows.
-        block_p = max(1, min(_pow2(P), profile.tile // block_m_full))
-        while block_p > 1 and -(-P // block_p) < 2 * profile.sm_count and not profile.interpreter:
-            block_p //= 2
-        cfg = {"block_p": block_p, "block_m": block_m_full, "num_warps": _warps(block_p * block_m_full, profile)}
-        return Plan("fused", cfg, f"statistic of {M} elements fits one program (<= {fused_max})")
+    # Column-strided statistics (rows unit-stride) need several rows per program for coalesced
+    # loads, so the fused regime must hold at least that many whole statistics.
+    min_rows = min(Pb, 16) if problem.rows_unit_stride else 1
+    fits = block_m_full * min_rows <= fused_max and problem.op != "dwdb"
+    if fits:
+        block_p = max(min_rows, min(Pb, profile.tile // block_m_full))
+        if not profile.interpreter:
+            # Keep >= 2 programs per SM when P allows (decided on the bucket of P, so the
+            # compiled BLOCK_P is the same for every batch size in a bucket).
+            while block_p > min_rows and Pb // block_p < 2 * profile.sm_count:
+                block_p //= 2
+        programs = -(-P // block_p)
+        if programs >= profile.sm_count or total_bytes < profile.split_min_bytes:
+            cfg = {"block_p": block_p, "block_m": block_m_full,
+                   "num_warps": _warps(block_p * block_m_full, profile)}
+            why = (f"heuristic: statistic of {M} elements fits one program (<= {fused_max}); "
+                   + (f"{programs} programs fill {profile.sm_count} SMs" if programs >= profile.sm_count
+                      else f"{total_bytes >> 10} KiB is launch-latency bound: one launch"))
+            return Plan("fused", cfg, why)
     if problem.rows_unit_stride:
-        block_p = min(_pow2(P), 32)
+        block_p = min(Pb, 32)
+        block_m = max(16, profile.tile // block_p)
+    elif 1 < problem.col_run < 32:
+        # Short contiguous runs (channels_last GroupNorm: Cg channels per group): neighbouring
+        # statistics share cache lines, so one program takes enough of them for ~32-element runs.
+        block_p = min(Pb, _pow2(32 // problem.col_run))
         block_m = max(16, profile.tile // block_p)
     else:
         block_p = 1
-        block_m = min(profile.tile, _pow2(M))
+        block_m = min(profile.tile, block_m_full)
     row_programs = -(-P // block_p)
     tiles = -(-M // block_m)
-    want = 4 * profile.sm_count
-    split = min(tiles, max(1, -(-want // row_programs)))
     cfg = {"block_p": block_p, "block_m": block_m, "num_warps": _warps(block_p * block_m, profile)}
+    if row_programs >= fill or tiles == 1:
+        return Plan("looped", {**cfg, "split": 1},
+                    f"heuristic: {row_programs} programs of one statistic block each fill the device")
+    split = min(MAX_SPLIT, _pow2(-(-fill // row_programs)))
+    # Too few tiles to split that many ways: smaller tiles (down to 1024 elements, still long
+    # enough to stream) rather than fewer programs.
+    while split > tiles and block_m > 1024 and not problem.rows_unit_stride:
+        block_m //= 2
+        tiles = -(-M // block_m)
+        cfg = {**cfg, "block_m": block_m, "num_warps": _warps(block_p * block_m, profile)}
+    while split > 1 and split > tiles:
+        split //= 2
     if split <= 1:
         return Plan("looped", {**cfg, "split": 1},
-                    f"{row_programs} programs of one statistic each fill the device")
+                    "heuristic: one tile per statistic block, nothing to split")
     return Plan("split", {**cfg, "split": split},
-                f"only {row_programs} statistics: {split} programs share each to fill {profile.sm_count} SMs")
+                f"heuristic: only {row_programs} statistic blocks for {profile.sm_count} SMs: "
+                f"{split} programs share each ({row_programs * split} programs)")
+
+
+def fit(plan: Plan, problem: Problem, profile: DeviceProfile) -> Plan | None:
+    """A stored plan adapted to this problem (split clamped to the tiles), or None when it cannot
+    run it (a fused block narrower than the statistic, a malformed config)."""
+    if plan.kernel not in KERNELS:
+        return None
+    if plan.kernel == NATIVE:
+        return plan
+    cfg = dict(plan.config)
+    try:
+        bp, bm, nw = int(cfg["block_p"]), int(cfg["block_m"]), int(cfg.get("num_warps", 4))
+    except (KeyError, TypeError, ValueError):
+        return None
+    if bp < 1 or bm < 1 or bp & (bp - 1) or bm & (bm - 1) or nw < 1 or nw & (nw - 1):
+        return None
+    cfg.update(block_p=bp, block_m=bm, num_warps=nw)
+    if plan.kernel == "fused":
+        if bm < problem.M:
+            return None
+        cfg.pop("split", None)
+    else:
+        tiles = -(-problem.M // bm)
+        split = 1 if plan.kernel == "looped" else max(1, min(int(cfg.get("split", 2)), tiles, MAX_SPLIT))
+        if plan.kernel == "split" and split < 2:
+            return None
+        cfg["split"] = split
+    return replace(plan, config=cfg)
 
 
 _forced = threading.local()
 
 
 @contextlib.contextmanager
-def forced(kernel: str, **config):
-    """Force a regime (and optionally launch parameters) inside the block. For tests and tuning."""
-    if kernel not in REGIMES:
-        raise ValueError(f"kernel={kernel!r} is not a regime; expected one of {', '.join(REGIMES)}")
+def forced(kernel: str, op: str | None = None, **config):
+    """Force a regime (and optionally launch parameters) inside the block. For tests and tuning.
+
+    ``op``: only problems of this op ("forward", "backward", "dwdb") are forced; default all.
+    """
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel={kernel!r} is not a regime; expected one of {', '.join(KERNELS)}")
     prev = getattr(_forced, "value", None)
-    _forced.value = (kernel, config)
+    _forced.value = (kernel, op, config)
     try:
         yield
     finally:
         _forced.value = prev
 
 
-def plan_for(problem: Problem, profile: DeviceProfile) -> Plan:
-    """The plan a call runs: a forced plan if one is active, else the heuristic."""
-    force = getattr(_forced, "value", None)
-    base = choose(problem, profile)
-    if force is None:
-        return base
-    kernel, cfg = force
+def _forced_plan(kernel: str, cfg: dict, problem: Problem, profile: DeviceProfile) -> Plan:
+    if kernel == NATIVE:
+        return Plan(NATIVE, {}, "forced")
+    nw = cfg.get("num_warps", 4)
     if kernel == "fused":
         need = _pow2(problem.M)
         block_p = cfg.get("block_p", max(1, min(_pow2(problem.P), profile.tile // need)))
-        return Plan("fused", {"block_p": block_p, "block_m": need, "num_warps": 4}, "forced")
+        return Plan("fused", {"block_p": block_p, "block_m": need, "num_warps": nw}, "forced")
     block_p = cfg.get("block_p", 1)
     block_m = cfg.get("block_m", min(64, _pow2(problem.M)))
     tiles = -(-problem.M // block_m)
     split = 1 if kernel == "looped" else max(2, min(tiles, cfg.get("split", 3)))
-    return Plan(kernel, {"block_p": block_p, "block_m": block_m, "split": split, "num_warps": 4}, "forced")
+    return Plan(kernel, {"block_p": block_p, "block_m": block_m, "split": split, "num_warps": nw}, "forced")
+
+
+def _stored(problem: Problem, profile: DeviceProfile) -> Plan | None:
+    """A plan from the user's tuning cache (live devices) or the shipped table, if one fits."""
+    from .tuning import cache
+
+    key = problem.key()
+    sources = []
+    if profile.live:
+        sources.append(("cache hit", cache.user_cache(profile)))
+    if profile.table:
+        sources.append((f"shipped table {profile.table}", cache.shipped_table(profile.table)))
+    for label, store in sources:
+        table_cap = getattr(store, "capability", None)
+        if table_cap and profile.capability and table_cap != "%d.%d" % tuple(profile.capability[:2]):
+            continue
+        entry = store.get(key) if store is not None else None
+        if entry is None:
+            continue
+        plan = fit(Plan(entry["kernel"], dict(entry.get("config", {})), label), problem, profile)
+        if plan is not None:
+            return replace(plan, reason=f"{label}: {key}")
+    return None
+
+
+_memo: dict = {}
+_memo_lock = threading.Lock()
+
+
+def clear_memo() -> None:
+    """Forget memoized plans (after the tuning cache or a table changed)."""
+    with _memo_lock:
+        _memo.clear()
+
+
+def plan_for(problem: Problem, profile: DeviceProfile) -> Plan:
+    """The plan a call runs: forced, else cache, else shipped table, else the heuristic."""
+    force = getattr(_forced, "value", None)
+    if force is not None:
+        kernel, op, cfg = force
+        if op is None or op == problem.op:
+            return _forced_plan(kernel, cfg, problem, profile)
+    memo_key = (problem, profile)
+    plan = _memo.get(memo_key)
+    if plan is None:
+        plan = _stored(problem, profile) or choose(problem, profile)
+        with _memo_lock:
+            if len(_memo) > 4096:
+                _memo.clear()
+            _memo[memo_key] = plan
+    return plan

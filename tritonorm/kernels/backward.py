@@ -95,8 +95,8 @@ def _bwd_sums_kernel(
     end = tl.minimum(start + CHUNK, M)
     s1 = tl.zeros([BLOCK_P], dtype=tl.float32)
     s2 = tl.zeros([BLOCK_P], dtype=tl.float32)
-    for m0 in range(start, end, BLOCK_M):
-        cols = m0 + tl.arange(0, BLOCK_M)
+    for m in range(0, CHUNK, BLOCK_M):  # a fixed trip count: tiles past `end` are masked
+        cols = start + m + tl.arange(0, BLOCK_M)
         if INT64:
             cols = cols.to(tl.int64)
         cmask = cols < end
@@ -119,7 +119,7 @@ def _bwd_sums_kernel(
 @triton.jit
 def _bwd_apply_kernel(
     X, DY, Res, W, B, K, Mean, Rstd, S1, S2, DX, DRes,  # S1, S2: [P] fp32 by row index (unused if GIVEN)
-    P, M,
+    P, M, COL_PROGS, TILES_PER_PROG,  # programs on grid axis 1, column tiles each
     rs1, rs2, rs3, rx0, rx1, rx2, rx3, ro0, ro1, ro2, ro3, rt0, rt1, rt2, rt3, rhd, rhm, rhk,
     cs1, cs2, cs3, cx0, cx1, cx2, cx3, co0, co1, co2, co3, ct0, ct1, ct2, ct3, chd, chm, chk,
     CENTER: tl.constexpr, GIVEN: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
@@ -141,9 +141,8 @@ def _bwd_apply_kernel(
     if not GIVEN:
         s1 = tl.load(S1 + rows, mask=rmask, other=0.0)
         s2 = tl.load(S2 + rows, mask=rmask, other=0.0)
-    n_tiles = tl.cdiv(M, BLOCK_M)
-    for t in range(tl.program_id(1), n_tiles, tl.num_programs(1)):
-        cols = t * BLOCK_M + tl.arange(0, BLOCK_M)
+    for i in range(0, TILES_PER_PROG):  # column tiles pid1, pid1 + COL_PROGS, ...
+        cols = (tl.program_id(1) + i * COL_PROGS) * BLOCK_M + tl.arange(0, BLOCK_M)
         if INT64:
             cols = cols.to(tl.int64)
         cmask = cols < M
@@ -183,8 +182,8 @@ def _dwdb_kernel(
     end = tl.minimum(start + CHUNK, M)
     dw = tl.zeros([BLOCK_P], dtype=tl.float32)
     db = tl.zeros([BLOCK_P], dtype=tl.float32)
-    for m0 in range(start, end, BLOCK_M):
-        cols = m0 + tl.arange(0, BLOCK_M)
+    for m in range(0, CHUNK, BLOCK_M):  # a fixed trip count: tiles past `end` are masked
+        cols = start + m + tl.arange(0, BLOCK_M)
         if INT64:
             cols = cols.to(tl.int64)
         cmask = cols < end

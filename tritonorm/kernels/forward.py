@@ -137,7 +137,8 @@ def _fwd_partial_kernel(
     k = pivot(X, rx, rmask, CENTER)
     mean = tl.zeros([BLOCK_P], dtype=tl.float32)
     m2 = tl.zeros([BLOCK_P], dtype=tl.float32)
-    for m0 in range(start, end, BLOCK_M):
+    for m in range(0, CHUNK, BLOCK_M):  # a fixed trip count: tiles past `end` are masked
+        m0 = start + m
         cols = m0 + tl.arange(0, BLOCK_M)
         if INT64:
             cols = cols.to(tl.int64)
@@ -146,9 +147,10 @@ def _fwd_partial_kernel(
         cx, co, ct, ch = side_offsets(cols, cs1, cs2, cs3, cx0, cx1, cx2, cx3, co0, co1, co2, co3, ct0, ct1, ct2, ct3, chd, chm, chk)
         x = tl.load(X + (rx[:, None] + cx[None, :]), mask=mask, other=0.0).to(tl.float32)
         d = tl.where(mask, x - k[:, None], 0.0)
-        nt = tl.minimum(end - m0, BLOCK_M).to(tl.float32)
-        t_mean, t_m2 = tile_moments(d, mask, nt, CENTER)
-        mean, m2 = chan_merge((m0 - start) * 1.0, mean, m2, nt, t_mean, t_m2)
+        nt = tl.maximum(tl.minimum(end - m0, BLOCK_M), 0).to(tl.float32)
+        t_mean, t_m2 = tile_moments(d, mask, tl.maximum(nt, 1.0), CENTER)
+        n_before = tl.maximum(tl.minimum(end - start, m), 0).to(tl.float32)
+        mean, m2 = chan_merge(n_before, mean, m2, nt, t_mean, t_m2)
     tl.store(PMean + rows * SPLIT + sp, mean, mask=rmask)
     tl.store(PM2 + rows * SPLIT + sp, m2, mask=rmask)
 
@@ -183,7 +185,7 @@ def _fwd_merge_kernel(
 @triton.jit
 def _fwd_apply_kernel(
     X, Y, Res, W, B, K, Mean, Rstd,  # as the fused kernel; the statistics are inputs here
-    P, M,
+    P, M, COL_PROGS, TILES_PER_PROG,  # programs on grid axis 1, column tiles each
     rs1, rs2, rs3, rx0, rx1, rx2, rx3, ro0, ro1, ro2, ro3, rt0, rt1, rt2, rt3, rhd, rhm, rhk,
     cs1, cs2, cs3, cx0, cx1, cx2, cx3, co0, co1, co2, co3, ct0, ct1, ct2, ct3, chd, chm, chk,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_RES: tl.constexpr,
@@ -199,9 +201,8 @@ def _fwd_apply_kernel(
     k = tl.load(K + rt, mask=rmask, other=0.0)
     mean = tl.load(Mean + rt, mask=rmask, other=0.0)
     rstd = tl.load(Rstd + rt, mask=rmask, other=0.0)
-    n_tiles = tl.cdiv(M, BLOCK_M)
-    for t in range(tl.program_id(1), n_tiles, tl.num_programs(1)):
-        cols = t * BLOCK_M + tl.arange(0, BLOCK_M)
+    for i in range(0, TILES_PER_PROG):  # column tiles pid1, pid1 + COL_PROGS, ...
+        cols = (tl.program_id(1) + i * COL_PROGS) * BLOCK_M + tl.arange(0, BLOCK_M)
         if INT64:
             cols = cols.to(tl.int64)
         cmask = cols < M

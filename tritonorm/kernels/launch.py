@@ -73,6 +73,13 @@ def _chunk(M: int, block_m: int, split: int) -> int:
     return triton.cdiv(triton.cdiv(M, split), block_m) * block_m
 
 
+def _apply_grid(P: int, M: int, bp: int, bm: int, one_program_per_row: bool = False):
+    """Grid of the apply kernels: (row blocks, column programs), and column tiles per program."""
+    n_tiles = triton.cdiv(M, bm)
+    col_progs = 1 if one_program_per_row else min(n_tiles, _MAX_GRID_1)
+    return (triton.cdiv(P, bp), col_progs), triton.cdiv(n_tiles, col_progs)
+
+
 def _chan_mode(view) -> int:
     """Which sides the channel index depends on (the kernels' CHAN flag)."""
     rows, cols = view.rows.chan[2] != 0, view.cols.chan[2] != 0
@@ -120,8 +127,8 @@ def forward(x, spec: Spec, weight, bias, residual, eps: float, center: bool, act
         rstd = given[1].reshape(stat_shape).to(torch.float32, copy=True).contiguous()
         k = torch.zeros_like(mean)
         bm = min(bm, 4096)
-        grid = (triton.cdiv(P, bp), min(triton.cdiv(M, bm), _MAX_GRID_1))
-        fk._fwd_apply_kernel[grid](x, y, r, w, b, k, mean, rstd, P, M, *args, **flags,
+        grid, tiles = _apply_grid(P, M, bp, bm)
+        fk._fwd_apply_kernel[grid](x, y, r, w, b, k, mean, rstd, P, M, grid[1], tiles, *args, **flags,
                                    BLOCK_P=bp, BLOCK_M=bm, num_warps=nw)
         return y, k, mean, rstd, rstd.reciprocal().square() - eps
     k = _empty(stat_shape, x.device)
@@ -148,8 +155,8 @@ def forward(x, spec: Spec, weight, bias, residual, eps: float, center: bool, act
         fk._fwd_merge_kernel[(triton.cdiv(P, mbp),)](
             x, pmean, pm2, k, mean, rstd, var, P, M, chunk, split, eps, *view.rows.args(),
             CENTER=center, BLOCK_P=mbp, BLOCK_S=_pow2(split))
-        grid = (triton.cdiv(P, bp), min(triton.cdiv(M, bm), _MAX_GRID_1))
-        fk._fwd_apply_kernel[grid](x, y, r, w, b, k, mean, rstd, P, M, *args, **flags,
+        grid, tiles = _apply_grid(P, M, bp, bm)
+        fk._fwd_apply_kernel[grid](x, y, r, w, b, k, mean, rstd, P, M, grid[1], tiles, *args, **flags,
                                    BLOCK_P=bp, BLOCK_M=bm, num_warps=nw)
     return y, k, mean, rstd, var
 
@@ -206,9 +213,9 @@ def backward(dy, x, spec: Spec, weight, bias, residual, k, mean, rstd, center: b
                     x, dy, r, w, b, k, mean, rstd, ps1, ps2, P, M, chunk, split, *args, **flags,
                     BLOCK_P=bp, BLOCK_M=bm, num_warps=nw)
                 s1, s2 = ps1.sum(dim=1), ps2.sum(dim=1)
-            n_col = 1 if plan.kernel == "looped" else min(triton.cdiv(M, bm), _MAX_GRID_1)
-            bk._bwd_apply_kernel[(triton.cdiv(P, bp), n_col)](
-                x, dy, r, w, b, k, mean, rstd, s1, s2, dx, dr, P, M, *args, CENTER=center,
+            grid, tiles = _apply_grid(P, M, bp, bm, one_program_per_row=plan.kernel == "looped")
+            bk._bwd_apply_kernel[grid](
+                x, dy, r, w, b, k, mean, rstd, s1, s2, dx, dr, P, M, grid[1], tiles, *args, CENTER=center,
                 GIVEN=given, WRITE_DRES=write_dres, **flags, BLOCK_P=bp, BLOCK_M=bm, num_warps=nw)
     dw = db = None
     if need_dw or need_db:

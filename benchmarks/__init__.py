@@ -1,0 +1,1 @@
+"""tritonorm's benchmark suite (run with ``tritonorm bench`` or ``make bench``; see docs/benchmarks.md)."""

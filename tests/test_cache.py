@@ -1,0 +1,185 @@
+"""The tuning cache: JSON only, validated against versions and GPU, atomic writes, and every
+way a file can be bad (corrupt, truncated, foreign, stale) or unwritable."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import warnings
+
+import pytest
+
+from tritonorm import dispatch
+from tritonorm.tuning import cache
+
+PROFILE = dispatch.replace(dispatch.PROFILES["h100"], gpu_name="NVIDIA H100 80GB HBM3", live=True)
+CFG = {"block_p": 1, "block_m": 4096, "num_warps": 8, "split": 4}
+
+
+@pytest.fixture(autouse=True)
+def _isolated(tmp_path, monkeypatch):
+    monkeypatch.setenv("TRITONORM_CACHE_DIR", str(tmp_path / "cache"))
+    cache.reset()
+    yield
+    cache.reset()
+
+
+def _new_cache(path=None):
+    return cache.TuningCache(path or cache.cache_file(PROFILE), cache.validators_for(PROFILE))
+
+
+def _caught(fn):
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        result = fn()
+    return result, [x for x in w if issubclass(x.category, cache.TuningCacheWarning)]
+
+
+def test_roundtrip_and_location(tmp_path):
+    c = _new_cache()
+    assert c.path.parent == tmp_path / "cache" and c.status == "missing"
+    c.put("k1", "split", CFG, time_us=12.5)
+    data = json.loads(c.path.read_text())
+    assert data["format"] == cache.FORMAT and data["kind"] == "cache"
+    assert data["validators"]["gpu"] == "NVIDIA H100 80GB HBM3"
+    assert set(data["validators"]) == {"tritonorm", "triton", "torch", "gpu", "capability"}
+    again = _new_cache()
+    assert again.status == "ok" and again.get("k1")["config"] == CFG
+    assert not list(c.path.parent.glob("*.tmp"))  # temp files renamed, none left behind
+
+
+def test_default_location_under_user_cache(monkeypatch, tmp_path):
+    monkeypatch.delenv("TRITONORM_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache.cache_dir() == tmp_path / "xdg" / "tritonorm"
+    assert cache.cache_file(PROFILE).name == "tuning-nvidia-h100-80gb-hbm3-sm90.json"
+
+
+@pytest.mark.parametrize("content,status", [
+    ('{"format": "tritonorm-tuning", "version": 1, "kind": "cache", "entr', "corrupt"),  # truncated
+    ("\x00\x01garbage", "corrupt"),
+    ('{"some": "other tool"}', "foreign"),
+    ("[1, 2, 3]", "foreign"),
+    ('{"format": "tritonorm-tuning", "version": 1, "kind": "table", "entries": {}}', "foreign"),
+])
+def test_bad_files_are_ignored_with_one_warning(content, status):
+    path = cache.cache_file(PROFILE)
+    path.parent.mkdir(parents=True)
+    path.write_text(content)
+    c, warned = _caught(_new_cache)
+    assert c.status == status and len(c) == 0
+    assert len(warned) == 1
+    _, again = _caught(_new_cache)  # the same file again: no second warning
+    assert again == []
+    c.put("k", "looped", {"block_p": 1, "block_m": 1024, "num_warps": 4, "split": 1})
+    assert json.loads(path.read_text())["entries"]["k"]["kernel"] == "looped"  # replaced
+
+
+@pytest.mark.parametrize("field,value", [("triton", "0.0.1"), ("torch", "1.0"), ("tritonorm", "9.9"),
+                                         ("gpu", "NVIDIA A100"), ("capability", "8.0")])
+def test_stale_validators_invalidate_the_file(field, value):
+    c = _new_cache()
+    c.put("k", "split", CFG)
+    data = json.loads(c.path.read_text())
+    data["validators"][field] = value
+    c.path.write_text(json.dumps(data))
+    stale, warned = _caught(_new_cache)
+    assert stale.get("k") is None and stale.status.startswith("stale") and field in stale.status
+    assert len(warned) == 1 and "another setup" in str(warned[0].message)
+
+
+def test_malformed_entries_are_dropped():
+    path = cache.cache_file(PROFILE)
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"format": cache.FORMAT, "version": 1, "kind": "cache",
+                                "validators": cache.validators_for(PROFILE), "entries": {
+                                    "good": {"kernel": "fused", "config": {"block_p": 1, "block_m": 64}},
+                                    "code": {"kernel": "__import__('os').system('x')", "config": {}},
+                                    "cfg": {"kernel": "split", "config": {"block_m": "4096"}},
+                                    "huge": {"kernel": "split", "config": {"split": 10**12}}}}))
+    c, warned = _caught(_new_cache)
+    assert set(c.entries) == {"good"} and len(warned) == 1
+    with pytest.raises(ValueError):
+        c.put("bad", "evil", {})
+
+
+def test_read_only_location_keeps_working_in_memory(tmp_path, monkeypatch):
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the cache folder should be")
+    monkeypatch.setenv("TRITONORM_CACHE_DIR", str(blocker / "sub"))
+    def make_and_put():
+        c = _new_cache()
+        c.put("k1", "split", CFG)
+        return c
+
+    c, warned = _caught(make_and_put)
+    assert len(warned) == 1 and "in memory" in str(warned[0].message)
+    _, warned = _caught(lambda: c.put("k2", "split", CFG))
+    assert warned == [] and c.get("k1") and c.get("k2") and not c.writable
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="permissions do not bind root")
+def test_read_only_directory_permissions(tmp_path, monkeypatch):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    monkeypatch.setenv("TRITONORM_CACHE_DIR", str(ro))
+    try:
+        c = _new_cache()
+        _, warned = _caught(lambda: c.put("k", "split", CFG))
+        assert len(warned) == 1 and c.get("k") is not None
+    finally:
+        ro.chmod(0o755)
+
+
+def test_failed_replace_leaves_old_file_intact(monkeypatch):
+    c = _new_cache()
+    c.put("k1", "split", CFG)
+    before = c.path.read_text()
+
+    def boom(*a, **k):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(cache.os, "replace", boom)
+    _, warned = _caught(lambda: c.put("k2", "split", CFG))
+    assert len(warned) == 1
+    assert c.path.read_text() == before and not list(c.path.parent.glob("*.tmp"))
+    assert c.get("k2") is not None  # still in memory
+
+
+def _writer(directory: str, tag: str, n: int) -> None:
+    os.environ["TRITONORM_CACHE_DIR"] = directory
+    cache.reset()
+    c = cache.user_cache(PROFILE)
+    for i in range(n):
+        c.put(f"{tag}-{i}", "split", {**CFG, "split": 2 + i % 4})
+
+
+def test_two_writer_processes(tmp_path):
+    directory = str(tmp_path / "shared")
+    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    procs = [ctx.Process(target=_writer, args=(directory, tag, 40)) for tag in ("a", "b")]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+        assert p.exitcode == 0
+    os.environ["TRITONORM_CACHE_DIR"] = directory
+    cache.reset()
+    path = cache.cache_file(PROFILE)
+    data = json.loads(path.read_text())  # valid JSON
+    entries = data["entries"]
+    assert set(entries) == {f"{t}-{i}" for t in "ab" for i in range(40)}  # nothing lost
+    assert all(e["kernel"] == "split" and e["config"]["split"] in (2, 3, 4, 5) for e in entries.values())
+    assert not list(path.parent.glob("*.tmp"))
+
+
+def test_cache_is_json_only(tmp_path):
+    """Nothing in a cache file is executed: a file with code in it is data, then ignored."""
+    path = cache.cache_file(PROFILE)
+    path.parent.mkdir(parents=True)
+    marker = tmp_path / "pwned"
+    path.write_text(f"__import__('pathlib').Path({str(marker)!r}).touch()")
+    c, _ = _caught(_new_cache)
+    assert c.status == "corrupt" and not marker.exists()

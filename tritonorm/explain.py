@@ -1,0 +1,92 @@
+"""``tritonorm.explain``: the plan a ``norm`` call would run, and why, without running it.
+
+It builds the same strided view as the launchers (kernels/layout.py) and asks the same
+``dispatch.plan_for``, so the plan shown is the plan run. ``x`` may be a meta tensor and
+``device`` a GPU profile name ("h100", "h200"), so plans for a GPU can be made on any machine.
+Needs neither triton nor a GPU.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import activations, backend as backends, dispatch
+from .kernels.layout import TooManyDims, alloc_out, channel_view, stat_view
+from .validation import check_norm_args
+
+OPS = ("forward", "backward", "dwdb")
+
+
+def _torch_device(device) -> torch.device:
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device={device!r} is not a known profile ({', '.join(dispatch.PROFILES)}) "
+                         f"nor a torch device") from None
+
+
+def _profile(device, x: torch.Tensor) -> dispatch.DeviceProfile | None:
+    """The profile to plan for, or None when the call would run the reference backend."""
+    if isinstance(device, dispatch.DeviceProfile):
+        return device
+    if isinstance(device, str) and device.strip().lower() in dispatch.PROFILES:
+        return dispatch.profile_named(device)
+    if device is not None:
+        return dispatch.profile_for_device(_torch_device(device))
+    if x.device.type == "meta":
+        return dispatch.profile_for_device("cuda" if torch.cuda.is_available() else "cpu")
+    return dispatch.profile_for_device(x.device)
+
+
+def _view(x: torch.Tensor, spec, make):
+    """The view the launcher runs on: x in place, else x copied into y's layout, else (a dense
+    permutation too irregular for the kernels) both contiguous."""
+    out = alloc_out(x).stride()
+    contiguous = torch.empty(x.shape, device="meta").stride()
+    for xs, ys in ((x.stride(), out), (out, out), (contiguous, contiguous)):
+        try:
+            return make(x.shape, spec, xs, ys)
+        except TooManyDims:
+            continue
+    raise AssertionError("a contiguous tensor always has a view")
+
+
+def explain(x: torch.Tensor, scope: str = "group", *, num_groups: int | None = None,
+            weight: torch.Tensor | None = None, bias: torch.Tensor | None = None, eps: float = 1e-5,
+            center: bool = True, activation: str | None = None, residual: torch.Tensor | None = None,
+            running_mean: torch.Tensor | None = None, running_var: torch.Tensor | None = None,
+            momentum: float = 0.1, training: bool = True, backend: str | None = None,
+            device=None, op: str = "forward") -> dispatch.Plan:
+    """The ``Plan`` that ``tritonorm.norm(x, scope, ...)`` with the same arguments would run.
+
+    ``device``: None (x's device), a profile name ("h100", "h200", "interpreter"), a
+    ``DeviceProfile`` or a torch device. ``op``: "forward", "backward" (the dx kernels) or
+    "dwdb" (the weight/bias gradient reduction). ``plan.kernel`` is a regime of
+    ``dispatch.KERNELS``, or "reference" when the call would not run Triton at all.
+    """
+    if op not in OPS:
+        raise ValueError(f"op={op!r}: expected one of {', '.join(OPS)}")
+    spec, act = check_norm_args(x, scope, num_groups, weight, bias, eps, center, activation, residual,
+                                running_mean, running_var, momentum, training)
+    named = isinstance(device, (str, dispatch.DeviceProfile)) and (
+        isinstance(device, dispatch.DeviceProfile) or device.strip().lower() in dispatch.PROFILES)
+    if not named and x.device.type != "meta":
+        name = backends.resolve(backend, x.device if device is None else _torch_device(device), x.dtype)
+        if name == "reference":
+            return dispatch.Plan("reference", {}, "the reference backend runs this call "
+                                 "(no CUDA device and no TRITON_INTERPRET=1, float64, or backend='reference')")
+    elif backends.check_backend_name(backend) == "reference" or x.dtype == torch.float64:
+        return dispatch.Plan("reference", {}, "backend='reference' or float64: the reference runs")
+    if x.numel() == 0:
+        return dispatch.Plan("none", {}, "empty input: nothing runs")
+    profile = _profile(device, x)
+    view = _view(x, spec, channel_view if op == "dwdb" else stat_view)
+    flags = dispatch.flags_key(weight is not None, bias is not None, residual is not None,
+                               activations.code(act), center)
+    problem = dispatch.problem_from_view(op, view, x.element_size(), spec=spec,
+                                         dtype=str(x.dtype).replace("torch.", ""), flags=flags)
+    plan = dispatch.plan_for(problem, profile)
+    note = f" [{profile.name}: P={problem.P} statistics x M={problem.M} elements, {problem.layout}]"
+    if op == "forward" and running_var is not None and not training and plan.kernel != dispatch.NATIVE:
+        note += " (eval with running statistics: only the apply kernel runs, with these blocks)"
+    return dispatch.Plan(plan.kernel, dict(plan.config), plan.reason + note)

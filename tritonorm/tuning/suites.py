@@ -1,0 +1,131 @@
+"""Shapes from real models: the cases that ``tritonorm tune`` tunes and ``tritonorm bench`` times.
+
+Each case is one normalization layer call as the model makes it. ``scaled()`` gives a small
+version of the same structure (scope, groups, layout, flags) that Triton's interpreter runs in
+well under a second, for the CPU correctness-and-dispatch report.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+SUITES = ("resnet50", "sd-unet", "llm", "nnunet")
+
+
+@dataclass(frozen=True)
+class Case:
+    suite: str
+    name: str                 # short label, e.g. "bn 64x112^2 b32"
+    kind: str                 # batch_norm | group_norm | layer_norm | rms_norm | instance_norm
+    shape: tuple              # x's shape, (N, C, *spatial) or (rows, D) for layer/rms norm
+    scope: str                # tritonorm scope
+    num_groups: int | None = None
+    channels_last: bool = False
+    activation: str | None = None
+    center: bool = True
+    affine: bool = True       # weight (and bias when center)
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    def scaled(self) -> "Case":
+        """A small case with the same scope, groups, layout and flags (interpreter-sized)."""
+        if self.kind in ("layer_norm", "rms_norm"):
+            rows, d = self.shape
+            return replace(self, shape=(min(rows, 8), min(d, 256)))
+        n, c, *sp = self.shape
+        g = self.num_groups or 1
+        c_small = max(g, min(c, 2 * g if g > 1 else 8))
+        sp_small = tuple(min(s, 6 if len(sp) == 3 else 12) for s in sp)
+        return replace(self, shape=(min(n, 2), c_small, *sp_small))
+
+
+def _resnet50() -> list[Case]:
+    stages = ((64, 112), (256, 56), (512, 28), (1024, 14), (2048, 7))
+    out = []
+    for batch in (32, 256):
+        for c, hw in stages:
+            out.append(Case("resnet50", f"bn {c}x{hw}^2 b{batch}", "batch_norm", (batch, c, hw, hw),
+                            "batch", activation="relu"))
+    # channels_last, as mixed-precision ResNet training runs, at the largest and smallest maps
+    for c, hw in (stages[0], stages[-1]):
+        out.append(Case("resnet50", f"bn {c}x{hw}^2 b256 cl", "batch_norm", (256, c, hw, hw), "batch",
+                        channels_last=True, activation="relu"))
+    return out
+
+
+def _sd_unet() -> list[Case]:
+    out = []
+    for c, hw in ((320, 64), (640, 32), (1280, 16), (1280, 8)):
+        for batch in (1, 2, 8):
+            for cl in (False, True):
+                tag = " cl" if cl else ""
+                out.append(Case("sd-unet", f"gn32+silu {c}x{hw}^2 b{batch}{tag}", "group_norm",
+                                (batch, c, hw, hw), "group", num_groups=32, channels_last=cl,
+                                activation="silu"))
+    return out
+
+
+def _llm() -> list[Case]:
+    out = []
+    for kind, center in (("layer_norm", True), ("rms_norm", False)):
+        short = "ln" if center else "rms"
+        for d in (1024, 2048, 4096, 8192, 16384):
+            out.append(Case("llm", f"{short} 4096x{d}", kind, (4096, d), "C", center=center))
+        for rows in (1, 32, 256):
+            out.append(Case("llm", f"{short} {rows}x4096", kind, (rows, 4096), "C", center=center))
+    return out
+
+
+def _nnunet() -> list[Case]:
+    # nnU-Net 3d_fullres encoder at patch 128^3, batch 2: InstanceNorm3d(affine) + LeakyReLU.
+    out = []
+    for c, s in ((32, 128), (64, 64), (128, 32), (256, 16), (320, 8)):
+        out.append(Case("nnunet", f"in3d {c}x{s}^3 b2", "instance_norm", (2, c, s, s, s), "instance",
+                        activation="leaky_relu"))
+    return out
+
+
+_BUILDERS = {"resnet50": _resnet50, "sd-unet": _sd_unet, "llm": _llm, "nnunet": _nnunet}
+
+
+def cases(suite: str = "all") -> list[Case]:
+    """The cases of one suite, or of all of them."""
+    if suite == "all":
+        return [c for name in SUITES for c in _BUILDERS[name]()]
+    if suite not in _BUILDERS:
+        raise ValueError(f"suite={suite!r}: expected one of {', '.join(SUITES)} or 'all'")
+    return _BUILDERS[suite]()
+
+
+def make_inputs(case: Case, dtype, device, requires_grad: bool = False):
+    """(x, kwargs for tritonorm.norm) for a case; weight and bias in x's dtype."""
+    import torch
+
+    x = torch.randn(case.shape, dtype=dtype, device=device)
+    if case.channels_last:
+        x = x.to(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
+    c = case.shape[1]
+    kw = dict(num_groups=case.num_groups, center=case.center, activation=case.activation)
+    if case.affine:
+        kw["weight"] = (1 + 0.1 * torch.randn(c, device=device)).to(dtype)
+        if case.center:
+            kw["bias"] = (0.1 * torch.randn(c, device=device)).to(dtype)
+    if requires_grad:
+        x.requires_grad_(True)
+        for k in ("weight", "bias"):
+            if k in kw:
+                kw[k].requires_grad_(True)
+    return x, kw
+
+
+def meta_input(case: Case, dtype):
+    """A meta tensor with the case's shape and layout (for explain on any machine)."""
+    import torch
+
+    x = torch.empty(case.shape, dtype=dtype, device="meta")
+    if case.channels_last:
+        x = x.to(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
+    return x

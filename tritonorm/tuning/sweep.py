@@ -1,0 +1,160 @@
+"""Sweeps: measure candidate plans for the suite shapes on a GPU and keep the fastest.
+
+One *task* is a (problem key, case, dtype, op): cases whose problems share a cache key (same
+op, scope, dtype, layout, flags and P/M buckets) are tuned once. Each candidate plan runs under
+``dispatch.forced(kernel, op=op, **config)`` and is timed with ``triton.testing.do_bench``
+(median of repeated runs, L2 flushed between them). The winner goes into the user's tuning cache
+(``tritonorm tune``) or into a table file (``tuning/build_tables.py``).
+"""
+
+from __future__ import annotations
+
+import datetime
+from dataclasses import dataclass
+
+import torch
+
+from .. import activations, dispatch
+from ..explain import _view
+from ..kernels.layout import channel_view, stat_view
+from ..validation import check_norm_args
+from . import suites
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+OPS = ("forward", "backward")
+
+
+@dataclass(frozen=True)
+class Task:
+    key: str
+    case: suites.Case
+    dtype: str           # a key of DTYPES
+    op: str              # "forward" or "backward"
+    problem: dispatch.Problem
+    heuristic: dispatch.Plan
+
+
+def _kwargs_meta(case: suites.Case, dtype) -> dict:
+    c = case.shape[1]
+    kw = dict(num_groups=case.num_groups, center=case.center, activation=case.activation)
+    if case.affine:
+        kw["weight"] = torch.empty(c, dtype=dtype, device="meta")
+        if case.center:
+            kw["bias"] = torch.empty(c, dtype=dtype, device="meta")
+    return kw
+
+
+def problem_of(case: suites.Case, dtype: str, op: str) -> dispatch.Problem:
+    """The dispatch problem of a case, built exactly as explain and the launchers build it."""
+    x = suites.meta_input(case, DTYPES[dtype])
+    kw = _kwargs_meta(case, DTYPES[dtype])
+    spec, act = check_norm_args(x, case.scope, kw["num_groups"], kw.get("weight"), kw.get("bias"), 1e-5,
+                                case.center, case.activation, None, None, None, 0.1, True)
+    view = _view(x, spec, channel_view if op == "dwdb" else stat_view)
+    flags = dispatch.flags_key("weight" in kw, "bias" in kw, False, activations.code(act), case.center)
+    return dispatch.problem_from_view(op, view, x.element_size(), spec=spec,
+                                      dtype=str(x.dtype).replace("torch.", ""), flags=flags)
+
+
+def tasks(suite_names, dtypes, ops, profile: dispatch.DeviceProfile) -> list[Task]:
+    out, seen = [], set()
+    for name in suite_names:
+        for case in suites.cases(name):
+            for dt in dtypes:
+                for op in ops:
+                    problem = problem_of(case, dt, op)
+                    key = problem.key()
+                    if key in seen:
+                        continue
+                    seen.add(key)
+                    out.append(Task(key, case, dt, op, problem, dispatch.choose(problem, profile)))
+    return out
+
+
+def _pow2s(lo: int, hi: int):
+    v = lo
+    while v <= hi:
+        yield v
+        v *= 2
+
+
+def candidates(problem: dispatch.Problem, profile: dispatch.DeviceProfile) -> list[dispatch.Plan]:
+    """Plans worth measuring: the heuristic's, its neighbours in each regime, and torch native."""
+    P, M = problem.P, problem.M
+    block_m_full = dispatch._pow2(M)
+    out = [dispatch.choose(problem, profile)]
+    if block_m_full <= 32768:
+        for bp in _pow2s(1, min(dispatch._pow2(P), 64)):
+            if bp * block_m_full > 32768:
+                break
+            for nw in (4, 8, 16):
+                out.append(dispatch.Plan("fused", {"block_p": bp, "block_m": block_m_full, "num_warps": nw}, "sweep"))
+    row_blocks = (1, 8, 32) if problem.rows_unit_stride or 1 < problem.col_run < 32 else (1,)
+    for bp in row_blocks:
+        if bp > dispatch._pow2(P):
+            continue
+        for bm in (1024, 2048, 4096, 8192):
+            if bp * bm > 32768 or bm > 2 * block_m_full:
+                continue
+            nw = max(4, min(16, (bp * bm) // 256))
+            out.append(dispatch.Plan("looped", {"block_p": bp, "block_m": bm, "num_warps": nw, "split": 1}, "sweep"))
+            tiles = -(-M // bm)
+            for split in _pow2s(2, min(dispatch.MAX_SPLIT, tiles)):
+                out.append(dispatch.Plan("split", {"block_p": bp, "block_m": bm, "num_warps": nw, "split": split}, "sweep"))
+    out.append(dispatch.Plan(dispatch.NATIVE, {}, "sweep"))
+    unique, seen = [], set()
+    for plan in out:
+        sig = (plan.kernel, tuple(sorted(plan.config.items())))
+        if sig not in seen:
+            seen.add(sig)
+            unique.append(plan)
+    return unique
+
+
+def _bench(fn) -> float:
+    from triton.testing import do_bench
+
+    return float(do_bench(fn, warmup=10, rep=40, return_mode="median"))
+
+
+def measure(task: Task, plan: dispatch.Plan, device) -> float:
+    """Median milliseconds of the task's op under ``plan`` (inf when the plan fails to run)."""
+    import tritonorm
+
+    x, kw = suites.make_inputs(task.case, DTYPES[task.dtype], device, requires_grad=task.op == "backward")
+    try:
+        with dispatch.forced(plan.kernel, op=task.op, **plan.config):
+            if task.op == "forward":
+                with torch.no_grad():
+                    return _bench(lambda: tritonorm.norm(x, task.case.scope, **kw))
+            y = tritonorm.norm(x, task.case.scope, **kw)
+            dy = torch.randn_like(y)
+            leaves = [t for t in (x, kw.get("weight"), kw.get("bias")) if t is not None]
+            return _bench(lambda: torch.autograd.grad(y, leaves, dy, retain_graph=True))
+    except Exception:  # a candidate that does not compile or run (registers, shared memory)
+        return float("inf")
+
+
+def tune(task_list: list[Task], profile: dispatch.DeviceProfile, device, progress=None) -> dict:
+    """Measure every candidate of every task; returns {key: entry} of the winners."""
+    results = {}
+    for task in task_list:
+        best_plan, best_ms, heur_ms = None, float("inf"), float("inf")
+        for plan in candidates(task.problem, profile):
+            ms = measure(task, plan, device)
+            if plan.reason.startswith("heuristic"):
+                heur_ms = ms
+            if ms < best_ms:
+                best_plan, best_ms = plan, ms
+        if progress is not None:
+            progress(task, best_plan, best_ms)
+        if best_plan is None or best_ms == float("inf"):
+            continue
+        results[task.key] = {
+            "kernel": best_plan.kernel, "config": dict(best_plan.config),
+            "time_us": round(best_ms * 1000, 2),
+            "heuristic_us": round(heur_ms * 1000, 2) if heur_ms != float("inf") else None,
+            "case": f"{task.case.suite}: {task.case.name} {task.dtype}",
+            "measured": datetime.date.today().isoformat(),
+        }
+    return results
