@@ -15,7 +15,10 @@ import torch
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
 
-if not HAS_CUDA:
+if HAS_CUDA:
+    # On a GPU machine the same tests run compiled: tensors they create land on the GPU.
+    torch.set_default_device("cuda")
+else:
     # The kernels need the interpreter on CPU tensors; `make test` sets it, this covers a bare `pytest`
     # (the variable is read when triton is imported, so set it before anything imports triton).
     os.environ.setdefault("TRITON_INTERPRET", "1")
