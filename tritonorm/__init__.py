@@ -19,5 +19,7 @@ from .dispatch import Plan  # noqa: E402
 from .explain import explain  # noqa: E402
 from .orth import orthogonalize  # noqa: E402
 from . import nn  # noqa: E402
+from .patching import patch, report, unpatch  # noqa: E402
 
-__all__ += ["functional", "norm_with_stats", "explain", "Plan", "orthogonalize", "nn"]
+__all__ += ["functional", "norm_with_stats", "explain", "Plan", "orthogonalize", "nn", "patch",
+            "unpatch", "report"]

@@ -10,7 +10,6 @@ The default comes from the ``TRITONORM_BACKEND`` environment variable (``auto`` 
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -18,15 +17,21 @@ import torch
 BACKENDS = ("auto", "triton", "reference")
 
 
-@functools.lru_cache(maxsize=None)
+_IMPORT_ERROR: list = []  # filled once: [None] or [reason]; a plain list, not lru_cache, so
+                         # torch.compile traces calls without warnings
+
+
 def triton_import_error() -> str | None:
     """Why ``import triton`` fails here, or None when it works."""
-    try:
-        import triton  # noqa: F401
-        import triton.language  # noqa: F401
-    except Exception as exc:  # ImportError, or a broken install raising anything else
-        return f"{type(exc).__name__}: {exc}"
-    return None
+    if not _IMPORT_ERROR:
+        try:
+            import triton  # noqa: F401
+            import triton.language  # noqa: F401
+        except Exception as exc:  # ImportError, or a broken install raising anything else
+            _IMPORT_ERROR.append(f"{type(exc).__name__}: {exc}")
+        else:
+            _IMPORT_ERROR.append(None)
+    return _IMPORT_ERROR[0]
 
 
 def triton_available() -> bool:
