@@ -9,15 +9,16 @@ S1 = sum g and S2 = sum g * xhat:
 
 dresidual = dy * act'(pre); dweight_c = sum dy*act'(pre)*xhat and dbias_c = sum dy*act'(pre)
 over every element of channel c (the channel view, with fp32 partials summed in a second,
-deterministic stage). Every kernel normalizes ``(x - K) - Mean`` with the forward's pivot K
-and shifted mean (see forward.py). The regimes mirror the forward ones: fused (x, dy read once), looped
-(twice), split (partial sums on SPLIT programs per statistic, then apply).
+deterministic stage). Every kernel normalizes ``(x - K) - Mean`` with the forward's pivot K and
+shifted mean (see forward.py); the pre-activation is recomputed, not stored. The regimes mirror
+the forward ones: fused (x, dy read once), looped (twice), split (partial sums on SPLIT
+programs per statistic, then apply).
 """
 
 import triton
 import triton.language as tl
 
-from .common import grad_terms, side_offsets
+from .common import col_tile, grad_terms, load2d, load_residual, row_block, store2d
 
 
 @triton.jit
@@ -32,6 +33,14 @@ def _dx(g, xhat, rstd, s1, s2, M, CENTER: tl.constexpr, GIVEN: tl.constexpr):
 
 
 @triton.jit
+def _row_stats(K, Mean, Rstd, rt, rmask):
+    k = tl.load(K + rt, mask=rmask, other=0.0)
+    mean = tl.load(Mean + rt, mask=rmask, other=0.0)
+    rstd = tl.load(Rstd + rt, mask=rmask, other=0.0)
+    return k, mean, rstd
+
+
+@triton.jit
 def _bwd_fused_kernel(
     X, DY, Res, W, B, K, Mean, Rstd, DX, DRes,  # K, Mean: pivot and shifted mean; DRes only if WRITE_DRES
     P, M,
@@ -39,37 +48,23 @@ def _bwd_fused_kernel(
     cs1, cs2, cs3, cx0, cx1, cx2, cx3, co0, co1, co2, co3, ct0, ct1, ct2, ct3, chd, chm, chk,
     CENTER: tl.constexpr, GIVEN: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
     HAS_RES: tl.constexpr, WRITE_DRES: tl.constexpr, ACT: tl.constexpr, CHAN: tl.constexpr,
-    INT64: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr,
+    INT64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     """Whole statistic in registers: S1, S2 and dx in one pass over x and dy."""
-    rows = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
-    cols = tl.arange(0, BLOCK_M)
-    if INT64:
-        rows = rows.to(tl.int64)
-        cols = cols.to(tl.int64)
-    rmask = rows < P
-    cmask = cols < M
-    mask = rmask[:, None] & cmask[None, :]
-    rx, ro, rt, rh = side_offsets(rows, rs1, rs2, rs3, rx0, rx1, rx2, rx3, ro0, ro1, ro2, ro3, rt0, rt1, rt2, rt3, rhd, rhm, rhk)
-    cx, co, ct, ch = side_offsets(cols, cs1, cs2, cs3, cx0, cx1, cx2, cx3, co0, co1, co2, co3, ct0, ct1, ct2, ct3, chd, chm, chk)
-    k = tl.load(K + rt, mask=rmask, other=0.0)
-    mean = tl.load(Mean + rt, mask=rmask, other=0.0)
-    rstd = tl.load(Rstd + rt, mask=rmask, other=0.0)
-    out = ro[:, None] + co[None, :]
-    x = tl.load(X + (rx[:, None] + cx[None, :]), mask=mask, other=0.0).to(tl.float32) - k[:, None]
-    dy = tl.load(DY + out, mask=mask, other=0.0).to(tl.float32)
-    res = 0.0
-    if HAS_RES:
-        res = tl.load(Res + out, mask=mask, other=0.0).to(tl.float32)
+    rows, rmask, rx, ro, rt, rh = row_block(tl.program_id(0), P, BLOCK_P, INT64, rs1, rs2, rs3, rx0, rx1, rx2, rx3,
+                                            ro0, ro1, ro2, ro3, rt0, rt1, rt2, rt3, rhd, rhm, rhk)
+    cmask, mask, cx, co, ct, ch = col_tile(0, M, rmask, BLOCK_M, INT64, cs1, cs2, cs3, cx0, cx1, cx2, cx3,
+                                           co0, co1, co2, co3, ct0, ct1, ct2, ct3, chd, chm, chk)
+    k, mean, rstd = _row_stats(K, Mean, Rstd, rt, rmask)
+    x = load2d(X, rx, cx, mask) - k[:, None]
+    dy = load2d(DY, ro, co, mask)
+    res = load_residual(Res, ro, co, mask, HAS_RES)
     xhat, gz, g = grad_terms(x, dy, mean[:, None], rstd[:, None], rh, ch, rmask, cmask,
                              res, W, B, HAS_W, HAS_B, HAS_RES, ACT, CHAN)
-    s1 = tl.sum(g, axis=1)
-    s2 = tl.sum(g * xhat, axis=1)
-    dx = _dx(g, xhat, rstd, s1, s2, M, CENTER, GIVEN)
-    tl.store(DX + out, dx.to(DX.dtype.element_ty), mask=mask)
+    dx = _dx(g, xhat, rstd, tl.sum(g, axis=1), tl.sum(g * xhat, axis=1), M, CENTER, GIVEN)
+    store2d(DX, ro, co, dx, mask)
     if WRITE_DRES:
-        tl.store(DRes + out, gz.to(DRes.dtype.element_ty), mask=mask)
+        store2d(DRes, ro, co, gz, mask)
 
 
 @triton.jit
@@ -82,32 +77,22 @@ def _bwd_sums_kernel(
     CHAN: tl.constexpr, INT64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     """S1, S2 over one column chunk (looped regime: SPLIT = 1; split regime: stage 1)."""
-    rows = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    rows, rmask, rx, ro, rt, rh = row_block(tl.program_id(0), P, BLOCK_P, INT64, rs1, rs2, rs3, rx0, rx1, rx2, rx3,
+                                            ro0, ro1, ro2, ro3, rt0, rt1, rt2, rt3, rhd, rhm, rhk)
     sp = tl.program_id(1)
     if INT64:
-        rows = rows.to(tl.int64)
-    rmask = rows < P
-    rx, ro, rt, rh = side_offsets(rows, rs1, rs2, rs3, rx0, rx1, rx2, rx3, ro0, ro1, ro2, ro3, rt0, rt1, rt2, rt3, rhd, rhm, rhk)
-    k = tl.load(K + rt, mask=rmask, other=0.0)
-    mean = tl.load(Mean + rt, mask=rmask, other=0.0)
-    rstd = tl.load(Rstd + rt, mask=rmask, other=0.0)
+        sp = sp.to(tl.int64)
+    k, mean, rstd = _row_stats(K, Mean, Rstd, rt, rmask)
     start = sp * CHUNK
     end = tl.minimum(start + CHUNK, M)
     s1 = tl.zeros([BLOCK_P], dtype=tl.float32)
     s2 = tl.zeros([BLOCK_P], dtype=tl.float32)
     for m in range(0, CHUNK, BLOCK_M):  # a fixed trip count: tiles past `end` are masked
-        cols = start + m + tl.arange(0, BLOCK_M)
-        if INT64:
-            cols = cols.to(tl.int64)
-        cmask = cols < end
-        mask = rmask[:, None] & cmask[None, :]
-        cx, co, ct, ch = side_offsets(cols, cs1, cs2, cs3, cx0, cx1, cx2, cx3, co0, co1, co2, co3, ct0, ct1, ct2, ct3, chd, chm, chk)
-        out = ro[:, None] + co[None, :]
-        x = tl.load(X + (rx[:, None] + cx[None, :]), mask=mask, other=0.0).to(tl.float32) - k[:, None]
-        dy = tl.load(DY + out, mask=mask, other=0.0).to(tl.float32)
-        res = 0.0
-        if HAS_RES:
-            res = tl.load(Res + out, mask=mask, other=0.0).to(tl.float32)
+        cmask, mask, cx, co, ct, ch = col_tile(start + m, end, rmask, BLOCK_M, INT64, cs1, cs2, cs3, cx0, cx1, cx2,
+                                               cx3, co0, co1, co2, co3, ct0, ct1, ct2, ct3, chd, chm, chk)
+        x = load2d(X, rx, cx, mask) - k[:, None]
+        dy = load2d(DY, ro, co, mask)
+        res = load_residual(Res, ro, co, mask, HAS_RES)
         xhat, gz, g = grad_terms(x, dy, mean[:, None], rstd[:, None], rh, ch, rmask, cmask,
                                  res, W, B, HAS_W, HAS_B, HAS_RES, ACT, CHAN)
         s1 += tl.sum(g, axis=1)
@@ -124,83 +109,63 @@ def _bwd_apply_kernel(
     cs1, cs2, cs3, cx0, cx1, cx2, cx3, co0, co1, co2, co3, ct0, ct1, ct2, ct3, chd, chm, chk,
     CENTER: tl.constexpr, GIVEN: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
     HAS_RES: tl.constexpr, WRITE_DRES: tl.constexpr, ACT: tl.constexpr, CHAN: tl.constexpr,
-    INT64: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr,
+    INT64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     """dx (and dresidual) over a 2-D grid of (row block, column tiles)."""
-    rows = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
-    if INT64:
-        rows = rows.to(tl.int64)
-    rmask = rows < P
-    rx, ro, rt, rh = side_offsets(rows, rs1, rs2, rs3, rx0, rx1, rx2, rx3, ro0, ro1, ro2, ro3, rt0, rt1, rt2, rt3, rhd, rhm, rhk)
-    k = tl.load(K + rt, mask=rmask, other=0.0)
-    mean = tl.load(Mean + rt, mask=rmask, other=0.0)
-    rstd = tl.load(Rstd + rt, mask=rmask, other=0.0)
+    rows, rmask, rx, ro, rt, rh = row_block(tl.program_id(0), P, BLOCK_P, INT64, rs1, rs2, rs3, rx0, rx1, rx2, rx3,
+                                            ro0, ro1, ro2, ro3, rt0, rt1, rt2, rt3, rhd, rhm, rhk)
+    k, mean, rstd = _row_stats(K, Mean, Rstd, rt, rmask)
     s1 = rstd * 0.0
     s2 = rstd * 0.0
     if not GIVEN:
         s1 = tl.load(S1 + rows, mask=rmask, other=0.0)
         s2 = tl.load(S2 + rows, mask=rmask, other=0.0)
     for i in range(0, TILES_PER_PROG):  # column tiles pid1, pid1 + COL_PROGS, ...
-        cols = (tl.program_id(1) + i * COL_PROGS) * BLOCK_M + tl.arange(0, BLOCK_M)
+        t = tl.program_id(1) + i * COL_PROGS
         if INT64:
-            cols = cols.to(tl.int64)
-        cmask = cols < M
-        mask = rmask[:, None] & cmask[None, :]
-        cx, co, ct, ch = side_offsets(cols, cs1, cs2, cs3, cx0, cx1, cx2, cx3, co0, co1, co2, co3, ct0, ct1, ct2, ct3, chd, chm, chk)
-        out = ro[:, None] + co[None, :]
-        x = tl.load(X + (rx[:, None] + cx[None, :]), mask=mask, other=0.0).to(tl.float32) - k[:, None]
-        dy = tl.load(DY + out, mask=mask, other=0.0).to(tl.float32)
-        res = 0.0
-        if HAS_RES:
-            res = tl.load(Res + out, mask=mask, other=0.0).to(tl.float32)
+            t = t.to(tl.int64)
+        cmask, mask, cx, co, ct, ch = col_tile(t * BLOCK_M, M, rmask, BLOCK_M, INT64, cs1, cs2, cs3, cx0, cx1, cx2,
+                                               cx3, co0, co1, co2, co3, ct0, ct1, ct2, ct3, chd, chm, chk)
+        x = load2d(X, rx, cx, mask) - k[:, None]
+        dy = load2d(DY, ro, co, mask)
+        res = load_residual(Res, ro, co, mask, HAS_RES)
         xhat, gz, g = grad_terms(x, dy, mean[:, None], rstd[:, None], rh, ch, rmask, cmask,
                                  res, W, B, HAS_W, HAS_B, HAS_RES, ACT, CHAN)
-        dx = _dx(g, xhat, rstd, s1, s2, M, CENTER, GIVEN)
-        tl.store(DX + out, dx.to(DX.dtype.element_ty), mask=mask)
+        store2d(DX, ro, co, _dx(g, xhat, rstd, s1, s2, M, CENTER, GIVEN), mask)
         if WRITE_DRES:
-            tl.store(DRes + out, gz.to(DRes.dtype.element_ty), mask=mask)
+            store2d(DRes, ro, co, gz, mask)
 
 
 @triton.jit
 def _dwdb_kernel(
     X, DY, Res, W, B, K, Mean, Rstd, PDW, PDB,  # partial dweight/dbias out, [C, SPLIT] fp32
-    C, M, CHUNK, SPLIT,                      # channel view: C rows, M = N * spatial columns
+    C, M, CHUNK, SPLIT,                         # channel view: C rows, M = N * spatial columns
     rs1, rs2, rs3, rx0, rx1, rx2, rx3, ro0, ro1, ro2, ro3, rt0, rt1, rt2, rt3, rhd, rhm, rhk,
     cs1, cs2, cs3, cx0, cx1, cx2, cx3, co0, co1, co2, co3, ct0, ct1, ct2, ct3, chd, chm, chk,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr,
     CHAN: tl.constexpr, INT64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
-    """Per-channel sums of gz * xhat and gz over one column chunk (stage 1 of dweight, dbias)."""
-    rows = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    """Per-channel sums of gz * xhat and gz over one column chunk (stage 1 of dweight, dbias).
+
+    The statistics vary across both sides of the channel view, so they are gathered per element.
+    """
+    rows, rmask, rx, ro, rt, rh = row_block(tl.program_id(0), C, BLOCK_P, INT64, rs1, rs2, rs3, rx0, rx1, rx2, rx3,
+                                            ro0, ro1, ro2, ro3, rt0, rt1, rt2, rt3, rhd, rhm, rhk)
     sp = tl.program_id(1)
     if INT64:
-        rows = rows.to(tl.int64)
-    rmask = rows < C
-    rx, ro, rt, rh = side_offsets(rows, rs1, rs2, rs3, rx0, rx1, rx2, rx3, ro0, ro1, ro2, ro3, rt0, rt1, rt2, rt3, rhd, rhm, rhk)
+        sp = sp.to(tl.int64)
     start = sp * CHUNK
     end = tl.minimum(start + CHUNK, M)
     dw = tl.zeros([BLOCK_P], dtype=tl.float32)
     db = tl.zeros([BLOCK_P], dtype=tl.float32)
     for m in range(0, CHUNK, BLOCK_M):  # a fixed trip count: tiles past `end` are masked
-        cols = start + m + tl.arange(0, BLOCK_M)
-        if INT64:
-            cols = cols.to(tl.int64)
-        cmask = cols < end
-        mask = rmask[:, None] & cmask[None, :]
-        cx, co, ct, ch = side_offsets(cols, cs1, cs2, cs3, cx0, cx1, cx2, cx3, co0, co1, co2, co3, ct0, ct1, ct2, ct3, chd, chm, chk)
-        out = ro[:, None] + co[None, :]
-        st = rt[:, None] + ct[None, :]
-        k = tl.load(K + st, mask=mask, other=0.0)
-        mean = tl.load(Mean + st, mask=mask, other=0.0)
-        rstd = tl.load(Rstd + st, mask=mask, other=0.0)
-        x = tl.load(X + (rx[:, None] + cx[None, :]), mask=mask, other=0.0).to(tl.float32) - k
-        dy = tl.load(DY + out, mask=mask, other=0.0).to(tl.float32)
-        res = 0.0
-        if HAS_RES:
-            res = tl.load(Res + out, mask=mask, other=0.0).to(tl.float32)
-        xhat, gz, g = grad_terms(x, dy, mean, rstd, rh, ch, rmask, cmask,
-                                 res, W, B, HAS_W, HAS_B, HAS_RES, ACT, CHAN)
+        cmask, mask, cx, co, ct, ch = col_tile(start + m, end, rmask, BLOCK_M, INT64, cs1, cs2, cs3, cx0, cx1, cx2,
+                                               cx3, co0, co1, co2, co3, ct0, ct1, ct2, ct3, chd, chm, chk)
+        x = load2d(X, rx, cx, mask) - load2d(K, rt, ct, mask)
+        dy = load2d(DY, ro, co, mask)
+        res = load_residual(Res, ro, co, mask, HAS_RES)
+        xhat, gz, g = grad_terms(x, dy, load2d(Mean, rt, ct, mask), load2d(Rstd, rt, ct, mask), rh, ch,
+                                 rmask, cmask, res, W, B, HAS_W, HAS_B, HAS_RES, ACT, CHAN)
         dw += tl.sum(gz * xhat, axis=1)
         db += tl.sum(gz, axis=1)
     tl.store(PDW + rh * SPLIT + sp, dw, mask=rmask)

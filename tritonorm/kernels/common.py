@@ -28,6 +28,52 @@ def side_offsets(idx, s1, s2, s3, x0, x1, x2, x3, o0, o1, o2, o3, t0, t1, t2, t3
 
 
 @triton.jit
+def row_block(pid, P, BLOCK_P: tl.constexpr, INT64: tl.constexpr,
+              s1, s2, s3, x0, x1, x2, x3, o0, o1, o2, o3, t0, t1, t2, t3, hd, hm, hk):
+    """Rows pid*BLOCK_P ... of the view: (rows, rmask, x, out, stat offsets, channel)."""
+    if INT64:
+        pid = pid.to(tl.int64)
+    rows = pid * BLOCK_P + tl.arange(0, BLOCK_P)
+    rmask = rows < P
+    rx, ro, rt, rh = side_offsets(rows, s1, s2, s3, x0, x1, x2, x3, o0, o1, o2, o3, t0, t1, t2, t3, hd, hm, hk)
+    return rows, rmask, rx, ro, rt, rh
+
+
+@triton.jit
+def col_tile(start, limit, rmask, BLOCK_M: tl.constexpr, INT64: tl.constexpr,
+             s1, s2, s3, x0, x1, x2, x3, o0, o1, o2, o3, t0, t1, t2, t3, hd, hm, hk):
+    """Columns start ... start+BLOCK_M (masked at ``limit``): (cmask, tile mask, offsets, channel)."""
+    cols = tl.arange(0, BLOCK_M)
+    if INT64:
+        cols = cols.to(tl.int64)
+    cols = cols + start
+    cmask = cols < limit
+    mask = rmask[:, None] & cmask[None, :]
+    cx, co, ct, ch = side_offsets(cols, s1, s2, s3, x0, x1, x2, x3, o0, o1, o2, o3, t0, t1, t2, t3, hd, hm, hk)
+    return cmask, mask, cx, co, ct, ch
+
+
+@triton.jit
+def load2d(Ptr, roff, coff, mask):
+    """A [rows, cols] tile upcast to fp32 (0 where masked)."""
+    return tl.load(Ptr + (roff[:, None] + coff[None, :]), mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def load_residual(Res, ro, co, mask, HAS_RES: tl.constexpr):
+    res = 0.0
+    if HAS_RES:
+        res = load2d(Res, ro, co, mask)
+    return res
+
+
+@triton.jit
+def store2d(Ptr, roff, coff, value, mask):
+    """Store a tile in the pointer's dtype."""
+    tl.store(Ptr + (roff[:, None] + coff[None, :]), value.to(Ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def pivot(X, rx, rmask, CENTER: tl.constexpr):
     """Each row's first element (column 0 has offset 0 in every view), or 0 without centring."""
     k = tl.load(X + rx, mask=rmask, other=0.0).to(tl.float32)

@@ -1,9 +1,9 @@
-"""Forward kernels: y = act(w_c * (x - mean) * rstd + b_c + residual), and mean/rstd per statistic.
+"""Forward kernels: y = act(w_c * (x - mean) * rstd + b_c + residual), and the statistics.
 
 Regimes (chosen by tritonorm.dispatch):
   fused   one program per BLOCK_P statistics; the whole statistic in registers; x read once.
-  looped  one program per BLOCK_P statistics; Welford/Chan over BLOCK_M tiles, then a second
-          loop applies the epilogue; x read twice.
+  looped  one program per BLOCK_P statistics; Chan-merged BLOCK_M tiles, then a second sweep
+          applies the epilogue; x read twice.
   split   partial moments of column chunks on SPLIT programs per statistic -> merge -> apply;
           x read twice, the whole GPU busy when there are few statistics (BatchNorm).
 Given statistics (eval with running stats) use the apply kernel alone.
@@ -13,19 +13,21 @@ instead of raw values keep the mean exact to fp32 when |mean| >> std, where PyTo
 lose digits. The kernels store K and the shifted mean (``Mean`` = mean - K) and every consumer
 normalizes ``(x - K) - Mean``; the true mean K + Mean is formed only for the caller.
 
-Every kernel takes the view arguments of layout.View in order: rows (s1, s2, 4x3 strides) then
-cols (the same). Statistics are fp32.
+Every kernel takes the view arguments of layout.View in order: rows (s1..s3, the x, out and stat
+strides, the channel digit), then cols (the same). Statistics are fp32.
 """
 
 import triton
 import triton.language as tl
 
-from .common import chan_merge, epilogue, pivot, side_offsets, tile_moments
+from .common import (chan_merge, col_tile, epilogue, load2d, load_residual, pivot, row_block, store2d,
+                     tile_moments)
+
 
 @triton.jit
 def _fwd_fused_kernel(
-    X, Y, Res, W, B, K, Mean, Rstd, Var,  # x, y, residual, weight, bias; stats out (pivot, shifted mean, ...)
-    P, M, eps,                    # statistics, elements per statistic, epsilon
+    X, Y, Res, W, B, K, Mean, Rstd, Var,  # x, y, residual, weight, bias; stats out: pivot, shifted mean, rstd, var
+    P, M, eps,                            # statistics, elements per statistic, epsilon
     rs1, rs2, rs3, rx0, rx1, rx2, rx3, ro0, ro1, ro2, ro3, rt0, rt1, rt2, rt3, rhd, rhm, rhk,
     cs1, cs2, cs3, cx0, cx1, cx2, cx3, co0, co1, co2, co3, ct0, ct1, ct2, ct3, chd, chm, chk,
     CENTER: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_RES: tl.constexpr,
@@ -33,19 +35,12 @@ def _fwd_fused_kernel(
     BLOCK_M: tl.constexpr,
 ):
     """Whole statistic in registers: moments, epilogue and stats in one pass over x."""
-    rows = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
-    cols = tl.arange(0, BLOCK_M)
-    if INT64:
-        rows = rows.to(tl.int64)
-        cols = cols.to(tl.int64)
-    rmask = rows < P
-    cmask = cols < M
-    mask = rmask[:, None] & cmask[None, :]
-    rx, ro, rt, rh = side_offsets(rows, rs1, rs2, rs3, rx0, rx1, rx2, rx3, ro0, ro1, ro2, ro3, rt0, rt1, rt2, rt3, rhd, rhm, rhk)
-    cx, co, ct, ch = side_offsets(cols, cs1, cs2, cs3, cx0, cx1, cx2, cx3, co0, co1, co2, co3, ct0, ct1, ct2, ct3, chd, chm, chk)
-    x = tl.load(X + (rx[:, None] + cx[None, :]), mask=mask, other=0.0).to(tl.float32)
+    rows, rmask, rx, ro, rt, rh = row_block(tl.program_id(0), P, BLOCK_P, INT64, rs1, rs2, rs3, rx0, rx1, rx2, rx3,
+                                            ro0, ro1, ro2, ro3, rt0, rt1, rt2, rt3, rhd, rhm, rhk)
+    cmask, mask, cx, co, ct, ch = col_tile(0, M, rmask, BLOCK_M, INT64, cs1, cs2, cs3, cx0, cx1, cx2, cx3,
+                                           co0, co1, co2, co3, ct0, ct1, ct2, ct3, chd, chm, chk)
     k = pivot(X, rx, rmask, CENTER)
-    d = tl.where(mask, x - k[:, None], 0.0)
+    d = tl.where(mask, load2d(X, rx, cx, mask) - k[:, None], 0.0)
     mean_d, m2 = tile_moments(d, mask, M, CENTER)
     var = m2 / M
     rstd = tl.rsqrt(var + eps)
@@ -53,18 +48,15 @@ def _fwd_fused_kernel(
     tl.store(Mean + rt, mean_d, mask=rmask)
     tl.store(Rstd + rt, rstd, mask=rmask)
     tl.store(Var + rt, var, mask=rmask)
-    out = ro[:, None] + co[None, :]
-    res = 0.0
-    if HAS_RES:
-        res = tl.load(Res + out, mask=mask, other=0.0).to(tl.float32)
+    res = load_residual(Res, ro, co, mask, HAS_RES)
     y = epilogue((d - mean_d[:, None]) * rstd[:, None], rh, ch, rmask, cmask, res,
                  W, B, HAS_W, HAS_B, HAS_RES, ACT, CHAN)
-    tl.store(Y + out, y.to(Y.dtype.element_ty), mask=mask)
+    store2d(Y, ro, co, y, mask)
 
 
 @triton.jit
 def _fwd_looped_kernel(
-    X, Y, Res, W, B, K, Mean, Rstd, Var,
+    X, Y, Res, W, B, K, Mean, Rstd, Var,  # as the fused kernel
     P, M, eps,
     rs1, rs2, rs3, rx0, rx1, rx2, rx3, ro0, ro1, ro2, ro3, rt0, rt1, rt2, rt3, rhd, rhm, rhk,
     cs1, cs2, cs3, cx0, cx1, cx2, cx3, co0, co1, co2, co3, ct0, ct1, ct2, ct3, chd, chm, chk,
@@ -73,23 +65,15 @@ def _fwd_looped_kernel(
     BLOCK_M: tl.constexpr,
 ):
     """Moments by Chan-merging BLOCK_M tiles, then a second sweep applies the epilogue."""
-    rows = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
-    if INT64:
-        rows = rows.to(tl.int64)
-    rmask = rows < P
-    rx, ro, rt, rh = side_offsets(rows, rs1, rs2, rs3, rx0, rx1, rx2, rx3, ro0, ro1, ro2, ro3, rt0, rt1, rt2, rt3, rhd, rhm, rhk)
+    rows, rmask, rx, ro, rt, rh = row_block(tl.program_id(0), P, BLOCK_P, INT64, rs1, rs2, rs3, rx0, rx1, rx2, rx3,
+                                            ro0, ro1, ro2, ro3, rt0, rt1, rt2, rt3, rhd, rhm, rhk)
     k = pivot(X, rx, rmask, CENTER)
     mean_d = tl.zeros([BLOCK_P], dtype=tl.float32)
     m2 = tl.zeros([BLOCK_P], dtype=tl.float32)
     for m0 in range(0, M, BLOCK_M):
-        cols = m0 + tl.arange(0, BLOCK_M)
-        if INT64:
-            cols = cols.to(tl.int64)
-        cmask = cols < M
-        mask = rmask[:, None] & cmask[None, :]
-        cx, co, ct, ch = side_offsets(cols, cs1, cs2, cs3, cx0, cx1, cx2, cx3, co0, co1, co2, co3, ct0, ct1, ct2, ct3, chd, chm, chk)
-        x = tl.load(X + (rx[:, None] + cx[None, :]), mask=mask, other=0.0).to(tl.float32)
-        d = tl.where(mask, x - k[:, None], 0.0)
+        cmask, mask, cx, co, ct, ch = col_tile(m0, M, rmask, BLOCK_M, INT64, cs1, cs2, cs3, cx0, cx1, cx2, cx3,
+                                               co0, co1, co2, co3, ct0, ct1, ct2, ct3, chd, chm, chk)
+        d = tl.where(mask, load2d(X, rx, cx, mask) - k[:, None], 0.0)
         nt = tl.minimum(M - m0, BLOCK_M).to(tl.float32)
         t_mean, t_m2 = tile_moments(d, mask, nt, CENTER)
         mean_d, m2 = chan_merge(m0 * 1.0, mean_d, m2, nt, t_mean, t_m2)
@@ -100,25 +84,17 @@ def _fwd_looped_kernel(
     tl.store(Rstd + rt, rstd, mask=rmask)
     tl.store(Var + rt, var, mask=rmask)
     for m0 in range(0, M, BLOCK_M):
-        cols = m0 + tl.arange(0, BLOCK_M)
-        if INT64:
-            cols = cols.to(tl.int64)
-        cmask = cols < M
-        mask = rmask[:, None] & cmask[None, :]
-        cx, co, ct, ch = side_offsets(cols, cs1, cs2, cs3, cx0, cx1, cx2, cx3, co0, co1, co2, co3, ct0, ct1, ct2, ct3, chd, chm, chk)
-        x = tl.load(X + (rx[:, None] + cx[None, :]), mask=mask, other=0.0).to(tl.float32)
-        out = ro[:, None] + co[None, :]
-        res = 0.0
-        if HAS_RES:
-            res = tl.load(Res + out, mask=mask, other=0.0).to(tl.float32)
-        y = epilogue(((x - k[:, None]) - mean_d[:, None]) * rstd[:, None], rh, ch, rmask, cmask, res,
-                     W, B, HAS_W, HAS_B, HAS_RES, ACT, CHAN)
-        tl.store(Y + out, y.to(Y.dtype.element_ty), mask=mask)
+        cmask, mask, cx, co, ct, ch = col_tile(m0, M, rmask, BLOCK_M, INT64, cs1, cs2, cs3, cx0, cx1, cx2, cx3,
+                                               co0, co1, co2, co3, ct0, ct1, ct2, ct3, chd, chm, chk)
+        xhat = ((load2d(X, rx, cx, mask) - k[:, None]) - mean_d[:, None]) * rstd[:, None]
+        res = load_residual(Res, ro, co, mask, HAS_RES)
+        y = epilogue(xhat, rh, ch, rmask, cmask, res, W, B, HAS_W, HAS_B, HAS_RES, ACT, CHAN)
+        store2d(Y, ro, co, y, mask)
 
 
 @triton.jit
 def _fwd_partial_kernel(
-    X, PMean, PM2,                # x; partial means and M2, [P, SPLIT] fp32
+    X, PMean, PM2,                # x; partial shifted means and M2, [P, SPLIT] fp32
     P, M, CHUNK, SPLIT,           # CHUNK: columns per split (a multiple of BLOCK_M)
     rs1, rs2, rs3, rx0, rx1, rx2, rx3, ro0, ro1, ro2, ro3, rt0, rt1, rt2, rt3, rhd, rhm, rhk,
     cs1, cs2, cs3, cx0, cx1, cx2, cx3, co0, co1, co2, co3, ct0, ct1, ct2, ct3, chd, chm, chk,
@@ -126,12 +102,11 @@ def _fwd_partial_kernel(
 ):
     """Moments (of x minus the row's pivot) of one column chunk of BLOCK_P statistics
     (split regime, stage 1)."""
-    rows = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    rows, rmask, rx, ro, rt, rh = row_block(tl.program_id(0), P, BLOCK_P, INT64, rs1, rs2, rs3, rx0, rx1, rx2, rx3,
+                                            ro0, ro1, ro2, ro3, rt0, rt1, rt2, rt3, rhd, rhm, rhk)
     sp = tl.program_id(1)
     if INT64:
-        rows = rows.to(tl.int64)
-    rmask = rows < P
-    rx, ro, rt, rh = side_offsets(rows, rs1, rs2, rs3, rx0, rx1, rx2, rx3, ro0, ro1, ro2, ro3, rt0, rt1, rt2, rt3, rhd, rhm, rhk)
+        sp = sp.to(tl.int64)
     start = sp * CHUNK
     end = tl.minimum(start + CHUNK, M)
     k = pivot(X, rx, rmask, CENTER)
@@ -139,14 +114,9 @@ def _fwd_partial_kernel(
     m2 = tl.zeros([BLOCK_P], dtype=tl.float32)
     for m in range(0, CHUNK, BLOCK_M):  # a fixed trip count: tiles past `end` are masked
         m0 = start + m
-        cols = m0 + tl.arange(0, BLOCK_M)
-        if INT64:
-            cols = cols.to(tl.int64)
-        cmask = cols < end
-        mask = rmask[:, None] & cmask[None, :]
-        cx, co, ct, ch = side_offsets(cols, cs1, cs2, cs3, cx0, cx1, cx2, cx3, co0, co1, co2, co3, ct0, ct1, ct2, ct3, chd, chm, chk)
-        x = tl.load(X + (rx[:, None] + cx[None, :]), mask=mask, other=0.0).to(tl.float32)
-        d = tl.where(mask, x - k[:, None], 0.0)
+        cmask, mask, cx, co, ct, ch = col_tile(m0, end, rmask, BLOCK_M, INT64, cs1, cs2, cs3, cx0, cx1, cx2, cx3,
+                                               co0, co1, co2, co3, ct0, ct1, ct2, ct3, chd, chm, chk)
+        d = tl.where(mask, load2d(X, rx, cx, mask) - k[:, None], 0.0)
         nt = tl.maximum(tl.minimum(end - m0, BLOCK_M), 0).to(tl.float32)
         t_mean, t_m2 = tile_moments(d, mask, tl.maximum(nt, 1.0), CENTER)
         n_before = tl.maximum(tl.minimum(end - start, m), 0).to(tl.float32)
@@ -163,9 +133,9 @@ def _fwd_merge_kernel(
     CENTER: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     """Merge SPLIT partials per statistic: mean = sum n_i mu_i / n, M2 = sum M2_i + n_i (mu_i - mean)^2."""
-    rows = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    rows, rmask, rx, ro, rt, rh = row_block(tl.program_id(0), P, BLOCK_P, False, rs1, rs2, rs3, rx0, rx1, rx2, rx3,
+                                            ro0, ro1, ro2, ro3, rt0, rt1, rt2, rt3, rhd, rhm, rhk)
     sps = tl.arange(0, BLOCK_S)
-    rmask = rows < P
     mask = rmask[:, None] & (sps < SPLIT)[None, :]
     idx = rows[:, None] * SPLIT + sps[None, :]
     mu = tl.load(PMean + idx, mask=mask, other=0.0)
@@ -173,9 +143,7 @@ def _fwd_merge_kernel(
     cnt = tl.minimum(tl.maximum(M - sps * CHUNK, 0), CHUNK).to(tl.float32)[None, :]
     mean = tl.sum(cnt * mu, axis=1) / M
     d = tl.where(mask, mu - mean[:, None], 0.0)
-    m2_all = tl.sum(m2, axis=1) + tl.sum(cnt * d * d, axis=1)
-    rx, ro, rt, rh = side_offsets(rows, rs1, rs2, rs3, rx0, rx1, rx2, rx3, ro0, ro1, ro2, ro3, rt0, rt1, rt2, rt3, rhd, rhm, rhk)
-    var = m2_all / M
+    var = (tl.sum(m2, axis=1) + tl.sum(cnt * d * d, axis=1)) / M
     tl.store(K + rt, pivot(X, rx, rmask, CENTER), mask=rmask)
     tl.store(Mean + rt, mean, mask=rmask)
     tl.store(Rstd + rt, tl.rsqrt(var + eps), mask=rmask)
@@ -184,7 +152,7 @@ def _fwd_merge_kernel(
 
 @triton.jit
 def _fwd_apply_kernel(
-    X, Y, Res, W, B, K, Mean, Rstd,  # as the fused kernel; the statistics are inputs here
+    X, Y, Res, W, B, K, Mean, Rstd,   # as the fused kernel; the statistics are inputs here
     P, M, COL_PROGS, TILES_PER_PROG,  # programs on grid axis 1, column tiles each
     rs1, rs2, rs3, rx0, rx1, rx2, rx3, ro0, ro1, ro2, ro3, rt0, rt1, rt2, rt3, rhd, rhm, rhk,
     cs1, cs2, cs3, cx0, cx1, cx2, cx3, co0, co1, co2, co3, ct0, ct1, ct2, ct3, chd, chm, chk,
@@ -193,26 +161,18 @@ def _fwd_apply_kernel(
     BLOCK_M: tl.constexpr,
 ):
     """Epilogue with given statistics, over a 2-D grid of (row block, column tiles)."""
-    rows = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
-    if INT64:
-        rows = rows.to(tl.int64)
-    rmask = rows < P
-    rx, ro, rt, rh = side_offsets(rows, rs1, rs2, rs3, rx0, rx1, rx2, rx3, ro0, ro1, ro2, ro3, rt0, rt1, rt2, rt3, rhd, rhm, rhk)
+    rows, rmask, rx, ro, rt, rh = row_block(tl.program_id(0), P, BLOCK_P, INT64, rs1, rs2, rs3, rx0, rx1, rx2, rx3,
+                                            ro0, ro1, ro2, ro3, rt0, rt1, rt2, rt3, rhd, rhm, rhk)
     k = tl.load(K + rt, mask=rmask, other=0.0)
     mean = tl.load(Mean + rt, mask=rmask, other=0.0)
     rstd = tl.load(Rstd + rt, mask=rmask, other=0.0)
     for i in range(0, TILES_PER_PROG):  # column tiles pid1, pid1 + COL_PROGS, ...
-        cols = (tl.program_id(1) + i * COL_PROGS) * BLOCK_M + tl.arange(0, BLOCK_M)
+        t = tl.program_id(1) + i * COL_PROGS
         if INT64:
-            cols = cols.to(tl.int64)
-        cmask = cols < M
-        mask = rmask[:, None] & cmask[None, :]
-        cx, co, ct, ch = side_offsets(cols, cs1, cs2, cs3, cx0, cx1, cx2, cx3, co0, co1, co2, co3, ct0, ct1, ct2, ct3, chd, chm, chk)
-        x = tl.load(X + (rx[:, None] + cx[None, :]), mask=mask, other=0.0).to(tl.float32)
-        out = ro[:, None] + co[None, :]
-        res = 0.0
-        if HAS_RES:
-            res = tl.load(Res + out, mask=mask, other=0.0).to(tl.float32)
-        y = epilogue(((x - k[:, None]) - mean[:, None]) * rstd[:, None], rh, ch, rmask, cmask, res,
-                     W, B, HAS_W, HAS_B, HAS_RES, ACT, CHAN)
-        tl.store(Y + out, y.to(Y.dtype.element_ty), mask=mask)
+            t = t.to(tl.int64)
+        cmask, mask, cx, co, ct, ch = col_tile(t * BLOCK_M, M, rmask, BLOCK_M, INT64, cs1, cs2, cs3, cx0, cx1, cx2,
+                                               cx3, co0, co1, co2, co3, ct0, ct1, ct2, ct3, chd, chm, chk)
+        xhat = ((load2d(X, rx, cx, mask) - k[:, None]) - mean[:, None]) * rstd[:, None]
+        res = load_residual(Res, ro, co, mask, HAS_RES)
+        y = epilogue(xhat, rh, ch, rmask, cmask, res, W, B, HAS_W, HAS_B, HAS_RES, ACT, CHAN)
+        store2d(Y, ro, co, y, mask)
