@@ -97,3 +97,31 @@ def test_batch_statistics_are_returned_exactly():
         assert mean.shape == spec.stat_shape(x.shape) == m64.shape
         assert_close(mean, m64, torch.float32, what="mean")
         assert_close(var, v64, torch.float32, what="var")
+
+
+@pytest.mark.parametrize("regime", ["fused", "looped", "split"])
+@pytest.mark.parametrize("center", [True, False])
+@pytest.mark.parametrize("scope,groups", [("instance", None), ("batch", None), ("group", 2), ("NW", None)])
+def test_moments_statistics_only_and_their_gradients(scope, groups, center, regime):
+    x, _, _, _, _ = make_inputs((3, 4, 5, 3), torch.float32, offset=2.0)
+    spec = scopes.parse(scope, 4, groups, 4)
+    x64 = x.double().requires_grad_()
+    m64, v64 = reference.moments(x64, spec, center)
+    xs = x.clone().requires_grad_()
+    with dispatch.forced(regime, block_m=4, block_p=2, split=2):
+        mean, var = tritonorm.moments(xs, scope, num_groups=groups, center=center, backend="triton")
+    assert mean.shape == var.shape == spec.stat_shape(x.shape)
+    assert_close(mean, m64, torch.float32, what="mean")
+    assert_close(var, v64, torch.float32, what="var")
+    dm, dv = torch.randn_like(m64), torch.randn_like(v64)
+    g64, = torch.autograd.grad((m64 * dm).sum() + (v64 * dv).sum(), x64)
+    g, = torch.autograd.grad((mean * dm.float()).sum() + (var * dv.float()).sum(), xs)
+    assert_close(g, g64, torch.float32, what="dx")
+
+
+def test_moments_writes_no_output(monkeypatch):
+    # The statistics-only path must not allocate or write a y: count the outputs allocated.
+    made = []
+    monkeypatch.setattr(launch, "_out_like", lambda x: made.append(1) or torch.empty_like(x))
+    tritonorm.moments(torch.randn(2, 4, 3, 3), "instance", backend="triton")
+    assert not made

@@ -9,9 +9,9 @@ __version__ = "0.1.0"
 
 from . import reference, scope
 from .backend import triton_available
-from .core import norm
+from .core import moments, norm
 
-__all__ = ["__version__", "norm", "reference", "scope", "triton_available"]
+__all__ = ["__version__", "norm", "moments", "reference", "scope", "triton_available"]
 
 from . import functional  # noqa: E402
 from .core import norm_with_stats  # noqa: E402

@@ -85,3 +85,29 @@ def _reference(x, spec, weight, bias, eps, center, act, residual, running_mean, 
     if training and running_var is not None:
         _update_running(spec, x.shape, mean, var, running_mean, running_var, momentum, center)
     return y, mean, var
+
+
+def moments(x: torch.Tensor, scope: str = "group", *, num_groups: int | None = None,
+            center: bool = True, backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and biased variance of ``x`` per statistic of ``scope``, differentiable.
+
+    Shaped like the kept axes (``Spec.stat_shape``: ``(C,)`` for batch, ``(N, C)`` for instance,
+    ``(N, G)`` for group); fp32 (float64 on the reference path). With ``center=False`` the mean
+    is zero and the variance is the mean square. The Triton path reads x once (or twice for
+    statistics too large for one program) and writes nothing else; the building block of
+    Switchable Normalization and SyncBatchNorm.
+    """
+    spec, _ = check_norm_args(x, scope, num_groups, None, None, 1.0, center, None, None, None,
+                              None, 0.1, False)
+    name = backends.resolve(backend, x.device, x.dtype)
+    if name == "reference" or x.numel() == 0:
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        xg, dims = reference._grouped(x.to(acc), spec)
+        shape = spec.stat_shape(x.shape)
+        if center:
+            var, mean = torch.var_mean(xg, dim=dims, correction=0)
+        else:
+            var = xg.square().mean(dim=dims)
+            mean = torch.zeros_like(var)
+        return mean.reshape(shape), var.reshape(shape)
+    return torch.ops.tritonorm.moments(x, spec.layout, spec.letters, spec.num_groups, center)

@@ -98,3 +98,46 @@ def _backward(ctx, dy, *_stat_grads):
 
 
 norm_fwd.register_autograd(_backward, setup_context=_setup)
+
+
+@torch.library.custom_op("tritonorm::moments", mutates_args=())
+def moments(x: Tensor, layout: str, letters: str, num_groups: int, center: bool) -> tuple[Tensor, Tensor]:
+    """mean and biased variance (mean square without centring) per statistic, fp32; x read once
+    or twice and no output written."""
+    from .kernels import launch
+
+    _, k, mean_d, _, var = launch.forward(x, _spec(layout, letters, num_groups), None, None, None, 1.0,
+                                          center, 0, stats_only=True)
+    return k + mean_d, var
+
+
+@moments.register_fake
+def _(x, layout, letters, num_groups, center):
+    shape = _spec(layout, letters, num_groups).stat_shape(x.shape)
+    return x.new_empty(shape, dtype=torch.float32), x.new_empty(shape, dtype=torch.float32)
+
+
+def _moments_setup(ctx, inputs, output):
+    x, layout, letters, num_groups, center = inputs
+    ctx.save_for_backward(x, output[0])
+    ctx.meta = (layout, letters, num_groups, center)
+
+
+def _moments_backward(ctx, dmean, dvar):
+    # d mean / dx = 1/M, d var / dx = 2 (x - mean) / M: elementwise, written in PyTorch ops so
+    # they fuse under torch.compile.
+    x, mean = ctx.saved_tensors
+    layout, letters, num_groups, center = ctx.meta
+    spec = _spec(layout, letters, num_groups)
+    full = [1 if red else size for _, size, red in spec.logical_axes(x.shape)]
+    xg = x.float().reshape(x.shape[0], num_groups, x.shape[1] // num_groups, *x.shape[2:])
+    g = torch.zeros_like(xg)
+    if dmean is not None and center:
+        g = g + dmean.reshape(full)
+    if dvar is not None:
+        dev = xg - mean.reshape(full) if center else xg
+        g = g + 2.0 * dvar.reshape(full) * dev
+    return (g / spec.count(x.shape)).reshape(x.shape).to(x.dtype), None, None, None, None
+
+
+moments.register_autograd(_moments_backward, setup_context=_moments_setup)

@@ -32,9 +32,10 @@ def _fwd_fused_kernel(
     cs1, cs2, cs3, cx0, cx1, cx2, cx3, co0, co1, co2, co3, ct0, ct1, ct2, ct3, chd, chm, chk,
     CENTER: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_RES: tl.constexpr,
     ACT: tl.constexpr, CHAN: tl.constexpr, INT64: tl.constexpr, BLOCK_P: tl.constexpr,
-    BLOCK_M: tl.constexpr,
+    BLOCK_M: tl.constexpr, STORE_Y: tl.constexpr,
 ):
-    """Whole statistic in registers: moments, epilogue and stats in one pass over x."""
+    """Whole statistic in registers: moments, epilogue and stats in one pass over x
+    (STORE_Y=False: statistics only)."""
     rows, rmask, rx, ro, rt, rh = row_block(tl.program_id(0), P, BLOCK_P, INT64, rs1, rs2, rs3, rx0, rx1, rx2, rx3,
                                             ro0, ro1, ro2, ro3, rt0, rt1, rt2, rt3, rhd, rhm, rhk)
     cmask, mask, cx, co, ct, ch = col_tile(0, M, rmask, BLOCK_M, INT64, cs1, cs2, cs3, cx0, cx1, cx2, cx3,
@@ -48,10 +49,11 @@ def _fwd_fused_kernel(
     tl.store(Mean + rt, mean_d, mask=rmask)
     tl.store(Rstd + rt, rstd, mask=rmask)
     tl.store(Var + rt, var, mask=rmask)
-    res = load_residual(Res, ro, co, mask, HAS_RES)
-    y = epilogue((d - mean_d[:, None]) * rstd[:, None], rh, ch, rmask, cmask, res,
-                 W, B, HAS_W, HAS_B, HAS_RES, ACT, CHAN)
-    store2d(Y, ro, co, y, mask)
+    if STORE_Y:
+        res = load_residual(Res, ro, co, mask, HAS_RES)
+        y = epilogue((d - mean_d[:, None]) * rstd[:, None], rh, ch, rmask, cmask, res,
+                     W, B, HAS_W, HAS_B, HAS_RES, ACT, CHAN)
+        store2d(Y, ro, co, y, mask)
 
 
 @triton.jit
@@ -62,9 +64,10 @@ def _fwd_looped_kernel(
     cs1, cs2, cs3, cx0, cx1, cx2, cx3, co0, co1, co2, co3, ct0, ct1, ct2, ct3, chd, chm, chk,
     CENTER: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_RES: tl.constexpr,
     ACT: tl.constexpr, CHAN: tl.constexpr, INT64: tl.constexpr, BLOCK_P: tl.constexpr,
-    BLOCK_M: tl.constexpr,
+    BLOCK_M: tl.constexpr, STORE_Y: tl.constexpr,
 ):
-    """Moments by Chan-merging BLOCK_M tiles, then a second sweep applies the epilogue."""
+    """Moments by Chan-merging BLOCK_M tiles, then a second sweep applies the epilogue
+    (STORE_Y=False: statistics only, one sweep)."""
     rows, rmask, rx, ro, rt, rh = row_block(tl.program_id(0), P, BLOCK_P, INT64, rs1, rs2, rs3, rx0, rx1, rx2, rx3,
                                             ro0, ro1, ro2, ro3, rt0, rt1, rt2, rt3, rhd, rhm, rhk)
     k = pivot(X, rx, rmask, CENTER)
@@ -83,13 +86,14 @@ def _fwd_looped_kernel(
     tl.store(Mean + rt, mean_d, mask=rmask)
     tl.store(Rstd + rt, rstd, mask=rmask)
     tl.store(Var + rt, var, mask=rmask)
-    for m0 in range(0, M, BLOCK_M):
-        cmask, mask, cx, co, ct, ch = col_tile(m0, M, rmask, BLOCK_M, INT64, cs1, cs2, cs3, cx0, cx1, cx2, cx3,
-                                               co0, co1, co2, co3, ct0, ct1, ct2, ct3, chd, chm, chk)
-        xhat = ((load2d(X, rx, cx, mask) - k[:, None]) - mean_d[:, None]) * rstd[:, None]
-        res = load_residual(Res, ro, co, mask, HAS_RES)
-        y = epilogue(xhat, rh, ch, rmask, cmask, res, W, B, HAS_W, HAS_B, HAS_RES, ACT, CHAN)
-        store2d(Y, ro, co, y, mask)
+    if STORE_Y:
+        for m0 in range(0, M, BLOCK_M):
+            cmask, mask, cx, co, ct, ch = col_tile(m0, M, rmask, BLOCK_M, INT64, cs1, cs2, cs3, cx0, cx1, cx2,
+                                                   cx3, co0, co1, co2, co3, ct0, ct1, ct2, ct3, chd, chm, chk)
+            xhat = ((load2d(X, rx, cx, mask) - k[:, None]) - mean_d[:, None]) * rstd[:, None]
+            res = load_residual(Res, ro, co, mask, HAS_RES)
+            y = epilogue(xhat, rh, ch, rmask, cmask, res, W, B, HAS_W, HAS_B, HAS_RES, ACT, CHAN)
+            store2d(Y, ro, co, y, mask)
 
 
 @triton.jit

@@ -91,20 +91,22 @@ def _dummy(x: torch.Tensor) -> torch.Tensor:
 
 
 def forward(x, spec: Spec, weight, bias, residual, eps: float, center: bool, act: int,
-            given: tuple[torch.Tensor, torch.Tensor] | None = None):
+            given: tuple[torch.Tensor, torch.Tensor] | None = None, stats_only: bool = False):
     """Returns (y, pivot, mean_shifted, rstd, var): fp32 statistics shaped ``spec.stat_shape``.
 
     The mean is ``pivot + mean_shifted`` (see forward.py); var is the biased variance, or the
     mean square without centring. ``given``: (mean, rstd) to apply instead of computing
-    statistics (eval with running stats); the pivot is then 0.
+    statistics (eval with running stats); the pivot is then 0. ``stats_only``: compute the
+    statistics and skip the output (y is then an empty tensor).
     """
     if not _fits(x, spec, channel=False):
         # A dense permutation that still needs more than MAX_DIMS dims a side: run contiguous.
         y, *stats = forward(x.contiguous(), spec, weight, bias,
-                            None if residual is None else residual.contiguous(), eps, center, act, given)
-        return (_restride(y, x), *stats)
-    y = _out_like(x)
-    x, view, _ = _views(x, y, spec)
+                            None if residual is None else residual.contiguous(), eps, center, act, given,
+                            stats_only)
+        return (y if stats_only else _restride(y, x), *stats)
+    y = x.new_empty(0) if stats_only else _out_like(x)
+    x, view, _ = _views(x, x if stats_only else y, spec)
     if residual is not None:
         residual = match_strides(residual, y)
     stat_shape = spec.stat_shape(x.shape)
@@ -118,6 +120,9 @@ def forward(x, spec: Spec, weight, bias, residual, eps: float, center: bool, act
     fkey = dispatch.flags_key(weight is not None, bias is not None, residual is not None, act, center)
     plan = dispatch.plan_for(_problem("forward", view, x, spec, fkey), profile_for(x.device))
     if plan.kernel == dispatch.NATIVE:
+        if stats_only:
+            mean, var = (t.float() for t in native.moments(x, spec, center))
+            return y, torch.zeros_like(mean), mean, torch.rsqrt(var + eps), var
         y, mean, rstd, var = native.forward(x, spec, weight, bias, residual, eps, center, act, given)
         return y, torch.zeros_like(mean), mean, rstd, var
     cfg = plan.config
@@ -135,14 +140,15 @@ def forward(x, spec: Spec, weight, bias, residual, eps: float, center: bool, act
     mean = _empty(stat_shape, x.device)
     rstd = _empty(stat_shape, x.device)
     var = _empty(stat_shape, x.device)
+    yp = x if stats_only else y  # any valid pointer when STORE_Y is off
     if plan.kernel == "fused":
         fk._fwd_fused_kernel[(triton.cdiv(P, bp),)](
-            x, y, r, w, b, k, mean, rstd, var, P, M, eps, *args, CENTER=center, **flags,
-            BLOCK_P=bp, BLOCK_M=bm, num_warps=nw)
+            x, yp, r, w, b, k, mean, rstd, var, P, M, eps, *args, CENTER=center, **flags,
+            BLOCK_P=bp, BLOCK_M=bm, STORE_Y=not stats_only, num_warps=nw)
     elif plan.kernel == "looped":
         fk._fwd_looped_kernel[(triton.cdiv(P, bp),)](
-            x, y, r, w, b, k, mean, rstd, var, P, M, eps, *args, CENTER=center, **flags,
-            BLOCK_P=bp, BLOCK_M=bm, num_warps=nw)
+            x, yp, r, w, b, k, mean, rstd, var, P, M, eps, *args, CENTER=center, **flags,
+            BLOCK_P=bp, BLOCK_M=bm, STORE_Y=not stats_only, num_warps=nw)
     else:
         split = cfg["split"]
         chunk = _chunk(M, bm, split)
@@ -155,6 +161,8 @@ def forward(x, spec: Spec, weight, bias, residual, eps: float, center: bool, act
         fk._fwd_merge_kernel[(triton.cdiv(P, mbp),)](
             x, pmean, pm2, k, mean, rstd, var, P, M, chunk, split, eps, *view.rows.args(),
             CENTER=center, BLOCK_P=mbp, BLOCK_S=_pow2(split))
+        if stats_only:
+            return y, k, mean, rstd, var
         grid, tiles = _apply_grid(P, M, bp, bm)
         fk._fwd_apply_kernel[grid](x, y, r, w, b, k, mean, rstd, P, M, grid[1], tiles, *args, **flags,
                                    BLOCK_P=bp, BLOCK_M=bm, num_warps=nw)

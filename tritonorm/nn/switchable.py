@@ -4,8 +4,9 @@
 
 Where the work runs:
 
-* The per-(n, c) instance moments come from one pass of tritonorm's instance-scope kernel
-  (``moments``; fp32 accumulation, Welford/Chan merges, no ``E[x^2] - E[x]^2``).
+* The per-(n, c) instance moments come from one statistics-only pass of tritonorm's kernels
+  (``tritonorm.moments``; fp32 accumulation, Chan merges, no ``E[x^2] - E[x]^2``, no output
+  written).
 * Layer and batch moments are derived from them on the small (N, C) tensors with the equal-count
   identities ``var_ln = mean_c(var_in) + mean_c((mean_in - mean_ln)^2)`` (and the same over n),
   algebraically identical to the reference's ``mean(var_in + mean_in^2) - mean_ln^2`` without its
@@ -26,31 +27,13 @@ import torch
 from torch import nn
 
 from .. import activations, backend as backends
-from ..core import norm, norm_with_stats
+from ..core import moments as _core_moments, norm
 
 __all__ = ["SwitchNorm1d", "SwitchNorm2d", "SwitchNorm3d", "SparseSwitchNorm2d", "sparsemax",
            "sparsestmax", "radius_schedule", "moments", "apply_stats"]
 
 def _acc_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
-class _Moments(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, scope, sum_dims):
-        _, mean, var = norm_with_stats(x, scope, training=True, check_single_value=False)
-        ctx.save_for_backward(x, mean)
-        ctx.sum_dims = sum_dims
-        ctx.count = math.prod([x.shape[d] for d in sum_dims])
-        return mean, var
-
-    @staticmethod
-    def backward(ctx, dmean, dvar):
-        x, mean = ctx.saved_tensors
-        shape = _keep_shape(x, ctx.sum_dims)
-        m = mean.reshape(shape)
-        dx = (dmean.reshape(shape) + 2.0 * dvar.reshape(shape) * (x.to(m.dtype) - m)) / ctx.count
-        return dx.to(x.dtype), None, None
 
 
 def _keep_shape(x: torch.Tensor, sum_dims) -> list[int]:
@@ -89,15 +72,10 @@ def moments(x: torch.Tensor, per: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Differentiable mean and biased variance of ``x`` (N, C, *spatial).
 
     ``per="instance"``: shape (N, C), over the spatial axes. ``per="channel"``: shape (C,), over N
-    and the spatial axes. Accumulated in fp32 (float64 input: float64).
+    and the spatial axes. Accumulated in fp32 (float64 input: float64); one statistics-only pass
+    of the kernels (``tritonorm.moments``).
     """
-    scope = {"instance": "instance", "channel": "batch"}[per]
-    sum_dims = tuple(range(2, x.dim())) if per == "instance" else (0, *range(2, x.dim()))
-    if backends.resolve(None, x.device, x.dtype) == "reference" or x.numel() == 0:
-        xa = x.to(_acc_dtype(x))
-        var, mean = torch.var_mean(xa, dim=sum_dims, correction=0)
-        return mean, var
-    return _Moments.apply(x, scope, sum_dims)
+    return _core_moments(x, {"instance": "instance", "channel": "batch"}[per])
 
 
 class _ApplyStats(torch.autograd.Function):

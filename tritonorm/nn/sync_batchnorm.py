@@ -24,7 +24,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .. import activations, functional
-from ..core import norm_with_stats
+from ..core import moments
 from .modules import _extra, _momentum_factor
 from .switchable import apply_stats
 
@@ -38,7 +38,7 @@ def _local_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if x.numel() == 0:
         zero = torch.zeros(c, dtype=acc, device=x.device)
         return zero, zero.clone()
-    _, mean, var = norm_with_stats(x.detach(), "batch", training=True, check_single_value=False)
+    mean, var = moments(x.detach(), "batch")  # statistics only: nothing else written
     return mean.reshape(c).to(acc), var.reshape(c).to(acc)
 
 
