@@ -9,7 +9,8 @@ S1 = sum g and S2 = sum g * xhat:
 
 dresidual = dy * act'(pre); dweight_c = sum dy*act'(pre)*xhat and dbias_c = sum dy*act'(pre)
 over every element of channel c (the channel view, with fp32 partials summed in a second,
-deterministic stage). Every kernel normalizes ``(x - K) - Mean`` with the forward's pivot K and
+deterministic stage; when each statistic is one channel, as in BatchNorm, the dx kernels'
+row sums give them without that extra sweep). Every kernel normalizes ``(x - K) - Mean`` with the forward's pivot K and
 shifted mean (see forward.py); the pre-activation is recomputed, not stored. The regimes mirror
 the forward ones: fused (x, dy read once), looped (twice), split (partial sums on SPLIT
 programs per statistic, then apply).
@@ -43,14 +44,16 @@ def _row_stats(K, Mean, Rstd, rt, rmask):
 @triton.jit
 def _bwd_fused_kernel(
     X, DY, Res, W, B, K, Mean, Rstd, DX, DRes,  # K, Mean: pivot and shifted mean; DRes only if WRITE_DRES
+    PDW, PDB,                                   # per-row dweight, dbias partials, [P] (ROW_CHANNEL only)
     P, M,
     rs1, rs2, rs3, rx0, rx1, rx2, rx3, ro0, ro1, ro2, ro3, rt0, rt1, rt2, rt3, rhd, rhm, rhk,
     cs1, cs2, cs3, cx0, cx1, cx2, cx3, co0, co1, co2, co3, ct0, ct1, ct2, ct3, chd, chm, chk,
     CENTER: tl.constexpr, GIVEN: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
     HAS_RES: tl.constexpr, WRITE_DRES: tl.constexpr, ACT: tl.constexpr, CHAN: tl.constexpr,
-    INT64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr,
+    INT64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr, ROW_CHANNEL: tl.constexpr,
 ):
-    """Whole statistic in registers: S1, S2 and dx in one pass over x and dy."""
+    """Whole statistic in registers: S1, S2 and dx in one pass over x and dy. With ROW_CHANNEL
+    (each row is one channel: BatchNorm) the row sums of gz*xhat and gz are dweight and dbias."""
     rows, rmask, rx, ro, rt, rh = row_block(tl.program_id(0), P, BLOCK_P, INT64, rs1, rs2, rs3, rx0, rx1, rx2, rx3,
                                             ro0, ro1, ro2, ro3, rt0, rt1, rt2, rt3, rhd, rhm, rhk)
     cmask, mask, cx, co, ct, ch = col_tile(0, M, rmask, BLOCK_M, INT64, cs1, cs2, cs3, cx0, cx1, cx2, cx3,
@@ -65,18 +68,24 @@ def _bwd_fused_kernel(
     store2d(DX, ro, co, dx, mask)
     if WRITE_DRES:
         store2d(DRes, ro, co, gz, mask)
+    if ROW_CHANNEL:
+        tl.store(PDW + rows, tl.sum(gz * xhat, axis=1), mask=rmask)
+        tl.store(PDB + rows, tl.sum(gz, axis=1), mask=rmask)
 
 
 @triton.jit
 def _bwd_sums_kernel(
     X, DY, Res, W, B, K, Mean, Rstd, PS1, PS2,  # partial sums out, [P, SPLIT] fp32
+    PDW, PDB,                                   # partial dweight, dbias, [P, SPLIT] (ROW_CHANNEL only)
     P, M, CHUNK, SPLIT,
     rs1, rs2, rs3, rx0, rx1, rx2, rx3, ro0, ro1, ro2, ro3, rt0, rt1, rt2, rt3, rhd, rhm, rhk,
     cs1, cs2, cs3, cx0, cx1, cx2, cx3, co0, co1, co2, co3, ct0, ct1, ct2, ct3, chd, chm, chk,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr,
     CHAN: tl.constexpr, INT64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr,
+    ROW_CHANNEL: tl.constexpr,
 ):
-    """S1, S2 over one column chunk (looped regime: SPLIT = 1; split regime: stage 1)."""
+    """S1, S2 over one column chunk (looped regime: SPLIT = 1; split regime: stage 1); with
+    ROW_CHANNEL also the dweight, dbias partials (sums of gz*xhat and gz)."""
     rows, rmask, rx, ro, rt, rh = row_block(tl.program_id(0), P, BLOCK_P, INT64, rs1, rs2, rs3, rx0, rx1, rx2, rx3,
                                             ro0, ro1, ro2, ro3, rt0, rt1, rt2, rt3, rhd, rhm, rhk)
     sp = tl.program_id(1)
@@ -87,6 +96,8 @@ def _bwd_sums_kernel(
     end = tl.minimum(start + CHUNK, M)
     s1 = tl.zeros([BLOCK_P], dtype=tl.float32)
     s2 = tl.zeros([BLOCK_P], dtype=tl.float32)
+    u1 = tl.zeros([BLOCK_P], dtype=tl.float32)
+    u2 = tl.zeros([BLOCK_P], dtype=tl.float32)
     for m in range(0, CHUNK, BLOCK_M):  # a fixed trip count: tiles past `end` are masked
         cmask, mask, cx, co, ct, ch = col_tile(start + m, end, rmask, BLOCK_M, INT64, cs1, cs2, cs3, cx0, cx1, cx2,
                                                cx3, co0, co1, co2, co3, ct0, ct1, ct2, ct3, chd, chm, chk)
@@ -97,8 +108,14 @@ def _bwd_sums_kernel(
                                  res, W, B, HAS_W, HAS_B, HAS_RES, ACT, CHAN)
         s1 += tl.sum(g, axis=1)
         s2 += tl.sum(g * xhat, axis=1)
+        if ROW_CHANNEL:
+            u1 += tl.sum(gz, axis=1)
+            u2 += tl.sum(gz * xhat, axis=1)
     tl.store(PS1 + rows * SPLIT + sp, s1, mask=rmask)
     tl.store(PS2 + rows * SPLIT + sp, s2, mask=rmask)
+    if ROW_CHANNEL:
+        tl.store(PDW + rows * SPLIT + sp, u2, mask=rmask)
+        tl.store(PDB + rows * SPLIT + sp, u1, mask=rmask)
 
 
 @triton.jit

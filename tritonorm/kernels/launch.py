@@ -205,11 +205,19 @@ def backward(dy, x, spec: Spec, weight, bias, residual, k, mean, rstd, center: b
                                given, need_dx, need_dw, need_db, need_dres)
     cfg = plan.config
     bp, bm, nw = cfg["block_p"], cfg["block_m"], cfg["num_warps"]
+    # Each statistic one channel (BatchNorm's scope): the dx kernels' row sums are dweight and
+    # dbias, so the channel-view sweep is skipped.
+    row_channel = ((need_dw or need_db) and (need_dx or write_dres) and not given
+                   and spec.allows_running_stats and not spec.reduces_c)
+    pdw = pdb = None
     if need_dx or write_dres:
         if plan.kernel == "fused":
+            if row_channel:
+                pdw, pdb = _empty((P, 1), x.device), _empty((P, 1), x.device)
             bk._bwd_fused_kernel[(triton.cdiv(P, bp),)](
-                x, dy, r, w, b, k, mean, rstd, dx, dr, P, M, *args, CENTER=center, GIVEN=given,
-                WRITE_DRES=write_dres, **flags, BLOCK_P=bp, BLOCK_M=bm, num_warps=nw)
+                x, dy, r, w, b, k, mean, rstd, dx, dr, pdw if row_channel else x, pdb if row_channel else x,
+                P, M, *args, CENTER=center, GIVEN=given, WRITE_DRES=write_dres, **flags, BLOCK_P=bp,
+                BLOCK_M=bm, ROW_CHANNEL=row_channel, num_warps=nw)
         else:
             split = cfg.get("split", 1)
             s1 = s2 = mean  # unused when the statistics are given
@@ -217,16 +225,19 @@ def backward(dy, x, spec: Spec, weight, bias, residual, k, mean, rstd, center: b
                 chunk = _chunk(M, bm, split)
                 ps1 = _empty((P, split), x.device)
                 ps2 = _empty((P, split), x.device)
+                if row_channel:
+                    pdw, pdb = _empty((P, split), x.device), _empty((P, split), x.device)
                 bk._bwd_sums_kernel[(triton.cdiv(P, bp), split)](
-                    x, dy, r, w, b, k, mean, rstd, ps1, ps2, P, M, chunk, split, *args, **flags,
-                    BLOCK_P=bp, BLOCK_M=bm, num_warps=nw)
+                    x, dy, r, w, b, k, mean, rstd, ps1, ps2, pdw if row_channel else x,
+                    pdb if row_channel else x, P, M, chunk, split, *args, **flags,
+                    BLOCK_P=bp, BLOCK_M=bm, ROW_CHANNEL=row_channel, num_warps=nw)
                 s1, s2 = ps1.sum(dim=1), ps2.sum(dim=1)
             grid, tiles = _apply_grid(P, M, bp, bm, one_program_per_row=plan.kernel == "looped")
             bk._bwd_apply_kernel[grid](
                 x, dy, r, w, b, k, mean, rstd, s1, s2, dx, dr, P, M, grid[1], tiles, *args, CENTER=center,
                 GIVEN=given, WRITE_DRES=write_dres, **flags, BLOCK_P=bp, BLOCK_M=bm, num_warps=nw)
     dw = db = None
-    if need_dw or need_db:
+    if (need_dw or need_db) and not row_channel:
         C = cview.P
         cplan = dispatch.plan_for(_problem("dwdb", cview, x, spec, fkey), profile_for(x.device))
         cbp = cplan.config["block_p"]
@@ -239,10 +250,10 @@ def backward(dy, x, spec: Spec, weight, bias, residual, k, mean, rstd, center: b
             x, dy, r, w, b, k, mean, rstd, pdw, pdb, C, cview.M, chunk, split, *cview.args(),
             HAS_W=flags["HAS_W"], HAS_B=flags["HAS_B"], HAS_RES=flags["HAS_RES"], ACT=act,
             CHAN=_chan_mode(cview), INT64=cview.int64, BLOCK_P=cbp, BLOCK_M=cbm, num_warps=cplan.config["num_warps"])
-        if need_dw:
-            dw = pdw.sum(dim=1).to(weight.dtype)
-        if need_db:
-            db = pdb.sum(dim=1).to(bias.dtype)
+    if need_dw:
+        dw = pdw.sum(dim=1).to(weight.dtype)
+    if need_db:
+        db = pdb.sum(dim=1).to(bias.dtype)
     if not need_dx:
         dx = None
     if need_dres and not write_dres:
