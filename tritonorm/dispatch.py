@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import threading
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 # Triton kernel regimes (tests iterate over these).
 REGIMES = ("fused", "looped", "split")

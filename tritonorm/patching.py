@@ -128,7 +128,7 @@ def patch(model: nn.Module, *, fuse_activation: bool = True, sync_batchnorm: boo
         target = _REPLACE.get(t)
         if target is None:
             if isinstance(module, _NORM_BASES):
-                rep.left_alone.append((name, t.__name__, f"subclass of a torch norm "
+                rep.left_alone.append((name, t.__name__, "subclass of a torch norm "
                                        "with its own code"))
             continue
         why = _why_not(module)

@@ -26,7 +26,7 @@ import math
 import torch
 from torch import nn
 
-from .. import activations, backend as backends
+from .. import activations
 from ..core import moments as _core_moments, norm
 
 __all__ = ["SwitchNorm1d", "SwitchNorm2d", "SwitchNorm3d", "SparseSwitchNorm2d", "sparsemax",
@@ -330,7 +330,7 @@ class _SwitchNormNd(nn.Module):
 
     def _statistics(self, x: torch.Tensor):
         """Mixed mean and variance per (n, c), shaped (N, C)."""
-        n, c = x.shape[0], x.shape[1]
+        c = x.shape[1]
         s = math.prod(x.shape[2:])
         mean_in, var_b = moments(x, "instance")
         var_in = var_b * (s / (s - 1))  # the reference's unbiased instance variance
