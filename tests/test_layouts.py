@@ -102,3 +102,13 @@ def test_views_merge_to_one_dim_for_common_cases():
     assert v.cols.sizes == (4 * 64, 1, 1, 1)                            # N*H*W merged
     v = layout.channel_view(x.shape, scopes.parse("group", 4, 32, 64), x.stride(), x.stride())
     assert v.rows.numel == 64 and v.rows.chan == (1, 64, 1)          # G and Cg: the channel itself
+
+
+@pytest.mark.parametrize("regime", REGIMES)
+def test_strided_and_expanded_weight_and_bias(regime):
+    # Parameters are indexed by channel inside the kernels: views of them must not be misread.
+    x, _, _, r, dy = make_inputs((3, 4, 5), torch.float32, residual=True)
+    w = (torch.rand(8) + 0.5)[::2]
+    b = torch.randn(1).expand(4)
+    check_case(x, "batch", weight=w, bias=b, residual=r, dy=dy, regime=regime, config=TILES[regime])
+    check_case(x, "group", num_groups=2, weight=w, bias=b, dy=dy, regime=regime, config=TILES[regime])

@@ -113,8 +113,9 @@ def forward(x, spec: Spec, weight, bias, residual, eps: float, center: bool, act
     P, M = view.P, view.M
     flags = dict(HAS_W=weight is not None, HAS_B=bias is not None, HAS_RES=residual is not None,
                  ACT=act, CHAN=_chan_mode(view), INT64=view.int64)
-    w = weight if weight is not None else _dummy(x)
-    b = bias if bias is not None else _dummy(x)
+    # Kernels index weight and bias by channel: give them unit stride (a copy of C values at most).
+    w = weight.contiguous() if weight is not None else _dummy(x)
+    b = bias.contiguous() if bias is not None else _dummy(x)
     r = residual if residual is not None else _dummy(x)
     args = view.args()
     fkey = dispatch.flags_key(weight is not None, bias is not None, residual is not None, act, center)
@@ -189,8 +190,9 @@ def backward(dy, x, spec: Spec, weight, bias, residual, k, mean, rstd, center: b
     if residual is not None:
         residual = match_strides(residual, dx)
     P, M = view.P, view.M
-    w = weight if weight is not None else _dummy(x)
-    b = bias if bias is not None else _dummy(x)
+    # Kernels index weight and bias by channel: give them unit stride (a copy of C values at most).
+    w = weight.contiguous() if weight is not None else _dummy(x)
+    b = bias.contiguous() if bias is not None else _dummy(x)
     r = residual if residual is not None else _dummy(x)
     flags = dict(HAS_W=weight is not None, HAS_B=bias is not None, HAS_RES=residual is not None,
                  ACT=act, CHAN=_chan_mode(view), INT64=view.int64)
