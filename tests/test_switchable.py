@@ -48,6 +48,18 @@ def ref_sparsestmax(v, rad_in=0.0, u_in=None):
     return p.clamp(min=0, max=1)
 
 
+def _ref_running_update(rm, rv, mean_bn, var_bn, momentum, moving_average):
+    """The reference's running statistics: SN's momentum convention (new = m*old + (1-m)*batch),
+    or accumulation of sums for a later batch-average pass."""
+    with torch.no_grad():
+        if moving_average:
+            rm.mul_(momentum).add_((1 - momentum) * mean_bn)
+            rv.mul_(momentum).add_((1 - momentum) * var_bn)
+        else:
+            rm.add_(mean_bn)
+            rv.add_(mean_bn ** 2 + var_bn)
+
+
 def ref_switch_norm(x, weight, bias, mw, vw, rm, rv, *, training, momentum, moving_average,
                     using_bn, eps=1e-5, mix=None):
     """SwitchNorm2d/3d forward (rm/rv updated in place like the reference's buffers)."""
@@ -63,13 +75,7 @@ def ref_switch_norm(x, weight, bias, mw, vw, rm, rv, *, training, momentum, movi
         if training:
             mean_bn = mean_in.mean(0, keepdim=True)
             var_bn = temp.mean(0, keepdim=True) - mean_bn ** 2
-            with torch.no_grad():
-                if moving_average:
-                    rm.mul_(momentum).add_((1 - momentum) * mean_bn)
-                    rv.mul_(momentum).add_((1 - momentum) * var_bn)
-                else:
-                    rm.add_(mean_bn)
-                    rv.add_(mean_bn ** 2 + var_bn)
+            _ref_running_update(rm, rv, mean_bn, var_bn, momentum, moving_average)
         else:
             mean_bn, var_bn = rm, rv
     wm, wv = mix if mix is not None else (torch.softmax(mw, 0), torch.softmax(vw, 0))
@@ -88,13 +94,7 @@ def ref_switch_norm1d(x, weight, bias, mw, vw, rm, rv, *, training, momentum, mo
     if training:
         mean_bn = x.mean(0, keepdim=True)
         var_bn = x.var(0, keepdim=True)
-        with torch.no_grad():
-            if moving_average:
-                rm.mul_(momentum).add_((1 - momentum) * mean_bn)
-                rv.mul_(momentum).add_((1 - momentum) * var_bn)
-            else:
-                rm.add_(mean_bn)
-                rv.add_(mean_bn ** 2 + var_bn)
+        _ref_running_update(rm, rv, mean_bn, var_bn, momentum, moving_average)
     else:
         mean_bn, var_bn = rm, rv
     wm, wv = torch.softmax(mw, 0), torch.softmax(vw, 0)
