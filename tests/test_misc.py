@@ -96,7 +96,8 @@ class _Counter:
     """Records which kernels run and how many of them read x."""
 
     READS_X = {"_fwd_fused_kernel", "_fwd_looped_kernel", "_fwd_partial_kernel", "_fwd_apply_kernel",
-               "_bwd_fused_kernel", "_bwd_sums_kernel", "_bwd_apply_kernel", "_dwdb_kernel"}
+               "_bwd_fused_kernel", "_bwd_fused_rows_kernel", "_bwd_sums_kernel", "_bwd_apply_kernel",
+               "_dwdb_kernel"}
     # Sweeps over x inside one kernel (the looped kernels sweep twice).
     SWEEPS = {"_fwd_looped_kernel": 2, "_fwd_merge_kernel": 0}
 
@@ -122,11 +123,13 @@ class _Counter:
 
 
 # Backward sweeps over x per regime: the dx kernels (fused 1; looped and split: sums + apply),
-# plus the channel-view dweight/dbias sweep unless each statistic is one channel (BatchNorm).
-BWD_SWEEPS = {"group": {"fused": 2, "looped": 3, "split": 3}, "batch": {"fused": 1, "looped": 2, "split": 2}}
+# plus the channel-view dweight/dbias sweep unless each statistic is one channel (BatchNorm) or,
+# in the fused regime, each column is one channel (positional scope, LayerNorm rows).
+BWD_SWEEPS = {"group": {"fused": 2, "looped": 3, "split": 3}, "batch": {"fused": 1, "looped": 2, "split": 2},
+              "positional": {"fused": 1, "looped": 3, "split": 3}}
 
 
-@pytest.mark.parametrize("scope", ["group", "batch"])
+@pytest.mark.parametrize("scope", ["group", "batch", "positional"])
 @pytest.mark.parametrize("regime", ["fused", "looped", "split"])
 def test_forward_reads_x_at_most_twice_backward_at_most_three_times(regime, scope, monkeypatch):
     counter = _Counter(monkeypatch)

@@ -140,3 +140,13 @@ def test_int64_indexing_path(monkeypatch):
         x, w, b, r, dy = make_inputs((2, 4, 3, 3), torch.float32, residual=True)
         check_case(x, "group", num_groups=2, weight=w, bias=b, residual=r, dy=dy, activation="gelu",
                    regime=regime, config=TILES[regime])
+
+
+@pytest.mark.parametrize("block_p", [1, 2])
+def test_fused_rows_persistent_grid_accumulates_parameter_grads(block_p):
+    # LayerNorm rows with one channel per column: the fused backward walks row blocks on a
+    # persistent grid (at most 2 programs per SM; the interpreter profile has 4 "SMs"), so with
+    # 1-row blocks each program sees several blocks and must add their dweight/dbias sums.
+    x, w, b, r, dy = make_inputs((29, 16), torch.float32, residual=True)
+    check_case(x, "C", weight=w, bias=b, residual=r, dy=dy, activation="gelu", regime="fused",
+               config={"block_p": block_p})

@@ -74,6 +74,44 @@ def _bwd_fused_kernel(
 
 
 @triton.jit
+def _bwd_fused_rows_kernel(
+    X, DY, Res, W, B, K, Mean, Rstd, DX, DRes,  # as _bwd_fused_kernel
+    PDW, PDB,                                   # dweight, dbias partials, [programs, M] fp32
+    P, M, ROW_BLOCKS,
+    rs1, rs2, rs3, rx0, rx1, rx2, rx3, ro0, ro1, ro2, ro3, rt0, rt1, rt2, rt3, rhd, rhm, rhk,
+    cs1, cs2, cs3, cx0, cx1, cx2, cx3, co0, co1, co2, co3, ct0, ct1, ct2, ct3, chd, chm, chk,
+    CENTER: tl.constexpr, GIVEN: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+    HAS_RES: tl.constexpr, WRITE_DRES: tl.constexpr, ACT: tl.constexpr, CHAN: tl.constexpr,
+    INT64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """The fused backward when each column is one channel (LayerNorm rows, positional scope):
+    a persistent grid walks the row blocks, and each program keeps per-channel sums of gz*xhat
+    and gz for the rows it saw, so dweight and dbias need no sweep of their own."""
+    dw = tl.zeros([BLOCK_M], dtype=tl.float32)
+    db = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for rb in range(tl.program_id(0), ROW_BLOCKS, tl.num_programs(0)):
+        rows, rmask, rx, ro, rt, rh = row_block(rb, P, BLOCK_P, INT64, rs1, rs2, rs3, rx0, rx1, rx2, rx3,
+                                                ro0, ro1, ro2, ro3, rt0, rt1, rt2, rt3, rhd, rhm, rhk)
+        cmask, mask, cx, co, ct, ch = col_tile(0, M, rmask, BLOCK_M, INT64, cs1, cs2, cs3, cx0, cx1, cx2, cx3,
+                                               co0, co1, co2, co3, ct0, ct1, ct2, ct3, chd, chm, chk)
+        k, mean, rstd = _row_stats(K, Mean, Rstd, rt, rmask)
+        x = load2d(X, rx, cx, mask) - k[:, None]
+        dy = load2d(DY, ro, co, mask)
+        res = load_residual(Res, ro, co, mask, HAS_RES)
+        xhat, gz, g = grad_terms(x, dy, mean[:, None], rstd[:, None], rh, ch, rmask, cmask,
+                                 res, W, B, HAS_W, HAS_B, HAS_RES, ACT, CHAN)
+        dx = _dx(g, xhat, rstd, tl.sum(g, axis=1), tl.sum(g * xhat, axis=1), M, CENTER, GIVEN)
+        store2d(DX, ro, co, dx, mask)
+        if WRITE_DRES:
+            store2d(DRes, ro, co, gz, mask)
+        dw += tl.sum(tl.where(mask, gz * xhat, 0.0), axis=0)
+        db += tl.sum(gz, axis=0)
+    cols = tl.arange(0, BLOCK_M)
+    tl.store(PDW + tl.program_id(0) * M + cols, dw, mask=cols < M)
+    tl.store(PDB + tl.program_id(0) * M + cols, db, mask=cols < M)
+
+
+@triton.jit
 def _bwd_sums_kernel(
     X, DY, Res, W, B, K, Mean, Rstd, PS1, PS2,  # partial sums out, [P, SPLIT] fp32
     PDW, PDB,                                   # partial dweight, dbias, [P, SPLIT] (ROW_CHANNEL only)

@@ -211,8 +211,20 @@ def backward(dy, x, spec: Spec, weight, bias, residual, k, mean, rstd, center: b
     # dbias, so the channel-view sweep is skipped.
     row_channel = ((need_dw or need_db) and (need_dx or write_dres) and not given
                    and spec.allows_running_stats and not spec.reduces_c)
+    # Each column one channel (LayerNorm rows, positional scope) and the fused regime: a
+    # persistent grid accumulates dweight and dbias per program, no channel-view sweep.
+    col_channel = ((need_dw or need_db) and (need_dx or write_dres) and plan.kernel == "fused"
+                   and view.cols.chan == (1, view.M, 1) and view.M == x.shape[1])
     pdw = pdb = None
-    if need_dx or write_dres:
+    if (need_dx or write_dres) and col_channel:
+        row_blocks = triton.cdiv(P, bp)
+        progs = max(1, min(row_blocks, 2 * profile_for(x.device).sm_count))
+        pdw, pdb = _empty((progs, M), x.device), _empty((progs, M), x.device)
+        bk._bwd_fused_rows_kernel[(progs,)](
+            x, dy, r, w, b, k, mean, rstd, dx, dr, pdw, pdb, P, M, row_blocks, *args, CENTER=center,
+            GIVEN=given, WRITE_DRES=write_dres, **flags, BLOCK_P=bp, BLOCK_M=bm, num_warps=nw)
+        pdw, pdb = pdw.t(), pdb.t()  # [C, programs]: summed over programs below
+    elif need_dx or write_dres:
         if plan.kernel == "fused":
             if row_channel:
                 pdw, pdb = _empty((P, 1), x.device), _empty((P, 1), x.device)
@@ -239,7 +251,7 @@ def backward(dy, x, spec: Spec, weight, bias, residual, k, mean, rstd, center: b
                 x, dy, r, w, b, k, mean, rstd, s1, s2, dx, dr, P, M, grid[1], tiles, *args, CENTER=center,
                 GIVEN=given, WRITE_DRES=write_dres, **flags, BLOCK_P=bp, BLOCK_M=bm, num_warps=nw)
     dw = db = None
-    if (need_dw or need_db) and not row_channel:
+    if (need_dw or need_db) and not (row_channel or col_channel):
         C = cview.P
         cplan = dispatch.plan_for(_problem("dwdb", cview, x, spec, fkey), profile_for(x.device))
         cbp = cplan.config["block_p"]
