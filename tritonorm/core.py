@@ -101,13 +101,5 @@ def moments(x: torch.Tensor, scope: str = "group", *, num_groups: int | None = N
                               None, 0.1, False)
     name = backends.resolve(backend, x.device, x.dtype)
     if name == "reference" or x.numel() == 0:
-        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-        xg, dims = reference._grouped(x.to(acc), spec)
-        shape = spec.stat_shape(x.shape)
-        if center:
-            var, mean = torch.var_mean(xg, dim=dims, correction=0)
-        else:
-            var = xg.square().mean(dim=dims)
-            mean = torch.zeros_like(var)
-        return mean.reshape(shape), var.reshape(shape)
+        return reference.moments(x, spec, center)
     return torch.ops.tritonorm.moments(x, spec.layout, spec.letters, spec.num_groups, center)

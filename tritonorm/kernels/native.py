@@ -39,26 +39,6 @@ def _aten(x, spec: Spec, weight, bias, eps):
     return None
 
 
-def _act_grad(name: str, z: torch.Tensor) -> torch.Tensor:
-    """d act(z) / dz in closed form (custom-op bodies run below autograd: no autograd.grad)."""
-    if name == "relu":
-        return (z > 0).to(z.dtype)
-    if name == "leaky_relu":
-        return torch.where(z > 0, 1.0, 0.01).to(z.dtype)
-    if name in ("silu", "sigmoid"):
-        s = torch.sigmoid(z)
-        return s + z * s * (1 - s) if name == "silu" else s * (1 - s)
-    if name == "gelu":
-        return 0.5 * (1 + torch.erf(z * 0.7071067811865476)) + z * torch.exp(-0.5 * z * z) * 0.3989422804014327
-    if name == "gelu_tanh":
-        k = 0.7978845608028654
-        t = torch.tanh(k * (z + 0.044715 * z ** 3))
-        return 0.5 * (1 + t) + 0.5 * z * (1 - t * t) * k * (1 + 3 * 0.044715 * z * z)
-    if name == "tanh":
-        return 1 - torch.tanh(z) ** 2
-    raise ValueError(f"no derivative for activation {name!r}")
-
-
 def forward(x, spec: Spec, weight, bias, residual, eps: float, center: bool, act: int, given=None):
     """Returns (y, mean, rstd, var) as ``launch.forward`` does."""
     stat_shape = spec.stat_shape(x.shape)
@@ -110,7 +90,7 @@ def backward(dy, x, spec: Spec, weight, bias, residual, mean, rstd, center: bool
             z = z + bias.float().reshape(gshape)
         if residual is not None:
             z = z + residual.float().reshape(xg.shape)
-        dz = dz * _act_grad(_NAMES[act], z)
+        dz = dz * activations.grad(_NAMES[act], z)
     dx = dw = db = dres = None
     if need_dx:
         g = dz * w if w is not None else dz

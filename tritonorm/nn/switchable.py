@@ -40,34 +40,6 @@ def _keep_shape(x: torch.Tensor, sum_dims) -> list[int]:
     return [1 if d in sum_dims else s for d, s in enumerate(x.shape)]
 
 
-def _act_grad(activation: str | None, pre: torch.Tensor) -> torch.Tensor | None:
-    """d act(pre) / d pre, elementwise (None for the identity)."""
-    if activation is None:
-        return None
-    if activation == "relu":
-        return (pre > 0).to(pre.dtype)
-    if activation == "leaky_relu":
-        return torch.where(pre > 0, 1.0, 0.01).to(pre.dtype)
-    if activation == "silu":
-        s = torch.sigmoid(pre)
-        return s * (1 + pre * (1 - s))
-    if activation == "gelu":
-        cdf = 0.5 * (1 + torch.erf(pre * 0.7071067811865476))
-        return cdf + pre * torch.exp(-0.5 * pre * pre) * 0.3989422804014327
-    if activation == "gelu_tanh":
-        k = 0.7978845608028654
-        inner = k * (pre + 0.044715 * pre ** 3)
-        t = torch.tanh(inner)
-        return 0.5 * (1 + t) + 0.5 * pre * (1 - t * t) * k * (1 + 3 * 0.044715 * pre * pre)
-    if activation == "sigmoid":
-        s = torch.sigmoid(pre)
-        return s * (1 - s)
-    if activation == "tanh":
-        t = torch.tanh(pre)
-        return 1 - t * t
-    raise ValueError(f"activation={activation!r} is not supported")
-
-
 def moments(x: torch.Tensor, per: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Differentiable mean and biased variance of ``x`` (N, C, *spatial).
 
@@ -135,7 +107,7 @@ def _direct_grads_torch(dy, x, mean, var, weight, bias, eps, activation, per):
             pre = pre * weight.to(acc).reshape(cshape)
         if bias is not None:
             pre = pre + bias.to(acc).reshape(cshape)
-        g = g * _act_grad(activation, pre)
+        g = g * activations.grad(activation, pre)
     red = [d for d in range(x.dim()) if d != 1]
     dw = (g * xhat).sum(red).to(weight.dtype) if weight is not None else None
     db = g.sum(red).to(bias.dtype) if bias is not None else None
