@@ -96,7 +96,7 @@ class _Counter:
     """Records which kernels run and how many of them read x."""
 
     READS_X = {"_fwd_fused_kernel", "_fwd_looped_kernel", "_fwd_partial_kernel", "_fwd_apply_kernel",
-               "_bwd_fused_kernel", "_bwd_fused_rows_kernel", "_bwd_sums_kernel", "_bwd_apply_kernel",
+               "_bwd_fused_kernel", "_bwd_sums_kernel", "_bwd_apply_kernel",
                "_dwdb_kernel"}
     # Sweeps over x inside one kernel (the looped kernels sweep twice).
     SWEEPS = {"_fwd_looped_kernel": 2, "_fwd_merge_kernel": 0}

@@ -19,7 +19,7 @@ programs per statistic, then apply).
 import triton
 import triton.language as tl
 
-from .common import col_tile, grad_terms, load2d, load_residual, row_block, store2d
+from .common import col_tile, grad_terms, load2d, load_residual, row_block, store2d, strided_tile_start
 
 
 @triton.jit
@@ -44,49 +44,23 @@ def _row_stats(K, Mean, Rstd, rt, rmask):
 @triton.jit
 def _bwd_fused_kernel(
     X, DY, Res, W, B, K, Mean, Rstd, DX, DRes,  # K, Mean: pivot and shifted mean; DRes only if WRITE_DRES
-    PDW, PDB,                                   # per-row dweight, dbias partials, [P] (ROW_CHANNEL only)
-    P, M,
+    PDW, PDB,                                   # dweight, dbias partials (ROW_CHANNEL: [P]; COL_CHANNEL: [programs, M])
+    P, M, ROW_BLOCKS,                           # statistics, elements per statistic, cdiv(P, BLOCK_P)
     rs1, rs2, rs3, rx0, rx1, rx2, rx3, ro0, ro1, ro2, ro3, rt0, rt1, rt2, rt3, rhd, rhm, rhk,
     cs1, cs2, cs3, cx0, cx1, cx2, cx3, co0, co1, co2, co3, ct0, ct1, ct2, ct3, chd, chm, chk,
     CENTER: tl.constexpr, GIVEN: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
     HAS_RES: tl.constexpr, WRITE_DRES: tl.constexpr, ACT: tl.constexpr, CHAN: tl.constexpr,
     INT64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr, ROW_CHANNEL: tl.constexpr,
+    COL_CHANNEL: tl.constexpr,
 ):
-    """Whole statistic in registers: S1, S2 and dx in one pass over x and dy. With ROW_CHANNEL
-    (each row is one channel: BatchNorm) the row sums of gz*xhat and gz are dweight and dbias."""
-    rows, rmask, rx, ro, rt, rh = row_block(tl.program_id(0), P, BLOCK_P, INT64, rs1, rs2, rs3, rx0, rx1, rx2, rx3,
-                                            ro0, ro1, ro2, ro3, rt0, rt1, rt2, rt3, rhd, rhm, rhk)
-    cmask, mask, cx, co, ct, ch = col_tile(0, M, rmask, BLOCK_M, INT64, cs1, cs2, cs3, cx0, cx1, cx2, cx3,
-                                           co0, co1, co2, co3, ct0, ct1, ct2, ct3, chd, chm, chk)
-    k, mean, rstd = _row_stats(K, Mean, Rstd, rt, rmask)
-    x = load2d(X, rx, cx, mask) - k[:, None]
-    dy = load2d(DY, ro, co, mask)
-    res = load_residual(Res, ro, co, mask, HAS_RES)
-    xhat, gz, g = grad_terms(x, dy, mean[:, None], rstd[:, None], rh, ch, rmask, cmask,
-                             res, W, B, HAS_W, HAS_B, HAS_RES, ACT, CHAN)
-    dx = _dx(g, xhat, rstd, tl.sum(g, axis=1), tl.sum(g * xhat, axis=1), M, CENTER, GIVEN)
-    store2d(DX, ro, co, dx, mask)
-    if WRITE_DRES:
-        store2d(DRes, ro, co, gz, mask)
-    if ROW_CHANNEL:
-        tl.store(PDW + rows, tl.sum(gz * xhat, axis=1), mask=rmask)
-        tl.store(PDB + rows, tl.sum(gz, axis=1), mask=rmask)
+    """Whole statistics in registers: S1, S2 and dx in one pass over x and dy.
 
-
-@triton.jit
-def _bwd_fused_rows_kernel(
-    X, DY, Res, W, B, K, Mean, Rstd, DX, DRes,  # as _bwd_fused_kernel
-    PDW, PDB,                                   # dweight, dbias partials, [programs, M] fp32
-    P, M, ROW_BLOCKS,
-    rs1, rs2, rs3, rx0, rx1, rx2, rx3, ro0, ro1, ro2, ro3, rt0, rt1, rt2, rt3, rhd, rhm, rhk,
-    cs1, cs2, cs3, cx0, cx1, cx2, cx3, co0, co1, co2, co3, ct0, ct1, ct2, ct3, chd, chm, chk,
-    CENTER: tl.constexpr, GIVEN: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
-    HAS_RES: tl.constexpr, WRITE_DRES: tl.constexpr, ACT: tl.constexpr, CHAN: tl.constexpr,
-    INT64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr,
-):
-    """The fused backward when each column is one channel (LayerNorm rows, positional scope):
-    a persistent grid walks the row blocks, and each program keeps per-channel sums of gz*xhat
-    and gz for the rows it saw, so dweight and dbias need no sweep of their own."""
+    The grid walks the row blocks (one each when it covers them all). ROW_CHANNEL (each row is
+    one channel: BatchNorm): the row sums of gz*xhat and gz are dweight and dbias. COL_CHANNEL
+    (each column is one channel: LayerNorm rows, positional scope; launched on a persistent
+    grid): each program keeps per-channel sums over the rows it saw. Either way dweight and
+    dbias need no sweep of their own.
+    """
     dw = tl.zeros([BLOCK_M], dtype=tl.float32)
     db = tl.zeros([BLOCK_M], dtype=tl.float32)
     for rb in range(tl.program_id(0), ROW_BLOCKS, tl.num_programs(0)):
@@ -104,11 +78,16 @@ def _bwd_fused_rows_kernel(
         store2d(DX, ro, co, dx, mask)
         if WRITE_DRES:
             store2d(DRes, ro, co, gz, mask)
-        dw += tl.sum(tl.where(mask, gz * xhat, 0.0), axis=0)
-        db += tl.sum(gz, axis=0)
-    cols = tl.arange(0, BLOCK_M)
-    tl.store(PDW + tl.program_id(0) * M + cols, dw, mask=cols < M)
-    tl.store(PDB + tl.program_id(0) * M + cols, db, mask=cols < M)
+        if ROW_CHANNEL:
+            tl.store(PDW + rows, tl.sum(gz * xhat, axis=1), mask=rmask)
+            tl.store(PDB + rows, tl.sum(gz, axis=1), mask=rmask)
+        if COL_CHANNEL:
+            dw += tl.sum(tl.where(mask, gz * xhat, 0.0), axis=0)
+            db += tl.sum(gz, axis=0)
+    if COL_CHANNEL:
+        cols = tl.arange(0, BLOCK_M)
+        tl.store(PDW + tl.program_id(0) * M + cols, dw, mask=cols < M)
+        tl.store(PDB + tl.program_id(0) * M + cols, db, mask=cols < M)
 
 
 @triton.jit
@@ -175,12 +154,10 @@ def _bwd_apply_kernel(
     if not GIVEN:
         s1 = tl.load(S1 + rows, mask=rmask, other=0.0)
         s2 = tl.load(S2 + rows, mask=rmask, other=0.0)
-    for i in range(0, TILES_PER_PROG):  # column tiles pid1, pid1 + COL_PROGS, ...
-        t = tl.program_id(1) + i * COL_PROGS
-        if INT64:
-            t = t.to(tl.int64)
-        cmask, mask, cx, co, ct, ch = col_tile(t * BLOCK_M, M, rmask, BLOCK_M, INT64, cs1, cs2, cs3, cx0, cx1, cx2,
-                                               cx3, co0, co1, co2, co3, ct0, ct1, ct2, ct3, chd, chm, chk)
+    for i in range(0, TILES_PER_PROG):
+        cmask, mask, cx, co, ct, ch = col_tile(strided_tile_start(i, COL_PROGS, BLOCK_M, INT64), M, rmask,
+                                               BLOCK_M, INT64, cs1, cs2, cs3, cx0, cx1, cx2, cx3, co0, co1,
+                                               co2, co3, ct0, ct1, ct2, ct3, chd, chm, chk)
         x = load2d(X, rx, cx, mask) - k[:, None]
         dy = load2d(DY, ro, co, mask)
         res = load_residual(Res, ro, co, mask, HAS_RES)

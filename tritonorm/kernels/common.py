@@ -32,7 +32,7 @@ def row_block(pid, P, BLOCK_P: tl.constexpr, INT64: tl.constexpr,
               s1, s2, s3, x0, x1, x2, x3, o0, o1, o2, o3, t0, t1, t2, t3, hd, hm, hk):
     """Rows pid*BLOCK_P ... of the view: (rows, rmask, x, out, stat offsets, channel)."""
     if INT64:
-        pid = pid.to(tl.int64)
+        pid = tl.cast(pid, tl.int64)  # the persistent loop hands a plain int in the interpreter
     rows = pid * BLOCK_P + tl.arange(0, BLOCK_P)
     rmask = rows < P
     rx, ro, rt, rh = side_offsets(rows, s1, s2, s3, x0, x1, x2, x3, o0, o1, o2, o3, t0, t1, t2, t3, hd, hm, hk)
@@ -51,6 +51,27 @@ def col_tile(start, limit, rmask, BLOCK_M: tl.constexpr, INT64: tl.constexpr,
     mask = rmask[:, None] & cmask[None, :]
     cx, co, ct, ch = side_offsets(cols, s1, s2, s3, x0, x1, x2, x3, o0, o1, o2, o3, t0, t1, t2, t3, hd, hm, hk)
     return cmask, mask, cx, co, ct, ch
+
+
+@triton.jit
+def strided_tile_start(i, COL_PROGS, BLOCK_M: tl.constexpr, INT64: tl.constexpr):
+    """First column of the i-th tile of program pid1 when COL_PROGS programs share the columns
+    (tiles pid1, pid1 + COL_PROGS, ...)."""
+    t = tl.program_id(1) + i * COL_PROGS
+    if INT64:
+        t = t.to(tl.int64)
+    return t * BLOCK_M
+
+
+@triton.jit
+def store_stats(K, Mean, Rstd, Var, rt, rmask, k, mean_shifted, var, eps):
+    """Store a row block's pivot, shifted mean, rstd and variance; return rstd."""
+    rstd = tl.rsqrt(var + eps)
+    tl.store(K + rt, k, mask=rmask)
+    tl.store(Mean + rt, mean_shifted, mask=rmask)
+    tl.store(Rstd + rt, rstd, mask=rmask)
+    tl.store(Var + rt, var, mask=rmask)
+    return rstd
 
 
 @triton.jit

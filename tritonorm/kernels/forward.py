@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from .common import (chan_merge, col_tile, epilogue, load2d, load_residual, pivot, row_block, store2d,
-                     tile_moments)
+                     store_stats, strided_tile_start, tile_moments)
 
 
 @triton.jit
@@ -43,12 +43,7 @@ def _fwd_fused_kernel(
     k = pivot(X, rx, rmask, CENTER)
     d = tl.where(mask, load2d(X, rx, cx, mask) - k[:, None], 0.0)
     mean_d, m2 = tile_moments(d, mask, M, CENTER)
-    var = m2 / M
-    rstd = tl.rsqrt(var + eps)
-    tl.store(K + rt, k, mask=rmask)
-    tl.store(Mean + rt, mean_d, mask=rmask)
-    tl.store(Rstd + rt, rstd, mask=rmask)
-    tl.store(Var + rt, var, mask=rmask)
+    rstd = store_stats(K, Mean, Rstd, Var, rt, rmask, k, mean_d, m2 / M, eps)
     if STORE_Y:
         res = load_residual(Res, ro, co, mask, HAS_RES)
         y = epilogue((d - mean_d[:, None]) * rstd[:, None], rh, ch, rmask, cmask, res,
@@ -80,12 +75,7 @@ def _fwd_looped_kernel(
         nt = tl.minimum(M - m0, BLOCK_M).to(tl.float32)
         t_mean, t_m2 = tile_moments(d, mask, nt, CENTER)
         mean_d, m2 = chan_merge(m0 * 1.0, mean_d, m2, nt, t_mean, t_m2)
-    var = m2 / M
-    rstd = tl.rsqrt(var + eps)
-    tl.store(K + rt, k, mask=rmask)
-    tl.store(Mean + rt, mean_d, mask=rmask)
-    tl.store(Rstd + rt, rstd, mask=rmask)
-    tl.store(Var + rt, var, mask=rmask)
+    rstd = store_stats(K, Mean, Rstd, Var, rt, rmask, k, mean_d, m2 / M, eps)
     if STORE_Y:
         for m0 in range(0, M, BLOCK_M):
             cmask, mask, cx, co, ct, ch = col_tile(m0, M, rmask, BLOCK_M, INT64, cs1, cs2, cs3, cx0, cx1, cx2,
@@ -148,10 +138,7 @@ def _fwd_merge_kernel(
     mean = tl.sum(cnt * mu, axis=1) / M
     d = tl.where(mask, mu - mean[:, None], 0.0)
     var = (tl.sum(m2, axis=1) + tl.sum(cnt * d * d, axis=1)) / M
-    tl.store(K + rt, pivot(X, rx, rmask, CENTER), mask=rmask)
-    tl.store(Mean + rt, mean, mask=rmask)
-    tl.store(Rstd + rt, tl.rsqrt(var + eps), mask=rmask)
-    tl.store(Var + rt, var, mask=rmask)
+    store_stats(K, Mean, Rstd, Var, rt, rmask, pivot(X, rx, rmask, CENTER), mean, var, eps)
 
 
 @triton.jit
@@ -170,12 +157,10 @@ def _fwd_apply_kernel(
     k = tl.load(K + rt, mask=rmask, other=0.0)
     mean = tl.load(Mean + rt, mask=rmask, other=0.0)
     rstd = tl.load(Rstd + rt, mask=rmask, other=0.0)
-    for i in range(0, TILES_PER_PROG):  # column tiles pid1, pid1 + COL_PROGS, ...
-        t = tl.program_id(1) + i * COL_PROGS
-        if INT64:
-            t = t.to(tl.int64)
-        cmask, mask, cx, co, ct, ch = col_tile(t * BLOCK_M, M, rmask, BLOCK_M, INT64, cs1, cs2, cs3, cx0, cx1, cx2,
-                                               cx3, co0, co1, co2, co3, ct0, ct1, ct2, ct3, chd, chm, chk)
+    for i in range(0, TILES_PER_PROG):
+        cmask, mask, cx, co, ct, ch = col_tile(strided_tile_start(i, COL_PROGS, BLOCK_M, INT64), M, rmask,
+                                               BLOCK_M, INT64, cs1, cs2, cs3, cx0, cx1, cx2, cx3, co0, co1,
+                                               co2, co3, ct0, ct1, ct2, ct3, chd, chm, chk)
         xhat = ((load2d(X, rx, cx, mask) - k[:, None]) - mean[:, None]) * rstd[:, None]
         res = load_residual(Res, ro, co, mask, HAS_RES)
         y = epilogue(xhat, rh, ch, rmask, cmask, res, W, B, HAS_W, HAS_B, HAS_RES, ACT, CHAN)

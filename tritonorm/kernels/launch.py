@@ -132,7 +132,7 @@ def forward(x, spec: Spec, weight, bias, residual, eps: float, center: bool, act
         mean = given[0].reshape(stat_shape).to(torch.float32, copy=True).contiguous()
         rstd = given[1].reshape(stat_shape).to(torch.float32, copy=True).contiguous()
         k = torch.zeros_like(mean)
-        bm = min(bm, 4096)
+        bm = min(bm, profile_for(x.device).tile)  # the apply kernel loops over tiles
         grid, tiles = _apply_grid(P, M, bp, bm)
         fk._fwd_apply_kernel[grid](x, y, r, w, b, k, mean, rstd, P, M, grid[1], tiles, *args, **flags,
                                    BLOCK_P=bp, BLOCK_M=bm, num_warps=nw)
@@ -216,22 +216,22 @@ def backward(dy, x, spec: Spec, weight, bias, residual, k, mean, rstd, center: b
     col_channel = ((need_dw or need_db) and (need_dx or write_dres) and plan.kernel == "fused"
                    and view.cols.chan == (1, view.M, 1) and view.M == x.shape[1])
     pdw = pdb = None
-    if (need_dx or write_dres) and col_channel:
-        row_blocks = triton.cdiv(P, bp)
-        progs = max(1, min(row_blocks, 2 * profile_for(x.device).sm_count))
-        pdw, pdb = _empty((progs, M), x.device), _empty((progs, M), x.device)
-        bk._bwd_fused_rows_kernel[(progs,)](
-            x, dy, r, w, b, k, mean, rstd, dx, dr, pdw, pdb, P, M, row_blocks, *args, CENTER=center,
-            GIVEN=given, WRITE_DRES=write_dres, **flags, BLOCK_P=bp, BLOCK_M=bm, num_warps=nw)
-        pdw, pdb = pdw.t(), pdb.t()  # [C, programs]: summed over programs below
-    elif need_dx or write_dres:
+    if need_dx or write_dres:
         if plan.kernel == "fused":
-            if row_channel:
+            row_blocks = triton.cdiv(P, bp)
+            progs = row_blocks
+            if col_channel:  # persistent: partials are [programs, C], so keep the programs few
+                profile = profile_for(x.device)
+                progs = max(1, min(row_blocks, profile.programs_per_sm * profile.sm_count))
+                pdw, pdb = _empty((progs, M), x.device), _empty((progs, M), x.device)
+            elif row_channel:
                 pdw, pdb = _empty((P, 1), x.device), _empty((P, 1), x.device)
-            bk._bwd_fused_kernel[(triton.cdiv(P, bp),)](
-                x, dy, r, w, b, k, mean, rstd, dx, dr, pdw if row_channel else x, pdb if row_channel else x,
-                P, M, *args, CENTER=center, GIVEN=given, WRITE_DRES=write_dres, **flags, BLOCK_P=bp,
-                BLOCK_M=bm, ROW_CHANNEL=row_channel, num_warps=nw)
+            bk._bwd_fused_kernel[(progs,)](
+                x, dy, r, w, b, k, mean, rstd, dx, dr, x if pdw is None else pdw, x if pdb is None else pdb,
+                P, M, row_blocks, *args, CENTER=center, GIVEN=given, WRITE_DRES=write_dres, **flags,
+                BLOCK_P=bp, BLOCK_M=bm, ROW_CHANNEL=row_channel, COL_CHANNEL=col_channel, num_warps=nw)
+            if col_channel:
+                pdw, pdb = pdw.t(), pdb.t()  # [C, programs]: summed over programs below
         else:
             split = cfg.get("split", 1)
             s1 = s2 = mean  # unused when the statistics are given
@@ -255,7 +255,7 @@ def backward(dy, x, spec: Spec, weight, bias, residual, k, mean, rstd, center: b
         C = cview.P
         cplan = dispatch.plan_for(_problem("dwdb", cview, x, spec, fkey), profile_for(x.device))
         cbp = cplan.config["block_p"]
-        cbm = min(cplan.config["block_m"], 4096)
+        cbm = min(cplan.config["block_m"], profile_for(x.device).tile)  # the dwdb kernel loops over tiles
         split = max(1, cplan.config.get("split", 1))
         chunk = _chunk(cview.M, cbm, split)
         pdw = _empty((C, split), x.device)
