@@ -17,6 +17,16 @@ import triton.language as tl
 
 
 @triton.jit
+def _group_tile(n, BLOCK_N: tl.constexpr):
+    """This program's group, and the masked [BLOCK_N, BLOCK_N] offsets of its n x n matrix."""
+    g = tl.program_id(0).to(tl.int64)
+    rows = tl.arange(0, BLOCK_N)
+    mask = (rows[:, None] < n) & (rows[None, :] < n)
+    offs = rows[:, None] * n + rows[None, :]
+    return g, rows, mask, offs, n * n
+
+
+@triton.jit
 def _newton_fwd_kernel(
     SN,  # (G, n, n) fp32: normalized matrices S_N, eigenvalues in (0, 1]
     B,  # (G, n, n) fp32 out: B_T
@@ -27,11 +37,7 @@ def _newton_fwd_kernel(
     BLOCK_N: tl.constexpr,
 ):
     """``B_t = 1.5·B_{t−1} − 0.5·B_{t−1}³·S_N``, ``B₀ = I``, for t = 1..T, one group per program."""
-    g = tl.program_id(0).to(tl.int64)
-    rows = tl.arange(0, BLOCK_N)
-    mask = (rows[:, None] < n) & (rows[None, :] < n)
-    offs = rows[:, None] * n + rows[None, :]
-    nn = n * n
+    g, rows, mask, offs, nn = _group_tile(n, BLOCK_N)
     s = tl.load(SN + g * nn + offs, mask=mask, other=0.0)
     b = ((rows[:, None] == rows[None, :]) & mask).to(tl.float32)  # I on the real rows only
     for t in range(iters):
@@ -59,11 +65,7 @@ def _newton_bwd_kernel(
     The transposes are kept (B and S_N commute only up to rounding) so this is the exact adjoint
     of the fp32 forward, as autograd would compute it.
     """
-    g = tl.program_id(0).to(tl.int64)
-    rows = tl.arange(0, BLOCK_N)
-    mask = (rows[:, None] < n) & (rows[None, :] < n)
-    offs = rows[:, None] * n + rows[None, :]
-    nn = n * n
+    g, rows, mask, offs, nn = _group_tile(n, BLOCK_N)
     s = tl.load(SN + g * nn + offs, mask=mask, other=0.0)
     st = tl.trans(s)
     h = tl.load(DB + g * nn + offs, mask=mask, other=0.0)
