@@ -34,30 +34,19 @@ def profile_for(device: torch.device) -> dispatch.DeviceProfile:
 
 
 def _views(x: torch.Tensor, out: torch.Tensor, spec: Spec, channel: bool = False):
-    """The statistic view (and the channel view) of x read in place; x is copied into out's
-    layout only when its strides are too irregular for MAX_DIMS dims a side."""
+    """The statistic view (and the channel view) of x read in place. When x's strides are too
+    irregular for MAX_DIMS dims a side, x is copied into out's dense layout; when even that
+    layout needs more (some dense permutations), TooManyDims reaches the caller, which then
+    runs on contiguous tensors."""
+    def build(xs):
+        sv = stat_view(x.shape, spec, xs, out.stride())
+        return sv, (channel_view(x.shape, spec, xs, out.stride()) if channel else None)
+
     try:
-        sv = stat_view(x.shape, spec, x.stride(), out.stride())
-        cv = channel_view(x.shape, spec, x.stride(), out.stride()) if channel else None
+        return (x, *build(x.stride()))
     except TooManyDims:
-        x = match_strides(x, out)
-        sv = stat_view(x.shape, spec, x.stride(), out.stride())
-        cv = channel_view(x.shape, spec, x.stride(), out.stride()) if channel else None
-    return x, sv, cv
-
-
-def _fits(x: torch.Tensor, spec: Spec, channel: bool) -> bool:
-    """Whether _views succeeds for x and an output like x (checked on shapes and strides only)."""
-    out = torch.empty_like(x, device="meta", memory_format=torch.preserve_format).stride()
-    for xs in (x.stride(), out):
-        try:
-            stat_view(x.shape, spec, xs, out)
-            if channel:
-                channel_view(x.shape, spec, xs, out)
-            return True
-        except TooManyDims:
-            continue
-    return False
+        sv, cv = build(out.stride())  # checked before paying for the copy
+        return match_strides(x, out), sv, cv
 
 
 def _restride(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
@@ -99,14 +88,15 @@ def forward(x, spec: Spec, weight, bias, residual, eps: float, center: bool, act
     statistics (eval with running stats); the pivot is then 0. ``stats_only``: compute the
     statistics and skip the output (y is then an empty tensor).
     """
-    if not _fits(x, spec, channel=False):
-        # A dense permutation that still needs more than MAX_DIMS dims a side: run contiguous.
+    y = x.new_empty(0) if stats_only else _out_like(x)
+    try:
+        x_in, view, _ = _views(x, x if stats_only else y, spec)
+    except TooManyDims:  # a dense permutation that still needs more than MAX_DIMS dims a side
         y, *stats = forward(x.contiguous(), spec, weight, bias,
                             None if residual is None else residual.contiguous(), eps, center, act, given,
                             stats_only)
         return (y if stats_only else _restride(y, x), *stats)
-    y = x.new_empty(0) if stats_only else _out_like(x)
-    x, view, _ = _views(x, x if stats_only else y, spec)
+    x = x_in
     if residual is not None:
         residual = match_strides(residual, y)
     stat_shape = spec.stat_shape(x.shape)
@@ -179,13 +169,15 @@ def backward(dy, x, spec: Spec, weight, bias, residual, k, mean, rstd, center: b
     """Returns (dx, dweight, dbias, dresidual), each None when not needed.
 
     ``k, mean, rstd``: the forward's pivot, shifted mean and rstd."""
-    if not _fits(x, spec, channel=need_dw or need_db):
+    dx = _out_like(x)
+    try:
+        x_in, view, cview = _views(x, dx, spec, channel=need_dw or need_db)
+    except TooManyDims:  # as in forward: run on contiguous tensors, restride the results
         dx, dw, db, dres = backward(dy.contiguous(), x.contiguous(), spec, weight, bias,
                                     None if residual is None else residual.contiguous(), k, mean,
                                     rstd, center, act, given, need_dx, need_dw, need_db, need_dres)
         return _restride(dx, x), dw, db, _restride(dres, x)
-    dx = _out_like(x)
-    x, view, cview = _views(x, dx, spec, channel=need_dw or need_db)
+    x = x_in
     dy = match_strides(dy, dx)
     if residual is not None:
         residual = match_strides(residual, dx)
