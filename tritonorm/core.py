@@ -29,17 +29,15 @@ def norm(x: torch.Tensor, scope: str = "group", *, num_groups: int | None = None
 
 def norm_with_stats(x, scope="group", *, num_groups=None, weight=None, bias=None, eps=1e-5,
                     center=True, activation=None, residual=None, running_mean=None,
-                    running_var=None, momentum=0.1, training=True, backend=None,
-                    check_single_value=True):
+                    running_var=None, momentum=0.1, training=True, backend=None):
     """``norm`` that also returns the batch statistics (mean, biased var; fp32 or float64,
     shaped like the kept axes, detached). When running statistics are used (eval) both are None.
 
-    For the functionals and modules built on top (instance_norm's running statistics,
-    Switchable Normalization).
+    For what is built on top (instance_norm's running statistics, which are the batch mean of the
+    per-instance statistics).
     """
     spec, act = check_norm_args(x, scope, num_groups, weight, bias, eps, center, activation, residual,
-                                running_mean, running_var, momentum,
-                                training and check_single_value)
+                                running_mean, running_var, momentum, training)
     name = backends.resolve(backend, x.device, x.dtype)
     use_running = running_var is not None and not training
     if x.numel() == 0:

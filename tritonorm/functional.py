@@ -25,9 +25,10 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
 def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5, *, activation=None,
                residual=None, backend=None):
     """``F.group_norm``: statistics per (sample, group of contiguous channels)."""
-    return norm_with_stats(input, "group", num_groups=num_groups, weight=weight, bias=bias, eps=eps,
-                           activation=activation, residual=residual, training=False,
-                           backend=backend)[0]
+    # training=False without running statistics is batch statistics, minus norm's training-only
+    # refusal of single-value statistics (PyTorch's group_norm accepts them).
+    return norm(input, "group", num_groups=num_groups, weight=weight, bias=bias, eps=eps,
+                activation=activation, residual=residual, training=False, backend=backend)
 
 
 def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=None,
@@ -93,9 +94,9 @@ def _last_dims(input, normalized_shape, weight, bias, eps, center, activation, r
     # "channel" axis is D, normalized over C with an elementwise affine.
     x2 = input.reshape(rows, d)
     r2 = residual.reshape(rows, d) if residual is not None else None
-    y = norm_with_stats(x2, "C", weight=None if weight is None else weight.reshape(d),
-                        bias=None if bias is None else bias.reshape(d), eps=eps, center=center,
-                        activation=activation, residual=r2, training=False, backend=backend)[0]
+    y = norm(x2, "C", weight=None if weight is None else weight.reshape(d),
+             bias=None if bias is None else bias.reshape(d), eps=eps, center=center,
+             activation=activation, residual=r2, training=False, backend=backend)
     return y.reshape(input.shape)
 
 
