@@ -109,7 +109,8 @@ def forward(x, spec: Spec, weight, bias, residual, eps: float, center: bool, act
     r = residual if residual is not None else _dummy(x)
     args = view.args()
     fkey = dispatch.flags_key(weight is not None, bias is not None, residual is not None, act, center)
-    plan = dispatch.plan_for(_problem("forward", view, x, spec, fkey), profile_for(x.device))
+    profile = profile_for(x.device)
+    plan = dispatch.plan_for(_problem("forward", view, x, spec, fkey), profile)
     if plan.kernel == dispatch.NATIVE:
         if stats_only:
             mean, var = (t.float() for t in native.moments(x, spec, center))
@@ -122,7 +123,7 @@ def forward(x, spec: Spec, weight, bias, residual, eps: float, center: bool, act
         mean = given[0].reshape(stat_shape).to(torch.float32, copy=True).contiguous()
         rstd = given[1].reshape(stat_shape).to(torch.float32, copy=True).contiguous()
         k = torch.zeros_like(mean)
-        bm = min(bm, profile_for(x.device).tile)  # the apply kernel loops over tiles
+        bm = min(bm, profile.tile)  # the apply kernel loops over tiles
         grid, tiles = _apply_grid(P, M, bp, bm)
         fk._fwd_apply_kernel[grid](x, y, r, w, b, k, mean, rstd, P, M, grid[1], tiles, *args, **flags,
                                    BLOCK_P=bp, BLOCK_M=bm, num_warps=nw)
@@ -193,7 +194,8 @@ def backward(dy, x, spec: Spec, weight, bias, residual, k, mean, rstd, center: b
     dr = dres if dres is not None else _dummy(x)
     args = view.args()
     fkey = dispatch.flags_key(weight is not None, bias is not None, residual is not None, act, center)
-    plan = dispatch.plan_for(_problem("backward", view, x, spec, fkey), profile_for(x.device))
+    profile = profile_for(x.device)
+    plan = dispatch.plan_for(_problem("backward", view, x, spec, fkey), profile)
     if plan.kernel == dispatch.NATIVE:
         return native.backward(dy, x, spec, weight, bias, residual, k + mean, rstd, center, act,
                                given, need_dx, need_dw, need_db, need_dres)
@@ -213,7 +215,6 @@ def backward(dy, x, spec: Spec, weight, bias, residual, k, mean, rstd, center: b
             row_blocks = triton.cdiv(P, bp)
             progs = row_blocks
             if col_channel:  # persistent: partials are [programs, C], so keep the programs few
-                profile = profile_for(x.device)
                 progs = max(1, min(row_blocks, profile.programs_per_sm * profile.sm_count))
                 pdw, pdb = _empty((progs, M), x.device), _empty((progs, M), x.device)
             elif row_channel:
@@ -245,9 +246,9 @@ def backward(dy, x, spec: Spec, weight, bias, residual, k, mean, rstd, center: b
     dw = db = None
     if (need_dw or need_db) and not (row_channel or col_channel):
         C = cview.P
-        cplan = dispatch.plan_for(_problem("dwdb", cview, x, spec, fkey), profile_for(x.device))
+        cplan = dispatch.plan_for(_problem("dwdb", cview, x, spec, fkey), profile)
         cbp = cplan.config["block_p"]
-        cbm = min(cplan.config["block_m"], profile_for(x.device).tile)  # the dwdb kernel loops over tiles
+        cbm = min(cplan.config["block_m"], profile.tile)  # the dwdb kernel loops over tiles
         split = max(1, cplan.config.get("split", 1))
         chunk = _chunk(cview.M, cbm, split)
         pdw = _empty((C, split), x.device)
