@@ -1,13 +1,28 @@
 """``tritonorm.norm``: mean/variance normalization over any scope, fused with affine, residual
-and activation. Checks arguments, picks the backend, runs it, updates running statistics."""
+and activation.
+
+The eager hot path: a call's signature (shapes, strides, dtypes, devices, the scope and flags) is
+looked up in a dict; the first call with a signature validates every argument and builds a
+``_Call`` (backend, parsed scope, launch plan); every later call only checks what can change
+between calls with the same signature (momentum), then goes autograd.Function -> launch plan ->
+kernel. Under ``torch.compile`` the same arguments go to the registered ops (``tritonorm.ops``).
+"""
 
 from __future__ import annotations
 
+import os
+
 import torch
 
-from . import activations, backend as backends, ops, reference  # noqa: F401 (ops registers torch.ops.tritonorm)
+from . import activations, backend as backends, dispatch, ops, reference
 from .scope import Spec
-from .validation import check_norm_args
+from .validation import check_norm_args, check_number
+
+_CALLS: dict = {}
+
+
+def _meta(t):
+    return None if t is None else (t.shape, t.stride(), t.dtype, t.device)
 
 
 def norm(x: torch.Tensor, scope: str = "group", *, num_groups: int | None = None,
@@ -20,11 +35,8 @@ def norm(x: torch.Tensor, scope: str = "group", *, num_groups: int | None = None
     See docs/api.md for every argument. ``xhat = (x - mean) / sqrt(var + eps)`` with the mean
     and biased variance taken over the scope (``center=False``: no mean, RMS normalization).
     """
-    y, _, _ = norm_with_stats(x, scope, num_groups=num_groups, weight=weight, bias=bias, eps=eps,
-                              center=center, activation=activation, residual=residual,
-                              running_mean=running_mean, running_var=running_var, momentum=momentum,
-                              training=training, backend=backend)
-    return y
+    return _run(x, scope, num_groups, weight, bias, eps, center, activation, residual, running_mean,
+                running_var, momentum, training, backend)[0]
 
 
 def norm_with_stats(x, scope="group", *, num_groups=None, weight=None, bias=None, eps=1e-5,
@@ -36,39 +48,162 @@ def norm_with_stats(x, scope="group", *, num_groups=None, weight=None, bias=None
     For what is built on top (instance_norm's running statistics, which are the batch mean of the
     per-instance statistics).
     """
+    return _run(x, scope, num_groups, weight, bias, eps, center, activation, residual, running_mean,
+                running_var, momentum, training, backend)
+
+
+def _run(x, scope, num_groups, weight, bias, eps, center, activation, residual, running_mean, running_var,
+         momentum, training, backend):
+    if torch.compiler.is_compiling():
+        return _traced(x, scope, num_groups, weight, bias, eps, center, activation, residual, running_mean,
+                       running_var, momentum, training, backend)
+    try:
+        key = (scope, num_groups, eps, center, activation, training, backend,
+               os.environ.get("TRITONORM_BACKEND"), x.shape, x.stride(), x.dtype, x.device,
+               _meta(weight), _meta(bias), _meta(residual), _meta(running_mean), _meta(running_var),
+               dispatch.forced_state())
+        call = _CALLS.get(key)
+    except (AttributeError, TypeError):  # not tensors, or unhashable: the full checks say what is wrong
+        key = call = None
+    # bool == int in a dict key: flags of the wrong type take the checking path.
+    if call is None or center.__class__ is not bool or training.__class__ is not bool \
+            or num_groups.__class__ is bool:
+        call = _Call(x, scope, num_groups, weight, bias, eps, center, activation, residual, running_mean,
+                     running_var, momentum, training, backend)
+        if key is not None:
+            if len(_CALLS) > 4096:
+                _CALLS.clear()
+            _CALLS[key] = call
+    elif call.uses_momentum:
+        check_number("momentum", momentum, lo=0.0, hi=1.0)
+    return call(x, weight, bias, residual, running_mean, running_var, eps, momentum)
+
+
+class _Call:
+    """Everything about a signature that does not change from call to call."""
+
+    def __init__(self, x, scope, num_groups, weight, bias, eps, center, activation, residual, running_mean,
+                 running_var, momentum, training, backend):
+        spec, act = check_norm_args(x, scope, num_groups, weight, bias, eps, center, activation, residual,
+                                    running_mean, running_var, momentum, training)
+        self.spec, self.act_name, self.act = spec, act, activations.code(act)
+        self.center, self.training, self.eps = center, training, eps
+        self.backend = backends.resolve(backend, x.device, x.dtype)
+        self.use_running = running_var is not None and not training
+        self.update = training and running_var is not None
+        self.uses_momentum = self.update
+        self.has_res = residual is not None
+        self.empty = x.numel() == 0
+        self.plan = None
+        self.count = spec.count(x.shape)
+        self.stat_shape = spec.stat_shape(x.shape)
+        if self.backend == "triton" and not self.empty:
+            from .kernels import launch
+
+            mode = "given" if self.use_running else "train"
+            level = launch.NO_RUNNING
+            # Running statistics are blended in-kernel when each statistic is one running entry.
+            self.torch_update = self.update and getattr(spec, "sample_groups", 1) != 1
+            if self.update and not self.torch_update:
+                level = launch.RUNNING_BOTH if running_mean is not None else launch.RUNNING_VAR
+            self.plan = launch.forward_plan(x, spec, weight is not None, bias is not None, residual is not None,
+                                            self.act, center, mode, level,
+                                            (None if residual is None else residual.stride(),))
+
+    def __call__(self, x, weight, bias, residual, running_mean, running_var, eps, momentum):
+        if self.empty:
+            empty = torch.zeros(self.stat_shape, dtype=torch.float32, device=x.device)
+            return x.clone(), empty, empty
+        if self.plan is None:
+            return _reference(x, self.spec, weight, bias, eps, self.center, self.act_name, residual,
+                              running_mean, running_var, momentum, self.training, self.use_running)
+        if torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)
+                                        or (bias is not None and bias.requires_grad)
+                                        or (residual is not None and residual.requires_grad)):
+            y, stats = _NormFunction.apply(x, weight, bias, residual, running_mean, running_var, eps, momentum,
+                                           self)
+        else:
+            y, stats = self.plan(x, weight, bias, residual, running_mean, running_var, eps, momentum)
+        if self.use_running:
+            return y, None, None
+        if self.torch_update:
+            _update_running(self.spec, x.shape, stats, running_mean, running_var, momentum, self.center)
+        return y, stats[4].view(self.stat_shape), stats[3].view(self.stat_shape)
+
+
+class _NormFunction(torch.autograd.Function):
+    """The eager autograd node: saves x (and the residual only when an activation needs it) and
+    the fp32 statistics; never the output or the pre-activation."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, residual, running_mean, running_var, eps, momentum, call):
+        y, stats = call.plan(x, weight, bias, residual, running_mean, running_var, eps, momentum)
+        ctx.set_materialize_grads(False)
+        ctx.call = call
+        ctx.save_for_backward(x, weight, bias, residual if call.act != 0 else None, stats)
+        ctx.mark_non_differentiable(stats)
+        return y, stats
+
+    @staticmethod
+    def backward(ctx, dy, _stats_grad):
+        if dy is None:
+            return (None,) * 9
+        x, weight, bias, residual, stats = ctx.saved_tensors
+        call = ctx.call
+        need = ctx.needs_input_grad
+        needs = (need[0], weight is not None and need[1], bias is not None and need[2],
+                 call.has_res and need[3])
+        if torch.is_grad_enabled():
+            # create_graph=True (gradient penalties): a differentiable recomputation.
+            grads = _differentiable_backward(dy, x, weight, bias, residual, stats, call, needs)
+        else:
+            grads = call.plan.backward(needs)(dy, x, weight, bias, residual, stats)
+        return (*grads, None, None, None, None, None)
+
+
+def _differentiable_backward(dy, x, weight, bias, residual, stats, call, needs):
+    """The gradients recomputed with differentiable fp32 torch ops from the saved inputs, so that
+    ``create_graph=True`` (gradient penalties: WGAN-GP, R1) gets correct second derivatives. In
+    eval the statistics are constants: the ones the forward used."""
+    with torch.enable_grad():
+        running = (stats[4], stats[3]) if call.use_running else (None, None)
+        y = reference.norm(x, call.spec, weight, bias, call.eps, call.center, call.act_name, residual,
+                           *running, 0.0, training=not call.use_running, compute_dtype=torch.float32)
+    wrt = [t for t, n in zip((x, weight, bias, residual), needs) if n]
+    grads = iter(torch.autograd.grad(y, wrt, dy, create_graph=True, allow_unused=True))
+    return tuple(next(grads) if n else None for n in needs)
+
+
+def _update_running(spec: Spec, shape, stats, running_mean, running_var, momentum, center):
+    """PyTorch's rule, r <- (1 - m) r + m batch with the unbiased variance, blended in fp32 and
+    rounded once, for the statistics the kernels do not blend themselves."""
+    from .kernels import launch
+
+    launch.update_running(stats, running_mean, running_var, momentum, spec.count(shape), center)
+
+
+def _traced(x, scope, num_groups, weight, bias, eps, center, activation, residual, running_mean, running_var,
+            momentum, training, backend):
+    """The torch.compile path: the registered ops, running statistics blended with torch ops."""
     spec, act = check_norm_args(x, scope, num_groups, weight, bias, eps, center, activation, residual,
                                 running_mean, running_var, momentum, training)
     name = backends.resolve(backend, x.device, x.dtype)
     use_running = running_var is not None and not training
     if x.numel() == 0:
-        stat_shape = spec.stat_shape(x.shape)
-        empty = torch.zeros(stat_shape, dtype=torch.float32, device=x.device)
+        empty = torch.zeros(spec.stat_shape(x.shape), dtype=torch.float32, device=x.device)
         return x.clone(), empty, empty
     if name == "reference":
-        return _reference(x, spec, weight, bias, eps, center, act, residual, running_mean,
-                          running_var, momentum, training, use_running)
-    given_mean = given_rstd = None
-    if use_running:
-        given_rstd = torch.rsqrt(running_var.detach().float() + eps)
-        given_mean = running_mean.detach().float() if center else torch.zeros_like(given_rstd)
-    y, mean, var, _, _, _ = torch.ops.tritonorm.norm_fwd(
-        x, weight, bias, residual, given_mean, given_rstd, spec.layout, spec.letters,
-        spec.num_groups, float(eps), center, activations.code(act))
+        return _reference(x, spec, weight, bias, eps, center, act, residual, running_mean, running_var,
+                          momentum, training, use_running)
+    y, stats = torch.ops.tritonorm.norm_fwd(
+        x, weight, bias, residual, running_mean if use_running else None,
+        running_var if use_running else None, ops.encode_spec(spec), float(eps), center, activations.code(act))
     if use_running:
         return y, None, None
     if training and running_var is not None:
-        _update_running(spec, x.shape, mean, var, running_mean, running_var, momentum, center)
-    return y, mean, var
-
-
-def _update_running(spec: Spec, shape, mean, var, running_mean, running_var, momentum, center):
-    """PyTorch's rule: r <- (1 - m) r + m batch, with the unbiased variance."""
-    m = spec.count(shape)
-    with torch.no_grad():
-        if center:
-            running_mean.mul_(1 - momentum).add_(mean.reshape(-1).to(running_mean.dtype), alpha=momentum)
-            var = var * (m / (m - 1))
-        running_var.mul_(1 - momentum).add_(var.reshape(-1).to(running_var.dtype), alpha=momentum)
+        _update_running(spec, x.shape, stats, running_mean, running_var, momentum, center)
+    shape = spec.stat_shape(x.shape)
+    return y, stats[4].view(shape), stats[3].view(shape)
 
 
 def _reference(x, spec, weight, bias, eps, center, act, residual, running_mean, running_var,
@@ -81,8 +216,32 @@ def _reference(x, spec, weight, bias, eps, center, act, residual, running_mean, 
     y = reference.norm(x, spec, weight, bias, eps, center, act, residual, None, None, momentum,
                        training)
     if training and running_var is not None:
-        _update_running(spec, x.shape, mean, var, running_mean, running_var, momentum, center)
+        m = spec.count(x.shape)
+        unbias = m / (m - 1) if m > 1 and center else 1.0
+        with torch.no_grad():
+            if running_mean is not None:
+                blend = (1 - momentum) * running_mean.to(mean.dtype) + momentum * mean.reshape(running_mean.shape)
+                running_mean.copy_(blend)
+            blend = (1 - momentum) * running_var.to(var.dtype) + momentum * (var.reshape(running_var.shape) * unbias)
+            running_var.copy_(blend)
     return y, mean, var
+
+
+class _MomentsFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, plan, spec, center):
+        _, stats = plan(x, None, None, None, None, None, 1.0)
+        shape = spec.stat_shape(x.shape)
+        mean, var = stats[4].view(shape), stats[3].view(shape)
+        ctx.save_for_backward(x, mean)
+        ctx.spec, ctx.center = spec, center
+        ctx.set_materialize_grads(False)
+        return mean, var
+
+    @staticmethod
+    def backward(ctx, dmean, dvar):
+        x, mean = ctx.saved_tensors
+        return ops.moments_grad(x, mean, ctx.spec, ctx.center, dmean, dvar), None, None, None
 
 
 def moments(x: torch.Tensor, scope: str = "group", *, num_groups: int | None = None,
@@ -100,4 +259,15 @@ def moments(x: torch.Tensor, scope: str = "group", *, num_groups: int | None = N
     name = backends.resolve(backend, x.device, x.dtype)
     if name == "reference" or x.numel() == 0:
         return reference.moments(x, spec, center)
-    return torch.ops.tritonorm.moments(x, spec.layout, spec.letters, spec.num_groups, center)
+    if torch.compiler.is_compiling():
+        mean, var = torch.ops.tritonorm.moments(x, ops.encode_spec(spec), center)
+        shape = spec.stat_shape(x.shape)
+        return mean.view(shape), var.view(shape)
+    from .kernels import launch
+
+    plan = launch.forward_plan(x, spec, False, False, False, 0, center, "stats", launch.NO_RUNNING)
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _MomentsFunction.apply(x, plan, spec, center)
+    _, stats = plan(x, None, None, None, None, None, 1.0)
+    shape = spec.stat_shape(x.shape)
+    return stats[4].view(shape), stats[3].view(shape)

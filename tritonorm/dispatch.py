@@ -299,6 +299,16 @@ def fit(plan: Plan, problem: Problem, profile: DeviceProfile) -> Plan | None:
 _forced = threading.local()
 
 
+def forced_state():
+    """A hashable token of the regime forced in this thread (None when nothing is): part of the
+    launch-plan cache key, so a plan made under ``forced`` is not reused outside it."""
+    value = getattr(_forced, "value", None)
+    if value is None:
+        return None
+    kernel, op, cfg = value
+    return (kernel, op, tuple(sorted(cfg.items())))
+
+
 @contextlib.contextmanager
 def forced(kernel: str, op: str | None = None, **config):
     """Force a regime (and optionally launch parameters) inside the block. For tests and tuning.
@@ -357,10 +367,20 @@ _memo: dict = {}
 _memo_lock = threading.Lock()
 
 
+_clear_hooks: list = []
+
+
+def on_clear(hook) -> None:
+    """Call ``hook()`` whenever memoized plans are forgotten (the launch-plan cache registers)."""
+    _clear_hooks.append(hook)
+
+
 def clear_memo() -> None:
     """Forget memoized plans (after the tuning cache or a table changed)."""
     with _memo_lock:
         _memo.clear()
+    for hook in _clear_hooks:
+        hook()
 
 
 def plan_for(problem: Problem, profile: DeviceProfile) -> Plan:

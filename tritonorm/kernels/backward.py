@@ -8,18 +8,24 @@ S1 = sum g and S2 = sum g * xhat:
     dx = rstd * g                            (statistics given: eval with running stats)
 
 dresidual = dy * act'(pre); dweight_c = sum dy*act'(pre)*xhat and dbias_c = sum dy*act'(pre)
-over every element of channel c (the channel view, with fp32 partials summed in a second,
-deterministic stage; when each statistic is one channel, as in BatchNorm, the dx kernels'
-row sums give them without that extra sweep). Every kernel normalizes ``(x - K) - Mean`` with the forward's pivot K and
-shifted mean (see forward.py); the pre-activation is recomputed, not stored. The regimes mirror
-the forward ones: fused (x, dy read once), looped (twice), split (partial sums on SPLIT
-programs per statistic, then apply).
+over every element of channel c. Where they come from:
+  each statistic one channel (BatchNorm): the dx kernels' row sums, written by the dx kernels;
+  each column one channel (LayerNorm rows, positional scope), fused regime: a persistent grid
+      keeps per-channel sums per program; ``_finish_kernel`` adds the programs' partials;
+  otherwise (GroupNorm, InstanceNorm): ``_dwdb_kernel`` sweeps the channel view; with one chunk
+      per channel it writes the result itself, else ``_finish_kernel`` adds its chunks.
+Partials are fp32 and summed in a fixed order (deterministic, no atomics). Every kernel
+normalizes ``(x - K) - Mean`` with the forward's pivot K and shifted mean from the [5, P]
+statistics buffer (see forward.py); the pre-activation is recomputed, not stored. The regimes
+mirror the forward ones: fused (x, dy read once), looped (twice), split (partial sums on SPLIT
+programs per statistic, then an apply kernel that adds them itself).
 """
 
 import triton
 import triton.language as tl
 
-from .common import col_tile, grad_terms, load2d, load_residual, row_block, store2d, strided_tile_start
+from .common import (col_tile, grad_terms, load2d, load_residual, load_stats, row_block, store2d,
+                     strided_tile_start)
 
 
 @triton.jit
@@ -34,41 +40,30 @@ def _dx(g, xhat, rstd, s1, s2, M, CENTER: tl.constexpr, GIVEN: tl.constexpr):
 
 
 @triton.jit
-def _row_stats(K, Mean, Rstd, rt, rmask):
-    k = tl.load(K + rt, mask=rmask, other=0.0)
-    mean = tl.load(Mean + rt, mask=rmask, other=0.0)
-    rstd = tl.load(Rstd + rt, mask=rmask, other=0.0)
-    return k, mean, rstd
-
-
-@triton.jit
 def _bwd_fused_kernel(
-    X, DY, Res, W, B, K, Mean, Rstd, DX, DRes,  # K, Mean: pivot and shifted mean; DRes only if WRITE_DRES
-    PDW, PDB,                                   # dweight, dbias partials (ROW_CHANNEL: [P]; COL_CHANNEL: [programs, M])
-    P, M, ROW_BLOCKS,                           # statistics, elements per statistic, cdiv(P, BLOCK_P)
-    rs1, rs2, rs3, rx0, rx1, rx2, rx3, ro0, ro1, ro2, ro3, rt0, rt1, rt2, rt3, rhd, rhm, rhk,
-    cs1, cs2, cs3, cx0, cx1, cx2, cx3, co0, co1, co2, co3, ct0, ct1, ct2, ct3, chd, chm, chk,
+    X, DY, Res, W, B, Stats,    # Stats: the forward's [5, P] statistics
+    DX, DRes,                   # dx; dresidual (only if WRITE_DRES)
+    DW, DB,                     # ROW_CHANNEL: dweight, dbias; COL_CHANNEL: fp32 partials [2, M, programs]
+    P, M, ROW_BLOCKS,           # statistics, elements per statistic, cdiv(P, BLOCK_P)
+    RG, CG,
     CENTER: tl.constexpr, GIVEN: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
     HAS_RES: tl.constexpr, WRITE_DRES: tl.constexpr, ACT: tl.constexpr, CHAN: tl.constexpr,
     INT64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr, ROW_CHANNEL: tl.constexpr,
-    COL_CHANNEL: tl.constexpr,
+    COL_CHANNEL: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
 ):
     """Whole statistics in registers: S1, S2 and dx in one pass over x and dy.
 
     The grid walks the row blocks (one each when it covers them all). ROW_CHANNEL (each row is
-    one channel: BatchNorm): the row sums of gz*xhat and gz are dweight and dbias. COL_CHANNEL
-    (each column is one channel: LayerNorm rows, positional scope; launched on a persistent
-    grid): each program keeps per-channel sums over the rows it saw. Either way dweight and
-    dbias need no sweep of their own.
+    one channel: BatchNorm): the row sums of gz*xhat and gz are dweight and dbias, stored here.
+    COL_CHANNEL (each column is one channel: LayerNorm rows, positional scope; launched on a
+    persistent grid): each program keeps per-channel sums over the rows it saw.
     """
     dw = tl.zeros([BLOCK_M], dtype=tl.float32)
     db = tl.zeros([BLOCK_M], dtype=tl.float32)
     for rb in range(tl.program_id(0), ROW_BLOCKS, tl.num_programs(0)):
-        rows, rmask, rx, ro, rt, rh = row_block(rb, P, BLOCK_P, INT64, rs1, rs2, rs3, rx0, rx1, rx2, rx3,
-                                                ro0, ro1, ro2, ro3, rt0, rt1, rt2, rt3, rhd, rhm, rhk)
-        cmask, mask, cx, co, ct, ch = col_tile(0, M, rmask, BLOCK_M, INT64, cs1, cs2, cs3, cx0, cx1, cx2, cx3,
-                                               co0, co1, co2, co3, ct0, ct1, ct2, ct3, chd, chm, chk)
-        k, mean, rstd = _row_stats(K, Mean, Rstd, rt, rmask)
+        rows, rmask, rx, ro, rt, rh = row_block(rb, P, BLOCK_P, INT64, RG)
+        cmask, mask, cx, co, ct, ch = col_tile(0, M, rmask, BLOCK_M, INT64, CG)
+        k, mean, rstd = load_stats(Stats, P, rt, rmask)
         x = load2d(X, rx, cx, mask) - k[:, None]
         dy = load2d(DY, ro, co, mask)
         res = load_residual(Res, ro, co, mask, HAS_RES)
@@ -79,36 +74,37 @@ def _bwd_fused_kernel(
         if WRITE_DRES:
             store2d(DRes, ro, co, gz, mask)
         if ROW_CHANNEL:
-            tl.store(PDW + rows, tl.sum(gz * xhat, axis=1), mask=rmask)
-            tl.store(PDB + rows, tl.sum(gz, axis=1), mask=rmask)
+            if NEED_DW:
+                tl.store(DW + rh, tl.sum(gz * xhat, axis=1).to(DW.dtype.element_ty), mask=rmask)
+            if NEED_DB:
+                tl.store(DB + rh, tl.sum(gz, axis=1).to(DB.dtype.element_ty), mask=rmask)
         if COL_CHANNEL:
             dw += tl.sum(tl.where(mask, gz * xhat, 0.0), axis=0)
             db += tl.sum(gz, axis=0)
     if COL_CHANNEL:
         cols = tl.arange(0, BLOCK_M)
-        tl.store(PDW + tl.program_id(0) * M + cols, dw, mask=cols < M)
-        tl.store(PDB + tl.program_id(0) * M + cols, db, mask=cols < M)
+        progs = tl.num_programs(0)
+        tl.store(DW + cols * progs + tl.program_id(0), dw, mask=cols < M)
+        tl.store(DW + M * progs + cols * progs + tl.program_id(0), db, mask=cols < M)
 
 
 @triton.jit
 def _bwd_sums_kernel(
-    X, DY, Res, W, B, K, Mean, Rstd, PS1, PS2,  # partial sums out, [P, SPLIT] fp32
-    PDW, PDB,                                   # partial dweight, dbias, [P, SPLIT] (ROW_CHANNEL only)
+    X, DY, Res, W, B, Stats,
+    Part,                       # partial sums out, [4, P, SPLIT] fp32: S1, S2, dweight, dbias
     P, M, CHUNK, SPLIT,
-    rs1, rs2, rs3, rx0, rx1, rx2, rx3, ro0, ro1, ro2, ro3, rt0, rt1, rt2, rt3, rhd, rhm, rhk,
-    cs1, cs2, cs3, cx0, cx1, cx2, cx3, co0, co1, co2, co3, ct0, ct1, ct2, ct3, chd, chm, chk,
+    RG, CG,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr,
     CHAN: tl.constexpr, INT64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr,
     ROW_CHANNEL: tl.constexpr,
 ):
     """S1, S2 over one column chunk (looped regime: SPLIT = 1; split regime: stage 1); with
     ROW_CHANNEL also the dweight, dbias partials (sums of gz*xhat and gz)."""
-    rows, rmask, rx, ro, rt, rh = row_block(tl.program_id(0), P, BLOCK_P, INT64, rs1, rs2, rs3, rx0, rx1, rx2, rx3,
-                                            ro0, ro1, ro2, ro3, rt0, rt1, rt2, rt3, rhd, rhm, rhk)
+    rows, rmask, rx, ro, rt, rh = row_block(tl.program_id(0), P, BLOCK_P, INT64, RG)
     sp = tl.program_id(1)
     if INT64:
         sp = sp.to(tl.int64)
-    k, mean, rstd = _row_stats(K, Mean, Rstd, rt, rmask)
+    k, mean, rstd = load_stats(Stats, P, rt, rmask)
     start = sp * CHUNK
     end = tl.minimum(start + CHUNK, M)
     s1 = tl.zeros([BLOCK_P], dtype=tl.float32)
@@ -116,8 +112,7 @@ def _bwd_sums_kernel(
     u1 = tl.zeros([BLOCK_P], dtype=tl.float32)
     u2 = tl.zeros([BLOCK_P], dtype=tl.float32)
     for m in range(0, CHUNK, BLOCK_M):  # a fixed trip count: tiles past `end` are masked
-        cmask, mask, cx, co, ct, ch = col_tile(start + m, end, rmask, BLOCK_M, INT64, cs1, cs2, cs3, cx0, cx1, cx2,
-                                               cx3, co0, co1, co2, co3, ct0, ct1, ct2, ct3, chd, chm, chk)
+        cmask, mask, cx, co, ct, ch = col_tile(start + m, end, rmask, BLOCK_M, INT64, CG)
         x = load2d(X, rx, cx, mask) - k[:, None]
         dy = load2d(DY, ro, co, mask)
         res = load_residual(Res, ro, co, mask, HAS_RES)
@@ -128,36 +123,52 @@ def _bwd_sums_kernel(
         if ROW_CHANNEL:
             u1 += tl.sum(gz, axis=1)
             u2 += tl.sum(gz * xhat, axis=1)
-    tl.store(PS1 + rows * SPLIT + sp, s1, mask=rmask)
-    tl.store(PS2 + rows * SPLIT + sp, s2, mask=rmask)
+    plane = P * SPLIT
+    idx = rows * SPLIT + sp
+    tl.store(Part + idx, s1, mask=rmask)
+    tl.store(Part + plane + idx, s2, mask=rmask)
     if ROW_CHANNEL:
-        tl.store(PDW + rows * SPLIT + sp, u2, mask=rmask)
-        tl.store(PDB + rows * SPLIT + sp, u1, mask=rmask)
+        tl.store(Part + 2 * plane + idx, u2, mask=rmask)
+        tl.store(Part + 3 * plane + idx, u1, mask=rmask)
 
 
 @triton.jit
 def _bwd_apply_kernel(
-    X, DY, Res, W, B, K, Mean, Rstd, S1, S2, DX, DRes,  # S1, S2: [P] fp32 by row index (unused if GIVEN)
-    P, M, COL_PROGS, TILES_PER_PROG,  # programs on grid axis 1, column tiles each
-    rs1, rs2, rs3, rx0, rx1, rx2, rx3, ro0, ro1, ro2, ro3, rt0, rt1, rt2, rt3, rhd, rhm, rhk,
-    cs1, cs2, cs3, cx0, cx1, cx2, cx3, co0, co1, co2, co3, ct0, ct1, ct2, ct3, chd, chm, chk,
+    X, DY, Res, W, B, Stats,
+    Part,                             # [4, P, SPLIT] partial sums of _bwd_sums_kernel (unused if GIVEN)
+    DX, DRes, DW, DB,                 # dx, dresidual; dweight, dbias (ROW_CHANNEL)
+    P, M, SPLIT, COL_PROGS, TILES_PER_PROG,  # programs on grid axis 1, column tiles each
+    RG, CG,
     CENTER: tl.constexpr, GIVEN: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
     HAS_RES: tl.constexpr, WRITE_DRES: tl.constexpr, ACT: tl.constexpr, CHAN: tl.constexpr,
-    INT64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr,
+    INT64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr,
+    ROW_CHANNEL: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
 ):
-    """dx (and dresidual) over a 2-D grid of (row block, column tiles)."""
-    rows, rmask, rx, ro, rt, rh = row_block(tl.program_id(0), P, BLOCK_P, INT64, rs1, rs2, rs3, rx0, rx1, rx2, rx3,
-                                            ro0, ro1, ro2, ro3, rt0, rt1, rt2, rt3, rhd, rhm, rhk)
-    k, mean, rstd = _row_stats(K, Mean, Rstd, rt, rmask)
-    s1 = rstd * 0.0
-    s2 = rstd * 0.0
+    """dx (and dresidual) over a 2-D grid of (row block, column tiles); each program adds its
+    rows' SPLIT partial sums itself, and with ROW_CHANNEL the programs of column 0 store dweight
+    and dbias."""
+    rows, rmask, rx, ro, rt, rh = row_block(tl.program_id(0), P, BLOCK_P, INT64, RG)
+    k, mean, rstd = load_stats(Stats, P, rt, rmask)
+    s1 = tl.zeros([BLOCK_P], dtype=tl.float32)
+    s2 = tl.zeros([BLOCK_P], dtype=tl.float32)
     if not GIVEN:
-        s1 = tl.load(S1 + rows, mask=rmask, other=0.0)
-        s2 = tl.load(S2 + rows, mask=rmask, other=0.0)
+        sps = tl.arange(0, BLOCK_S)
+        pmask = rmask[:, None] & (sps < SPLIT)[None, :]
+        idx = rows[:, None] * SPLIT + sps[None, :]
+        plane = P * SPLIT
+        s1 = tl.sum(tl.load(Part + idx, mask=pmask, other=0.0), axis=1)
+        s2 = tl.sum(tl.load(Part + plane + idx, mask=pmask, other=0.0), axis=1)
+        if ROW_CHANNEL:
+            if tl.program_id(1) == 0:
+                if NEED_DW:
+                    dw = tl.sum(tl.load(Part + 2 * plane + idx, mask=pmask, other=0.0), axis=1)
+                    tl.store(DW + rh, dw.to(DW.dtype.element_ty), mask=rmask)
+                if NEED_DB:
+                    db = tl.sum(tl.load(Part + 3 * plane + idx, mask=pmask, other=0.0), axis=1)
+                    tl.store(DB + rh, db.to(DB.dtype.element_ty), mask=rmask)
     for i in range(0, TILES_PER_PROG):
         cmask, mask, cx, co, ct, ch = col_tile(strided_tile_start(i, COL_PROGS, BLOCK_M, INT64), M, rmask,
-                                               BLOCK_M, INT64, cs1, cs2, cs3, cx0, cx1, cx2, cx3, co0, co1,
-                                               co2, co3, ct0, ct1, ct2, ct3, chd, chm, chk)
+                                               BLOCK_M, INT64, CG)
         x = load2d(X, rx, cx, mask) - k[:, None]
         dy = load2d(DY, ro, co, mask)
         res = load_residual(Res, ro, co, mask, HAS_RES)
@@ -170,19 +181,19 @@ def _bwd_apply_kernel(
 
 @triton.jit
 def _dwdb_kernel(
-    X, DY, Res, W, B, K, Mean, Rstd, PDW, PDB,  # partial dweight/dbias out, [C, SPLIT] fp32
-    C, M, CHUNK, SPLIT,                         # channel view: C rows, M = N * spatial columns
-    rs1, rs2, rs3, rx0, rx1, rx2, rx3, ro0, ro1, ro2, ro3, rt0, rt1, rt2, rt3, rhd, rhm, rhk,
-    cs1, cs2, cs3, cx0, cx1, cx2, cx3, co0, co1, co2, co3, ct0, ct1, ct2, ct3, chd, chm, chk,
+    X, DY, Res, W, B, Stats,          # Stats: [5, NSTAT] statistics, gathered per element here
+    DW, DB,                           # DIRECT: dweight, dbias; else fp32 partials [2, C, SPLIT]
+    C, M, NSTAT, CHUNK, SPLIT,        # channel view: C rows, M = N * spatial columns
+    RG, CG,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr,
     CHAN: tl.constexpr, INT64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr,
+    DIRECT: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
 ):
-    """Per-channel sums of gz * xhat and gz over one column chunk (stage 1 of dweight, dbias).
+    """Per-channel sums of gz * xhat and gz over one column chunk of the channel view.
 
     The statistics vary across both sides of the channel view, so they are gathered per element.
     """
-    rows, rmask, rx, ro, rt, rh = row_block(tl.program_id(0), C, BLOCK_P, INT64, rs1, rs2, rs3, rx0, rx1, rx2, rx3,
-                                            ro0, ro1, ro2, ro3, rt0, rt1, rt2, rt3, rhd, rhm, rhk)
+    rows, rmask, rx, ro, rt, rh = row_block(tl.program_id(0), C, BLOCK_P, INT64, RG)
     sp = tl.program_id(1)
     if INT64:
         sp = sp.to(tl.int64)
@@ -191,14 +202,45 @@ def _dwdb_kernel(
     dw = tl.zeros([BLOCK_P], dtype=tl.float32)
     db = tl.zeros([BLOCK_P], dtype=tl.float32)
     for m in range(0, CHUNK, BLOCK_M):  # a fixed trip count: tiles past `end` are masked
-        cmask, mask, cx, co, ct, ch = col_tile(start + m, end, rmask, BLOCK_M, INT64, cs1, cs2, cs3, cx0, cx1, cx2,
-                                               cx3, co0, co1, co2, co3, ct0, ct1, ct2, ct3, chd, chm, chk)
-        x = load2d(X, rx, cx, mask) - load2d(K, rt, ct, mask)
+        cmask, mask, cx, co, ct, ch = col_tile(start + m, end, rmask, BLOCK_M, INT64, CG)
+        x = load2d(X, rx, cx, mask) - load2d(Stats, rt, ct, mask)
         dy = load2d(DY, ro, co, mask)
         res = load_residual(Res, ro, co, mask, HAS_RES)
-        xhat, gz, g = grad_terms(x, dy, load2d(Mean, rt, ct, mask), load2d(Rstd, rt, ct, mask), rh, ch,
+        xhat, gz, g = grad_terms(x, dy, load2d(Stats + NSTAT, rt, ct, mask),
+                                 load2d(Stats + 2 * NSTAT, rt, ct, mask), rh, ch,
                                  rmask, cmask, res, W, B, HAS_W, HAS_B, HAS_RES, ACT, CHAN)
         dw += tl.sum(gz * xhat, axis=1)
         db += tl.sum(gz, axis=1)
-    tl.store(PDW + rh * SPLIT + sp, dw, mask=rmask)
-    tl.store(PDB + rh * SPLIT + sp, db, mask=rmask)
+    if DIRECT:
+        if NEED_DW:
+            tl.store(DW + rh, dw.to(DW.dtype.element_ty), mask=rmask)
+        if NEED_DB:
+            tl.store(DB + rh, db.to(DB.dtype.element_ty), mask=rmask)
+    else:
+        tl.store(DW + rh * SPLIT + sp, dw, mask=rmask)
+        tl.store(DW + C * SPLIT + rh * SPLIT + sp, db, mask=rmask)
+
+
+@triton.jit
+def _finish_kernel(
+    Part, DW, DB,                     # fp32 partials [2, C, S] (dweight, dbias); outputs
+    C, S,
+    NEED_DW: tl.constexpr, NEED_DB: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    """dweight, dbias = the sums of their S partials per channel, in a fixed order, cast once."""
+    cs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cs < C
+    dw = tl.zeros([BLOCK_C], dtype=tl.float32)
+    db = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for s0 in range(0, S, BLOCK_S):
+        ss = s0 + tl.arange(0, BLOCK_S)
+        mask = cmask[:, None] & (ss < S)[None, :]
+        idx = cs[:, None] * S + ss[None, :]
+        if NEED_DW:
+            dw += tl.sum(tl.load(Part + idx, mask=mask, other=0.0), axis=1)
+        if NEED_DB:
+            db += tl.sum(tl.load(Part + C * S + idx, mask=mask, other=0.0), axis=1)
+    if NEED_DW:
+        tl.store(DW + cs, dw.to(DW.dtype.element_ty), mask=cmask)
+    if NEED_DB:
+        tl.store(DB + cs, db.to(DB.dtype.element_ty), mask=cmask)

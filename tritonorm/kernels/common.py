@@ -12,8 +12,15 @@ import triton.language as tl
 
 
 @triton.jit
-def side_offsets(idx, s1, s2, s3, x0, x1, x2, x3, o0, o1, o2, o3, t0, t1, t2, t3, hd, hm, hk):
-    """Offsets of flat side indices into x, the outputs and the statistics, and their channel."""
+def side_offsets(idx, G):
+    """Offsets of flat side indices into x, the outputs and the statistics, and their channel.
+
+    ``G`` is a side's geometry tuple (layout.Side.geometry): s1, s2, s3, the four x strides, the
+    four output strides, the four statistic strides, then the channel digit (div, mod, mul).
+    Sizes and strides equal to 1 are specialized by Triton, so a merged 1-D side folds to
+    ``idx * stride``.
+    """
+    s1, s2, s3, x0, x1, x2, x3, o0, o1, o2, o3, t0, t1, t2, t3, hd, hm, hk = G
     i3 = idx % s3
     q = idx // s3
     i2 = q % s2
@@ -28,20 +35,18 @@ def side_offsets(idx, s1, s2, s3, x0, x1, x2, x3, o0, o1, o2, o3, t0, t1, t2, t3
 
 
 @triton.jit
-def row_block(pid, P, BLOCK_P: tl.constexpr, INT64: tl.constexpr,
-              s1, s2, s3, x0, x1, x2, x3, o0, o1, o2, o3, t0, t1, t2, t3, hd, hm, hk):
+def row_block(pid, P, BLOCK_P: tl.constexpr, INT64: tl.constexpr, RG):
     """Rows pid*BLOCK_P ... of the view: (rows, rmask, x, out, stat offsets, channel)."""
     if INT64:
         pid = tl.cast(pid, tl.int64)  # the persistent loop hands a plain int in the interpreter
     rows = pid * BLOCK_P + tl.arange(0, BLOCK_P)
     rmask = rows < P
-    rx, ro, rt, rh = side_offsets(rows, s1, s2, s3, x0, x1, x2, x3, o0, o1, o2, o3, t0, t1, t2, t3, hd, hm, hk)
+    rx, ro, rt, rh = side_offsets(rows, RG)
     return rows, rmask, rx, ro, rt, rh
 
 
 @triton.jit
-def col_tile(start, limit, rmask, BLOCK_M: tl.constexpr, INT64: tl.constexpr,
-             s1, s2, s3, x0, x1, x2, x3, o0, o1, o2, o3, t0, t1, t2, t3, hd, hm, hk):
+def col_tile(start, limit, rmask, BLOCK_M: tl.constexpr, INT64: tl.constexpr, CG):
     """Columns start ... start+BLOCK_M (masked at ``limit``): (cmask, tile mask, offsets, channel)."""
     cols = tl.arange(0, BLOCK_M)
     if INT64:
@@ -49,7 +54,7 @@ def col_tile(start, limit, rmask, BLOCK_M: tl.constexpr, INT64: tl.constexpr,
     cols = cols + start
     cmask = cols < limit
     mask = rmask[:, None] & cmask[None, :]
-    cx, co, ct, ch = side_offsets(cols, s1, s2, s3, x0, x1, x2, x3, o0, o1, o2, o3, t0, t1, t2, t3, hd, hm, hk)
+    cx, co, ct, ch = side_offsets(cols, CG)
     return cmask, mask, cx, co, ct, ch
 
 
@@ -64,14 +69,38 @@ def strided_tile_start(i, COL_PROGS, BLOCK_M: tl.constexpr, INT64: tl.constexpr)
 
 
 @triton.jit
-def store_stats(K, Mean, Rstd, Var, rt, rmask, k, mean_shifted, var, eps):
-    """Store a row block's pivot, shifted mean, rstd and variance; return rstd."""
+def store_stats(Stats, P, rt, rmask, k, mean_shifted, var, eps, RunMean, RunVar, momentum, unbias,
+                RUNNING: tl.constexpr):
+    """Store a row block's statistics into the [5, P] fp32 buffer (pivot, shifted mean, rstd,
+    variance, mean) and, with RUNNING (1: running_var only, 2: running_mean too), blend them into
+    the running statistics in fp32 and round once to the buffers' dtype (PyTorch's rule:
+    r <- (1 - momentum) r + momentum batch, with the variance times ``unbias`` = M / (M - 1)).
+    Each row belongs to one program, so the read-modify-write is race-free. Returns rstd."""
     rstd = tl.rsqrt(var + eps)
-    tl.store(K + rt, k, mask=rmask)
-    tl.store(Mean + rt, mean_shifted, mask=rmask)
-    tl.store(Rstd + rt, rstd, mask=rmask)
-    tl.store(Var + rt, var, mask=rmask)
+    mean = k + mean_shifted
+    tl.store(Stats + rt, k, mask=rmask)
+    tl.store(Stats + P + rt, mean_shifted, mask=rmask)
+    tl.store(Stats + 2 * P + rt, rstd, mask=rmask)
+    tl.store(Stats + 3 * P + rt, var, mask=rmask)
+    tl.store(Stats + 4 * P + rt, mean, mask=rmask)
+    if RUNNING >= 1:
+        rv = tl.load(RunVar + rt, mask=rmask, other=0.0).to(tl.float32)
+        rv = (1.0 - momentum) * rv + momentum * (var * unbias)
+        tl.store(RunVar + rt, rv.to(RunVar.dtype.element_ty), mask=rmask)
+    if RUNNING == 2:
+        rm = tl.load(RunMean + rt, mask=rmask, other=0.0).to(tl.float32)
+        rm = (1.0 - momentum) * rm + momentum * mean
+        tl.store(RunMean + rt, rm.to(RunMean.dtype.element_ty), mask=rmask)
     return rstd
+
+
+@triton.jit
+def load_stats(Stats, P, rt, rmask):
+    """A row block's pivot, shifted mean and rstd from the [5, P] statistics buffer."""
+    k = tl.load(Stats + rt, mask=rmask, other=0.0)
+    mean = tl.load(Stats + P + rt, mask=rmask, other=0.0)
+    rstd = tl.load(Stats + 2 * P + rt, mask=rmask, other=0.0)
+    return k, mean, rstd
 
 
 @triton.jit

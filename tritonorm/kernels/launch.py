@@ -1,4 +1,19 @@
-"""Launchers: build the strided views, pick a plan, run the kernels. They return tensors only."""
+"""Launch plans: everything about a call that depends only on its signature, built once.
+
+A call's signature is (shape, strides and dtype of x, the scope, which of weight/bias/residual/
+running statistics are present and their layouts, the activation, centring, the mode). For a
+signature the plan fixes the strided views, the dispatcher's regime and block sizes, the grids,
+the geometry tuples and the constexpr flags. Calling a plan then only allocates the outputs and
+launches: no view building, no dispatch, no torch ops between kernels.
+
+    ForwardPlan(...)(x, weight, bias, residual, run_mean, run_var, eps, momentum)
+        -> (y, stats)           stats: [5, P] fp32 (pivot, shifted mean, rstd, var, mean)
+    plan.backward(needs)(dy, x, weight, bias, residual, stats)
+        -> (dx, dweight, dbias, dresidual)   (None where not asked for)
+
+Launchers return tensors only. Plans are cached by ``tritonorm.core``; ``clear()`` forgets them
+(the dispatcher calls it when the tuning cache changes).
+"""
 
 from __future__ import annotations
 
@@ -10,7 +25,7 @@ from ..scope import Spec
 from . import backward as bk
 from . import forward as fk
 from . import native
-from .layout import TooManyDims, alloc_out, channel_view, match_strides, stat_view
+from .layout import TooManyDims, channel_view, match_strides, stat_view
 
 _MAX_GRID_1 = 65535  # CUDA's limit on the second grid dimension
 
@@ -18,44 +33,16 @@ _MAX_GRID_1 = 65535  # CUDA's limit on the second grid dimension
 # skips an element cannot pass by leaving zeros or stale memory behind.
 POISON = False
 
-
-def _empty(shape, device) -> torch.Tensor:
-    t = torch.empty(shape, dtype=torch.float32, device=device)
-    return t.fill_(float("nan")) if POISON else t
-
-
-def _out_like(x: torch.Tensor) -> torch.Tensor:
-    t = alloc_out(x)
-    return t.fill_(float("nan")) if POISON else t
+# Running-statistics modes of the forward kernels (their RUNNING flag).
+NO_RUNNING, RUNNING_VAR, RUNNING_BOTH = 0, 1, 2
 
 
 def profile_for(device: torch.device) -> dispatch.DeviceProfile:
     return dispatch.profile_for_device(device)
 
 
-def _views(x: torch.Tensor, out: torch.Tensor, spec: Spec, channel: bool = False):
-    """The statistic view (and the channel view) of x read in place. When x's strides are too
-    irregular for MAX_DIMS dims a side, x is copied into out's dense layout; when even that
-    layout needs more (some dense permutations), TooManyDims reaches the caller, which then
-    runs on contiguous tensors."""
-    def build(xs):
-        sv = stat_view(x.shape, spec, xs, out.stride())
-        return sv, (channel_view(x.shape, spec, xs, out.stride()) if channel else None)
-
-    try:
-        return (x, *build(x.stride()))
-    except TooManyDims:
-        sv, cv = build(out.stride())  # checked before paying for the copy
-        return match_strides(x, out), sv, cv
-
-
-def _restride(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
-    return None if t is None or t.numel() == 0 else match_strides(t, alloc_out(like))
-
-
-def _problem(op: str, view, x: torch.Tensor, spec: Spec | None = None, flags: str = "") -> dispatch.Problem:
-    return dispatch.problem_from_view(op, view, x.element_size(), spec=spec,
-                                      dtype=str(x.dtype).replace("torch.", ""), flags=flags)
+def _pow2(n: int) -> int:
+    return 1 << max(0, (max(1, n) - 1).bit_length())
 
 
 def _chunk(M: int, block_m: int, split: int) -> int:
@@ -75,194 +62,414 @@ def _chan_mode(view) -> int:
     return {(True, True): 0, (False, True): 1, (True, False): 2, (False, False): 3}[(rows, cols)]
 
 
-def _dummy(x: torch.Tensor) -> torch.Tensor:
-    return x  # any valid pointer for an argument a constexpr flag turns off
+def _problem(op: str, view, x: torch.Tensor, spec: Spec | None = None, flags: str = "") -> dispatch.Problem:
+    return dispatch.problem_from_view(op, view, x.element_size(), spec=spec,
+                                      dtype=str(x.dtype).replace("torch.", ""), flags=flags)
+
+
+def _empty(shape, device, dtype=torch.float32) -> torch.Tensor:
+    t = torch.empty(shape, dtype=dtype, device=device)
+    return t.fill_(float("nan")) if POISON else t
+
+
+def _dense_strides(x: torch.Tensor) -> tuple[int, ...]:
+    """The strides ``torch.empty_like(x, memory_format=torch.preserve_format)`` would give."""
+    return torch.empty_like(x, memory_format=torch.preserve_format, device="meta").stride()
+
+
+class _Common:
+    """What forward and backward plans share: the views and the flags of one signature."""
+
+    def __init__(self, x: torch.Tensor, spec: Spec, has_w: bool, has_b: bool, has_res: bool, act: int,
+                 center: bool, channel: bool):
+        self.shape = tuple(x.shape)
+        self.dtype = x.dtype
+        self.spec = spec
+        self.out_stride = _dense_strides(x)
+        self.x_stride = tuple(x.stride())
+        self.stat_shape = spec.stat_shape(self.shape)
+        self.n_stats = 1
+        for s in self.stat_shape:
+            self.n_stats *= s
+        # The view of x read in place; when its strides are too irregular, x is first copied
+        # into the output's dense layout; when even that needs too many dims, into a contiguous
+        # one (then ``contiguous`` is set and the outputs are restrided after).
+        self.copy_x = False
+        self.contiguous = False
+        try:
+            self.view = stat_view(self.shape, spec, self.x_stride, self.out_stride)
+            self.cview = channel_view(self.shape, spec, self.x_stride, self.out_stride) if channel else None
+        except TooManyDims:
+            try:
+                self.view = stat_view(self.shape, spec, self.out_stride, self.out_stride)
+                self.cview = (channel_view(self.shape, spec, self.out_stride, self.out_stride)
+                              if channel else None)
+                self.copy_x = self.x_stride != self.out_stride
+            except TooManyDims:
+                self.contiguous = True
+        self.flags = dict(HAS_W=has_w, HAS_B=has_b, HAS_RES=has_res, ACT=act)
+        self.center = center
+        self.fkey = dispatch.flags_key(has_w, has_b, has_res, act, center)
+
+    def out(self, x: torch.Tensor) -> torch.Tensor:
+        t = torch.empty_strided(self.shape, self.out_stride, dtype=self.dtype, device=x.device)
+        return t.fill_(float("nan")) if POISON else t
+
+    def prepare(self, x, residual):
+        if self.copy_x:
+            x = match_strides(x, self.out(x))
+        if residual is not None and residual.stride() != self.out_stride:
+            residual = match_strides(residual, self.out(x))
+        return x, residual
+
+
+def _restride(t: torch.Tensor | None, shape, stride) -> torch.Tensor | None:
+    if t is None or t.numel() == 0 or t.stride() == stride:
+        return t
+    out = torch.empty_strided(shape, stride, dtype=t.dtype, device=t.device)
+    return out.copy_(t)
+
+
+class ForwardPlan:
+    """The forward launch of one call signature.
+
+    ``mode``: "train" (batch statistics; ``running`` says which running buffers are blended in),
+    "given" (normalize with the running statistics: eval) or "stats" (statistics only, no y).
+    """
+
+    def __init__(self, x: torch.Tensor, spec: Spec, has_w: bool, has_b: bool, has_res: bool, act: int,
+                 center: bool, mode: str, running: int, profile: dispatch.DeviceProfile):
+        self.c = c = _Common(x, spec, has_w, has_b, has_res, act, center,
+                             channel=False)
+        self.mode, self.running, self.profile = mode, running, profile
+        self.has_w, self.has_b, self.has_res, self.act = has_w, has_b, has_res, act
+        self._backward: dict = {}
+        if c.contiguous:
+            inner = x.contiguous()
+            self.inner = ForwardPlan(inner, spec, has_w, has_b, has_res, act, center, mode, running, profile)
+            self.plan = self.inner.plan
+            return
+        self.inner = None
+        view = c.view
+        self.P, self.M = view.P, view.M
+        self.plan = dispatch.plan_for(_problem("forward", view, x, spec, c.fkey), profile)
+        self.native = self.plan.kernel == dispatch.NATIVE
+        if self.native:
+            return
+        cfg = self.plan.config
+        bp, bm, nw = cfg["block_p"], cfg["block_m"], cfg["num_warps"]
+        flags = dict(c.flags, CHAN=_chan_mode(view), INT64=view.int64)
+        rg, cg = view.geometry()
+        kernel = self.plan.kernel
+        if mode == "given" or kernel == "split":
+            if mode == "given":
+                bm = min(bm, profile.tile)  # the apply kernel loops over tiles
+            grid, tiles = _apply_grid(self.P, self.M, bp, bm)
+            if mode == "stats":
+                grid, tiles = (grid[0], 1), 0
+            split = cfg.get("split", 1) if kernel == "split" and mode != "given" else 1
+            self.split = split
+            self.chunk = _chunk(self.M, bm, split)
+            if mode != "given":
+                self.partial = (fk._fwd_partial_kernel, (triton.cdiv(self.P, bp), split),
+                                dict(CENTER=center, INT64=view.int64, BLOCK_P=bp, BLOCK_M=bm, num_warps=nw))
+            else:
+                self.partial = None
+            self.kernel = fk._fwd_apply_kernel
+            self.grid = grid
+            self.tail = (self.P, self.M, self.chunk, split)
+            self.mid = (grid[1], tiles, rg, cg)
+            self.constexprs = dict(flags, SOURCE=1 if mode == "given" else 0, CENTER=center, BLOCK_P=bp,
+                                   BLOCK_M=bm, BLOCK_S=_pow2(split),
+                                   RUNNING=running if mode == "train" else NO_RUNNING, num_warps=nw)
+        else:
+            self.partial = None
+            self.kernel = fk._fwd_fused_kernel if kernel == "fused" else fk._fwd_looped_kernel
+            self.grid = (triton.cdiv(self.P, bp),)
+            self.constexprs = dict(flags, CENTER=center, BLOCK_P=bp, BLOCK_M=bm, STORE_Y=mode != "stats",
+                                   RUNNING=running if mode == "train" else NO_RUNNING, num_warps=nw)
+            self.mid = (rg, cg)
+        self.launches = 1 + (self.partial is not None)
+
+    def __call__(self, x, weight, bias, residual, run_mean, run_var, eps: float, momentum: float = 0.0):
+        c = self.c
+        if self.inner is not None:
+            y, stats = self.inner(x.contiguous(), weight, bias,
+                                  None if residual is None else residual.contiguous(), run_mean, run_var,
+                                  eps, momentum)
+            return _restride(y, c.shape, c.out_stride), stats
+        x, residual = c.prepare(x, residual)
+        if self.native:
+            return self._native(x, weight, bias, residual, run_mean, run_var, eps, momentum)
+        y = x.new_empty(0) if self.mode == "stats" else c.out(x)
+        stats = _empty((5, c.n_stats), x.device)
+        # Kernels index weight and bias by channel with unit stride.
+        w = x if weight is None else (weight if weight.is_contiguous() else weight.contiguous())
+        b = x if bias is None else (bias if bias.is_contiguous() else bias.contiguous())
+        r = x if residual is None else residual
+        rm = x if run_mean is None else run_mean
+        rv = x if run_var is None else run_var
+        # The unbiased variance for the running estimate; without centring it tracks the mean square.
+        unbias = self.M / (self.M - 1) if self.M > 1 and c.center else 1.0
+        yp = x if self.mode == "stats" else y
+        if self.partial is not None:
+            kern, grid, kw = self.partial
+            part = _empty((2, self.P, self.split), x.device)
+            kern[grid](x, part, *self.tail, *self.mid[2:], **kw)
+            self.kernel[self.grid](x, yp, r, w, b, stats, rm, rv, part, *self.tail, eps, momentum, unbias,
+                                   *self.mid, **self.constexprs)
+        elif self.mode == "given":
+            self.kernel[self.grid](x, y, r, w, b, stats, rm, rv, x, *self.tail, eps, momentum, unbias,
+                                   *self.mid, **self.constexprs)
+        else:
+            self.kernel[self.grid](x, yp, r, w, b, stats, rm, rv, self.P, self.M, eps, momentum, unbias,
+                                   *self.mid, **self.constexprs)
+        return y, stats
+
+    def _native(self, x, weight, bias, residual, run_mean, run_var, eps, momentum):
+        """The torch regime (a tuned table's choice for tiny shapes): ATen ops, same outputs."""
+        c = self.c
+        given = None
+        if self.mode == "given":
+            rstd = torch.rsqrt(run_var.float() + eps)
+            given = (run_mean.float() if run_mean is not None else torch.zeros_like(rstd), rstd)
+        if self.mode == "stats":
+            mean, var = (t.float() for t in native.moments(x, c.spec, c.center))
+            y, rstd = x.new_empty(0), torch.rsqrt(var + eps)
+        else:
+            y, mean, rstd, var = native.forward(x, c.spec, weight, bias, residual, eps, c.center, self.act,
+                                                given)
+        mean = mean.reshape(-1)
+        stats = torch.stack([torch.zeros_like(mean), mean, rstd.reshape(-1), var.reshape(-1), mean])
+        if self.mode == "train" and self.running:
+            update_running(stats, run_mean, run_var, momentum, self.M, c.center)
+        return y, stats
+
+    def backward(self, needs: tuple[bool, bool, bool, bool]) -> "BackwardPlan":
+        key = (needs, dispatch.forced_state())
+        plan = self._backward.get(key)
+        if plan is None:
+            plan = self._backward[key] = BackwardPlan(self, needs)
+        return plan
+
+
+def update_running(stats, run_mean, run_var, momentum: float, M: int, center: bool) -> None:
+    """PyTorch's running-statistics rule with torch ops (the compile path and the torch regime;
+    the kernels do this themselves): blend in fp32, round once to the buffers' dtype."""
+    unbias = M / (M - 1) if M > 1 and center else 1.0
+    with torch.no_grad():
+        if run_mean is not None:
+            run_mean.copy_((1 - momentum) * run_mean.float() + momentum * stats[4].reshape(run_mean.shape))
+        run_var.copy_((1 - momentum) * run_var.float() + momentum * (stats[3].reshape(run_var.shape) * unbias))
+
+
+class BackwardPlan:
+    """The backward launches for a forward plan and the gradients asked for
+    (dx, dweight, dbias, dresidual)."""
+
+    def __init__(self, fwd: ForwardPlan, needs):
+        self.fwd = fwd
+        need_dx, need_dw, need_db, need_dres = needs
+        self.needs = needs
+        c = fwd.c
+        act = fwd.act
+        self.write_dres = need_dres and act != 0
+        self.given = fwd.mode == "given"
+        self.inner = None
+        if c.contiguous:
+            self.inner = fwd.inner.backward(needs)
+            return
+        if fwd.native:
+            return
+        spec = c.spec
+        view = c.view
+        P, M = view.P, view.M
+        profile = fwd.profile
+        x_meta = torch.empty_strided(c.shape, c.out_stride if c.copy_x else c.x_stride, dtype=c.dtype,
+                                     device="meta")
+        self.plan = plan = dispatch.plan_for(_problem("backward", view, x_meta, spec, c.fkey), profile)
+        self.native = plan.kernel == dispatch.NATIVE
+        if self.native:
+            return
+        cfg = plan.config
+        bp, bm, nw = cfg["block_p"], cfg["block_m"], cfg["num_warps"]
+        flags = dict(c.flags, CHAN=_chan_mode(view), INT64=view.int64)
+        rg, cg = view.geometry()
+        need_wb = need_dw or need_db
+        dx_pass = need_dx or self.write_dres
+        # Each statistic one channel (BatchNorm's scope): the dx kernels' row sums are dweight and
+        # dbias, so the channel-view sweep is skipped.
+        row_channel = (need_wb and dx_pass and not self.given and spec.allows_running_stats
+                       and not spec.reduces_c and getattr(spec, "sample_groups", 1) == 1)
+        # Each column one channel (LayerNorm rows, positional scope) in the fused regime: a
+        # persistent grid accumulates dweight and dbias per program.
+        col_channel = (need_wb and dx_pass and plan.kernel == "fused"
+                       and view.cols.chan == (1, view.M, 1) and view.M == c.shape[1])
+        self.row_channel, self.col_channel = row_channel, col_channel
+        self.steps = []  # (kind, kernel, grid, fixed args, constexprs)
+        self.P, self.M = P, M
+        common = dict(flags, BLOCK_P=bp, BLOCK_M=bm, num_warps=nw)
+        self.dx_kind = None
+        if dx_pass:
+            if plan.kernel == "fused":
+                row_blocks = triton.cdiv(P, bp)
+                progs = row_blocks
+                if col_channel:  # persistent: partials are [2, C, programs], so keep the programs few
+                    progs = max(1, min(row_blocks, profile.programs_per_sm * profile.sm_count))
+                self.progs = progs
+                self.dx_kind = "fused"
+                self.dx = (bk._bwd_fused_kernel, (progs,), (P, M, row_blocks, rg, cg),
+                           dict(common, CENTER=c.center, GIVEN=self.given, WRITE_DRES=self.write_dres,
+                                ROW_CHANNEL=row_channel, COL_CHANNEL=col_channel, NEED_DW=need_dw,
+                                NEED_DB=need_db))
+            else:
+                split = cfg.get("split", 1)
+                self.split = split
+                chunk = _chunk(M, bm, split)
+                self.dx_kind = "two-stage"
+                self.sums = None
+                if not self.given:
+                    self.sums = (bk._bwd_sums_kernel, (triton.cdiv(P, bp), split), (P, M, chunk, split, rg, cg),
+                                 dict(common, ROW_CHANNEL=row_channel))
+                grid, tiles = _apply_grid(P, M, bp, bm, one_program_per_row=plan.kernel == "looped")
+                self.apply = (bk._bwd_apply_kernel, grid, (P, M, split, grid[1], tiles, rg, cg),
+                              dict(common, CENTER=c.center, GIVEN=self.given, WRITE_DRES=self.write_dres,
+                                   BLOCK_S=_pow2(split), ROW_CHANNEL=row_channel, NEED_DW=need_dw,
+                                   NEED_DB=need_db))
+        self.dwdb = None
+        self.finish_cols = None
+        if need_wb and col_channel:
+            self.finish_cols = M
+        if need_wb and not (row_channel or col_channel):
+            if c.cview is None:
+                c.cview = channel_view(c.shape, spec, c.out_stride if c.copy_x else c.x_stride, c.out_stride)
+            cview = c.cview
+            C = cview.P
+            cplan = dispatch.plan_for(_problem("dwdb", cview, x_meta, spec, c.fkey), profile)
+            cbp = cplan.config["block_p"]
+            cbm = min(cplan.config["block_m"], profile.tile)  # the dwdb kernel loops over tiles
+            split = max(1, cplan.config.get("split", 1))
+            chunk = _chunk(cview.M, cbm, split)
+            crg, ccg = cview.geometry()
+            self.dwdb_split = split
+            self.dwdb = (bk._dwdb_kernel, (triton.cdiv(C, cbp), split), (C, cview.M, c.n_stats, chunk, split,
+                                                                          crg, ccg),
+                         dict(c.flags, CHAN=_chan_mode(cview), INT64=cview.int64, BLOCK_P=cbp, BLOCK_M=cbm,
+                              DIRECT=split == 1, NEED_DW=need_dw, NEED_DB=need_db,
+                              num_warps=cplan.config["num_warps"]))
+            self.C = C
+
+    @property
+    def launches(self) -> int:
+        if self.inner is not None:
+            return self.inner.launches
+        if getattr(self, "native", False) or self.fwd.native:
+            return 0
+        n = 0
+        if self.dx_kind == "fused":
+            n += 1
+        elif self.dx_kind == "two-stage":
+            n += 1 + (self.sums is not None)
+        if self.finish_cols is not None:
+            n += 1
+        if self.dwdb is not None:
+            n += 1 + (self.dwdb_split > 1)
+        return n
+
+    def __call__(self, dy, x, weight, bias, residual, stats):
+        fwd = self.fwd
+        c = fwd.c
+        need_dx, need_dw, need_db, need_dres = self.needs
+        if self.inner is not None:
+            dx, dw, db, dres = self.inner(dy.contiguous(), x.contiguous(), weight, bias,
+                                          None if residual is None else residual.contiguous(), stats)
+            return _restride(dx, c.shape, c.out_stride), dw, db, _restride(dres, c.shape, c.out_stride)
+        x, residual = c.prepare(x, residual)
+        if dy.stride() != c.out_stride:
+            dy = match_strides(dy, c.out(x))
+        if fwd.native or self.native:
+            return native.backward(dy, x, c.spec, weight, bias, residual, stats[4].reshape(c.stat_shape),
+                                   stats[2].reshape(c.stat_shape), c.center, fwd.act, self.given, need_dx,
+                                   need_dw, need_db, need_dres)
+        w = x if weight is None else (weight if weight.is_contiguous() else weight.contiguous())
+        b = x if bias is None else (bias if bias.is_contiguous() else bias.contiguous())
+        r = x if residual is None else residual
+        dx = c.out(x) if self.dx_kind is not None else None
+        dres = c.out(x) if self.write_dres else None
+        dr = x if dres is None else dres
+        dw = _empty(weight.shape, x.device, weight.dtype) if need_dw else None
+        db = _empty(bias.shape, x.device, bias.dtype) if need_db else None
+        dwp = x if dw is None else dw
+        dbp = x if db is None else db
+        if self.dx_kind == "fused":
+            kern, grid, fixed, kw = self.dx
+            if self.col_channel:
+                part = _empty((2, self.M, self.progs), x.device)
+                kern[grid](x, dy, r, w, b, stats, dx, dr, part, part, *fixed, **kw)
+                bk._finish_kernel[(triton.cdiv(self.M, 64),)](part, dwp, dbp, self.M, self.progs,
+                                                             NEED_DW=need_dw, NEED_DB=need_db, BLOCK_C=64,
+                                                             BLOCK_S=min(64, _pow2(self.progs)))
+            else:
+                kern[grid](x, dy, r, w, b, stats, dx, dr, dwp, dbp, *fixed, **kw)
+        elif self.dx_kind == "two-stage":
+            part = x
+            if self.sums is not None:
+                kern, grid, fixed, kw = self.sums
+                part = _empty((4, self.P, self.split), x.device)
+                kern[grid](x, dy, r, w, b, stats, part, *fixed, **kw)
+            kern, grid, fixed, kw = self.apply
+            kern[grid](x, dy, r, w, b, stats, part, dx, dr, dwp, dbp, *fixed, **kw)
+        if self.dwdb is not None:
+            kern, grid, fixed, kw = self.dwdb
+            if self.dwdb_split == 1:
+                kern[grid](x, dy, r, w, b, stats, dwp, dbp, *fixed, **kw)
+            else:
+                part = _empty((2, self.C, self.dwdb_split), x.device)
+                kern[grid](x, dy, r, w, b, stats, part, part, *fixed, **kw)
+                bk._finish_kernel[(triton.cdiv(self.C, 64),)](part, dwp, dbp, self.C, self.dwdb_split,
+                                                             NEED_DW=need_dw, NEED_DB=need_db, BLOCK_C=64,
+                                                             BLOCK_S=min(64, _pow2(self.dwdb_split)))
+        if need_dres and not self.write_dres:
+            dres = dy
+        return dx if need_dx else None, dw, db, dres
+
+
+_PLANS: dict = {}
+
+
+def clear() -> None:
+    """Forget every cached plan (the tuning cache or a shipped table changed)."""
+    _PLANS.clear()
+
+
+dispatch.on_clear(clear)
+
+
+def forward_plan(x: torch.Tensor, spec: Spec, has_w: bool, has_b: bool, has_res: bool, act: int,
+                 center: bool, mode: str, running: int, extra=()) -> ForwardPlan:
+    """The cached plan for this signature (``extra``: layout facts of the other tensors that
+    change the plan, e.g. the residual's strides)."""
+    key = (tuple(x.shape), x.stride(), x.dtype, x.device, spec, has_w, has_b, has_res, act, center, mode,
+           running, extra, dispatch.forced_state())
+    plan = _PLANS.get(key)
+    if plan is None:
+        if len(_PLANS) > 4096:
+            _PLANS.clear()
+        plan = _PLANS[key] = ForwardPlan(x, spec, has_w, has_b, has_res, act, center, mode, running,
+                                         profile_for(x.device))
+    return plan
 
 
 def forward(x, spec: Spec, weight, bias, residual, eps: float, center: bool, act: int,
-            given: tuple[torch.Tensor, torch.Tensor] | None = None, stats_only: bool = False):
-    """Returns (y, pivot, mean_shifted, rstd, var): fp32 statistics shaped ``spec.stat_shape``.
+            given: tuple | None = None, stats_only: bool = False, running=None, momentum: float = 0.0):
+    """One-shot forward (the registered ops and tools): returns (y, stats).
 
-    The mean is ``pivot + mean_shifted`` (see forward.py); var is the biased variance, or the
-    mean square without centring. ``given``: (mean, rstd) to apply instead of computing
-    statistics (eval with running stats); the pivot is then 0. ``stats_only``: compute the
-    statistics and skip the output (y is then an empty tensor).
-    """
-    y = x.new_empty(0) if stats_only else _out_like(x)
-    try:
-        x_in, view, _ = _views(x, x if stats_only else y, spec)
-    except TooManyDims:  # a dense permutation that still needs more than MAX_DIMS dims a side
-        y, *stats = forward(x.contiguous(), spec, weight, bias,
-                            None if residual is None else residual.contiguous(), eps, center, act, given,
-                            stats_only)
-        return (y if stats_only else _restride(y, x), *stats)
-    x = x_in
-    if residual is not None:
-        residual = match_strides(residual, y)
-    stat_shape = spec.stat_shape(x.shape)
-    P, M = view.P, view.M
-    flags = dict(HAS_W=weight is not None, HAS_B=bias is not None, HAS_RES=residual is not None,
-                 ACT=act, CHAN=_chan_mode(view), INT64=view.int64)
-    # Kernels index weight and bias by channel: give them unit stride (a copy of C values at most).
-    w = weight.contiguous() if weight is not None else _dummy(x)
-    b = bias.contiguous() if bias is not None else _dummy(x)
-    r = residual if residual is not None else _dummy(x)
-    args = view.args()
-    fkey = dispatch.flags_key(weight is not None, bias is not None, residual is not None, act, center)
-    profile = profile_for(x.device)
-    plan = dispatch.plan_for(_problem("forward", view, x, spec, fkey), profile)
-    if plan.kernel == dispatch.NATIVE:
-        if stats_only:
-            mean, var = (t.float() for t in native.moments(x, spec, center))
-            return y, torch.zeros_like(mean), mean, torch.rsqrt(var + eps), var
-        y, mean, rstd, var = native.forward(x, spec, weight, bias, residual, eps, center, act, given)
-        return y, torch.zeros_like(mean), mean, rstd, var
-    cfg = plan.config
-    bp, bm, nw = cfg["block_p"], cfg["block_m"], cfg["num_warps"]
-    if given is not None:
-        mean = given[0].reshape(stat_shape).to(torch.float32, copy=True).contiguous()
-        rstd = given[1].reshape(stat_shape).to(torch.float32, copy=True).contiguous()
-        k = torch.zeros_like(mean)
-        bm = min(bm, profile.tile)  # the apply kernel loops over tiles
-        grid, tiles = _apply_grid(P, M, bp, bm)
-        fk._fwd_apply_kernel[grid](x, y, r, w, b, k, mean, rstd, P, M, grid[1], tiles, *args, **flags,
-                                   BLOCK_P=bp, BLOCK_M=bm, num_warps=nw)
-        return y, k, mean, rstd, rstd.reciprocal().square() - eps
-    k = _empty(stat_shape, x.device)
-    mean = _empty(stat_shape, x.device)
-    rstd = _empty(stat_shape, x.device)
-    var = _empty(stat_shape, x.device)
-    yp = x if stats_only else y  # any valid pointer when STORE_Y is off
-    if plan.kernel == "fused":
-        fk._fwd_fused_kernel[(triton.cdiv(P, bp),)](
-            x, yp, r, w, b, k, mean, rstd, var, P, M, eps, *args, CENTER=center, **flags,
-            BLOCK_P=bp, BLOCK_M=bm, STORE_Y=not stats_only, num_warps=nw)
-    elif plan.kernel == "looped":
-        fk._fwd_looped_kernel[(triton.cdiv(P, bp),)](
-            x, yp, r, w, b, k, mean, rstd, var, P, M, eps, *args, CENTER=center, **flags,
-            BLOCK_P=bp, BLOCK_M=bm, STORE_Y=not stats_only, num_warps=nw)
-    else:
-        split = cfg["split"]
-        chunk = _chunk(M, bm, split)
-        pmean = _empty((P, split), x.device)
-        pm2 = _empty((P, split), x.device)
-        fk._fwd_partial_kernel[(triton.cdiv(P, bp), split)](
-            x, pmean, pm2, P, M, chunk, split, *args, CENTER=center, INT64=view.int64,
-            BLOCK_P=bp, BLOCK_M=bm, num_warps=nw)
-        mbp = min(_pow2(P), 64)
-        fk._fwd_merge_kernel[(triton.cdiv(P, mbp),)](
-            x, pmean, pm2, k, mean, rstd, var, P, M, chunk, split, eps, *view.rows.args(),
-            CENTER=center, BLOCK_P=mbp, BLOCK_S=_pow2(split))
-        if stats_only:
-            return y, k, mean, rstd, var
-        grid, tiles = _apply_grid(P, M, bp, bm)
-        fk._fwd_apply_kernel[grid](x, y, r, w, b, k, mean, rstd, P, M, grid[1], tiles, *args, **flags,
-                                   BLOCK_P=bp, BLOCK_M=bm, num_warps=nw)
-    return y, k, mean, rstd, var
-
-
-def _pow2(n: int) -> int:
-    return 1 << max(0, (max(1, n) - 1).bit_length())
-
-
-def backward(dy, x, spec: Spec, weight, bias, residual, k, mean, rstd, center: bool, act: int,
-             given: bool, need_dx: bool, need_dw: bool, need_db: bool, need_dres: bool):
-    """Returns (dx, dweight, dbias, dresidual), each None when not needed.
-
-    ``k, mean, rstd``: the forward's pivot, shifted mean and rstd."""
-    dx = _out_like(x)
-    try:
-        x_in, view, cview = _views(x, dx, spec, channel=need_dw or need_db)
-    except TooManyDims:  # as in forward: run on contiguous tensors, restride the results
-        dx, dw, db, dres = backward(dy.contiguous(), x.contiguous(), spec, weight, bias,
-                                    None if residual is None else residual.contiguous(), k, mean,
-                                    rstd, center, act, given, need_dx, need_dw, need_db, need_dres)
-        return _restride(dx, x), dw, db, _restride(dres, x)
-    x = x_in
-    dy = match_strides(dy, dx)
-    if residual is not None:
-        residual = match_strides(residual, dx)
-    P, M = view.P, view.M
-    # Kernels index weight and bias by channel: give them unit stride (a copy of C values at most).
-    w = weight.contiguous() if weight is not None else _dummy(x)
-    b = bias.contiguous() if bias is not None else _dummy(x)
-    r = residual if residual is not None else _dummy(x)
-    flags = dict(HAS_W=weight is not None, HAS_B=bias is not None, HAS_RES=residual is not None,
-                 ACT=act, CHAN=_chan_mode(view), INT64=view.int64)
-    write_dres = need_dres and act != 0
-    dres = _out_like(x) if write_dres else None
-    dr = dres if dres is not None else _dummy(x)
-    args = view.args()
-    fkey = dispatch.flags_key(weight is not None, bias is not None, residual is not None, act, center)
-    profile = profile_for(x.device)
-    plan = dispatch.plan_for(_problem("backward", view, x, spec, fkey), profile)
-    if plan.kernel == dispatch.NATIVE:
-        return native.backward(dy, x, spec, weight, bias, residual, k + mean, rstd, center, act,
-                               given, need_dx, need_dw, need_db, need_dres)
-    cfg = plan.config
-    bp, bm, nw = cfg["block_p"], cfg["block_m"], cfg["num_warps"]
-    # Each statistic one channel (BatchNorm's scope): the dx kernels' row sums are dweight and
-    # dbias, so the channel-view sweep is skipped.
-    row_channel = ((need_dw or need_db) and (need_dx or write_dres) and not given
-                   and spec.allows_running_stats and not spec.reduces_c)
-    # Each column one channel (LayerNorm rows, positional scope) and the fused regime: a
-    # persistent grid accumulates dweight and dbias per program, no channel-view sweep.
-    col_channel = ((need_dw or need_db) and (need_dx or write_dres) and plan.kernel == "fused"
-                   and view.cols.chan == (1, view.M, 1) and view.M == x.shape[1])
-    pdw = pdb = None
-    if need_dx or write_dres:
-        if plan.kernel == "fused":
-            row_blocks = triton.cdiv(P, bp)
-            progs = row_blocks
-            if col_channel:  # persistent: partials are [programs, C], so keep the programs few
-                progs = max(1, min(row_blocks, profile.programs_per_sm * profile.sm_count))
-                pdw, pdb = _empty((progs, M), x.device), _empty((progs, M), x.device)
-            elif row_channel:
-                pdw, pdb = _empty((P, 1), x.device), _empty((P, 1), x.device)
-            bk._bwd_fused_kernel[(progs,)](
-                x, dy, r, w, b, k, mean, rstd, dx, dr, x if pdw is None else pdw, x if pdb is None else pdb,
-                P, M, row_blocks, *args, CENTER=center, GIVEN=given, WRITE_DRES=write_dres, **flags,
-                BLOCK_P=bp, BLOCK_M=bm, ROW_CHANNEL=row_channel, COL_CHANNEL=col_channel, num_warps=nw)
-            if col_channel:
-                pdw, pdb = pdw.t(), pdb.t()  # [C, programs]: summed over programs below
-        else:
-            split = cfg.get("split", 1)
-            s1 = s2 = mean  # unused when the statistics are given
-            if not given:
-                chunk = _chunk(M, bm, split)
-                ps1 = _empty((P, split), x.device)
-                ps2 = _empty((P, split), x.device)
-                if row_channel:
-                    pdw, pdb = _empty((P, split), x.device), _empty((P, split), x.device)
-                bk._bwd_sums_kernel[(triton.cdiv(P, bp), split)](
-                    x, dy, r, w, b, k, mean, rstd, ps1, ps2, pdw if row_channel else x,
-                    pdb if row_channel else x, P, M, chunk, split, *args, **flags,
-                    BLOCK_P=bp, BLOCK_M=bm, ROW_CHANNEL=row_channel, num_warps=nw)
-                s1, s2 = ps1.sum(dim=1), ps2.sum(dim=1)
-            grid, tiles = _apply_grid(P, M, bp, bm, one_program_per_row=plan.kernel == "looped")
-            bk._bwd_apply_kernel[grid](
-                x, dy, r, w, b, k, mean, rstd, s1, s2, dx, dr, P, M, grid[1], tiles, *args, CENTER=center,
-                GIVEN=given, WRITE_DRES=write_dres, **flags, BLOCK_P=bp, BLOCK_M=bm, num_warps=nw)
-    dw = db = None
-    if (need_dw or need_db) and not (row_channel or col_channel):
-        C = cview.P
-        cplan = dispatch.plan_for(_problem("dwdb", cview, x, spec, fkey), profile)
-        cbp = cplan.config["block_p"]
-        cbm = min(cplan.config["block_m"], profile.tile)  # the dwdb kernel loops over tiles
-        split = max(1, cplan.config.get("split", 1))
-        chunk = _chunk(cview.M, cbm, split)
-        pdw = _empty((C, split), x.device)
-        pdb = _empty((C, split), x.device)
-        bk._dwdb_kernel[(triton.cdiv(C, cbp), split)](
-            x, dy, r, w, b, k, mean, rstd, pdw, pdb, C, cview.M, chunk, split, *cview.args(),
-            HAS_W=flags["HAS_W"], HAS_B=flags["HAS_B"], HAS_RES=flags["HAS_RES"], ACT=act,
-            CHAN=_chan_mode(cview), INT64=cview.int64, BLOCK_P=cbp, BLOCK_M=cbm, num_warps=cplan.config["num_warps"])
-    if need_dw:
-        dw = pdw.sum(dim=1).to(weight.dtype)
-    if need_db:
-        db = pdb.sum(dim=1).to(bias.dtype)
-    if not need_dx:
-        dx = None
-    if need_dres and not write_dres:
-        dres = dy
-    return dx, dw, db, dres
+    ``given``: (running_mean or None, running_var) to normalize with (eval); ``running``:
+    (running_mean or None, running_var) to blend the batch statistics into (training)."""
+    mode = "stats" if stats_only else ("given" if given is not None else "train")
+    run = given if given is not None else running
+    rm, rv = run if run is not None else (None, None)
+    level = NO_RUNNING if rv is None or mode != "train" else (RUNNING_BOTH if rm is not None else RUNNING_VAR)
+    plan = forward_plan(x, spec, weight is not None, bias is not None, residual is not None, act, center, mode,
+                        level, (None if residual is None else residual.stride(),))
+    return plan(x, weight, bias, residual, rm, rv, eps, momentum)
