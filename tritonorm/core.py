@@ -36,7 +36,7 @@ def norm(x: torch.Tensor, scope: str = "group", *, num_groups: int | None = None
     and biased variance taken over the scope (``center=False``: no mean, RMS normalization).
     """
     return _run(x, scope, num_groups, weight, bias, eps, center, activation, residual, running_mean,
-                running_var, momentum, training, backend)[0]
+                running_var, momentum, training, backend, False)
 
 
 def norm_with_stats(x, scope="group", *, num_groups=None, weight=None, bias=None, eps=1e-5,
@@ -49,17 +49,28 @@ def norm_with_stats(x, scope="group", *, num_groups=None, weight=None, bias=None
     per-instance statistics).
     """
     return _run(x, scope, num_groups, weight, bias, eps, center, activation, residual, running_mean,
-                running_var, momentum, training, backend)
+                running_var, momentum, training, backend, True)
+
+
+# The environment's backend choice is part of every key; read without os.environ's per-call
+# encoding where the platform allows.
+_ENV = getattr(os.environ, "_data", None)
+_ENV_KEY = os.environ.encodekey("TRITONORM_BACKEND") if _ENV is not None else None
+
+
+def _env_backend():
+    return _ENV.get(_ENV_KEY) if _ENV is not None else os.environ.get("TRITONORM_BACKEND")
 
 
 def _run(x, scope, num_groups, weight, bias, eps, center, activation, residual, running_mean, running_var,
-         momentum, training, backend):
+         momentum, training, backend, with_stats):
     if torch.compiler.is_compiling():
-        return _traced(x, scope, num_groups, weight, bias, eps, center, activation, residual, running_mean,
-                       running_var, momentum, training, backend)
+        out = _traced(x, scope, num_groups, weight, bias, eps, center, activation, residual, running_mean,
+                      running_var, momentum, training, backend)
+        return out if with_stats else out[0]
     try:
-        key = (scope, num_groups, eps, center, activation, training, backend,
-               os.environ.get("TRITONORM_BACKEND"), x.shape, x.stride(), x.dtype, x.device,
+        key = (scope, num_groups, eps, center, activation, training, backend, _env_backend(),
+               x.shape, x.stride(), x.dtype, x.device,
                _meta(weight), _meta(bias), _meta(residual), _meta(running_mean), _meta(running_var),
                dispatch.forced_state())
         call = _CALLS.get(key)
@@ -76,7 +87,7 @@ def _run(x, scope, num_groups, weight, bias, eps, center, activation, residual, 
             _CALLS[key] = call
     elif call.uses_momentum:
         check_number("momentum", momentum, lo=0.0, hi=1.0)
-    return call(x, weight, bias, residual, running_mean, running_var, eps, momentum)
+    return call(x, weight, bias, residual, running_mean, running_var, eps, momentum, with_stats)
 
 
 class _Call:
@@ -110,13 +121,14 @@ class _Call:
                                             self.act, center, mode, level,
                                             (None if residual is None else residual.stride(),))
 
-    def __call__(self, x, weight, bias, residual, running_mean, running_var, eps, momentum):
+    def __call__(self, x, weight, bias, residual, running_mean, running_var, eps, momentum, with_stats=True):
         if self.empty:
             empty = torch.zeros(self.stat_shape, dtype=torch.float32, device=x.device)
-            return x.clone(), empty, empty
+            return (x.clone(), empty, empty) if with_stats else x.clone()
         if self.plan is None:
-            return _reference(x, self.spec, weight, bias, eps, self.center, self.act_name, residual,
-                              running_mean, running_var, momentum, self.training, self.use_running)
+            out = _reference(x, self.spec, weight, bias, eps, self.center, self.act_name, residual,
+                             running_mean, running_var, momentum, self.training, self.use_running)
+            return out if with_stats else out[0]
         if torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)
                                         or (bias is not None and bias.requires_grad)
                                         or (residual is not None and residual.requires_grad)):
@@ -124,10 +136,12 @@ class _Call:
                                            self)
         else:
             y, stats = self.plan(x, weight, bias, residual, running_mean, running_var, eps, momentum)
-        if self.use_running:
-            return y, None, None
         if self.torch_update:
             _update_running(self.spec, x.shape, stats, running_mean, running_var, momentum, self.center)
+        if not with_stats:
+            return y
+        if self.use_running:
+            return y, None, None
         return y, stats[4].view(self.stat_shape), stats[3].view(self.stat_shape)
 
 

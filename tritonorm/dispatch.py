@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import threading
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 # Triton kernel regimes (tests iterate over these).
 REGIMES = ("fused", "looped", "split")
@@ -63,6 +63,10 @@ class DeviceProfile:
     # True for a profile built from a device present in this process (then the user's tuning
     # cache, which holds measurements of that device, is consulted).
     live: bool = False
+    # The cost model's figures (tritonorm.cost): device-to-device copy bandwidth one can reach
+    # (GB/s, read + write) and the time a launch adds (us). Datasheet-derived until measured.
+    hbm_gbps: float = 2000.0
+    launch_us: float = 4.0
 
     def __post_init__(self):
         for attr in ("fused_max", "fused_max_backward"):
@@ -78,8 +82,11 @@ class DeviceProfile:
 PROFILES = {
     # H100 SXM5 and H200: the same GH100 die, 132 SMs, 50 MB L2, compute capability 9.0;
     # the H200 has more and faster HBM (141 GB HBM3e, 4.8 TB/s vs 80 GB HBM3, 3.35 TB/s).
-    "h100": DeviceProfile("h100", sm_count=132, table="h100", gpu_name="NVIDIA H100", capability=(9, 0)),
-    "h200": DeviceProfile("h200", sm_count=132, table="h200", gpu_name="NVIDIA H200", capability=(9, 0)),
+    # Copy bandwidth ~87-90% of the datasheet's 3.35 / 4.8 TB/s (what streaming kernels reach).
+    "h100": DeviceProfile("h100", sm_count=132, table="h100", gpu_name="NVIDIA H100", capability=(9, 0),
+                          hbm_gbps=2950.0, launch_us=3.0),
+    "h200": DeviceProfile("h200", sm_count=132, table="h200", gpu_name="NVIDIA H200", capability=(9, 0),
+                          hbm_gbps=4250.0, launch_us=3.0),
     # Triton's interpreter runs programs one after another in Python: few, large programs are
     # fastest there, and the limits only bound memory.
     "interpreter": DeviceProfile("interpreter", sm_count=4, fused_max={4: 4096, 2: 4096},
@@ -154,6 +161,9 @@ class Plan:
     kernel: str
     config: dict
     reason: str
+    # tritonorm.cost.Cost of the whole call (launches, bytes, predicted time) when explain() made
+    # the plan; not part of a plan's identity.
+    cost: object = field(default=None, compare=False)
 
     def with_config(self, **kw) -> "Plan":
         return replace(self, config={**self.config, **kw})

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from . import activations, backend as backends, dispatch
+from . import activations, backend as backends, cost, dispatch
 from .kernels.layout import TooManyDims, alloc_out, channel_view, stat_view
 from .validation import check_norm_args
 
@@ -89,4 +89,36 @@ def explain(x: torch.Tensor, scope: str = "group", *, num_groups: int | None = N
     note = f" [{profile.name}: P={problem.P} statistics x M={problem.M} elements, {problem.layout}]"
     if op == "forward" and running_var is not None and not training and plan.kernel != dispatch.NATIVE:
         note += " (eval with running statistics: only the apply kernel runs, with these blocks)"
-    return dispatch.Plan(plan.kernel, dict(plan.config), plan.reason + note)
+    call_cost = _cost(op, plan, problem, profile, x, spec, weight, bias, residual, act, running_var, training,
+                      flags)
+    return dispatch.Plan(plan.kernel, dict(plan.config), plan.reason + note, cost=call_cost)
+
+
+def _cost(op, plan, problem, profile, x, spec, weight, bias, residual, act, running_var, training, flags):
+    """The cost model of the whole forward (op="forward") or backward (op="backward"/"dwdb")."""
+    params = weight if weight is not None else bias
+    common = dict(elem_bytes=x.element_size(), channels=x.shape[1], has_w=weight is not None,
+                  has_b=bias is not None, has_res=residual is not None,
+                  param_bytes=params.element_size() if params is not None else 4)
+    given = running_var is not None and not training
+    if op == "forward":
+        mode = "given" if given else "train"
+        return cost.forward_cost(plan, problem, profile, mode=mode, running=running_var is not None and training,
+                                 running_bytes=running_var.element_size() if running_var is not None else 4,
+                                 **common)
+    fwd_view = _view(x, spec, stat_view)
+    bproblem = dispatch.problem_from_view("backward", fwd_view, x.element_size(), spec=spec,
+                                          dtype=problem.dtype, flags=flags)
+    bplan = dispatch.plan_for(bproblem, profile)
+    need_wb = weight is not None or bias is not None
+    row_channel = (need_wb and not given and spec.allows_running_stats and not spec.reduces_c
+                   and getattr(spec, "sample_groups", 1) == 1)
+    col_channel = (need_wb and bplan.kernel == "fused" and fwd_view.cols.chan == (1, fwd_view.M, 1)
+                   and fwd_view.M == x.shape[1])
+    dwdb = None
+    if need_wb and not (row_channel or col_channel):
+        cview = _view(x, spec, channel_view)
+        dwdb = dispatch.plan_for(dispatch.problem_from_view("dwdb", cview, x.element_size(), spec=spec,
+                                                            dtype=problem.dtype, flags=flags), profile)
+    return cost.backward_cost(bplan, bproblem, dwdb, profile, act=act is not None, row_channel=row_channel,
+                              col_channel=col_channel, given=given, **common)

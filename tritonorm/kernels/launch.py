@@ -263,6 +263,16 @@ def update_running(stats, run_mean, run_var, momentum: float, M: int, center: bo
         run_var.copy_((1 - momentum) * run_var.float() + momentum * (stats[3].reshape(run_var.shape) * unbias))
 
 
+def col_channel_programs(row_blocks: int, sm_count: int) -> int:
+    """Programs of the persistent LayerNorm-row backward. Each writes a [2, C] fp32 partial of
+    dweight/dbias, so each should own at least ROWS_PER_PROGRAM row blocks (the partials then
+    cost <= 1/8 of a row's bytes per row) while one per SM keeps the GPU busy for long inputs."""
+    return max(1, min(sm_count, -(-row_blocks // ROWS_PER_PROGRAM)))
+
+
+ROWS_PER_PROGRAM = 8
+
+
 class BackwardPlan:
     """The backward launches for a forward plan and the gradients asked for
     (dx, dweight, dbias, dresidual)."""
@@ -314,8 +324,8 @@ class BackwardPlan:
             if plan.kernel == "fused":
                 row_blocks = triton.cdiv(P, bp)
                 progs = row_blocks
-                if col_channel:  # persistent: partials are [2, C, programs], so keep the programs few
-                    progs = max(1, min(row_blocks, profile.programs_per_sm * profile.sm_count))
+                if col_channel:
+                    progs = col_channel_programs(row_blocks, profile.sm_count)
                 self.progs = progs
                 self.dx_kind = "fused"
                 self.dx = (bk._bwd_fused_kernel, (progs,), (P, M, row_blocks, rg, cg),

@@ -1,0 +1,91 @@
+"""The cost model of explain() against what the launchers really do.
+
+Launch counts are checked against the launches recorded while the real call runs (forward and
+backward, with the dispatcher's own plan or a forced regime); byte counts against hand-derived
+figures for cases where the ideal is known exactly.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tritonorm
+from cases import make_inputs
+from tritonorm import cost, dispatch
+from tritonorm.kernels import forward as fk
+
+
+class _Launches:
+    def __init__(self, monkeypatch):
+        self.names = []
+        cls = type(fk._fwd_fused_kernel)
+        original = cls.run
+        record = self.names
+
+        def run(kernel, *args, **kwargs):
+            record.append(kernel.fn.__name__)
+            return original(kernel, *args, **kwargs)
+        monkeypatch.setattr(cls, "run", run)
+
+
+CASES = [  # scope, shape, groups, memory format
+    ("batch", (4, 6, 5, 5), None, None),
+    ("batch", (4, 6, 5, 5), None, torch.channels_last),
+    ("group", (2, 8, 4, 4), 2, None),
+    ("group", (2, 8, 4, 4), 4, torch.channels_last),
+    ("instance", (2, 3, 6, 6), None, None),
+    ("positional", (3, 16, 2, 2), None, None),
+    ("C", (9, 32), None, None),
+]
+
+
+@pytest.mark.parametrize("regime", [None, "looped", "split"])
+@pytest.mark.parametrize("scope,shape,groups,fmt", CASES)
+def test_predicted_launches_are_the_launches_run(scope, shape, groups, fmt, regime, monkeypatch):
+    launches = _Launches(monkeypatch)
+    x, w, b, r, dy = make_inputs(shape, torch.float32, residual=True, memory_format=fmt)
+    for t in (x, w, b, r):
+        t.requires_grad_()
+    kw = dict(num_groups=groups, weight=w, bias=b, residual=r, activation="silu")
+    force = dispatch.forced(regime, block_m=16, split=2) if regime else _nothing()
+    with force:
+        plain = {**kw, "weight": w.detach(), "bias": b.detach(), "residual": r.detach()}
+        fwd = tritonorm.explain(x.detach(), scope, op="forward", **plain)
+        bwd = tritonorm.explain(x.detach(), scope, op="backward", **plain)
+        y = tritonorm.norm(x, scope, backend="triton", **kw)
+        ran_fwd = list(launches.names)
+        launches.names.clear()
+        torch.autograd.grad(y, [x, w, b, r], dy)
+    assert fwd.cost.launches == len(ran_fwd), ran_fwd
+    assert bwd.cost.launches == len(launches.names), launches.names
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_fused_layer_norm_rows_move_the_ideal_bytes_plus_statistics():
+    x = torch.empty(4096, 4096, dtype=torch.bfloat16, device="meta")
+    w = torch.empty(4096, device="meta", dtype=torch.bfloat16)
+    plan = tritonorm.explain(x, "C", weight=w, device="h200")
+    assert plan.kernel == "fused"
+    n = 4096 * 4096 * 2
+    assert plan.cost.ideal_read == n + 4096 * 2 and plan.cost.ideal_written == n
+    # Beyond the ideal: only the [5, P] fp32 statistics.
+    assert plan.cost.bytes == plan.cost.ideal + 5 * 4096 * 4
+    prof = dispatch.PROFILES["h200"]
+    assert plan.cost.predicted_us == pytest.approx(prof.launch_us + plan.cost.bytes / (prof.hbm_gbps * 1e3))
+
+
+def test_split_batch_norm_reads_x_twice_and_says_so():
+    x = torch.empty(256, 64, 56, 56, dtype=torch.bfloat16, device="meta")
+    plan = tritonorm.explain(x, "batch", device="h200")
+    assert plan.kernel == "split"
+    assert plan.cost.launches == 2
+    assert 1.4 < plan.cost.ratio < 1.6  # two reads and one write of x over one read and one write
+    assert isinstance(plan.cost, cost.Cost) and "launches" in plan.cost.summary()

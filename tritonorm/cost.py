@@ -1,0 +1,154 @@
+"""A cost model of a call: launches, bytes through device memory, and a predicted time.
+
+For a planned call it counts what the launchers do (kernels/launch.py): every kernel launch,
+every byte read or written (x, residual, dy, weight, bias, outputs, the [5, P] statistics, the
+running buffers, fp32 partials), next to the *ideal* (each input read once, each output written
+once). The predicted time is ``launches * launch_us + bytes / bandwidth`` with the profile's
+figures: a floor for memory-bound kernels that the first GPU run checks
+(``tritonorm bench`` prints it beside measured times; tests check the launch counts against the
+launches the real launchers record). Needs neither triton nor a GPU.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from . import dispatch
+
+# Persistent LayerNorm-row backward: row blocks per program (kernels/launch.py keeps the same).
+ROWS_PER_PROGRAM = 8
+_STATS_ROWS = 5  # pivot, shifted mean, rstd, var, mean
+
+
+@dataclass(frozen=True)
+class Cost:
+    """Launches and bytes of one call (forward or backward) and the time they predict."""
+
+    launches: int
+    bytes_read: int
+    bytes_written: int
+    ideal_read: int
+    ideal_written: int
+    predicted_us: float
+
+    @property
+    def bytes(self) -> int:
+        return self.bytes_read + self.bytes_written
+
+    @property
+    def ideal(self) -> int:
+        return self.ideal_read + self.ideal_written
+
+    @property
+    def ratio(self) -> float:
+        """Bytes moved over the ideal (1.0 is the physical minimum)."""
+        return self.bytes / max(1, self.ideal)
+
+    def summary(self) -> str:
+        return (f"{self.launches} launch{'es' if self.launches != 1 else ''}, "
+                f"{self.bytes / 2**20:.2f} MiB moved ({self.ratio:.2f}x ideal), "
+                f"predicted {self.predicted_us:.1f} us")
+
+
+def _time(profile: dispatch.DeviceProfile, launches: int, nbytes: int) -> float:
+    return launches * profile.launch_us + nbytes / (profile.hbm_gbps * 1e3)
+
+
+def forward_cost(plan: dispatch.Plan, problem: dispatch.Problem, profile: dispatch.DeviceProfile, *,
+                 elem_bytes: int, channels: int, has_w: bool, has_b: bool, has_res: bool,
+                 param_bytes: int, mode: str = "train", running: bool = False,
+                 running_bytes: int = 4) -> Cost:
+    """The forward as ``ForwardPlan`` runs it. ``mode``: "train", "given" (eval with running
+    statistics) or "stats" (statistics only)."""
+    P, M = problem.P, problem.M
+    n = P * M * elem_bytes
+    params = (has_w + has_b) * channels * param_bytes
+    ideal_read = n + has_res * n + params
+    ideal_written = 0 if mode == "stats" else n
+    read, written = params, _STATS_ROWS * P * 4
+    launches = 1
+    if mode == "given":
+        read += n + has_res * n + 2 * P * running_bytes
+        written += n
+    elif plan.kernel == dispatch.NATIVE:
+        read += 2 * n + has_res * n
+        written += n if mode != "stats" else 0
+        launches = 3
+    else:
+        sweeps = 1 if plan.kernel == "fused" else 2
+        split = plan.config.get("split", 1) if plan.kernel == "split" else 1
+        read += sweeps * n
+        if mode != "stats":
+            read += has_res * n
+            written += n
+        if plan.kernel == "split":
+            launches = 2
+            written += 2 * P * split * 4
+            read += 2 * P * split * 4
+            if mode == "stats":
+                read -= n  # statistics only: the apply kernel merges and stores, no tile sweep
+        if running:
+            read += 2 * P * running_bytes
+            written += 2 * P * running_bytes
+    return Cost(launches, read, written, ideal_read, ideal_written, _time(profile, launches, read + written))
+
+
+def backward_cost(plan: dispatch.Plan, problem: dispatch.Problem, dwdb_plan: dispatch.Plan | None,
+                  profile: dispatch.DeviceProfile, *, elem_bytes: int, channels: int, has_w: bool, has_b: bool,
+                  has_res: bool, act: bool, param_bytes: int, row_channel: bool, col_channel: bool,
+                  given: bool = False) -> Cost:
+    """The backward as ``BackwardPlan`` runs it, every gradient asked for (dx, and dweight,
+    dbias, dresidual where those inputs exist)."""
+    P, M = problem.P, problem.M
+    n = P * M * elem_bytes
+    C = channels
+    need_wb = has_w or has_b
+    res_read = n if has_res and act else 0
+    dres_written = n if has_res and act else 0
+    params_in = (has_w + has_b) * C * param_bytes
+    params_out = (has_w + has_b) * C * param_bytes
+    ideal_read = 2 * n + res_read + params_in
+    ideal_written = n + dres_written + params_out
+    stats = 3 * P * 4
+    launches = 0
+    read = written = 0
+    if plan.kernel == dispatch.NATIVE:
+        sweeps = 3
+        launches = 4
+        read = sweeps * (2 * n + res_read) + params_in
+        written = n + dres_written + params_out
+        return Cost(launches, read, written, ideal_read, ideal_written, _time(profile, launches, read + written))
+    if plan.kernel == "fused":
+        launches += 1
+        read += 2 * n + res_read + stats + params_in
+        written += n + dres_written
+        if need_wb and row_channel:
+            written += params_out
+        if need_wb and col_channel:
+            progs = max(1, min(profile.sm_count, math.ceil(math.ceil(P / plan.config["block_p"]) / ROWS_PER_PROGRAM)))
+            launches += 1
+            written += 2 * M * progs * 4 + params_out
+            read += 2 * M * progs * 4
+    else:
+        split = plan.config.get("split", 1)
+        if not given:
+            launches += 1
+            read += 2 * n + res_read + stats + params_in
+            written += 4 * P * split * 4
+            read += 4 * P * split * 4
+        launches += 1
+        read += 2 * n + res_read + stats + params_in
+        written += n + dres_written
+        if need_wb and row_channel:
+            written += params_out
+    if need_wb and not (row_channel or col_channel):
+        split = max(1, dwdb_plan.config.get("split", 1)) if dwdb_plan is not None else 1
+        launches += 1 + (split > 1)
+        # The channel-view sweep re-reads x and dy and gathers the statistics per element.
+        read += 2 * n + res_read + stats + params_in
+        written += params_out
+        if split > 1:
+            written += 2 * C * split * 4
+            read += 2 * C * split * 4
+    return Cost(launches, read, written, ideal_read, ideal_written, _time(profile, launches, read + written))
