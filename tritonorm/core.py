@@ -3,6 +3,8 @@ and activation. Checks arguments, picks the backend, runs it, updates running st
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from . import activations, backend as backends, ops, reference  # noqa: F401 (ops registers torch.ops.tritonorm)
@@ -11,7 +13,8 @@ from .validation import check_norm_args
 
 
 def norm(x: torch.Tensor, scope: str = "group", *, num_groups: int | None = None,
-         weight: torch.Tensor | None = None, bias: torch.Tensor | None = None, eps: float = 1e-5,
+         sample_groups: int = 1, weight: torch.Tensor | None = None,
+         bias: torch.Tensor | None = None, eps: float = 1e-5,
          center: bool = True, activation: str | None = None, residual: torch.Tensor | None = None,
          running_mean: torch.Tensor | None = None, running_var: torch.Tensor | None = None,
          momentum: float = 0.1, training: bool = True, backend: str | None = None) -> torch.Tensor:
@@ -20,14 +23,16 @@ def norm(x: torch.Tensor, scope: str = "group", *, num_groups: int | None = None
     See docs/api.md for every argument. ``xhat = (x - mean) / sqrt(var + eps)`` with the mean
     and biased variance taken over the scope (``center=False``: no mean, RMS normalization).
     """
-    y, _, _ = norm_with_stats(x, scope, num_groups=num_groups, weight=weight, bias=bias, eps=eps,
+    y, _, _ = norm_with_stats(x, scope, num_groups=num_groups, sample_groups=sample_groups,
+                              weight=weight, bias=bias, eps=eps,
                               center=center, activation=activation, residual=residual,
                               running_mean=running_mean, running_var=running_var, momentum=momentum,
                               training=training, backend=backend)
     return y
 
 
-def norm_with_stats(x, scope="group", *, num_groups=None, weight=None, bias=None, eps=1e-5,
+def norm_with_stats(x, scope="group", *, num_groups=None, sample_groups=1, weight=None, bias=None,
+                    eps=1e-5,
                     center=True, activation=None, residual=None, running_mean=None,
                     running_var=None, momentum=0.1, training=True, backend=None):
     """``norm`` that also returns the batch statistics (mean, biased var; fp32 or float64,
@@ -37,9 +42,11 @@ def norm_with_stats(x, scope="group", *, num_groups=None, weight=None, bias=None
     per-instance statistics).
     """
     spec, act = check_norm_args(x, scope, num_groups, weight, bias, eps, center, activation, residual,
-                                running_mean, running_var, momentum, training)
+                                running_mean, running_var, momentum, training, sample_groups)
     name = backends.resolve(backend, x.device, x.dtype)
     use_running = running_var is not None and not training
+    if use_running:  # running statistics are per channel: every sample group shares them
+        spec = dataclasses.replace(spec, sample_groups=1)
     if x.numel() == 0:
         stat_shape = spec.stat_shape(x.shape)
         empty = torch.zeros(stat_shape, dtype=torch.float32, device=x.device)
@@ -53,7 +60,7 @@ def norm_with_stats(x, scope="group", *, num_groups=None, weight=None, bias=None
         given_mean = running_mean.detach().float() if center else torch.zeros_like(given_rstd)
     y, mean, var, _, _, _ = torch.ops.tritonorm.norm_fwd(
         x, weight, bias, residual, given_mean, given_rstd, spec.layout, spec.letters,
-        spec.num_groups, float(eps), center, activations.code(act))
+        spec.num_groups, spec.sample_groups, float(eps), center, activations.code(act))
     if use_running:
         return y, None, None
     if training and running_var is not None:
@@ -62,13 +69,10 @@ def norm_with_stats(x, scope="group", *, num_groups=None, weight=None, bias=None
 
 
 def _update_running(spec: Spec, shape, mean, var, running_mean, running_var, momentum, center):
-    """PyTorch's rule: r <- (1 - m) r + m batch, with the unbiased variance."""
-    m = spec.count(shape)
-    with torch.no_grad():
-        if center:
-            running_mean.mul_(1 - momentum).add_(mean.reshape(-1).to(running_mean.dtype), alpha=momentum)
-            var = var * (m / (m - 1))
-        running_var.mul_(1 - momentum).add_(var.reshape(-1).to(running_var.dtype), alpha=momentum)
+    """PyTorch's rule: r <- (1 - m) r + m batch, with the unbiased variance; with sample groups
+    the mean over the groups (reference.update_running)."""
+    reference.update_running(spec, shape, mean if center else None, var, running_mean, running_var,
+                             momentum)
 
 
 def _reference(x, spec, weight, bias, eps, center, act, residual, running_mean, running_var,
@@ -86,18 +90,20 @@ def _reference(x, spec, weight, bias, eps, center, act, residual, running_mean, 
 
 
 def moments(x: torch.Tensor, scope: str = "group", *, num_groups: int | None = None,
-            center: bool = True, backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+            sample_groups: int = 1, center: bool = True,
+            backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and biased variance of ``x`` per statistic of ``scope``, differentiable.
 
     Shaped like the kept axes (``Spec.stat_shape``: ``(C,)`` for batch, ``(N, C)`` for instance,
-    ``(N, G)`` for group); fp32 (float64 on the reference path). With ``center=False`` the mean
-    is zero and the variance is the mean square. The Triton path reads x once (or twice for
-    statistics too large for one program) and writes nothing else; the building block of
-    Switchable Normalization and SyncBatchNorm.
+    ``(N, G)`` for group, ``(S, C)`` for batch with ``sample_groups=S``); fp32 (float64 on the
+    reference path). With ``center=False`` the mean is zero and the variance is the mean square.
+    The Triton path reads x once (or twice for statistics too large for one program) and writes
+    nothing else; the building block of Switchable Normalization and SyncBatchNorm.
     """
     spec, _ = check_norm_args(x, scope, num_groups, None, None, 1.0, center, None, None, None,
-                              None, 0.1, False)
+                              None, 0.1, False, sample_groups)
     name = backends.resolve(backend, x.device, x.dtype)
     if name == "reference" or x.numel() == 0:
         return reference.moments(x, spec, center)
-    return torch.ops.tritonorm.moments(x, spec.layout, spec.letters, spec.num_groups, center)
+    return torch.ops.tritonorm.moments(x, spec.layout, spec.letters, spec.num_groups,
+                                       spec.sample_groups, center)

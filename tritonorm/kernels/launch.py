@@ -161,6 +161,20 @@ def forward(x, spec: Spec, weight, bias, residual, eps: float, center: bool, act
     return y, k, mean, rstd, var
 
 
+def _per_channel(partials: torch.Tensor, side) -> torch.Tensor:
+    """Sum [rows, k] partials into one value per channel. ``side`` is None when the rows are
+    the channels; else the view side whose channel digit maps each row to its channel: S rows
+    per channel with sample groups, in the side's stride order (not necessarily S-major)."""
+    sums = partials.sum(dim=1)
+    if side is None or side.numel == side.chan[1]:
+        return sums
+    div, mod, mul = side.chan
+    channel = torch.arange(sums.numel(), device=sums.device) // div % mod * mul
+    # Every channel owns the same number of rows: group them by a stable sort (a fixed order,
+    # so the sum is deterministic) and add them up.
+    return sums[channel.argsort(stable=True)].reshape(mod, -1).sum(dim=1)
+
+
 def _pow2(n: int) -> int:
     return 1 << max(0, (max(1, n) - 1).bit_length())
 
@@ -174,6 +188,11 @@ def backward(dy, x, spec: Spec, weight, bias, residual, k, mean, rstd, center: b
     try:
         x_in, view, cview = _views(x, dx, spec, channel=need_dw or need_db)
     except TooManyDims:  # as in forward: run on contiguous tensors, restride the results
+        if x.is_contiguous() and dy.is_contiguous():
+            # Even contiguous, the channel view needs more than MAX_DIMS dims (sample groups with
+            # a 5-D scope that alternates kept and reduced spatial axes): the torch regime runs.
+            return native.backward(dy, x, spec, weight, bias, residual, k + mean, rstd, center, act,
+                                   given, need_dx, need_dw, need_db, need_dres)
         dx, dw, db, dres = backward(dy.contiguous(), x.contiguous(), spec, weight, bias,
                                     None if residual is None else residual.contiguous(), k, mean,
                                     rstd, center, act, given, need_dx, need_dw, need_db, need_dres)
@@ -257,10 +276,13 @@ def backward(dy, x, spec: Spec, weight, bias, residual, k, mean, rstd, center: b
             x, dy, r, w, b, k, mean, rstd, pdw, pdb, C, cview.M, chunk, split, *cview.args(),
             HAS_W=flags["HAS_W"], HAS_B=flags["HAS_B"], HAS_RES=flags["HAS_RES"], ACT=act,
             CHAN=_chan_mode(cview), INT64=cview.int64, BLOCK_P=cbp, BLOCK_M=cbm, num_warps=cplan.config["num_warps"])
+    # Partials are per row of the view whose sweep made them: with sample groups a channel owns
+    # S rows (row_channel), which are summed here.
+    side = view.rows if row_channel else None
     if need_dw:
-        dw = pdw.sum(dim=1).to(weight.dtype)
+        dw = _per_channel(pdw, side).to(weight.dtype)
     if need_db:
-        db = pdb.sum(dim=1).to(bias.dtype)
+        db = _per_channel(pdb, side).to(bias.dtype)
     if not need_dx:
         dx = None
     if need_dres and not write_dres:
