@@ -393,3 +393,24 @@ def test_ghost_module_single_value_group_raises_and_changes_nothing():
     for k, v in m.state_dict().items():
         assert torch.equal(v, state[k]), k
     assert "virtual_batch_size=4" in repr(m)
+
+
+def test_ghost_module_with_a_smaller_last_group_under_compile():
+    # Two launches, a cat and the unequal-groups running update: no graph break, same results.
+    import copy
+
+    torch._dynamo.reset()
+    m = GhostBatchNorm2d(3, 4, activation="relu")
+    twin = copy.deepcopy(m)
+    x = torch.randn(10, 3, 2, 3, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_()
+    y = torch.compile(m, fullgraph=True, backend="aot_eager")(x)
+    y2 = twin(x2)
+    assert_close(y, y2.double(), torch.float32, what="compiled output")
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    y2.backward(dy)
+    assert_close(x.grad, x2.grad.double(), torch.float32, what="compiled dx")
+    assert_close(m.weight.grad, twin.weight.grad.double(), torch.float32, what="compiled dweight")
+    assert_close(m.running_var, twin.running_var.double(), torch.float32, what="compiled running_var")
+    torch._dynamo.reset()
