@@ -23,7 +23,8 @@ def _poison(monkeypatch):
     monkeypatch.setattr(launch, "POISON", True)
 
 
-TILES = {"fused": {}, "looped": {"block_m": 8, "block_p": 16}, "split": {"block_m": 8, "block_p": 16, "split": 2}}
+TILES = {"fused": {}, "looped": {"block_m": 8, "block_p": 16}, "split": {"block_m": 8, "block_p": 16, "split": 2},
+         dispatch.NATIVE: {}}
 
 
 def _chunked(x, scope, groups, s, weight, bias, residual=None, activation=None, center=True,
@@ -102,7 +103,7 @@ def test_forward_backward_match_chunked_reference(scope, shape, groups, s):
     _check(x, scope, s, groups=groups)
 
 
-@pytest.mark.parametrize("regime", ["looped", "split"])
+@pytest.mark.parametrize("regime", ["looped", "split", dispatch.NATIVE])
 @pytest.mark.parametrize("scope,shape,groups,s", [CASES[0], CASES[3]])
 def test_every_regime(scope, shape, groups, s, regime):
     x, *_ = make_inputs(shape, torch.float32, offset=3.0)
