@@ -20,6 +20,10 @@ def _eager(case, x, kw):
         return lambda: activations.apply(act, F.batch_norm(x, None, None, w, b, training=True))
     if case.kind == "group_norm":
         return lambda: activations.apply(act, F.group_norm(x, case.num_groups, w, b))
+    if case.kind == "ghost_batch_norm":  # what Ghost BN implementations run: BatchNorm per chunk
+        vbs = x.shape[0] // case.sample_groups
+        return lambda: activations.apply(act, torch.cat(
+            [F.batch_norm(c, None, None, w, b, training=True) for c in x.split(vbs)]))
     if case.kind == "instance_norm":
         return lambda: activations.apply(act, F.instance_norm(x, weight=w, bias=b))
     if case.kind == "layer_norm":

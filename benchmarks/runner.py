@@ -249,6 +249,8 @@ def check_case(small, dt: str, gpu_regimes: tuple | None = None) -> dict:
 def _meta(full, dt):
     xm = shapes.meta_input(full, shapes.DTYPES[dt])
     mkw = {"num_groups": full.num_groups, "center": full.center, "activation": full.activation}
+    if full.sample_groups > 1:
+        mkw["sample_groups"] = full.sample_groups
     if full.affine:
         mkw["weight"] = torch.empty(full.shape[1], dtype=xm.dtype, device="meta")
         if full.center:

@@ -10,6 +10,7 @@ kernel. Under ``torch.compile`` the same arguments go to the registered ops (``t
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import torch
@@ -26,7 +27,7 @@ def _meta(t):
 
 
 def norm(x: torch.Tensor, scope: str = "group", *, num_groups: int | None = None,
-         weight: torch.Tensor | None = None, bias: torch.Tensor | None = None, eps: float = 1e-5,
+         sample_groups: int = 1, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None, eps: float = 1e-5,
          center: bool = True, activation: str | None = None, residual: torch.Tensor | None = None,
          running_mean: torch.Tensor | None = None, running_var: torch.Tensor | None = None,
          momentum: float = 0.1, training: bool = True, backend: str | None = None) -> torch.Tensor:
@@ -35,11 +36,11 @@ def norm(x: torch.Tensor, scope: str = "group", *, num_groups: int | None = None
     See docs/api.md for every argument. ``xhat = (x - mean) / sqrt(var + eps)`` with the mean
     and biased variance taken over the scope (``center=False``: no mean, RMS normalization).
     """
-    return _run(x, scope, num_groups, weight, bias, eps, center, activation, residual, running_mean,
-                running_var, momentum, training, backend, False)
+    return _run(x, scope, num_groups, sample_groups, weight, bias, eps, center, activation, residual,
+                running_mean, running_var, momentum, training, backend, False)
 
 
-def norm_with_stats(x, scope="group", *, num_groups=None, weight=None, bias=None, eps=1e-5,
+def norm_with_stats(x, scope="group", *, num_groups=None, sample_groups=1, weight=None, bias=None, eps=1e-5,
                     center=True, activation=None, residual=None, running_mean=None,
                     running_var=None, momentum=0.1, training=True, backend=None):
     """``norm`` that also returns the batch statistics (mean, biased var; fp32 or float64,
@@ -48,8 +49,8 @@ def norm_with_stats(x, scope="group", *, num_groups=None, weight=None, bias=None
     For what is built on top (instance_norm's running statistics, which are the batch mean of the
     per-instance statistics).
     """
-    return _run(x, scope, num_groups, weight, bias, eps, center, activation, residual, running_mean,
-                running_var, momentum, training, backend, True)
+    return _run(x, scope, num_groups, sample_groups, weight, bias, eps, center, activation, residual,
+                running_mean, running_var, momentum, training, backend, True)
 
 
 # The environment's backend choice is part of every key; read without os.environ's per-call
@@ -62,14 +63,14 @@ def _env_backend():
     return _ENV.get(_ENV_KEY) if _ENV is not None else os.environ.get("TRITONORM_BACKEND")
 
 
-def _run(x, scope, num_groups, weight, bias, eps, center, activation, residual, running_mean, running_var,
-         momentum, training, backend, with_stats):
+def _run(x, scope, num_groups, sample_groups, weight, bias, eps, center, activation, residual, running_mean,
+         running_var, momentum, training, backend, with_stats):
     if torch.compiler.is_compiling():
-        out = _traced(x, scope, num_groups, weight, bias, eps, center, activation, residual, running_mean,
-                      running_var, momentum, training, backend)
+        out = _traced(x, scope, num_groups, sample_groups, weight, bias, eps, center, activation, residual,
+                      running_mean, running_var, momentum, training, backend)
         return out if with_stats else out[0]
     try:
-        key = (scope, num_groups, eps, center, activation, training, backend, _env_backend(),
+        key = (scope, num_groups, sample_groups, eps, center, activation, training, backend, _env_backend(),
                x.shape, x.stride(), x.dtype, x.device,
                _meta(weight), _meta(bias), _meta(residual), _meta(running_mean), _meta(running_var),
                dispatch.forced_state())
@@ -78,9 +79,9 @@ def _run(x, scope, num_groups, weight, bias, eps, center, activation, residual, 
         key = call = None
     # bool == int in a dict key: flags of the wrong type take the checking path.
     if call is None or center.__class__ is not bool or training.__class__ is not bool \
-            or num_groups.__class__ is bool:
-        call = _Call(x, scope, num_groups, weight, bias, eps, center, activation, residual, running_mean,
-                     running_var, momentum, training, backend)
+            or num_groups.__class__ is bool or sample_groups.__class__ is bool:
+        call = _Call(x, scope, num_groups, sample_groups, weight, bias, eps, center, activation, residual,
+                     running_mean, running_var, momentum, training, backend)
         if key is not None:
             if len(_CALLS) > 4096:
                 _CALLS.clear()
@@ -93,10 +94,12 @@ def _run(x, scope, num_groups, weight, bias, eps, center, activation, residual, 
 class _Call:
     """Everything about a signature that does not change from call to call."""
 
-    def __init__(self, x, scope, num_groups, weight, bias, eps, center, activation, residual, running_mean,
-                 running_var, momentum, training, backend):
+    def __init__(self, x, scope, num_groups, sample_groups, weight, bias, eps, center, activation, residual,
+                 running_mean, running_var, momentum, training, backend):
         spec, act = check_norm_args(x, scope, num_groups, weight, bias, eps, center, activation, residual,
-                                    running_mean, running_var, momentum, training)
+                                    running_mean, running_var, momentum, training, sample_groups)
+        if running_var is not None and not training:
+            spec = dataclasses.replace(spec, sample_groups=1)  # running statistics span every group
         self.spec, self.act_name, self.act = spec, act, activations.code(act)
         self.center, self.training, self.eps = center, training, eps
         self.backend = backends.resolve(backend, x.device, x.dtype)
@@ -114,7 +117,7 @@ class _Call:
             mode = "given" if self.use_running else "train"
             level = launch.NO_RUNNING
             # Running statistics are blended in-kernel when each statistic is one running entry.
-            self.torch_update = self.update and getattr(spec, "sample_groups", 1) != 1
+            self.torch_update = self.update and spec.sample_groups != 1
             if self.update and not self.torch_update:
                 level = launch.RUNNING_BOTH if running_mean is not None else launch.RUNNING_VAR
             self.plan = launch.forward_plan(x, spec, weight is not None, bias is not None, residual is not None,
@@ -189,18 +192,19 @@ def _differentiable_backward(dy, x, weight, bias, residual, stats, call, needs):
 
 
 def _update_running(spec: Spec, shape, stats, running_mean, running_var, momentum, center):
-    """PyTorch's rule, r <- (1 - m) r + m batch with the unbiased variance, blended in fp32 and
-    rounded once, for the statistics the kernels do not blend themselves."""
-    from .kernels import launch
+    """PyTorch's rule for the statistics the kernels do not blend themselves (sample groups, the
+    compile path): see reference.update_running."""
+    reference.update_running(spec, shape, stats[4] if center else None, stats[3], running_mean, running_var,
+                             momentum)
 
-    launch.update_running(stats, running_mean, running_var, momentum, spec.count(shape), center)
 
-
-def _traced(x, scope, num_groups, weight, bias, eps, center, activation, residual, running_mean, running_var,
-            momentum, training, backend):
+def _traced(x, scope, num_groups, sample_groups, weight, bias, eps, center, activation, residual, running_mean,
+            running_var, momentum, training, backend):
     """The torch.compile path: the registered ops, running statistics blended with torch ops."""
     spec, act = check_norm_args(x, scope, num_groups, weight, bias, eps, center, activation, residual,
-                                running_mean, running_var, momentum, training)
+                                running_mean, running_var, momentum, training, sample_groups)
+    if running_var is not None and not training:
+        spec = dataclasses.replace(spec, sample_groups=1)
     name = backends.resolve(backend, x.device, x.dtype)
     use_running = running_var is not None and not training
     if x.numel() == 0:
@@ -230,14 +234,8 @@ def _reference(x, spec, weight, bias, eps, center, act, residual, running_mean, 
     y = reference.norm(x, spec, weight, bias, eps, center, act, residual, None, None, momentum,
                        training)
     if training and running_var is not None:
-        m = spec.count(x.shape)
-        unbias = m / (m - 1) if m > 1 and center else 1.0
-        with torch.no_grad():
-            if running_mean is not None:
-                blend = (1 - momentum) * running_mean.to(mean.dtype) + momentum * mean.reshape(running_mean.shape)
-                running_mean.copy_(blend)
-            blend = (1 - momentum) * running_var.to(var.dtype) + momentum * (var.reshape(running_var.shape) * unbias)
-            running_var.copy_(blend)
+        reference.update_running(spec, x.shape, mean if center else None, var, running_mean, running_var,
+                                 momentum)
     return y, mean, var
 
 
@@ -259,17 +257,19 @@ class _MomentsFunction(torch.autograd.Function):
 
 
 def moments(x: torch.Tensor, scope: str = "group", *, num_groups: int | None = None,
-            center: bool = True, backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+            sample_groups: int = 1, center: bool = True,
+            backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and biased variance of ``x`` per statistic of ``scope``, differentiable.
 
     Shaped like the kept axes (``Spec.stat_shape``: ``(C,)`` for batch, ``(N, C)`` for instance,
-    ``(N, G)`` for group); fp32 (float64 on the reference path). With ``center=False`` the mean
+    ``(N, G)`` for group, ``(S, C)`` for batch with ``sample_groups=S``); fp32 (float64 on the
+    reference path). With ``center=False`` the mean
     is zero and the variance is the mean square. The Triton path reads x once (or twice for
     statistics too large for one program) and writes nothing else; the building block of
     Switchable Normalization and SyncBatchNorm.
     """
     spec, _ = check_norm_args(x, scope, num_groups, None, None, 1.0, center, None, None, None,
-                              None, 0.1, False)
+                              None, 0.1, False, sample_groups)
     name = backends.resolve(backend, x.device, x.dtype)
     if name == "reference" or x.numel() == 0:
         return reference.moments(x, spec, center)

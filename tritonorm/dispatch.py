@@ -141,7 +141,7 @@ class Problem:
     elem_bytes: int    # bytes per element of x
     rows_unit_stride: bool = False  # x's unit stride is on the statistics side (e.g. channels_last BN)
     # Descriptive fields: part of the tuning-cache key, not of the heuristic.
-    scope: str = ""    # e.g. "NCHW:NHW/g1" (layout, reduced letters, groups)
+    scope: str = ""    # e.g. "NCHW:NHW/g1" (layout, reduced letters, groups), "/s8" with sample groups
     dtype: str = ""    # "float32", "bfloat16", "float16"
     layout: str = ""   # which side is unit-stride and how many dims each side has, e.g. "cols/1x2"
     flags: str = ""    # epilogue flags, e.g. "w,b,act=silu"
@@ -194,6 +194,8 @@ def problem_from_view(op: str, view, elem_bytes: int, *, spec=None, dtype: str =
     if side == "cols":
         layout += f"/run{min(bucket(run), 4096)}"
     scope = f"{spec.layout}:{spec.letters}/g{spec.num_groups}" if spec is not None else ""
+    if spec is not None and getattr(spec, "sample_groups", 1) > 1:
+        scope += f"/s{spec.sample_groups}"  # its own tuning key; S = 1 keys are unchanged
     return Problem(op=op, P=view.P, M=view.M, elem_bytes=elem_bytes, rows_unit_stride=rows_unit,
                    scope=scope, dtype=dtype, layout=layout, flags=flags, col_run=run)
 

@@ -8,10 +8,12 @@ Needs neither triton nor a GPU.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from . import activations, backend as backends, cost, dispatch
-from .kernels.layout import TooManyDims, alloc_out, channel_view, stat_view
+from .kernels.layout import MAX_DIMS, TooManyDims, alloc_out, channel_view, stat_view
 from .validation import check_norm_args
 
 OPS = ("forward", "backward", "dwdb")
@@ -40,7 +42,8 @@ def _profile(device, x: torch.Tensor) -> dispatch.DeviceProfile | None:
 
 def _view(x: torch.Tensor, spec, make):
     """The view the launcher runs on: x in place, else x copied into y's layout, else (a dense
-    permutation too irregular for the kernels) both contiguous."""
+    permutation too irregular for the kernels) both contiguous; None when even that has too many
+    dims (the launcher then runs the torch regime)."""
     out = alloc_out(x).stride()
     contiguous = torch.empty(x.shape, device="meta").stride()
     for xs, ys in ((x.stride(), out), (out, out), (contiguous, contiguous)):
@@ -48,11 +51,11 @@ def _view(x: torch.Tensor, spec, make):
             return make(x.shape, spec, xs, ys)
         except TooManyDims:
             continue
-    raise AssertionError("a contiguous tensor always has a view")
+    return None
 
 
 def explain(x: torch.Tensor, scope: str = "group", *, num_groups: int | None = None,
-            weight: torch.Tensor | None = None, bias: torch.Tensor | None = None, eps: float = 1e-5,
+            sample_groups: int = 1, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None, eps: float = 1e-5,
             center: bool = True, activation: str | None = None, residual: torch.Tensor | None = None,
             running_mean: torch.Tensor | None = None, running_var: torch.Tensor | None = None,
             momentum: float = 0.1, training: bool = True, backend: str | None = None,
@@ -67,7 +70,9 @@ def explain(x: torch.Tensor, scope: str = "group", *, num_groups: int | None = N
     if op not in OPS:
         raise ValueError(f"op={op!r}: expected one of {', '.join(OPS)}")
     spec, act = check_norm_args(x, scope, num_groups, weight, bias, eps, center, activation, residual,
-                                running_mean, running_var, momentum, training)
+                                running_mean, running_var, momentum, training, sample_groups)
+    if running_var is not None and not training:  # as norm: running statistics span every group
+        spec = dataclasses.replace(spec, sample_groups=1)
     named = isinstance(device, (str, dispatch.DeviceProfile)) and (
         isinstance(device, dispatch.DeviceProfile) or device.strip().lower() in dispatch.PROFILES)
     if not named and x.device.type != "meta":
@@ -81,12 +86,20 @@ def explain(x: torch.Tensor, scope: str = "group", *, num_groups: int | None = N
         return dispatch.Plan("none", {}, "empty input: nothing runs")
     profile = _profile(device, x)
     view = _view(x, spec, channel_view if op == "dwdb" else stat_view)
+    if op == "backward" and (weight is not None or bias is not None):
+        if _view(x, spec, channel_view) is None:  # the launcher needs it for dweight/dbias too
+            view = None
+    if view is None:
+        return dispatch.Plan(dispatch.NATIVE, {}, "the channel view needs more than "
+                             f"{MAX_DIMS} dims a side even contiguous: the torch regime runs backward")
     flags = dispatch.flags_key(weight is not None, bias is not None, residual is not None,
                                activations.code(act), center)
     problem = dispatch.problem_from_view(op, view, x.element_size(), spec=spec,
                                          dtype=str(x.dtype).replace("torch.", ""), flags=flags)
     plan = dispatch.plan_for(problem, profile)
-    note = f" [{profile.name}: P={problem.P} statistics x M={problem.M} elements, {problem.layout}]"
+    groups = f", S={spec.sample_groups} sample groups" if spec.sample_groups > 1 else ""
+    note = (f" [{profile.name}: P={problem.P} statistics x M={problem.M} elements{groups}, "
+            f"{problem.layout}]")
     if op == "forward" and running_var is not None and not training and plan.kernel != dispatch.NATIVE:
         note += " (eval with running statistics: only the apply kernel runs, with these blocks)"
     call_cost = _cost(op, plan, problem, profile, x, spec, weight, bias, residual, act, running_var, training,
@@ -112,7 +125,7 @@ def _cost(op, plan, problem, profile, x, spec, weight, bias, residual, act, runn
     bplan = dispatch.plan_for(bproblem, profile)
     need_wb = weight is not None or bias is not None
     row_channel = (need_wb and not given and spec.allows_running_stats and not spec.reduces_c
-                   and getattr(spec, "sample_groups", 1) == 1)
+                   and spec.sample_groups == 1)
     col_channel = (need_wb and bplan.kernel == "fused" and fwd_view.cols.chan == (1, fwd_view.M, 1)
                    and fwd_view.M == x.shape[1])
     dwdb = None

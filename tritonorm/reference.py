@@ -18,9 +18,8 @@ from .scope import Spec
 
 
 def _grouped(x: torch.Tensor, spec: Spec) -> tuple[torch.Tensor, tuple[int, ...]]:
-    """View x as (N, G, Cg, *spatial) and return it with the dims to reduce."""
-    n, c = x.shape[0], x.shape[1]
-    xg = x.reshape(n, spec.num_groups, c // spec.num_groups, *x.shape[2:])
+    """View x as its logical axes ([S,] N, G, Cg, *spatial) and return it with the dims to reduce."""
+    xg = x.reshape(spec.logical_shape(x.shape))
     dims = tuple(i for i, (_, _, red) in enumerate(spec.logical_axes(x.shape)) if red)
     return xg, dims
 
@@ -43,9 +42,36 @@ def moments(x: torch.Tensor, spec: Spec, center: bool = True) -> tuple[torch.Ten
     return mean.expand_as(var).reshape(shape), var.reshape(shape)
 
 
-def _broadcast_stat(stat: torch.Tensor, spec: Spec, shape) -> torch.Tensor:
-    """Reshape a per-statistic tensor so it broadcasts against the (N, G, Cg, *spatial) view."""
-    full = [1 if red else size for _, size, red in spec.logical_axes(shape)]
+def update_running(spec: Spec, shape, mean, var, running_mean, running_var, momentum: float) -> None:
+    """PyTorch's rule, in place: ``r <- (1 - momentum) r + momentum batch``, with the unbiased
+    variance (the mean square as is when ``mean`` is None, i.e. without centring).
+
+    With sample groups the batch value is the mean over the S groups of each group's mean and
+    unbiased variance (torch's rule for instance_norm's running statistics): one update per call.
+    """
+    m = spec.count(shape)
+    stat = spec.stat_shape(shape)
+    acc = torch.float64 if var.dtype == torch.float64 else torch.float32
+    with torch.no_grad():
+        v = var.reshape(stat).to(acc)
+        if mean is not None and m > 1:
+            v = v * (m / (m - 1))
+        if spec.sample_groups > 1:
+            v = v.mean(dim=0)
+        # Blended in fp32 (or float64) and rounded once to the buffer's dtype, as the kernels do.
+        running_var.copy_((1 - momentum) * running_var.to(acc) + momentum * v.reshape(running_var.shape))
+        if mean is not None:
+            mu = mean.reshape(stat).to(acc)
+            if spec.sample_groups > 1:
+                mu = mu.mean(dim=0)
+            running_mean.copy_((1 - momentum) * running_mean.to(acc) + momentum * mu.reshape(running_mean.shape))
+
+
+def _broadcast_stat(stat: torch.Tensor, spec: Spec, shape, running: bool = False) -> torch.Tensor:
+    """Reshape a per-statistic tensor so it broadcasts against the logical view of x.
+    ``running``: a running statistic, shared by every sample group (no S axis)."""
+    full = [1 if red or (running and name == "S") else size
+            for name, size, red in spec.logical_axes(shape)]
     return stat.reshape(full)
 
 
@@ -76,8 +102,8 @@ def norm(
     xg, dims = _grouped(xc, spec)
     use_running = running_var is not None and not training
     if use_running:
-        var = _broadcast_stat(running_var.to(compute_dtype), spec, shape)
-        mean = _broadcast_stat(running_mean.to(compute_dtype), spec, shape) if center else None
+        var = _broadcast_stat(running_var.to(compute_dtype), spec, shape, running=True)
+        mean = _broadcast_stat(running_mean.to(compute_dtype), spec, shape, running=True) if center else None
     else:
         if center:
             mean = xg.mean(dim=dims, keepdim=True)
@@ -86,13 +112,8 @@ def norm(
             mean = None
             var = xg.square().mean(dim=dims, keepdim=True)
         if training and running_var is not None:
-            m = spec.count(shape)
-            with torch.no_grad():
-                v = var.detach().reshape(-1)
-                if center:
-                    v = v * (m / (m - 1))
-                    running_mean.mul_(1 - momentum).add_(mean.detach().reshape(-1).to(running_mean.dtype), alpha=momentum)
-                running_var.mul_(1 - momentum).add_(v.to(running_var.dtype), alpha=momentum)
+            update_running(spec, shape, mean.detach() if center else None, var.detach(),
+                           running_mean, running_var, momentum)
     xhat = (xg - mean if center else xg) * torch.rsqrt(var + eps)
     y = xhat.reshape(shape)
     bshape = (1, -1) + (1,) * (x.dim() - 2)

@@ -3,8 +3,10 @@
 Any input is viewed as the logical axes ``N, G, Cg, *spatial`` with ``C = G * Cg`` split into
 ``G`` contiguous groups. A scope is the non-empty set of reduced axes; when ``C`` is reduced,
 ``Cg`` is reduced and ``G`` is kept (one statistic per group), otherwise ``G = 1`` and the
-whole channel axis is kept. Everything else (kernels, reference, running statistics) is
-derived from the :class:`Spec` built here.
+whole channel axis is kept. The batch axis splits the same way when ``sample_groups = S > 1``
+(Ghost / virtual-batch normalization): ``N`` becomes ``S, N/S`` with ``S`` kept and ``N/S``
+reduced, so each of S contiguous groups of samples gets its own statistics. Everything else
+(kernels, reference, running statistics) is derived from the :class:`Spec` built here.
 """
 
 from __future__ import annotations
@@ -24,12 +26,14 @@ class Spec:
     """A parsed scope for an input of a given rank.
 
     ``layout`` is the input's axis letters (``"NCHW"``); ``letters`` the reduced subset in layout
-    order; ``num_groups`` the channel groups (1 unless ``C`` is reduced).
+    order; ``num_groups`` the channel groups (1 unless ``C`` is reduced); ``sample_groups`` the
+    groups of contiguous samples (1 unless ``N`` is reduced).
     """
 
     layout: str
     letters: str
     num_groups: int
+    sample_groups: int = 1
 
     @property
     def reduces_n(self) -> bool:
@@ -52,19 +56,35 @@ class Spec:
         return self.reduces_n and all(ch in self.letters for ch in self.spatial)
 
     def logical_axes(self, shape) -> list[tuple[str, int, bool]]:
-        """``(name, size, reduced)`` for N, G, Cg and each spatial axis, in that order."""
+        """``(name, size, reduced)`` for N, G, Cg and each spatial axis, in that order.
+
+        With ``sample_groups = S > 1`` an ``("S", S, False)`` axis comes first and N's size is
+        ``N / S``: axis ``S`` numbers the groups of samples, ``N`` the samples within a group.
+        """
         n, c = shape[0], shape[1]
-        g = self.num_groups
-        axes = [("N", n, self.reduces_n), ("G", g, False), ("Cg", c // g, self.reduces_c)]
+        g, s = self.num_groups, self.sample_groups
+        axes = [("S", s, False)] if s > 1 else []
+        axes += [("N", n // s, self.reduces_n), ("G", g, False), ("Cg", c // g, self.reduces_c)]
         for i, ch in enumerate(self.spatial):
             axes.append((ch, shape[2 + i], ch in self.letters))
         return axes
 
+    def logical_shape(self, shape) -> tuple[int, ...]:
+        """x's shape viewed as the logical axes (a reshape of a contiguous x)."""
+        return tuple(size for _, size, _ in self.logical_axes(shape))
+
     def stat_shape(self, shape) -> tuple[int, ...]:
         """Shape of the per-statistic tensors: the kept logical axes in logical order, with
-        G standing for the channel axis when C is reduced (e.g. (N, G) for group, (C,) for batch)."""
+        G standing for the channel axis when C is reduced (e.g. (N, G) for group, (C,) for batch).
+        Sample groups come first: (S, C) for batch, (S, G) for batch_group, (S, C, W) for "NH"."""
         return tuple(size for name, size, red in self.logical_axes(shape)
                      if not red and not (name == "G" and not self.reduces_c))
+
+    def running_shape(self, shape) -> tuple[int, ...]:
+        """Shape of running statistics: ``stat_shape`` without the sample-group axis (one
+        running value per channel, or per group when C is reduced, whatever S is)."""
+        st = self.stat_shape(shape)
+        return st[1:] if self.sample_groups > 1 else st
 
     def count(self, shape) -> int:
         """Number of elements that one statistic is taken over."""
@@ -87,8 +107,11 @@ def alias_letters(alias: str, layout: str) -> str:
     }[alias]
 
 
-def parse(scope, ndim: int, num_groups=None, channels: int | None = None) -> Spec:
-    """Parse ``scope`` for an input of rank ``ndim``; raise ValueError/TypeError naming the argument."""
+def parse(scope, ndim: int, num_groups=None, channels: int | None = None, sample_groups=1,
+          batch: int | None = None) -> Spec:
+    """Parse ``scope`` for an input of rank ``ndim``; raise ValueError/TypeError naming the argument.
+
+    ``channels`` and ``batch`` (x's C and N, when known) are checked against the groups."""
     if ndim not in LAYOUTS:
         raise ValueError(
             f"x must have shape (N, C, *spatial) with 0 to 3 spatial dims (2-D to 5-D); got {ndim}-D"
@@ -143,4 +166,22 @@ def parse(scope, ndim: int, num_groups=None, channels: int | None = None) -> Spe
             f"num_groups={groups} does not divide the {channels} channels of x "
             f"(scope={scope!r}); pass num_groups= a divisor of C"
         )
-    return Spec(layout=layout, letters=letters, num_groups=groups)
+    samples = _check_sample_groups(sample_groups, scope, letters, batch)
+    return Spec(layout=layout, letters=letters, num_groups=groups, sample_groups=samples)
+
+
+def _check_sample_groups(sample_groups, scope, letters: str, batch: int | None) -> int:
+    """S = 1 is every scope's default; S > 1 needs N in the scope and must divide N."""
+    if isinstance(sample_groups, bool) or not isinstance(sample_groups, int):
+        raise TypeError(f"sample_groups must be an int, got {type(sample_groups).__name__}")
+    if sample_groups < 1:
+        raise ValueError(f"sample_groups must be >= 1, got {sample_groups}")
+    if sample_groups > 1 and "N" not in letters:
+        raise ValueError(
+            f"sample_groups={sample_groups} splits the batch axis, but scope={scope!r} "
+            f"(axes {letters}) does not reduce N")
+    if batch is not None and batch % sample_groups != 0:
+        raise ValueError(
+            f"sample_groups={sample_groups} does not divide the batch of {batch} samples of x "
+            f"(scope={scope!r}); pass sample_groups= a divisor of N")
+    return sample_groups

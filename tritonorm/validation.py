@@ -51,14 +51,16 @@ def check_number(name: str, value, lo=None, hi=None, lo_open: bool = False) -> f
 
 
 def check_norm_args(x, scope, num_groups, weight, bias, eps, center, activation, residual,
-                    running_mean, running_var, momentum, training) -> tuple[Spec, str | None]:
+                    running_mean, running_var, momentum, training,
+                    sample_groups=1) -> tuple[Spec, str | None]:
     """Validate a tritonorm.norm call; return the parsed scope and activation name."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if not x.is_floating_point():
         raise TypeError(f"x must be a floating-point tensor (float32, float16, bfloat16 or float64), "
                         f"got {_dtype_name(x.dtype)}")
-    spec = parse(scope, x.dim(), num_groups, channels=x.shape[1] if x.dim() >= 2 else None)
+    spec = parse(scope, x.dim(), num_groups, channels=x.shape[1] if x.dim() >= 2 else None,
+                 sample_groups=sample_groups, batch=x.shape[0] if x.dim() >= 2 else None)
     c = x.shape[1]
     check_tensor("weight", weight, x, (c,))
     check_tensor("bias", bias, x, (c,))
@@ -75,7 +77,7 @@ def check_norm_args(x, scope, num_groups, weight, bias, eps, center, activation,
             raise ValueError(
                 f"running statistics need a scope that reduces N and every spatial axis "
                 f"({'N' + spec.spatial}); scope {scope!r} reduces {spec.letters}")
-        n_stats = math.prod(spec.stat_shape(x.shape))
+        n_stats = math.prod(spec.running_shape(x.shape))
         if center:
             if running_mean is None or running_var is None:
                 raise ValueError("running_mean and running_var must be given together")

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 import triton
 
-from .. import dispatch
+from .. import dispatch, reference
 from ..scope import Spec
 from . import backward as bk
 from . import forward as fk
@@ -242,7 +242,8 @@ class ForwardPlan:
         mean = mean.reshape(-1)
         stats = torch.stack([torch.zeros_like(mean), mean, rstd.reshape(-1), var.reshape(-1), mean])
         if self.mode == "train" and self.running:
-            update_running(stats, run_mean, run_var, momentum, self.M, c.center)
+            reference.update_running(c.spec, c.shape, stats[4] if c.center else None, stats[3], run_mean, run_var,
+                                     momentum)
         return y, stats
 
     def backward(self, needs: tuple[bool, bool, bool, bool]) -> "BackwardPlan":
@@ -251,16 +252,6 @@ class ForwardPlan:
         if plan is None:
             plan = self._backward[key] = BackwardPlan(self, needs)
         return plan
-
-
-def update_running(stats, run_mean, run_var, momentum: float, M: int, center: bool) -> None:
-    """PyTorch's running-statistics rule with torch ops (the compile path and the torch regime;
-    the kernels do this themselves): blend in fp32, round once to the buffers' dtype."""
-    unbias = M / (M - 1) if M > 1 and center else 1.0
-    with torch.no_grad():
-        if run_mean is not None:
-            run_mean.copy_((1 - momentum) * run_mean.float() + momentum * stats[4].reshape(run_mean.shape))
-        run_var.copy_((1 - momentum) * run_var.float() + momentum * (stats[3].reshape(run_var.shape) * unbias))
 
 
 def col_channel_programs(row_blocks: int, sm_count: int) -> int:
@@ -310,7 +301,7 @@ class BackwardPlan:
         # Each statistic one channel (BatchNorm's scope): the dx kernels' row sums are dweight and
         # dbias, so the channel-view sweep is skipped.
         row_channel = (need_wb and dx_pass and not self.given and spec.allows_running_stats
-                       and not spec.reduces_c and getattr(spec, "sample_groups", 1) == 1)
+                       and not spec.reduces_c and spec.sample_groups == 1)
         # Each column one channel (LayerNorm rows, positional scope) in the fused regime: a
         # persistent grid accumulates dweight and dbias per program.
         col_channel = (need_wb and dx_pass and plan.kernel == "fused"
@@ -352,7 +343,13 @@ class BackwardPlan:
             self.finish_cols = M
         if need_wb and not (row_channel or col_channel):
             if c.cview is None:
-                c.cview = channel_view(c.shape, spec, c.out_stride if c.copy_x else c.x_stride, c.out_stride)
+                try:
+                    c.cview = channel_view(c.shape, spec, c.out_stride if c.copy_x else c.x_stride, c.out_stride)
+                except TooManyDims:
+                    # Sample groups with a 5-D scope alternating kept and reduced spatial axes: the
+                    # channel view needs more than MAX_DIMS dims a side. The torch regime runs.
+                    self.native = True
+                    return
             cview = c.cview
             C = cview.P
             cplan = dispatch.plan_for(_problem("dwdb", cview, x_meta, spec, c.fkey), profile)

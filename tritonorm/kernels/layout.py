@@ -8,7 +8,7 @@ one "digit" of each side's flat index, ``(idx // div) % mod * mul``. An element'
 tensor is the sum of a row part and a column part, so a kernel computes offsets once per row and
 once per column.
 
-Building the view: the logical axes N, G, Cg, *spatial are split into the two sides, size-1 axes
+Building the view: the logical axes [S,] N, G, Cg, *spatial are split into the two sides, size-1 axes
 are dropped, each side is sorted by x's strides (largest first) and adjacent axes are merged
 wherever every stride set allows it (as TensorIterator coalesces). Merging is what makes the
 common cases 1-D: LayerNorm rows, contiguous GroupNorm groups (channels x positions), channels_last
@@ -127,19 +127,26 @@ def _coalesce(axes: list[tuple[int, ...]]) -> Side:
 
 
 def _logical(shape, spec: Spec, x_strides, out_strides) -> list[tuple[str, tuple[int, ...], bool]]:
-    """(name, (size, x, out, stat, chan), reduced) for the logical axes N, G, Cg, *spatial."""
+    """(name, (size, x, out, stat, chan), reduced) for the logical axes [S,] N, G, Cg, *spatial.
+
+    Groups of samples are to N what channel groups are to C: S strides over whole groups of
+    N/S samples (x's batch stride times N/S), N over the samples within one.
+    """
     g = spec.num_groups
     cg = shape[1] // g
+    ns = shape[0] // spec.sample_groups
     names, sizes, xs, os_, chans, reds = [], [], [], [], [], []
-    for i, (name, size, red) in enumerate(spec.logical_axes(shape)):
-        if name == "N":
+    for name, size, red in spec.logical_axes(shape):
+        if name == "S":
+            xs.append(x_strides[0] * ns); os_.append(out_strides[0] * ns); chans.append(0)
+        elif name == "N":
             xs.append(x_strides[0]); os_.append(out_strides[0]); chans.append(0)
         elif name == "G":
             xs.append(x_strides[1] * cg); os_.append(out_strides[1] * cg); chans.append(cg)
         elif name == "Cg":
             xs.append(x_strides[1]); os_.append(out_strides[1]); chans.append(1)
         else:
-            d = 2 + (i - 3)
+            d = 2 + spec.spatial.index(name)
             xs.append(x_strides[d]); os_.append(out_strides[d]); chans.append(0)
         names.append(name); sizes.append(size); reds.append(red)
     # Per-statistic tensors are contiguous over the kept axes in logical order.

@@ -29,7 +29,7 @@ def _aten(x, spec: Spec, weight, bias, eps):
         return None
     n, c = x.shape[0], x.shape[1]
     aten = torch.ops.aten
-    if spec.letters == "N" + spec.spatial and spec.num_groups == 1:
+    if spec.letters == "N" + spec.spatial and spec.num_groups == 1 and spec.sample_groups == 1:
         y, mean, rstd = aten.native_batch_norm(x, weight, bias, None, None, True, 0.0, eps)
         return y, mean, rstd
     if spec.letters == "C" + spec.spatial and x.dim() > 2 or spec.letters == "C" and x.dim() == 2:
@@ -81,7 +81,7 @@ def backward(dy, x, spec: Spec, weight, bias, residual, mean, rstd, center: bool
     mean_b = _broadcast_stat(mean.float(), spec, shape)
     rstd_b = _broadcast_stat(rstd.float(), spec, shape)
     xhat = (xg - mean_b if center else xg) * rstd_b
-    gshape = (1, spec.num_groups, shape[1] // spec.num_groups) + (1,) * (x.dim() - 2)
+    gshape = tuple(size if name in ("G", "Cg") else 1 for name, size, _ in spec.logical_axes(shape))
     w = weight.float().reshape(gshape) if weight is not None else None
     dz = dy.float().reshape(xg.shape)
     if act != 0:
@@ -104,8 +104,7 @@ def backward(dy, x, spec: Spec, weight, bias, residual, mean, rstd, center: bool
             d = d * rstd_b
         dx = alloc_out(x)
         dx.copy_(d.reshape(shape))
-    keep = (1, 2)
-    red = tuple(i for i in range(xg.dim()) if i not in keep)
+    red = tuple(i for i, (name, _, _) in enumerate(spec.logical_axes(shape)) if name not in ("G", "Cg"))
     if need_dw:
         dw = (dz * xhat).sum(dim=red).reshape(-1).to(weight.dtype)
     if need_db:

@@ -4,6 +4,7 @@ Normalization modules keep their torch counterparts' constructor arguments, para
 names (a state_dict loads both ways) and add ``activation=``; see docs/modules.md.
 """
 
+from .ghost import GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d
 from .modules import (BatchNorm1d, BatchNorm2d, BatchNorm3d, GroupNorm, InstanceNorm1d, InstanceNorm2d,
                       InstanceNorm3d, LayerNorm, Norm, RMSNorm)
 from .orth import CenteredWeightNorm, OrthConv1d, OrthConv2d, OrthConv3d, OrthLinear, centered_weight_norm
@@ -16,5 +17,5 @@ __all__ = [
     "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d", "Norm", "SyncBatchNorm",
     "SwitchNorm1d", "SwitchNorm2d", "SwitchNorm3d", "SparseSwitchNorm2d",
     "OrthLinear", "OrthConv1d", "OrthConv2d", "OrthConv3d", "CenteredWeightNorm",
-    "centered_weight_norm", "IterNorm", "DBN",
+    "centered_weight_norm", "IterNorm", "DBN", "GhostBatchNorm1d", "GhostBatchNorm2d", "GhostBatchNorm3d",
 ]

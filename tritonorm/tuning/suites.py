@@ -25,6 +25,7 @@ class Case:
     activation: str | None = None
     center: bool = True
     affine: bool = True       # weight (and bias when center)
+    sample_groups: int = 1    # groups of samples with their own statistics (Ghost BN)
 
     @property
     def numel(self) -> int:
@@ -39,7 +40,9 @@ class Case:
         g = self.num_groups or 1
         c_small = max(g, min(c, 2 * g if g > 1 else 8))
         sp_small = tuple(min(s, 6 if len(sp) == 3 else 12) for s in sp)
-        return replace(self, shape=(min(n, 2), c_small, *sp_small))
+        s_small = min(self.sample_groups, 2)  # still more than one group when there were several
+        return replace(self, shape=(2 * s_small if s_small > 1 else min(n, 2), c_small, *sp_small),
+                       sample_groups=s_small)
 
 
 def _resnet50() -> list[Case]:
@@ -109,6 +112,8 @@ def make_inputs(case: Case, dtype, device, requires_grad: bool = False):
         x = x.to(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
     c = case.shape[1]
     kw = dict(num_groups=case.num_groups, center=case.center, activation=case.activation)
+    if case.sample_groups > 1:
+        kw["sample_groups"] = case.sample_groups
     if case.affine:
         kw["weight"] = (1 + 0.1 * torch.randn(c, device=device)).to(dtype)
         if case.center:
@@ -129,3 +134,16 @@ def meta_input(case: Case, dtype):
     if case.channels_last:
         x = x.to(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
     return x
+
+
+def _ghost_bn() -> list[Case]:
+    """Ghost Batch Normalization: ResNet-50's BatchNorm stages at batch 256 with virtual batches
+    of 32 (sample_groups=8), as large-batch training runs it; one launch where the usual
+    implementation loops over 8 chunks."""
+    stages = ((64, 112), (256, 56), (512, 28), (1024, 14), (2048, 7))
+    return [Case("ghost-bn", f"gbn {c}x{hw}^2 b256/32", "ghost_batch_norm", (256, c, hw, hw), "batch",
+                 activation="relu", sample_groups=8) for c, hw in stages]
+
+
+SUITES = SUITES + ("ghost-bn",)
+_BUILDERS["ghost-bn"] = _ghost_bn

@@ -49,7 +49,8 @@ def problem_of(case: suites.Case, dtype: str, op: str) -> dispatch.Problem:
     x = suites.meta_input(case, DTYPES[dtype])
     kw = _kwargs_meta(case, DTYPES[dtype])
     spec, act = check_norm_args(x, case.scope, kw["num_groups"], kw.get("weight"), kw.get("bias"), 1e-5,
-                                case.center, case.activation, None, None, None, 0.1, True)
+                                case.center, case.activation, None, None, None, 0.1, True,
+                                case.sample_groups)
     view = _view(x, spec, channel_view if op == "dwdb" else stat_view)
     flags = dispatch.flags_key("weight" in kw, "bias" in kw, False, activations.code(act), case.center)
     return dispatch.problem_from_view(op, view, x.element_size(), spec=spec,
