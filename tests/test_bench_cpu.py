@@ -69,12 +69,13 @@ def _interpreter():
 def test_cpu_report_subset(capsys, tmp_path):
     _interpreter()
     result = runner.run(suite="llm", name_filter="rms 1x", cpu_dtypes=("fp32",), progress=False,
-                        json_path=tmp_path / "r.json")
+                        out_dir=tmp_path / "out")
     out = capsys.readouterr().out
     assert "no CUDA GPU here, so nothing is timed" in out and "rms 1x4096" in out and "fused/fused" in out
     rows = result["rows"]
     assert rows and rows[0]["plan_h100"] == "fused/fused" and rows[0]["tiles_h100"] is None
-    data = json.loads((tmp_path / "r.json").read_text())
+    (written,) = (tmp_path / "out").glob("cpu-report-*.json")  # --out alone: a dated file in it
+    data = json.loads(written.read_text())
     assert data["rows"] == json.loads(json.dumps(rows))
     prov = data["provenance"]
     assert prov["timed"] is False and "interpreter" in prov["device"]
@@ -122,6 +123,34 @@ def test_format_table_fits_every_cell():
     lines = text.splitlines()
     assert len({len(ln) for ln in lines[:2]}) == 1  # header as wide as the widest row
     assert lines[1].endswith("1.5e-07") and lines[2].endswith("-")
+
+
+def _synthetic_gpu_rows():
+    """Made-up rows in the GPU run's format (no measurement): two layouts, two dtypes, a failed
+    and a missing provider."""
+    rows = []
+    for i, (cl, dt) in enumerate([(False, "fp32"), (True, "fp32"), (False, "bf16"), (True, "bf16")]):
+        provs = {"tritonorm": {"ms": 1.0 + i, "gbps": 1000.0 + i, "copy_frac": 0.5, "p20": 1, "p80": 1,
+                               "method": "do_bench"},
+                 "eager": {"ms": 2.0, "gbps": 500.0, "copy_frac": 0.25, "p20": 2, "p80": 2, "method": "do_bench"}}
+        if i == 3:
+            provs["compile"] = {"error": "RuntimeError: made up"}
+        rows.append({"suite": "sd-unet", "case": f"gn {i}", "kind": "group_norm", "shape": [1, 320, 8, 8],
+                     "channels_last": cl, "dtype": dt, "mode": "fwd", "bytes": 10**6 * (i + 1),
+                     "plan": "fused/fused", "providers": provs, "speedup_eager": 2.0 / (1.0 + i)})
+    return rows
+
+
+def test_gpu_table_and_plots_on_synthetic_rows(tmp_path, capsys):
+    rows = _synthetic_gpu_rows()
+    gpu.print_table(rows)
+    out = capsys.readouterr().out
+    assert "error" in out and "tritonorm us" in out and out.count("gn ") == 4
+    pytest.importorskip("matplotlib")
+    from tritonorm.bench.plots import plot
+
+    (path,) = plot(rows, 3000.0, tmp_path / "plots", "synthetic")
+    assert path.name == "synthetic-group_norm-fwd.png" and path.stat().st_size > 10_000
 
 
 def test_summary_on_synthetic_rows():
