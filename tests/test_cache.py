@@ -297,3 +297,31 @@ def test_cache_is_json_only(tmp_path):
     path.write_text(f"__import__('pathlib').Path({str(marker)!r}).touch()")
     c, _ = _caught(_new_cache)
     assert c.status == "corrupt" and not marker.exists()
+
+
+def test_cache_imports_point_down_only():
+    """The dispatcher reads the cache; the cache never imports the dispatcher (no circle): it
+    tells subscribers (dispatch.clear_memo) about changes through ``on_change``."""
+    import ast
+
+    tree = ast.parse(Path(cache.__file__).read_text())
+    imported = {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    assert not any("dispatch" in m for m in imported), imported
+
+
+def test_a_put_forgets_the_dispatchers_memoized_plans():
+    calls = []
+
+    def listener():
+        calls.append(1)
+
+    cache.on_change(listener)
+    cache.on_change(listener)  # once only
+    try:
+        _new_cache().put("k", "split", CFG)
+        assert calls == [1]
+        cache.reset()
+        assert calls == [1, 1]
+    finally:
+        cache._listeners.remove(listener)
