@@ -151,6 +151,22 @@ def test_gpu_table_and_plots_on_synthetic_rows(tmp_path, capsys):
 
     (path,) = plot(rows, 3000.0, tmp_path / "plots", "synthetic")
     assert path.name == "synthetic-group_norm-fwd.png" and path.stat().st_size > 10_000
+    import matplotlib.pyplot as plt
+    from tritonorm.bench.plots import DTYPE_STYLES, PROVIDER_COLOURS, figure
+
+    fig = figure(rows, 3000.0, "t")
+    panels = [ax for ax in fig.axes if ax.get_title()]
+    assert [ax.get_title() for ax in panels] == ["NCHW", "channels_last"]  # one panel per layout
+    for ax in panels:
+        lines = [ln for ln in ax.get_lines() if len(ln.get_xdata()) > 1 or ln.get_marker() != "None"]
+        styles = {(ln.get_color(), ln.get_linestyle()) for ln in lines}
+        assert (PROVIDER_COLOURS["tritonorm"], DTYPE_STYLES["fp32"][0]) in styles
+        assert (PROVIDER_COLOURS["eager"], DTYPE_STYLES["bf16"][0]) in styles
+    (legend,) = fig.legends  # outside the panels: its left edge is right of every panel
+    fig.canvas.draw()
+    box = legend.get_window_extent()
+    assert all(box.x0 >= ax.get_window_extent().x1 for ax in panels)
+    plt.close(fig)
 
 
 def test_summary_on_synthetic_rows():
