@@ -169,6 +169,27 @@ def test_gpu_table_and_plots_on_synthetic_rows(tmp_path, capsys):
     plt.close(fig)
 
 
+@pytest.mark.parametrize("with_json", [False, True])
+def test_gpu_run_writes_json_and_plots_where_asked(tmp_path, monkeypatch, capsys, with_json):
+    """The GPU branch of runner.run with the timing replaced by synthetic rows: --out and --json
+    decide where the files go, and the provenance names the device."""
+    from types import SimpleNamespace
+
+    rows = _synthetic_gpu_rows()
+    monkeypatch.setattr(runner, "on_gpu", lambda: True)
+    monkeypatch.setattr(gpu, "run_gpu", lambda *a, **k: (rows, 3000.0))
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: SimpleNamespace(
+        name="Made-up GPU", major=9, minor=0, multi_processor_count=132))
+    json_path = tmp_path / "elsewhere" / "rows.json" if with_json else None
+    result = runner.run(suite="sd-unet", out_dir=tmp_path / "out", json_path=json_path, progress=False)
+    written = json_path if with_json else next((tmp_path / "out").glob("made-up-gpu-*.json"))
+    data = json.loads(written.read_text())
+    assert data["provenance"]["device"] == "Made-up GPU" and data["provenance"]["timed"] is True
+    assert data["provenance"]["copy_gbps"] == 3000.0 and len(data["rows"]) == len(rows)
+    assert data["summary"] == json.loads(json.dumps(result["summary"]))
+    assert [p.suffix for p in (tmp_path / "out").glob("*.png")] == [".png"]
+
+
 def test_summary_on_synthetic_rows():
     def row(suite, mode, tr, eager, comp, shape=(4096, 4096), dtype="bf16"):
         return {"suite": suite, "case": f"{suite}-{mode}", "mode": mode, "dtype": dtype, "shape": list(shape),
