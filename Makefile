@@ -27,8 +27,9 @@ test: $(STAMP)
 test-gpu:
 	PYTHONPATH=. $(PYTHON) -m pytest -q
 
+# The runner is in the package (tritonorm/bench); results go to benchmarks/results in the checkout.
 bench: $(STAMP)
-	$(PY) -m tritonorm bench
+	$(PY) -m tritonorm bench --out benchmarks/results
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

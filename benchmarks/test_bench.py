@@ -16,7 +16,7 @@ if not torch.cuda.is_available():
     pytest.skip("benchmarks need a CUDA GPU (`make bench` reports correctness and dispatch without one)",
                 allow_module_level=True)
 
-from benchmarks import bytes_model, providers, runner, shapes  # noqa: E402
+from tritonorm.bench import bytes_model, gpu, providers, shapes  # noqa: E402
 
 CASES = [c for c in shapes.select() if c.name in {
     "bn 64x112^2 b32", "bn 2048x7^2 b256", "gn32+silu 320x64^2 b1", "gn32+silu 640x32^2 b2 cl",
@@ -30,7 +30,7 @@ CASES = [c for c in shapes.select() if c.name in {
 def test_bench(benchmark, case, dtype, mode, provider):
     x, kw = shapes.make_inputs(case, shapes.DTYPES[dtype], "cuda", requires_grad=mode != "fwd")
     f = providers.make(provider, case, x, kw)
-    fn = runner._mode_fn(f, mode, x, kw)
+    fn = gpu._mode_fn(f, mode, x, kw)
     for _ in range(3):
         fn()
     torch.cuda.synchronize()

@@ -7,6 +7,7 @@ import json
 import multiprocessing as mp
 import os
 import warnings
+from pathlib import Path
 
 import pytest
 
@@ -56,17 +57,40 @@ def test_default_location_under_user_cache(monkeypatch, tmp_path):
     assert cache.cache_file(PROFILE).name == "tuning-nvidia-h100-80gb-hbm3-sm90.json"
 
 
-@pytest.mark.parametrize("content,status", [
-    ('{"format": "tritonorm-tuning", "version": 1, "kind": "cache", "entr', "corrupt"),  # truncated
-    ("\x00\x01garbage", "corrupt"),
-    ('{"some": "other tool"}', "foreign"),
-    ("[1, 2, 3]", "foreign"),
-    ('{"format": "tritonorm-tuning", "version": 1, "kind": "table", "entries": {}}', "foreign"),
-])
-def test_bad_files_are_ignored_with_one_warning(content, status):
+def _deep(n):
+    return "[" * n + "]" * n
+
+
+# Every way a machine or a person can spoil the file; each is ignored with exactly one warning.
+BAD_FILES = {
+    "truncated": ('{"format": "tritonorm-tuning", "version": 1, "kind": "cache", "entr', "corrupt"),
+    "binary": (b"\x00\x01garbage", "corrupt"),
+    "not utf-8": (b'{"format": "tritonorm-tuning", "k\xff\xfe": 1}', "corrupt"),
+    "latin-1 text": ("{\"gpu\": \"caf\u00e9\"}".encode("latin-1"), "corrupt"),
+    "empty": (b"", "corrupt"),
+    "deeply nested": (_deep(100_000), "corrupt"),
+    "huge integer": ('{"version": ' + "9" * 10_000 + "}", "corrupt"),
+    "other tool": ('{"some": "other tool"}', "foreign"),
+    "a list": ("[1, 2, 3]", "foreign"),
+    "a string": ('"tritonorm-tuning"', "foreign"),
+    "a table": ('{"format": "tritonorm-tuning", "version": 1, "kind": "table", "entries": {}}', "foreign"),
+    "entries a list": ('{"format": "tritonorm-tuning", "version": 1, "kind": "cache", '
+                       '"validators": {}, "entries": [1]}', "foreign"),
+    "validators wrong type": ('{"format": "tritonorm-tuning", "version": 1, "kind": "cache", '
+                              '"validators": {"gpu": [1]}, "entries": {}}', "foreign"),
+    "version a string": ('{"format": "tritonorm-tuning", "version": "1", "kind": "cache", "entries": {}}',
+                         "stale: format version"),
+    "future version": ('{"format": "tritonorm-tuning", "version": 2, "kind": "cache", "entries": {}}',
+                       "stale: format version"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_FILES))
+def test_bad_files_are_ignored_with_one_warning(name):
+    content, status = BAD_FILES[name]
     path = cache.cache_file(PROFILE)
     path.parent.mkdir(parents=True)
-    path.write_text(content)
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
     c, warned = _caught(_new_cache)
     assert c.status == status and len(c) == 0
     assert len(warned) == 1
@@ -74,6 +98,28 @@ def test_bad_files_are_ignored_with_one_warning(content, status):
     assert again == []
     c.put("k", "looped", {"block_p": 1, "block_m": 1024, "num_warps": 4, "split": 1})
     assert json.loads(path.read_text())["entries"]["k"]["kernel"] == "looped"  # replaced
+
+
+def test_huge_file_is_not_read(monkeypatch):
+    monkeypatch.setattr(cache, "MAX_BYTES", 1000)
+    c = _new_cache()
+    c.put("k", "split", CFG)
+    data = json.loads(c.path.read_text())
+    data["validators"]["padding"] = "x" * 2000  # a valid file, but larger than any cache is
+    c.path.write_text(json.dumps(data))
+    reader = []
+    monkeypatch.setattr(type(c.path), "read_bytes", lambda self: reader.append(self) or b"")
+    again, warned = _caught(_new_cache)
+    assert again.status.startswith("foreign") and len(warned) == 1 and "bytes" in str(warned[0].message)
+    assert reader == []  # refused from its size, never loaded into memory
+
+
+def test_shipped_table_that_is_bad_is_ignored(tmp_path, monkeypatch):
+    bad = tmp_path / "h100.json"
+    bad.write_bytes(b"\xff\xfe\x00")
+    monkeypatch.setattr(cache, "table_path", lambda name: bad)
+    table, warned = _caught(lambda: cache.shipped_table("h100"))
+    assert len(table) == 0 and len(warned) == 1
 
 
 @pytest.mark.parametrize("field,value", [("triton", "0.0.1"), ("torch", "1.0"), ("tritonorm", "9.9"),
@@ -97,9 +143,15 @@ def test_malformed_entries_are_dropped():
                                     "good": {"kernel": "fused", "config": {"block_p": 1, "block_m": 64}},
                                     "code": {"kernel": "__import__('os').system('x')", "config": {}},
                                     "cfg": {"kernel": "split", "config": {"block_m": "4096"}},
-                                    "huge": {"kernel": "split", "config": {"split": 10**12}}}}))
+                                    "huge": {"kernel": "split", "config": {"split": 10**12}},
+                                    "bool": {"kernel": "split", "config": {"split": True}},
+                                    "list": ["split"], "none": None, "num": 3,
+                                    "cfg list": {"kernel": "split", "config": [1, 2]},
+                                    "nested info": {"kernel": "fused", "config": {}, "x": {"y": [1]}},
+                                    }}))
     c, warned = _caught(_new_cache)
-    assert set(c.entries) == {"good"} and len(warned) == 1
+    assert set(c.entries) == {"good", "nested info"} and len(warned) == 1
+    assert "x" not in c.entries["nested info"]  # only JSON scalars kept beside kernel and config
     with pytest.raises(ValueError):
         c.put("bad", "evil", {})
 
@@ -156,10 +208,15 @@ def _writer(directory: str, tag: str, n: int) -> None:
         c.put(f"{tag}-{i}", "split", {**CFG, "split": 2 + i % 4})
 
 
-def test_two_writer_processes(tmp_path):
+def _ctx():
+    return mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+
+
+@pytest.mark.parametrize("writers", [2, 4])
+def test_concurrent_writer_processes_lose_nothing(tmp_path, writers):
     directory = str(tmp_path / "shared")
-    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-    procs = [ctx.Process(target=_writer, args=(directory, tag, 40)) for tag in ("a", "b")]
+    tags = "abcd"[:writers]
+    procs = [_ctx().Process(target=_writer, args=(directory, tag, 25)) for tag in tags]
     for p in procs:
         p.start()
     for p in procs:
@@ -170,9 +227,66 @@ def test_two_writer_processes(tmp_path):
     path = cache.cache_file(PROFILE)
     data = json.loads(path.read_text())  # valid JSON
     entries = data["entries"]
-    assert set(entries) == {f"{t}-{i}" for t in "ab" for i in range(40)}  # nothing lost
+    assert set(entries) == {f"{t}-{i}" for t in tags for i in range(25)}  # nothing lost
     assert all(e["kernel"] == "split" and e["config"]["split"] in (2, 3, 4, 5) for e in entries.values())
     assert not list(path.parent.glob("*.tmp"))
+
+
+def _stuck_writer(directory: str, ready: str) -> None:
+    """Writes one entry, then blocks forever in the middle of writing the second (lock held,
+    half the temp file written)."""
+    import time
+
+    os.environ["TRITONORM_CACHE_DIR"] = directory
+    cache.reset()
+    c = cache.user_cache(PROFILE)
+    c.put("first", "split", CFG)
+    real_dump = json.dump
+
+    def dump_then_hang(obj, fh, **kw):
+        text = json.dumps(obj, **kw)
+        fh.write(text[: len(text) // 2])
+        fh.flush()
+        open(ready, "w").close()
+        while True:
+            time.sleep(1)
+
+    json.dump = dump_then_hang
+    try:
+        c.put("second", "split", CFG)
+    finally:
+        json.dump = real_dump
+
+
+@pytest.mark.skipif(os.name != "posix", reason="SIGKILL")
+def test_writer_killed_mid_write_leaves_a_valid_file_and_no_lock(tmp_path):
+    import signal
+    import time
+
+    from filelock import FileLock, Timeout
+
+    directory, ready = str(tmp_path / "shared"), str(tmp_path / "ready")
+    proc = _ctx().Process(target=_stuck_writer, args=(directory, ready))
+    proc.start()
+    deadline = time.monotonic() + 60
+    while not os.path.exists(ready) and time.monotonic() < deadline and proc.is_alive():
+        time.sleep(0.02)
+    assert os.path.exists(ready), "the writer never reached the middle of its write"
+    path = cache.cache_file(PROFILE, Path(directory))
+    with pytest.raises(Timeout):  # while it lives, it holds the lock
+        FileLock(str(path) + ".lock", timeout=0.05).acquire()
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.join(30)
+    assert proc.exitcode == -signal.SIGKILL
+    assert set(json.loads(path.read_text())["entries"]) == {"first"}  # the old file, whole
+    with FileLock(str(path) + ".lock", timeout=5):  # the lock died with the writer
+        pass
+    os.environ["TRITONORM_CACHE_DIR"] = directory
+    cache.reset()
+    c, warned = _caught(lambda: cache.user_cache(PROFILE))
+    assert warned == [] and c.get("first") is not None
+    c.put("third", "split", CFG)
+    assert set(json.loads(path.read_text())["entries"]) == {"first", "third"}
 
 
 def test_cache_is_json_only(tmp_path):
@@ -183,3 +297,31 @@ def test_cache_is_json_only(tmp_path):
     path.write_text(f"__import__('pathlib').Path({str(marker)!r}).touch()")
     c, _ = _caught(_new_cache)
     assert c.status == "corrupt" and not marker.exists()
+
+
+def test_cache_imports_point_down_only():
+    """The dispatcher reads the cache; the cache never imports the dispatcher (no circle): it
+    tells subscribers (dispatch.clear_memo) about changes through ``on_change``."""
+    import ast
+
+    tree = ast.parse(Path(cache.__file__).read_text())
+    imported = {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    assert not any("dispatch" in m for m in imported), imported
+
+
+def test_a_put_forgets_the_dispatchers_memoized_plans():
+    calls = []
+
+    def listener():
+        calls.append(1)
+
+    cache.on_change(listener)
+    cache.on_change(listener)  # once only
+    try:
+        _new_cache().put("k", "split", CFG)
+        assert calls == [1]
+        cache.reset()
+        assert calls == [1, 1]
+    finally:
+        cache._listeners.remove(listener)

@@ -1,4 +1,5 @@
-"""The ``tritonorm`` command: accurate help, tune without a GPU, --dry-run, explain."""
+"""The ``tritonorm`` command: accurate help, --version, tune without a GPU, --dry-run, explain,
+and bad input: one line naming the argument, exit status 2, never a traceback."""
 
 from __future__ import annotations
 
@@ -10,31 +11,38 @@ from pathlib import Path
 import pytest
 import torch
 
+import tritonorm
 from tritonorm import cli
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def _env():
+    return {**os.environ, "PYTHONPATH": str(ROOT)}
+
+
 def test_help_lists_every_command(capsys):
-    with pytest.raises(SystemExit) as exc:
-        cli.main(["--help"])
-    assert exc.value.code == 0
+    assert cli.main(["--help"]) == 0
     out = capsys.readouterr().out
-    for word in ("bench", "tune", "explain"):
+    for word in ("bench", "tune", "explain", "--version"):
         assert word in out
 
 
 @pytest.mark.parametrize("command,words", [
-    ("tune", ["--suite", "--dry-run", "resnet50", "sd-unet", "llm", "all"]),
-    ("bench", ["--suite", "--dtype", "--mode", "--providers", "--no-plots"]),
-    ("explain", ["--shape", "--scope", "--device"]),
+    ("tune", ["--suite", "--dry-run", "resnet50", "sd-unet", "llm", "all", "local"]),
+    ("bench", ["--suite", "--dtype", "--mode", "--providers", "--no-plots", "--out", "--json", "--quiet"]),
+    ("explain", ["--shape", "--scope", "--device", "--groups"]),
 ])
 def test_subcommand_help(capsys, command, words):
-    with pytest.raises(SystemExit):
-        cli.main([command, "--help"])
+    assert cli.main([command, "--help"]) == 0
     out = capsys.readouterr().out
     for word in words:
         assert word in out
+
+
+def test_version(capsys):
+    assert cli.main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"tritonorm {tritonorm.__version__}"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
@@ -50,19 +58,67 @@ def test_tune_dry_run_lists_problems(capsys):
     assert cli.main(["tune", "--suite", "resnet50", "--dtype", "bf16", "--dry-run", "--device", "h200"]) == 0
     out = capsys.readouterr().out
     assert "would tune" in out and "h200" in out and "nothing was run" in out
-    assert "bn 64x112^2 b32" in out and "heuristic: split" in out
-    # Keys are deduplicated: batch 32 and 256 of a stage share P and M buckets only if equal.
-    lines = [ln for ln in out.splitlines() if "key " in ln]
-    keys = [ln.split("key ")[1] for ln in lines]
-    assert len(keys) == len(set(keys))
+    lines = [ln.split() for ln in out.splitlines() if "|" in ln]  # table rows end with the key
+    assert any(" ".join(ln).startswith("resnet50 bn 64x112^2 b32") for ln in lines)
+    keys = [ln[-1] for ln in lines]
+    assert len(keys) == len(set(keys))  # keys are deduplicated
+    # The closing count is the sum of the listed candidates, not a figure typed anywhere.
+    counts = [int(ln[-3]) for ln in lines]
+    assert f"{len(lines)} problems, {sum(counts)} candidate plans in all" in out
 
 
-def test_bad_arguments_exit_with_usage(capsys):
-    with pytest.raises(SystemExit) as exc:
-        cli.main(["tune", "--suite", "vgg"])
-    assert exc.value.code == 2
-    with pytest.raises(SystemExit):
-        cli.main(["bench", "--dtype", "fp64"])
+# Bad input: (argv, the option the one-line error must name).
+BAD = [
+    (["tune", "--suite", "vgg"], "--suite"),
+    (["bench", "--dtype", "fp64"], "--dtype"),
+    (["bench", "--mode", "fwd,sideways"], "--mode"),
+    (["tune", "--limit", "0", "--dry-run"], "--limit"),
+    (["tune", "--limit", "many", "--dry-run"], "--limit"),
+    (["tune", "--device", "a100", "--dry-run"], "--device"),
+    (["explain", "--shape", "1,320,64,64", "--groups", "33"], "--groups"),
+    (["explain", "--shape", "1,320,64,64", "--groups", "0"], "--groups"),
+    (["explain", "--shape", "1,320,64,64", "--device", "a100"], "--device"),
+    (["explain", "--shape", "1,320,64,64", "--device", "tpu"], "--device"),
+    (["explain", "--shape", "1,320,64,64", "--scope", "bogus"], "--scope"),
+    (["explain", "--shape", "1,320,64,64", "--scope", "instance", "--groups", "4"], "--groups"),
+    (["explain", "--shape", "1,320,64,64", "--activation", "swish9"], "--activation"),
+    (["explain", "--shape", "1,320,sixty,64"], "--shape"),
+    (["explain", "--shape", "7"], "--shape"),
+    (["explain", "--shape", "1,2,3,4,5,6"], "--shape"),
+    (["explain", "--shape", "2,8", "--channels-last"], "--channels-last"),
+    (["explain"], "--shape"),
+    (["frobnicate"], "frobnicate"),
+]
+if not torch.cuda.is_available():
+    BAD += [(["explain", "--shape", "1,320,64,64", "--device", "cuda"], "--device"),
+            (["tune", "--device", "local", "--dry-run"], "--device"),
+            (["tune", "--device", "local"], "--device")]
+
+
+@pytest.mark.parametrize("argv,flag", BAD, ids=[" ".join(a) for a, _ in BAD])
+def test_bad_input_is_one_line_naming_the_argument(capsys, argv, flag):
+    assert cli.main(argv) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert "\n" not in err and err.startswith("tritonorm") and "error:" in err, err
+    assert flag in err, err
+    assert "Traceback" not in captured.err + captured.out
+
+
+def test_bench_filter_matching_nothing_is_an_error(capsys):
+    assert cli.main(["bench", "--filter", "no such case"]) == 2
+    assert "--filter" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag", ["--out", "--json"])
+def test_bench_output_paths_of_the_wrong_kind(capsys, tmp_path, flag):
+    target = tmp_path / "exists"
+    if flag == "--out":
+        target.write_text("a file where a folder is wanted")
+    else:
+        target.mkdir()
+    assert cli.main(["bench", flag, str(target)]) == 2
+    assert flag in capsys.readouterr().err
 
 
 def test_explain_command(capsys):
@@ -71,8 +127,42 @@ def test_explain_command(capsys):
     assert "kernel: split" in out and "reason: heuristic" in out
 
 
+@pytest.mark.parametrize("shape", ["1x320x64x64", "1,320,64,64", "1 320 64 64"])
+def test_explain_shape_spellings(capsys, shape):
+    assert cli.main(["explain", "--shape", shape, "--groups", "32"]) == 0
+    assert "kernel: split" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("channels,groups", [(320, 32), (20, 20), (24, 24), (48, 24), (7, 7), (37, 1)])
+def test_explain_default_groups_work_on_any_shape(capsys, channels, groups):
+    assert cli.main(["explain", "--shape", f"2,{channels},8,8"]) == 0
+    out = capsys.readouterr().out
+    assert f"num_groups: {groups} (default" in out and "kernel:" in out
+    assert channels % groups == 0 and groups <= 32
+
+
+@pytest.mark.parametrize("argv", [["--shape", "4,64", "--scope", "C"], ["--shape", "2,8,4,4,4", "--scope", "instance",
+                                  "--channels-last", "--device", "local"], ["--shape", "8,64", "--scope", "layer"]])
+def test_explain_other_scopes_need_no_groups(capsys, argv):
+    assert cli.main(["explain", *argv]) == 0
+    out = capsys.readouterr().out
+    assert "num_groups" not in out and "kernel:" in out
+
+
 def test_console_entry_point_runs_as_module():
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    res = subprocess.run([sys.executable, "-m", "tritonorm", "tune", "--help"], cwd=ROOT, env=env,
+    res = subprocess.run([sys.executable, "-m", "tritonorm", "--version"], cwd=ROOT, env=_env(),
                          capture_output=True, text=True, timeout=120)
-    assert res.returncode == 0 and "--dry-run" in res.stdout
+    assert res.returncode == 0 and res.stdout.strip() == f"tritonorm {tritonorm.__version__}"
+
+
+def test_closed_stdout_pipe_is_quiet():
+    """`tritonorm ... | head -c 1`: the reader is gone before we write; no traceback."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # every write to the pipe now fails with EPIPE
+    try:
+        res = subprocess.run([sys.executable, "-m", "tritonorm", "explain", "--shape", "1,320,64,64"],
+                             cwd=ROOT, env=_env(), stdout=write_end, stderr=subprocess.PIPE, text=True,
+                             timeout=120)
+    finally:
+        os.close(write_end)
+    assert res.returncode == 1 and res.stderr == "", res.stderr

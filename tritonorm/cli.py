@@ -1,21 +1,45 @@
 """The ``tritonorm`` command: ``bench``, ``tune`` and ``explain``.
 
-    tritonorm bench [--suite S] [--dtype fp32,bf16] [--mode fwd,bwd] [--providers ...]
+    tritonorm --version
+    tritonorm bench [--suite S] [--dtype fp32,bf16] [--mode fwd,bwd] [--providers ...] [--out DIR] [--json PATH]
     tritonorm tune  [--suite S] [--dtype ...] [--op forward,backward] [--dry-run] [--output FILE]
     tritonorm explain --shape 1,320,64,64 --scope group --groups 32 [--device h100]
 
-Nothing here imports triton before deciding whether the interpreter is needed (Triton reads
-TRITON_INTERPRET when it is imported).
+Bad input is one line on stderr naming the argument (``tritonorm explain: error: argument
+--groups: ...``) and exit status 2, never a traceback; ``main`` returns the status instead of
+exiting, so it can be called in-process. Nothing here imports triton before deciding whether the
+interpreter is needed (Triton reads TRITON_INTERPRET when it is imported).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from pathlib import Path
 
-SUITE_CHOICES = ("resnet50", "sd-unet", "llm", "nnunet", "all")
+from . import __version__
+from .tuning import suites as suites_mod
+
+SUITE_CHOICES = suites_mod.SUITES + ("all",)
+PROFILE_NAMES = ("h100", "h200", "interpreter")  # dispatch.PROFILES, without importing dispatch
+MAX_DEFAULT_GROUPS = 32
+
+
+class UsageError(Exception):
+    """Bad command-line input: reported as ``prog: error: argument FLAG: message``, status 2."""
+
+    def __init__(self, flag: str | None, message: str, prog: str | None = None):
+        super().__init__(message)
+        self.flag, self.prog = flag, prog
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but an error is raised (one line, in main) instead of usage + exit."""
+
+    def error(self, message):
+        raise UsageError(None, f"{message} (see `{self.prog} --help`)", self.prog)
 
 
 def _csv(choices):
@@ -23,14 +47,65 @@ def _csv(choices):
         items = [t.strip() for t in text.split(",") if t.strip()]
         bad = [t for t in items if t not in choices]
         if bad or not items:
-            raise argparse.ArgumentTypeError(f"expected a comma-separated subset of {', '.join(choices)}")
+            raise argparse.ArgumentTypeError(f"{text!r}: expected a comma-separated subset of {', '.join(choices)}")
         return items
     return parse
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
+    return value
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    """``1,320,64,64``, ``1x320x64x64`` or ``1 320 64 64``."""
+    parts = [p for p in re.split(r"[,x×\s]+", text.strip().lower()) if p]
+    try:
+        shape = tuple(int(p) for p in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected integers separated by ',' or 'x', "
+                                         f"e.g. 1,320,64,64") from None
+    if not 2 <= len(shape) <= 5:
+        raise argparse.ArgumentTypeError(f"{text!r} has {len(shape)} dims; expected (N, C, *spatial) "
+                                         f"with 2 to 5 dims")
+    if any(s < 0 for s in shape):
+        raise argparse.ArgumentTypeError(f"{text!r}: sizes must be >= 0")
+    return shape
+
+
+def _explain_device(text: str) -> str:
+    """A profile name, 'local' (this machine), or a torch device that exists here."""
+    key = text.strip().lower()
+    if key in PROFILE_NAMES or key == "local":
+        return key
+    import torch
+
+    try:
+        dev = torch.device(key)
+    except (RuntimeError, TypeError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a profile ({', '.join(PROFILE_NAMES)}), "
+                                         f"'local' nor a torch device") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(f"{text!r}: no CUDA GPU is visible here; pass a profile "
+                                             f"({', '.join(PROFILE_NAMES[:2])}) to plan for a GPU from this machine")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(f"{text!r}: this machine has {torch.cuda.device_count()} CUDA devices")
+    elif dev.type != "cpu":
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a profile ({', '.join(PROFILE_NAMES)}), "
+                                         f"'local', cpu or cuda[:N]")
+    return key
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="tritonorm", description="Triton normalization kernels: "
-                                "benchmarks, tuning and dispatch plans.")
+    p = _Parser(prog="tritonorm", description="Triton normalization kernels: benchmarks, tuning and "
+                "dispatch plans. Bad input exits with status 2 and one line naming the argument.")
+    p.add_argument("--version", action="version", version=f"tritonorm {__version__}")
     sub = p.add_subparsers(dest="command", metavar="{bench,tune,explain}")
     sub.required = True
 
@@ -38,7 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "correctness-and-dispatch report through the interpreter)",
                        description="Times tritonorm against eager PyTorch and torch.compile (and apex/"
                        "Liger when importable) on model shapes. Without a GPU, runs the suite scaled "
-                       "down in Triton's interpreter and reports errors and chosen kernels only.")
+                       "down in Triton's interpreter and reports errors and chosen kernels only (no "
+                       "timings). A progress bar goes to stderr when tqdm is installed and stderr is a "
+                       "terminal.")
     b.add_argument("--suite", choices=SUITE_CHOICES, default="all", help="model suite (default: all)")
     b.add_argument("--dtype", type=_csv(("fp32", "bf16", "fp16")), default=None,
                    help="dtypes, comma-separated (default: fp32,bf16,fp16 on GPU; fp32,bf16 on CPU)")
@@ -47,100 +124,113 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--providers", type=_csv(("tritonorm", "eager", "compile", "apex", "liger")),
                    default=None, help="providers (default: all that are importable; GPU only)")
     b.add_argument("--filter", default=None, help="only cases whose name contains this text")
-    b.add_argument("--out", type=Path, default=None, help="results folder (default: benchmarks/results)")
+    b.add_argument("--out", type=Path, default=None,
+                   help="results folder for the JSON and plots (default on a GPU: ./tritonorm-bench; "
+                   "without a GPU nothing is written unless --out or --json is given)")
+    b.add_argument("--json", type=Path, default=None, metavar="PATH",
+                   help="write the rows and provenance (device, versions, git commit) to this file")
     b.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    b.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
 
     t = sub.add_parser("tune", help="measure candidate plans on this GPU and store the fastest "
                        "in the tuning cache", description="Sweeps launch plans for the suite shapes on "
                        "the local CUDA GPU (triton.testing.do_bench) and writes the winners to the tuning "
                        "cache ($TRITONORM_CACHE_DIR, default ~/.cache/tritonorm). Without a GPU it says "
-                       "so and exits; --dry-run lists what would be tuned on any machine.")
+                       "so and exits; --dry-run lists what would be tuned on any machine, with the "
+                       "problem and candidate counts.")
     t.add_argument("--suite", choices=SUITE_CHOICES, default="all", help="model suite (default: all)")
     t.add_argument("--dtype", type=_csv(("fp32", "bf16", "fp16")), default=["fp32", "bf16", "fp16"],
                    help="dtypes, comma-separated (default: fp32,bf16,fp16)")
     t.add_argument("--op", type=_csv(("forward", "backward")), default=["forward", "backward"],
                    help="ops, comma-separated (default: forward,backward)")
     t.add_argument("--dry-run", action="store_true", help="list the problems and candidate counts; run nothing")
-    t.add_argument("--device", default=None, help="profile for --dry-run without a GPU (default: h100)")
-    t.add_argument("--limit", type=int, default=None, help="tune only the first N problems")
+    t.add_argument("--device", choices=(*PROFILE_NAMES[:2], "local"), default=None,
+                   help="profile for --dry-run: h100, h200, or local (this machine's GPU; the default "
+                   "when one is visible, else h100). Tuning itself always measures the local GPU")
+    t.add_argument("--limit", type=_positive_int, default=None, help="tune only the first N problems")
     t.add_argument("--output", type=Path, default=None,
                    help="write a shipped-table file here instead of the user's cache")
 
     e = sub.add_parser("explain", help="print the plan tritonorm would run for a shape",
                        description="The dispatcher's plan (regime, launch config, reason) for an input "
                        "of the given shape, on a GPU profile or this machine; runs nothing.")
-    e.add_argument("--shape", required=True, help="comma-separated, e.g. 1,320,64,64")
+    e.add_argument("--shape", type=_shape, required=True, help="e.g. 1,320,64,64 or 1x320x64x64")
     e.add_argument("--scope", default="group", help="scope alias or axis letters (default: group)")
-    e.add_argument("--groups", type=int, default=None, help="num_groups")
+    e.add_argument("--groups", type=_positive_int, default=None,
+                   help=f"num_groups (default for group scopes: the largest divisor of C up to "
+                   f"{MAX_DEFAULT_GROUPS}, printed)")
     e.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32")
-    e.add_argument("--channels-last", action="store_true")
+    e.add_argument("--channels-last", action="store_true", help="channels_last (4-D) or channels_last_3d (5-D)")
     e.add_argument("--activation", default=None)
     e.add_argument("--rms", action="store_true", help="center=False")
     e.add_argument("--op", choices=("forward", "backward", "dwdb"), default="forward")
-    e.add_argument("--device", default="h100", help="profile name (h100, h200, interpreter) or 'local'")
+    e.add_argument("--device", type=_explain_device, default="h100",
+                   help=f"profile ({', '.join(PROFILE_NAMES)}), 'local' (this machine) or a torch "
+                   "device that exists here (default: h100)")
     return p
 
 
-def _find_benchmarks():
-    """Import the repository's benchmarks package (it is not installed with the wheel)."""
-    try:
-        from benchmarks import runner  # noqa: F401
-        return runner
-    except ImportError:
-        pass
-    root = Path(__file__).resolve().parent.parent
-    if (root / "benchmarks" / "runner.py").is_file():
-        sys.path.insert(0, str(root))
-        from benchmarks import runner
-        return runner
-    return None
+# ---------------------------------------------------------------------------------------- bench
 
 
 def cmd_bench(args) -> int:
     import torch
 
     if not torch.cuda.is_available():
-        os.environ.setdefault("TRITON_INTERPRET", "1")
-    runner = _find_benchmarks()
-    if runner is None:
-        print("tritonorm bench: the benchmark suite lives in benchmarks/ of the source repository; "
-              "run this from a checkout (`make bench`).", file=sys.stderr)
-        return 2
-    runner.run(suite=args.suite, dtypes=args.dtype, modes=args.mode, names=args.providers,
-               out_dir=args.out, plots=not args.no_plots, name_filter=args.filter)
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
+    from .bench import runner
+
+    for flag, path in (("--out", args.out), ("--json", args.json)):
+        if path is not None and path.exists() and (path.is_dir() if flag == "--json" else not path.is_dir()):
+            raise UsageError(flag, f"{str(path)!r} exists and is a {'folder' if path.is_dir() else 'file'}")
+    try:
+        runner.run(suite=args.suite, dtypes=args.dtype, modes=args.mode, names=args.providers,
+                   out_dir=args.out, json_path=args.json, plots=not args.no_plots,
+                   name_filter=args.filter, progress=not args.quiet)
+    except runner.NoCases as exc:
+        raise UsageError("--filter", str(exc)) from None
     return 0
+
+
+# ---------------------------------------------------------------------------------------- tune
 
 
 def cmd_tune(args) -> int:
     import torch
 
     from . import dispatch
+    from .bench.table import format_table
     from .tuning import sweep
 
-    suites = ["resnet50", "sd-unet", "llm", "nnunet"] if args.suite == "all" else [args.suite]
+    suites = list(suites_mod.SUITES) if args.suite == "all" else [args.suite]
     has_gpu = torch.cuda.is_available()
+    if args.device == "local" and not has_gpu:
+        raise UsageError("--device", "'local' means this machine's CUDA GPU, and none is visible; "
+                         "pass h100 or h200 to list a GPU's problems with --dry-run")
     if not has_gpu and not args.dry_run:
         print("tritonorm tune: no CUDA GPU is visible (torch.cuda.is_available() is False). Tuning "
               "times kernels on the GPU it tunes for, so nothing was tuned. `tritonorm tune --dry-run` "
               "lists what would be tuned.")
         return 0
-    if has_gpu and args.device is None:
+    if has_gpu and args.device in (None, "local"):
         profile = dispatch.profile_for_device(torch.device("cuda"))
+    elif not args.dry_run:
+        raise UsageError("--device", f"{args.device!r}: tuning measures this machine's GPU; --device "
+                         "picks a profile for --dry-run only")
     else:
         profile = dispatch.profile_named(args.device or "h100")
     task_list = sweep.tasks(suites, args.dtype, args.op, profile)
     if args.limit is not None:
         task_list = task_list[: args.limit]
     if args.dry_run:
-        total = 0
+        counts = [len(sweep.candidates(task.problem, profile)) for task in task_list]
         print(f"would tune {len(task_list)} problems on profile {profile.name} "
               f"(suites: {', '.join(suites)}; dtypes: {','.join(args.dtype)}; ops: {','.join(args.op)}):")
-        for task in task_list:
-            n = len(sweep.candidates(task.problem, profile))
-            total += n
-            print(f"  {task.case.suite:9s} {task.case.name:30s} {task.dtype:4s} {task.op:8s} "
-                  f"{n:3d} candidates  heuristic: {task.heuristic.kernel}  key {task.key}")
-        print(f"{total} candidate plans in all; nothing was run (--dry-run).")
+        rows = [(t.case.suite, t.case.name, t.dtype, t.op, n, t.heuristic.kernel, t.key)
+                for t, n in zip(task_list, counts)]
+        print(format_table(("suite", "case", "dtype", "op", "candidates", "heuristic", "key"), rows,
+                           indent=2))
+        print(f"{len(task_list)} problems, {sum(counts)} candidate plans in all; nothing was run (--dry-run).")
         return 0
     return _tune_on_gpu(args, profile, task_list)
 
@@ -150,13 +240,9 @@ def _tune_on_gpu(args, profile, task_list) -> int:
 
     from .tuning import cache, sweep
 
-    bar = None
-    try:
-        from tqdm import tqdm
+    from .bench.progress import progress_bar
 
-        bar = tqdm(total=len(task_list), desc="tune", unit="problem")
-    except ImportError:
-        pass
+    bar = progress_bar(len(task_list), "tune", "problem")
     done = [0]
 
     def progress(task, plan, ms):
@@ -175,10 +261,9 @@ def _tune_on_gpu(args, profile, task_list) -> int:
         prov = {**cache.versions(), "gpu": profile.gpu_name, "status": "tuned",
                 "date": datetime.date.today().isoformat(), "command": " ".join(sys.argv)}
         cap = profile.capability
-        data = {"format": cache.FORMAT, "version": cache.VERSION, "kind": "table",
-                "validators": {"gpu": profile.gpu_name, "capability": f"{cap[0]}.{cap[1]}"},
-                "provenance": prov, "entries": results}
-        cache.write_atomic(args.output, data)
+        doc = cache.TuningFile("table", {"gpu": profile.gpu_name, "capability": f"{cap[0]}.{cap[1]}"},
+                               results, prov)
+        cache.write_atomic(args.output, doc.to_json())
         print(f"wrote {len(results)} entries to {args.output}")
     else:
         store = cache.user_cache(profile)
@@ -191,23 +276,87 @@ def _tune_on_gpu(args, profile, task_list) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------- explain
+
+# Which option a ValueError/TypeError from tritonorm.explain is about, by the keyword it names.
+_KEYWORD_FLAGS = (("num_groups", "--groups"), ("scope", "--scope"), ("activation", "--activation"),
+                  ("device", "--device"), ("x must have shape", "--shape"), ("op=", "--op"))
+
+
+def _default_groups(scope: str, shape: tuple) -> int | None:
+    from .scope import ALIASES, DEFAULT_GROUPS
+
+    key = scope.strip().lower()
+    if key not in ALIASES or key not in DEFAULT_GROUPS or len(shape) < 2:
+        return None
+    channels = shape[1]
+    return max((g for g in range(1, MAX_DEFAULT_GROUPS + 1) if channels % g == 0), default=1)
+
+
 def cmd_explain(args) -> int:
     import torch
 
     from .explain import explain
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    shape = tuple(int(s) for s in args.shape.split(","))
+    shape = args.shape
     x = torch.empty(shape, dtype=dtype, device="meta")
     if args.channels_last:
+        if x.dim() not in (4, 5):
+            raise UsageError("--channels-last", f"needs a 4-D or 5-D --shape, got {x.dim()}-D")
         x = x.to(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
+    groups = args.groups
+    if groups is None:
+        groups = _default_groups(args.scope, shape)
+        if groups is not None:
+            print(f"num_groups: {groups} (default: the largest divisor of C={shape[1]} up to "
+                  f"{MAX_DEFAULT_GROUPS}; --groups to choose)")
     device = None if args.device == "local" else args.device
-    plan = explain(x, args.scope, num_groups=args.groups, activation=args.activation,
-                   center=not args.rms, device=device, op=args.op)
+    try:
+        plan = explain(x, args.scope, num_groups=groups, activation=args.activation,
+                       center=not args.rms, device=device, op=args.op)
+    except (ValueError, TypeError) as exc:
+        msg = str(exc)
+        flag = next((f for word, f in _KEYWORD_FLAGS if msg.startswith(word)), None) or next(
+            (f for word, f in _KEYWORD_FLAGS if f"{word}=" in msg), None)
+        raise UsageError(flag, msg) from None
     print(f"kernel: {plan.kernel}\nconfig: {plan.config}\nreason: {plan.reason}")
     return 0
 
 
+# ---------------------------------------------------------------------------------------- main
+
+
+def _error_line(prog: str, exc: UsageError) -> str:
+    msg = " ".join(str(exc).split())  # one line, whatever the message held
+    return f"{exc.prog or prog}: error: " + (f"argument {exc.flag}: " if exc.flag else "") + msg
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    return {"bench": cmd_bench, "tune": cmd_tune, "explain": cmd_explain}[args.command](args)
+    """Run the command; return its exit status (0 ok, 2 bad input, 1 closed output pipe)."""
+    parser = build_parser()
+    prog = "tritonorm"
+    try:
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit as exc:  # --help, --version
+            return exc.code if isinstance(exc.code, int) else 0
+        prog = f"tritonorm {args.command}"
+        code = {"bench": cmd_bench, "tune": cmd_tune, "explain": cmd_explain}[args.command](args)
+        sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
+        return code
+    except UsageError as exc:
+        print(_error_line(prog, exc), file=sys.stderr)
+        return 2
+    except BrokenPipeError:
+        # The reader went away (`tritonorm ... | head`): stop quietly. Point stdout at devnull so
+        # the interpreter's final flush does not raise again.
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        return 1
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130

@@ -354,8 +354,9 @@ def _forced_plan(kernel: str, cfg: dict, problem: Problem, profile: DeviceProfil
 
 def _stored(problem: Problem, profile: DeviceProfile) -> Plan | None:
     """A plan from the user's tuning cache (live devices) or the shipped table, if one fits."""
-    from .tuning import cache
+    from .tuning import cache  # imports nothing back from tritonorm: no circle
 
+    cache.on_change(clear_memo)  # idempotent; memoized plans are only made after this point
     key = problem.key()
     sources = []
     if profile.live:

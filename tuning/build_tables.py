@@ -3,6 +3,9 @@
     python tuning/build_tables.py --device h100     # on an H100
     python tuning/build_tables.py --device h200     # on an H200
 
+tritonorm must be importable from this checkout (``make venv`` installs it editable; otherwise
+``PYTHONPATH=.``): the script refuses to tune another copy of the code than the one it writes into.
+
 The sweeps themselves live in tritonorm/tuning/sweep.py (so that `tritonorm tune` runs the same
 code on a user's GPU); this script runs all suites, all dtypes, forward and backward, and writes
 the table with its provenance (GPU, versions, date, command). Without a GPU it exits with a note.
@@ -34,8 +37,13 @@ def main(argv=None) -> int:
         print(f"build_tables: this GPU is {torch.cuda.get_device_name()!r}, not an {args.device}; refusing "
               f"to write {args.device}.json from it.")
         return 1
-    sys.path.insert(0, str(ROOT))
+    import tritonorm
     from tritonorm import cli
+
+    if Path(tritonorm.__file__).resolve().parent != ROOT / "tritonorm":
+        print(f"build_tables: tritonorm is imported from {Path(tritonorm.__file__).parent}, not from this "
+              f"checkout ({ROOT}); install it editable (`make venv`) or set PYTHONPATH={ROOT}.")
+        return 1
 
     out = ROOT / "tritonorm" / "tables" / f"{args.device}.json"
     cmd = ["tune", "--suite", args.suite, "--output", str(out)]

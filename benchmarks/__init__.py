@@ -1,1 +1,0 @@
-"""tritonorm's benchmark suite (run with ``tritonorm bench`` or ``make bench``; see docs/benchmarks.md)."""
