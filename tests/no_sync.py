@@ -85,7 +85,7 @@ def forbid_host_reads():
             setattr(owner, name, real)
 
 
-def test_guard_catches_reads():
+def self_test() -> None:
     """The guard itself: each kind of host read raises inside, nothing outside."""
     t = torch.tensor([1.0, 2.0])
     with forbid_host_reads():

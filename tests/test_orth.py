@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from helpers import assert_close, poison_
+import no_sync
 from no_sync import forbid_host_reads
 from tritonorm import orth
 from tritonorm.orth import orthogonalize, ops, reference
@@ -223,6 +224,10 @@ def test_non_finite_weight_gives_nan_group_and_is_counted(method, device):
     assert counts["nonfinite"] == 1 and counts["fallbacks"] == (1 if method == "newton_schulz" else 0)
     with pytest.raises(FloatingPointError, match="nonfinite=1"):
         orth.check(events)
+
+
+def test_host_read_guard_catches_reads():
+    no_sync.self_test()  # the guard the no-host-read tests rely on
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -480,8 +480,10 @@ class SparseSwitchNorm2d(_SwitchNormNd):
     and ``radius``; once a weight vector becomes one-hot it is written into its parameter, the
     flag is set, and from then on the parameter is used detached (no gradient reaches it). Set the
     radius each iteration with ``set_rad(radius_schedule(...))``. Differences from the reference:
-    the radius is read from the ``radius`` buffer (so a loaded checkpoint keeps it), and tied
-    weights at ``rad > 0`` give the face centre instead of NaN.
+    the radius is read from the ``radius`` buffer (so a loaded checkpoint keeps it), tied weights at
+    ``rad > 0`` give the face centre instead of NaN, and a frozen parameter's gradient is zero
+    rather than None (see ``_sparse``). A training step reads nothing back to the host and traces
+    with ``torch.compile(fullgraph=True)``.
     """
 
     _ndim = 4
