@@ -100,3 +100,15 @@ def self_test() -> None:
             raise AssertionError("a host read went through the guard")
         assert torch.equal(torch.where(t > 1, t, -t), torch.tensor([-1.0, 2.0]))  # device-side is fine
     assert t.sum().item() == 3.0
+
+
+@contextlib.contextmanager
+def cuda_sync_errors():
+    """On a GPU: make any host-device synchronization inside the block raise (PyTorch's own
+    detector, which also sees syncs inside C++ ops, such as ``torch.linalg.eigh``'s)."""
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

@@ -13,7 +13,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from helpers import assert_close
-from no_sync import forbid_host_reads
+from no_sync import cuda_sync_errors, forbid_host_reads
 from tritonorm import orth
 from tritonorm.nn.orth import (CenteredWeightNorm, OrthConv1d, OrthConv2d, OrthConv3d, OrthLinear,
                                centered_weight_norm)
@@ -131,6 +131,19 @@ def test_training_step_reads_nothing_on_host(device):
         y.backward(dy)
     _check_step(layers, y, reference64, x, dy)
     assert orth.event_counts(layers[0]) == {"fallbacks": 0, "nonfinite": 0}
+
+
+@pytest.mark.gpu
+def test_training_step_does_not_sync_cuda(device):
+    # The same on a GPU with PyTorch's sync detector (C++ syncs included). ONI layers only:
+    # method="eigen" calls torch.linalg.eigh, which syncs by PyTorch's design.
+    conv = OrthConv2d(3, 6, 3, group_size=3, iters=4, device=device)
+    lin = OrthLinear(6 * 3 * 3, 5, device=device)
+    x = torch.randn(2, 3, 5, 5, device=device)
+    lin(conv(x).flatten(1)).sum().backward()  # compile the kernels outside the check
+    with cuda_sync_errors():
+        lin(conv(x).flatten(1)).sum().backward()
+    assert orth.event_counts(conv) == {"fallbacks": 0, "nonfinite": 0}
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")  # dynamo's note about lru_cache in backend.py

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from helpers import FP32_RTOL, assert_close, max_err, scale
-from no_sync import forbid_host_reads
+from no_sync import cuda_sync_errors, forbid_host_reads
 from tritonorm import activations
 from tritonorm.nn.switchable import (SparseSwitchNorm2d, SwitchNorm1d, SwitchNorm2d, SwitchNorm3d,
                                      radius_schedule, sparsemax, sparsestmax)
@@ -487,6 +487,17 @@ def test_sparse_switch_norm_step_reads_nothing_on_host():
         m(torch.randn(2, 4, 2, 2)).sum().backward()
         m(torch.randn(2, 4, 2, 2)).sum().backward()
     assert int(m.var_fixed) == 1
+
+
+@pytest.mark.gpu
+def test_sparse_switch_norm_step_does_not_sync_cuda(device):
+    # PyTorch's own detector on a GPU, C++ syncs included.
+    m = SparseSwitchNorm2d(4, device=device)
+    m.set_rad(0.3)
+    x = torch.randn(2, 4, 3, 3, device=device)
+    m(x).sum().backward()  # compile the kernels outside the check
+    with cuda_sync_errors():
+        m(x).sum().backward()
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from helpers import assert_close
-from no_sync import forbid_host_reads
+from no_sync import cuda_sync_errors, forbid_host_reads
 from tritonorm import orth
 from tritonorm.nn.whitening import DBN, IterNorm
 from tritonorm.orth import reference
@@ -226,6 +226,16 @@ def test_training_step_reads_nothing_on_host(device):
         y = forward(x)
         y.backward(dy)
     _check_pair_step(it, y, reference64, x, dy)
+
+
+@pytest.mark.gpu
+def test_iternorm_step_does_not_sync_cuda(device):
+    # PyTorch's own detector on a GPU (DBN is left out: torch.linalg.eigh syncs by design).
+    layer = IterNorm(10, num_channels=4).to(device)
+    x = torch.randn(8, 10, 3, 3, device=device)
+    layer(x).sum().backward()  # compile the kernels outside the check
+    with cuda_sync_errors():
+        layer(x).sum().backward()
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")  # dynamo's note about lru_cache in backend.py

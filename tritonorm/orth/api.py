@@ -173,7 +173,7 @@ def event_counts(source) -> dict[str, int]:
     """Totals of the events counted so far in ``source``: an ``nn.Module`` (summed over every
     submodule with an ``orth_events`` buffer: OrthLinear/OrthConv, IterNorm, DBN) or an events
     tensor. ``{"fallbacks": groups whose Newton-Schulz result diverged and was replaced by the
-    fallback, "nonfinite": groups whose result was inf/NaN}``. This reads the device (a sync):
+    fallback, "nonfinite": groups whose result was inf/NaN}``. This reads each counter back (a sync):
     call it when you log, not inside the step."""
     totals = [0] * len(EVENTS)
     for _, t in _counters(source):
@@ -184,7 +184,8 @@ def event_counts(source) -> dict[str, int]:
 
 def check(source) -> None:
     """Raise FloatingPointError if ``source`` (a module or an events tensor, as ``event_counts``)
-    counted any event, naming each module and its counts; otherwise return None. One host read.
+    counted any event, naming each module and its counts; otherwise return None. Reads each
+    counter back once (a sync per layer): call it between steps, not inside one.
     The counters are left as they are (``reset_events`` clears them)."""
     found = []
     for name, t in _counters(source):
