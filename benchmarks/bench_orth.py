@@ -4,8 +4,8 @@
 
 Ops timed, per shape (G groups of n rows of length d, T Newton steps, fp32):
   newton         S_N (G, n, n) → B_T: the part the fused kernel replaces (~3T launches in eager)
-  orthogonalize  weight (G·n, d) → W, end to end (centring, Gram matmul, Newton, B_T·Zc, and the
-                 divergence check, which reads one flag back to the host)
+  orthogonalize  weight (G·n, d) → W, end to end (centring, Gram matmul, Newton, the per-group
+                 divergence check and fallback selection on the device, B_T·Zc; no host read)
 Providers: ``tritonorm`` (our path: fused kernel for n <= MAX_FUSED_ROWS, batched matmuls above),
 ``fused`` (the kernel forced at n > MAX_FUSED_ROWS, to re-check that threshold), ``eager`` (the
 reference in ``tritonorm.orth.reference``, batched eager matmuls as the ONI code does), and
@@ -66,7 +66,7 @@ def providers(op: str, n: int) -> dict:
     """name → function of the input tensor (a fresh closure per shape keeps compile caches apart)."""
     if op == "newton":
         eager = lambda sn: reference.newton_iterate(sn, ITERS)  # noqa: E731
-        out = {"tritonorm": lambda sn: ops.newton_isqrt(sn, ITERS, use_triton=True), "eager": eager}
+        out = {"tritonorm": lambda sn: ops.newton_isqrt(sn, ITERS, use_triton=True)[0], "eager": eager}
         if n > ops.MAX_FUSED_ROWS:
             out["fused"] = lambda sn: ops._newton_fwd_op(sn, ITERS, torch.is_grad_enabled()
                                                         and sn.requires_grad)[0]

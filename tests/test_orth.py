@@ -18,6 +18,9 @@ import pytest
 import torch
 
 from helpers import assert_close, poison_
+import no_sync
+from no_sync import forbid_host_reads
+from tritonorm import orth
 from tritonorm.orth import orthogonalize, ops, reference
 
 # (shape, group_size): why each is here.
@@ -168,20 +171,91 @@ def test_eigen_backward_finite_with_repeated_eigenvalues(device):
     assert torch.isfinite(w.grad).all()
 
 
+def _fallback64(w64: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """The documented fallback of a diverged group, ``diag(S)^{-1/2}·Zc``: its centred rows
+    scaled to ``1/sqrt(‖row‖² + eps)`` (float64)."""
+    z = w64.reshape(w64.shape[0], -1)
+    zc = z - z.mean(1, keepdim=True)
+    return (zc / (zc.square().sum(1, keepdim=True) + eps).sqrt()).reshape(w64.shape)
+
+
+def _diverging_and_stable_groups(device) -> torch.Tensor:
+    """(32, 17): a random group of 16 rows of length 17 (centred rank 16 = n, so λ_min(S_N) ~ 1e-5:
+    the iteration is finite garbage by T = 10, inf/NaN by T = 30), then 16 orthonormal centred
+    rows times 3 (S = 9·I + eps·I, where the iteration is stable at any T)."""
+    ones = torch.ones(17, 1, dtype=torch.float64, device=device)
+    q, _ = torch.linalg.qr(torch.cat([ones, torch.randn(17, 16, dtype=torch.float64, device=device)], 1))
+    stable = 3.0 * q[:, 1:].T + torch.randn(16, 1, dtype=torch.float64, device=device)  # offsets are centred away
+    return torch.cat([torch.randn(16, 17, dtype=torch.float64, device=device), stable]).float()
+
+
 @pytest.mark.filterwarnings("ignore:(overflow|invalid value):RuntimeWarning")  # the blow-up itself
+@pytest.mark.parametrize("backend", ["auto", "reference"])  # fused kernel op / batched matmuls
 @pytest.mark.parametrize("iters", [10, 30])  # finite garbage at 10, inf/NaN by 30
-def test_newton_divergence_is_reported(iters, device):
-    w = torch.randn(16, 17, device=device)  # centred rank 16 = n: S_N has λ_min ~ 1e-5
-    with pytest.raises(FloatingPointError, match="diverged"):
-        orthogonalize(w, iters=iters)
+def test_newton_divergence_falls_back_per_group(iters, backend, device):
+    w = _diverging_and_stable_groups(device).requires_grad_()
+    events = orth.new_events(device)
+    y = orthogonalize(w, iters=iters, group_size=16, backend=backend, events=events)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    # Oracle: the fallback on the diverged group, float64 Newton-Schulz on the stable one.
+    w64 = w.detach().double().requires_grad_()
+    y64 = torch.cat([_fallback64(w64[:16]), reference.orthogonalize(w64[16:], "newton_schulz", 16, iters, 1e-5)])
+    y64.backward(dy.double())
+    assert_close(y, y64, torch.float32, what="W")
+    assert_close(w.grad, w64.grad, torch.float32, what="dL/dweight")  # finite though B_T blew up
+    assert orth.event_counts(events) == {"fallbacks": 1, "nonfinite": 0}
+    with pytest.raises(FloatingPointError, match="fallbacks=1"):
+        orth.check(events)
+    orth.reset_events(events)
+    orth.check(events)
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_non_finite_weight_is_reported(method, device):
-    w = torch.randn(8, 20, device=device)
+def test_non_finite_weight_gives_nan_group_and_is_counted(method, device):
+    w = torch.randn(16, 20, device=device)
     w[3, 5] = float("nan")
-    with pytest.raises(FloatingPointError):
-        orthogonalize(w, method=method)
+    events = orth.new_events(device)
+    y = orthogonalize(w, method=method, group_size=8, events=events)
+    assert torch.isnan(y[:8]).all(), "the group with the NaN is NaN, not a plausible number"
+    w64, y64 = _oracle64(w[8:], method, 8, 5)
+    assert_close(y[8:], y64, torch.float32, what="W of the finite group")
+    counts = orth.event_counts(events)
+    assert counts["nonfinite"] == 1 and counts["fallbacks"] == (1 if method == "newton_schulz" else 0)
+    with pytest.raises(FloatingPointError, match="nonfinite=1"):
+        orth.check(events)
+
+
+def test_host_read_guard_catches_reads():
+    no_sync.self_test()  # the guard the no-host-read tests rely on
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_forward_backward_read_nothing_on_host(method, device):
+    # No .item(), bool(tensor), float(tensor)... anywhere in forward or backward, even when a
+    # group diverges (the fallback is chosen on the device).
+    w = _diverging_and_stable_groups(device).requires_grad_()
+    events = orth.new_events(device)
+    with forbid_host_reads():
+        y = orthogonalize(w, method=method, group_size=16, iters=10, events=events)
+        y.backward(torch.randn_like(y))
+    if method == "eigen":
+        _, y64 = _oracle64(w, method, 16, 10)
+    else:
+        w64 = w.detach().double()
+        y64 = torch.cat([_fallback64(w64[:16]), reference.orthogonalize(w64[16:], method, 16, 10, 1e-5)])
+    assert_close(y, y64, torch.float32, what="W")
+    assert orth.event_counts(events)["fallbacks"] == (1 if method == "newton_schulz" else 0)
+
+
+def test_events_argument_is_checked(device):
+    w = torch.randn(4, 10, device=device)
+    for bad, exc in ((torch.zeros(2), TypeError), (torch.zeros(3, dtype=torch.int64), TypeError), ([0, 0], TypeError),
+                     (torch.zeros(2, dtype=torch.int64, device="meta"), ValueError)):
+        with pytest.raises(exc, match="events"):
+            orthogonalize(w, events=bad)
+    with pytest.raises(TypeError, match="source"):
+        orth.check("model")
 
 
 @pytest.mark.parametrize("kwargs,exc,name", [
@@ -229,6 +303,8 @@ def test_registered_op_passes_opcheck(device):
     # Schema, fake (meta) implementation, autograd registration and AOT dispatch of the kernel op.
     sn = _random_sn(2, 5, device).float().requires_grad_()
     torch.library.opcheck(ops._newton_fwd_op, (sn, 3, True))
+    b, _, bad = ops._newton_fwd_op(sn.detach(), 3, False)
+    assert bad.dtype == torch.bool and bad.shape == (2,) and not bad.any()
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")  # dynamo's note about lru_cache in backend.py

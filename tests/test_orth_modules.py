@@ -13,6 +13,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from helpers import assert_close
+from no_sync import cuda_sync_errors, forbid_host_reads
+from tritonorm import orth
 from tritonorm.nn.orth import (CenteredWeightNorm, OrthConv1d, OrthConv2d, OrthConv3d, OrthLinear,
                                centered_weight_norm)
 from tritonorm.orth import api, reference
@@ -91,6 +93,93 @@ def test_eval_caches_until_weight_changes(monkeypatch, device):
         layer(x)
         layer(x)
     assert len(calls) == 5
+
+
+def _net(device):
+    """OrthConv2d → flatten → OrthLinear (ONI and OLM), and its float64 functional reference."""
+    conv = OrthConv2d(3, 6, 3, group_size=3, iters=4, device=device)
+    lin = OrthLinear(6 * 3 * 3, 5, method="eigen", device=device)
+
+    def forward(x):
+        return lin(conv(x).flatten(1))
+
+    def reference64(x):
+        wc64, _, wc = _ref_weight64(conv, "newton_schulz")
+        wl64, _, wl = _ref_weight64(lin, "eigen")
+        h = F.conv2d(x.double(), wc, conv.bias.detach().double())
+        return (wc64, wl64), F.linear(h.flatten(1), wl, lin.bias.detach().double())
+
+    return (conv, lin), forward, reference64
+
+
+def _check_step(layers, y, reference64, x, dy):
+    (wc64, wl64), y64 = reference64(x)
+    y64.backward(dy.double())
+    assert_close(y, y64, torch.float32, what="y")
+    assert_close(layers[0].weight.grad, wc64.grad, torch.float32, what="conv dweight")
+    assert_close(layers[1].weight.grad, wl64.grad, torch.float32, what="linear dweight")
+
+
+def test_training_step_reads_nothing_on_host(device):
+    # forward + backward of OrthConv2d (Newton-Schulz) and OrthLinear (eigen) under a guard that
+    # raises on any .item(), bool(tensor), float(tensor), tolist()... (tests/no_sync.py).
+    layers, forward, reference64 = _net(device)
+    x = torch.randn(2, 3, 5, 5, device=device)
+    dy = torch.randn(2, 5, device=device)
+    with forbid_host_reads():
+        y = forward(x)
+        y.backward(dy)
+    _check_step(layers, y, reference64, x, dy)
+    assert orth.event_counts(layers[0]) == {"fallbacks": 0, "nonfinite": 0}
+
+
+@pytest.mark.gpu
+def test_training_step_does_not_sync_cuda(device):
+    # The same on a GPU with PyTorch's sync detector (C++ syncs included). ONI layers only:
+    # method="eigen" calls torch.linalg.eigh, which syncs by PyTorch's design.
+    conv = OrthConv2d(3, 6, 3, group_size=3, iters=4, device=device)
+    lin = OrthLinear(6 * 3 * 3, 5, device=device)
+    x = torch.randn(2, 3, 5, 5, device=device)
+    lin(conv(x).flatten(1)).sum().backward()  # compile the kernels outside the check
+    with cuda_sync_errors():
+        lin(conv(x).flatten(1)).sum().backward()
+    assert orth.event_counts(conv) == {"fallbacks": 0, "nonfinite": 0}
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # dynamo's note about lru_cache in backend.py
+def test_training_step_compiles_fullgraph(device):
+    # A host read or a Python branch on a tensor value is a graph break, which fullgraph=True
+    # turns into an error. aot_eager traces forward and backward without generating code.
+    layers, forward, reference64 = _net(device)
+    f = torch.compile(forward, fullgraph=True, backend="aot_eager")
+    x = torch.randn(2, 3, 5, 5, device=device)
+    dy = torch.randn(2, 5, device=device)
+    y = f(x)
+    y.backward(dy)
+    _check_step(layers, y, reference64, x, dy)
+
+
+@pytest.mark.filterwarnings("ignore:(overflow|invalid value):RuntimeWarning")  # the blow-up itself
+def test_layer_falls_back_and_counts_divergence(device):
+    # 16 outputs of 17 inputs at T = 30: the Newton iteration blows up (tests/test_orth.py). The
+    # layer trains on the fallback (rows centred and scaled to unit norm), counts it, and only
+    # check() raises.
+    layer = OrthLinear(17, 16, iters=30, device=device)
+    x = torch.randn(4, 17, device=device)
+    y = layer(x)
+    y.square().sum().backward()
+    w64 = layer.weight.detach().double()
+    wc = w64 - w64.mean(1, keepdim=True)
+    expect = F.linear(x.double(), wc / (wc.square().sum(1, keepdim=True) + 1e-5).sqrt(), layer.bias.double())
+    assert_close(y, expect, torch.float32, what="y on the fallback")
+    assert torch.isfinite(layer.weight.grad).all()
+    model = nn.Sequential(nn.Linear(17, 17), layer)
+    assert orth.event_counts(model) == {"fallbacks": 1, "nonfinite": 0}
+    with pytest.raises(FloatingPointError, match=r"1: fallbacks=1"):  # named by its path in the model
+        orth.check(model)
+    assert "orth_events" not in layer.state_dict()
+    orth.reset_events(model)
+    orth.check(model)
 
 
 def test_state_dict_compatible_with_plain_layers(device):

@@ -1,6 +1,8 @@
 """Switchable Normalization and Sparse SN against a float64 transcription of the public reference
 implementations (ALGORITHMS.md sections 5 and 6): outputs, gradients to x, weight, bias and both
-mixing vectors, running statistics in both modes, the sparsestmax freeze rule."""
+mixing vectors, running statistics in both modes, the sparsestmax freeze rule; the unrolled
+sparsestmax against the recursive one; a Sparse SN training step with no host read, and traced
+whole by torch.compile(fullgraph=True)."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import pytest
 import torch
 
 from helpers import FP32_RTOL, assert_close, max_err, scale
+from no_sync import cuda_sync_errors, forbid_host_reads
 from tritonorm import activations
 from tritonorm.nn.switchable import (SparseSwitchNorm2d, SwitchNorm1d, SwitchNorm2d, SwitchNorm3d,
                                      radius_schedule, sparsemax, sparsestmax)
@@ -46,6 +49,26 @@ def ref_sparsestmax(v, rad_in=0.0, u_in=None):
     if min(p) < 0:
         return ref_sparsestmax(p, rad, u)
     return p.clamp(min=0, max=1)
+
+
+def recursive_sparsestmax(v, rad, u_prev=None, depth=None):
+    """tritonorm's previous sparsestmax: the reference's recursion with host reads and Python
+    branches, plus the centre guard (distance < 1e-6 returns w). ``depth`` (a list) records the
+    deepest level reached."""
+    if depth is not None:
+        depth.append(1 if u_prev is None else depth[-1] + 1)
+    w = ref_sparsemax(v)
+    if (w.max() - w.min()).item() == 1:
+        return w
+    u = (w > 0).to(w.dtype) / (w > 0).sum()
+    r = float(rad) if u_prev is None else math.sqrt(max(float(rad) ** 2 - float(((u - u_prev) ** 2).sum()), 0.0))
+    distance = torch.linalg.vector_norm(w - u)
+    if float(distance.detach()) >= r or float(distance.detach()) < 1e-6:
+        return w
+    p = r * (w - u) / distance + u
+    if p.min().item() < 0:
+        return recursive_sparsestmax(p, r, u, depth)
+    return p.clamp(0, 1)
 
 
 def _ref_running_update(rm, rv, mean_bn, var_bn, momentum, moving_average):
@@ -319,6 +342,54 @@ def test_sparse_switch_norm_matches_reference():
     torch.testing.assert_close(m.get_mean().double(), mix[0].detach(), rtol=1e-6, atol=1e-7)
 
 
+def _sparsestmax_inputs(dtype):
+    """(v, rad) pairs: random, tied (integer grid: ties between two or all three), one-hot at
+    sparsemax (large spread), all equal (the face centre), tiny spread; rad 0, 1 and in between."""
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    for i in range(150):
+        kind = i % 5
+        if kind == 0:
+            v = torch.randn(3, generator=g) * 0.7
+        elif kind == 1:
+            v = torch.randint(-2, 3, (3,), generator=g).to(torch.float64) * 0.5
+        elif kind == 2:
+            v = torch.randn(3, generator=g) * 5
+        elif kind == 3:
+            v = torch.full((3,), float(torch.randn(1, generator=g)))
+        else:
+            v = torch.randn(3, generator=g) * 0.05
+        rad = (0.0, 1.0, float(torch.rand(1, generator=g)), float(torch.rand(1, generator=g)) ** 0.25)[i % 4]
+        yield v.to(dtype), rad
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_sparsestmax_unrolled_matches_recursive(dtype):
+    # The sync-free sparsestmax (levels unrolled, answer picked with torch.where) against the
+    # recursive one it replaces: values and gradients, on inputs that take every branch.
+    tol = 1e-12 if dtype == torch.float64 else 1e-6
+    depths, branches = [], set()
+    for v, rad in _sparsestmax_inputs(dtype):
+        a = v.clone().requires_grad_(True)
+        b = v.clone().requires_grad_(True)
+        depth = []
+        ours, theirs = sparsestmax(a, rad), recursive_sparsestmax(b, rad, depth=depth)
+        depths.append(max(depth))
+        branches.add((max(depth), bool((ours.detach() == 0).any()), bool(ours.detach().max() == 1)))
+        assert (ours.detach() - theirs.detach()).abs().max() <= tol, (v, rad, ours, theirs)
+        g = torch.randn(3, dtype=dtype)
+        (ga,) = torch.autograd.grad(ours, a, g)
+        (gb,) = torch.autograd.grad(theirs, b, g, allow_unused=True) if theirs.requires_grad else (None,)
+        gb = torch.zeros_like(ga) if gb is None else gb
+        assert torch.isfinite(ga).all(), (v, rad)
+        # fp32: the old code took the radius in float64 on the host, so near-degenerate cases
+        # (gradients ~1e-5, a distance near 1e-6) differ in rounding: judge at the gradient's scale.
+        assert (ga - gb).abs().max() <= tol * max(1.0, float(g.abs().max())) * (1 if dtype == torch.float64 else 10), \
+            (v, rad, ga, gb)
+    # Every depth the recursion can reach on 3 entries was exercised, and none deeper.
+    assert set(depths) == {1, 2, 3}, sorted(set(depths))
+    assert len(branches) >= 4
+
+
 def test_sparse_switch_norm_freezes_at_one_hot():
     m = SparseSwitchNorm2d(2)
     with torch.no_grad():
@@ -329,10 +400,116 @@ def test_sparse_switch_norm_freezes_at_one_hot():
     y.square().sum().backward()
     assert int(m.mean_fixed) == 1 and int(m.var_fixed) == 0
     assert torch.equal(m.mean_weight.detach(), torch.tensor([1.0, 0.0, 0.0]))
-    assert m.mean_weight.grad is None, "a frozen weight vector gets no gradient"
-    assert m.var_weight.grad is not None
-    # Frozen for good: later values of the parameter are used as they are.
+    assert torch.equal(m.get_mean(), torch.tensor([1.0, 0.0, 0.0]))
+    # No gradient reaches a frozen vector: zero (the reference's None would need a host read).
+    assert torch.equal(m.mean_weight.grad, torch.zeros(3)), "a frozen weight vector gets no gradient"
+    assert m.var_weight.grad is not None and m.var_weight.grad.abs().sum() > 0
+    # An optimizer with momentum and weight decay steps the frozen parameter anyway (its gradient
+    # is zero, not None); the next forward puts it back, and the weights used stay the one-hot.
+    opt = torch.optim.SGD([m.mean_weight, m.var_weight], lr=0.1, momentum=0.9, weight_decay=0.1)
+    opt.step()
+    assert not torch.equal(m.mean_weight.detach(), torch.tensor([1.0, 0.0, 0.0]))
     m(torch.randn(2, 2, 3, 3))
     assert int(m.mean_fixed) == 1
+    assert torch.equal(m.mean_weight.detach(), torch.tensor([1.0, 0.0, 0.0]))
+    assert torch.equal(m.get_mean(), torch.tensor([1.0, 0.0, 0.0]))
     with pytest.raises(ValueError, match="rad"):
         m.set_rad(2.0)
+
+
+def test_sparse_switch_norm_freezes_during_training_as_reference():
+    # Several steps as the radius grows: the weights used, the freeze step and the flags follow
+    # the reference's rule (sparsestmax, freeze when max - min >= 1) in float64.
+    m = SparseSwitchNorm2d(3)
+    with torch.no_grad():
+        m.mean_weight.copy_(torch.tensor([0.9, 0.45, 0.1]))
+        m.var_weight.copy_(torch.tensor([0.2, 0.3, 0.25]))
+    mean_p = m.mean_weight.detach().double().clone()
+    fixed_ref = False
+    for step, rad in enumerate([0.0, 0.3, 0.6, 0.9, 1.0]):
+        m.set_rad(rad)
+        m(torch.randn(2, 3, 2, 3)).sum().backward()
+        if not fixed_ref:
+            w = ref_sparsestmax(mean_p, rad)
+            if float(w.max() - w.min()) >= 1:
+                fixed_ref = True
+                w = torch.zeros(3, dtype=torch.float64)
+                w[int(mean_p.argmax())] = 1.0
+        torch.testing.assert_close(m.get_mean().double(), w, rtol=0, atol=1e-6)
+        assert int(m.mean_fixed) == int(fixed_ref), f"step {step}"
+    assert fixed_ref, "the schedule should have frozen the mean weights (test input)"
+
+
+def _ssn_reference_step(m, x, dy, rad):
+    """float64 reference output and gradients for one training step of ``m`` (not frozen)."""
+    params = [p.detach().double().clone().requires_grad_(True)
+              for p in (m.weight, m.bias, m.mean_weight, m.var_weight)]
+    rm, rv = m.running_mean.double().clone(), m.running_var.double().clone()
+    mix = (ref_sparsestmax(params[2], rad), ref_sparsestmax(params[3], rad))
+    x64 = x.detach().double().requires_grad_(True)
+    y64 = ref_switch_norm(x64, *params, rm, rv, training=True, momentum=m.momentum, moving_average=True,
+                          using_bn=True, mix=mix)
+    y64.backward(dy.double())
+    return y64, [x64.grad] + [p.grad for p in params], rm, rv
+
+
+def _ssn_step_matches_reference(step_fn, m):
+    with torch.no_grad():
+        m.mean_weight.copy_(torch.tensor([0.5, 0.2, 0.1]))
+        m.var_weight.copy_(torch.tensor([0.1, 0.4, 0.3]))
+    m.set_rad(0.3)
+    x = torch.randn(3, 4, 3, 3, requires_grad=True)
+    dy = torch.randn(3, 4, 3, 3)
+    y64, grads64, rm, rv = _ssn_reference_step(m, x, dy, 0.3)
+    y = step_fn(x, dy)
+    assert_close(y, y64, torch.float32)
+    ours = [x.grad, m.weight.grad, m.bias.grad, m.mean_weight.grad, m.var_weight.grad]
+    for name, a, b in zip(("dx", "dweight", "dbias", "dmean_weight", "dvar_weight"), ours, grads64):
+        rtol = 1e-4 if "mean" in name or "var" in name else FP32_RTOL  # 1e-4: see _run_pair
+        assert max_err(a, b.reshape(a.shape)) <= rtol * scale(b), name
+    assert_close(m.running_var, rv, torch.float32, what="running_var")
+
+
+def test_sparse_switch_norm_step_reads_nothing_on_host():
+    m = _randomize(SparseSwitchNorm2d(4))
+
+    def step(x, dy):
+        with forbid_host_reads():
+            y = m(x)
+            y.backward(dy)
+        return y
+
+    _ssn_step_matches_reference(step, m)
+    # And a step that freezes a vector, then one with it frozen: still no host read.
+    with torch.no_grad():
+        m.var_weight.copy_(torch.tensor([3.0, 0.0, 0.1]))
+    with forbid_host_reads():
+        m(torch.randn(2, 4, 2, 2)).sum().backward()
+        m(torch.randn(2, 4, 2, 2)).sum().backward()
+    assert int(m.var_fixed) == 1
+
+
+@pytest.mark.gpu
+def test_sparse_switch_norm_step_does_not_sync_cuda(device):
+    # PyTorch's own detector on a GPU, C++ syncs included.
+    m = SparseSwitchNorm2d(4, device=device)
+    m.set_rad(0.3)
+    x = torch.randn(2, 4, 3, 3, device=device)
+    m(x).sum().backward()  # compile the kernels outside the check
+    with cuda_sync_errors():
+        m(x).sum().backward()
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_sparse_switch_norm_compiles_fullgraph():
+    # A graph break (a host read or a Python branch on a value) fails fullgraph=True. aot_eager
+    # traces the backward too, without the cost of generating code.
+    m = _randomize(SparseSwitchNorm2d(4))
+    f = torch.compile(m, fullgraph=True, backend="aot_eager")
+
+    def step(x, dy):
+        y = f(x)
+        y.backward(dy)
+        return y
+
+    _ssn_step_matches_reference(step, m)

@@ -11,6 +11,8 @@ import pytest
 import torch
 
 from helpers import assert_close
+from no_sync import cuda_sync_errors, forbid_host_reads
+from tritonorm import orth
 from tritonorm.nn.whitening import DBN, IterNorm
 from tritonorm.orth import reference
 
@@ -148,11 +150,105 @@ def test_eval_uses_running_stats(kind, device):
 
 
 @pytest.mark.filterwarnings("ignore:(overflow|invalid value):RuntimeWarning")  # the blow-up itself
-def test_iternorm_divergence_is_reported(device):
-    # 16 channels, 17 samples: centred rank 16 with λ_min ~ eps, unstable at large T.
+def test_iternorm_divergence_falls_back_to_standardization(device):
+    # 16 channels, 17 samples: centred rank 16 with λ_min ~ eps, the iteration blows up at T = 30.
+    # The group is standardized instead (wm = diag(Σ)^{-1/2}), counted, and training goes on.
     layer = IterNorm(16, T=30).to(device)
-    with pytest.raises(FloatingPointError, match="diverged"):
-        layer(torch.randn(17, 16, device=device))
+    x = torch.randn(17, 16, device=device, requires_grad=True)
+    y = layer(x)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    x64 = x.detach().double().requires_grad_()
+    var, mu = torch.var_mean(x64, dim=0, unbiased=False)
+    y64 = (x64 - mu) / (var + layer.eps).sqrt()
+    y64.backward(dy.double())
+    assert_close(y, y64, torch.float32, what="y (standardized)")
+    assert_close(x.grad, x64.grad, torch.float32, what="dx")
+    m = layer.momentum
+    eye = torch.eye(16, dtype=torch.float64, device=device)
+    assert_close(layer.running_wm[0], (1 - m) * eye + m * torch.diag((var + layer.eps).rsqrt()).detach(),
+                 torch.float32, what="running_wm (the matrix used)")
+    assert orth.event_counts(layer) == {"fallbacks": 1, "nonfinite": 0}
+    with pytest.raises(FloatingPointError, match="fallbacks=1"):
+        orth.check(layer)
+
+
+@pytest.mark.parametrize("kind", ["iternorm", "dbn"])
+def test_non_finite_input_is_counted_and_spares_running_stats(kind, device):
+    layer = _make(kind, 6, num_channels=4).to(device)
+    x = torch.randn(16, 6, device=device)
+    x[5, 1] = float("inf")  # group 0 (channels 0-3); group 1 (channels 4, 5) is finite
+    y = layer(x)
+    assert not torch.isfinite(y[:, :4]).any()
+    y64 = reference.whiten(x[:, 4:].double(), 4, _method(kind), 5, 1e-5)[0]
+    assert_close(y[:, 4:], y64 if layer.weight is None else y64 * layer.weight[4:].double(), torch.float32,
+                 what="y of the finite group")
+    assert torch.equal(layer.running_mean[0], torch.zeros(4, 1, device=device))
+    assert torch.equal(layer.running_wm[0], torch.eye(4, device=device))
+    assert torch.isfinite(layer.running_wm).all() and layer.running_mean[1].abs().sum() > 0
+    assert orth.event_counts(layer)["nonfinite"] == 1
+    with pytest.raises(FloatingPointError, match="nonfinite=1"):
+        orth.check(layer)
+
+
+def _pair(device):
+    """IterNorm then DBN on (8, 10, 3, 3) with uneven groups, and its float64 reference."""
+    it = IterNorm(10, num_channels=4, T=4).to(device)
+    dbn = DBN(10, num_channels=3).to(device)
+    with torch.no_grad():
+        it.weight.uniform_(0.5, 1.5)
+
+    def reference64(x64, w64):
+        h = reference.whiten(x64, 4, "newton", 4, 1e-5)[0] * w64.reshape(1, -1, 1, 1)
+        h = h + it.bias.detach().double().reshape(1, -1, 1, 1)
+        return reference.whiten(h, 3, "eigen", 1, 1e-5)[0]
+
+    return it, dbn, (lambda x: dbn(it(x))), reference64
+
+
+def _check_pair_step(it, y, reference64, x, dy):
+    x64 = x.detach().double().requires_grad_()
+    w64 = it.weight.detach().double().requires_grad_()
+    y64 = reference64(x64, w64)
+    y64.backward(dy.double())
+    assert_close(y, y64, torch.float32, what="y")
+    assert_close(x.grad, x64.grad, torch.float32, what="dx")
+    assert_close(it.weight.grad, w64.grad, torch.float32, what="dweight")
+
+
+def test_training_step_reads_nothing_on_host(device):
+    # forward + backward of IterNorm and DBN under a guard that raises on any .item(),
+    # bool(tensor), float(tensor), tolist()... (tests/no_sync.py).
+    it, dbn, forward, reference64 = _pair(device)
+    x = (torch.randn(8, 10, 3, 3, device=device) * 2 + 1).requires_grad_()
+    dy = torch.randn(8, 10, 3, 3, device=device)
+    with forbid_host_reads():
+        y = forward(x)
+        y.backward(dy)
+    _check_pair_step(it, y, reference64, x, dy)
+
+
+@pytest.mark.gpu
+def test_iternorm_step_does_not_sync_cuda(device):
+    # PyTorch's own detector on a GPU (DBN is left out: torch.linalg.eigh syncs by design).
+    layer = IterNorm(10, num_channels=4).to(device)
+    x = torch.randn(8, 10, 3, 3, device=device)
+    layer(x).sum().backward()  # compile the kernels outside the check
+    with cuda_sync_errors():
+        layer(x).sum().backward()
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # dynamo's note about lru_cache in backend.py
+def test_training_step_compiles_fullgraph(device):
+    # A host read or a Python branch on a tensor value is a graph break: fullgraph=True fails on it.
+    it, dbn, forward, reference64 = _pair(device)
+    f = torch.compile(forward, fullgraph=True, backend="aot_eager")
+    x = (torch.randn(8, 10, 3, 3, device=device) * 2 + 1).requires_grad_()
+    dy = torch.randn(8, 10, 3, 3, device=device)
+    y = f(x)
+    y.backward(dy)
+    _check_pair_step(it, y, reference64, x, dy)
+    assert orth.event_counts(it) == {"fallbacks": 0, "nonfinite": 0}
 
 
 @pytest.mark.parametrize("kwargs,exc,name", [

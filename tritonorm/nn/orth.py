@@ -34,6 +34,9 @@ class _OrthMixin:
             self.scale = nn.Parameter(init)
         else:
             self.register_buffer("scale", init, persistent=False)
+        # [fallbacks, nonfinite] groups, counted on the device by every forward (docs/orthogonalization.md);
+        # read with tritonorm.orth.event_counts/check. Not persistent: state dicts stay those of nn layers.
+        self.register_buffer("orth_events", api.new_events(self.weight.device), persistent=False)
         self._cache_key = None
         self._cache = None
 
@@ -41,20 +44,19 @@ class _OrthMixin:
         """``scale[:, None, …] · orthogonalize(weight)``, shape of ``weight``.
 
         In eval mode, when no gradient is needed, the result is cached until ``weight`` or
-        ``scale`` changes (tracked by their version counters, identity and dtype/device).
+        ``scale`` changes (tracked by their version counters, identity and dtype/device). Training
+        (and anything ``torch.compile`` traces) recomputes it on every call, with no host read.
         """
         w, s = self.weight, self.scale
         needs_grad = torch.is_grad_enabled() and (w.requires_grad or s.requires_grad)
-        key = (w._version, s._version, w.data_ptr(), s.data_ptr(), w.dtype, w.device)
-        if not self.training and not needs_grad and self._cache_key == key:
+        cacheable = not self.training and not needs_grad and not torch.compiler.is_compiling()
+        key = (w._version, s._version, w.data_ptr(), s.data_ptr(), w.dtype, w.device) if cacheable else None
+        if cacheable and self._cache_key == key:
             return self._cache
         v = api.orthogonalize(w, method=self.method, group_size=self.group_size, iters=self.iters,
-                              eps=self.eps, backend=self.backend)
+                              eps=self.eps, backend=self.backend, events=self.orth_events)
         out = v * s.reshape(-1, *([1] * (w.dim() - 1))).to(v.dtype)
-        if not self.training and not needs_grad:
-            self._cache_key, self._cache = key, out
-        else:
-            self._cache_key, self._cache = None, None
+        self._cache_key, self._cache = (key, out) if cacheable else (None, None)
         return out
 
     def _orth_repr(self) -> str:

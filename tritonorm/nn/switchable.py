@@ -174,6 +174,7 @@ def sparsemax(v: torch.Tensor) -> torch.Tensor:
 
     Sort descending, ``rho`` = the last k with ``z_k - (sum_{j<=k} z_j - 1) / k > 0``,
     ``tau = (sum_{j<=rho} z_j - 1) / rho``, ``p = max(v - tau, 0)``. Differentiable almost everywhere.
+    Tensor ops only (``rho`` is gathered, not read back), so it never waits for the device.
     """
     if v.dim() != 1 or v.numel() == 0:
         raise ValueError(f"sparsemax takes a non-empty 1-D tensor, got shape {tuple(v.shape)}")
@@ -181,37 +182,75 @@ def sparsemax(v: torch.Tensor) -> torch.Tensor:
     k = torch.arange(1, v.numel() + 1, device=v.device, dtype=v.dtype)
     cssv = torch.cumsum(z, 0) - 1
     support = z - cssv / k > 0
-    last = torch.where(support, k, torch.zeros_like(k)).argmax()  # index of the last k in support
-    tau = cssv[last] / k[last]
+    last = torch.where(support, k, torch.zeros_like(k)).argmax().reshape(1)  # the last k in support
+    tau = cssv.gather(0, last) / k.gather(0, last)
     return torch.clamp(v - tau, min=0)
 
 
-def sparsestmax(v: torch.Tensor, rad: float, _u_prev: torch.Tensor | None = None) -> torch.Tensor:
+def _as_radius(rad, like: torch.Tensor) -> torch.Tensor:
+    """``rad`` (a number or a one-element tensor, e.g. SSN's ``radius`` buffer) as a detached 0-dim
+    tensor of ``like``'s dtype and device, made without a host round trip."""
+    if isinstance(rad, torch.Tensor):
+        if rad.numel() != 1:
+            raise ValueError(f"rad must be a number or a one-element tensor, got shape {tuple(rad.shape)}")
+        return rad.detach().reshape(()).to(device=like.device, dtype=like.dtype)
+    if isinstance(rad, bool) or not isinstance(rad, (int, float)):
+        raise TypeError(f"rad must be a number or a tensor, got {type(rad).__name__}")
+    return torch.full((), float(rad), dtype=like.dtype, device=like.device)
+
+
+def sparsestmax(v: torch.Tensor, rad) -> torch.Tensor:
     """Sparsestmax (Shao et al.): sparsemax, then pushed out of the ball of radius ``rad`` around
     the centre of its active face, recursing onto a smaller face when the push leaves the simplex.
 
-    Follows the reference step for step, with one exception: where the sparsemax output sits on
-    the face centre (tied weights, as at initialisation, with ``rad > 0``) the reference divides
-    zero, or rounding noise, by a zero norm and returns NaN or an arbitrary direction; here a
-    distance under 1e-6 returns the centre itself.
+    The reference's recursion, level by level::
+
+        w = sparsemax(v); stop if w is one-hot
+        u = 1[w > 0] / count(w > 0)               # centre of the active face
+        r = rad (level 0), sqrt(max(r_prev² − ‖u − u_prev‖², 0)) after
+        stop if ‖w − u‖ >= r:  return w
+        p = r·(w − u)/‖w − u‖ + u;  if min(p) < 0: recurse on p,  else return clamp(p, 0, 1)
+
+    Each recursion drops at least one entry from the support (p sums to 1, so sparsemax's
+    threshold is >= 0 and cuts p's negative entries), so there are at most ``len(v)`` levels: they
+    are unrolled here, every level computed and the answer picked with ``torch.where``, so the
+    function reads nothing back to the host and traces with ``torch.compile(fullgraph=True)``.
+    Levels after the answer see a finite stand-in (the last ``w``) and get a zero gradient.
+    ``rad`` is a number or a one-element tensor (no gradient flows to it, as in the reference).
+
+    One deliberate difference from the reference: where the sparsemax output sits on the face
+    centre (tied weights, as at initialisation, with ``rad > 0``) the reference divides zero, or
+    rounding noise, by a zero norm and returns NaN or an arbitrary direction; here a distance
+    under 1e-6 returns the centre itself.
     """
-    w = sparsemax(v)
-    if (w.max() - w.min()).item() == 1:
-        return w
-    active = (w > 0).to(w.dtype)
-    u = active / active.sum()
-    if _u_prev is None:
-        r = float(rad)
-    else:
-        r = math.sqrt(max(float(rad) ** 2 - float(((u - _u_prev) ** 2).sum()), 0.0))
-    distance = torch.linalg.vector_norm(w - u)
-    dist = float(distance.detach())
-    if dist >= r or dist < 1e-6:
-        return w
-    p = r * (w - u) / distance + u
-    if p.min().item() < 0:
-        return sparsestmax(p, r, u)
-    return p.clamp(0, 1)
+    if v.dim() != 1 or v.numel() == 0:
+        raise ValueError(f"sparsestmax takes a non-empty 1-D tensor, got shape {tuple(v.shape)}")
+    r = _as_radius(rad, v)
+    out = done = u_prev = None
+    cur = v
+    for _ in range(v.numel()):
+        w = sparsemax(cur)
+        wd = w.detach()
+        one_hot = (wd.max() - wd.min()) == 1
+        active = (wd > 0).to(w.dtype)
+        u = active / active.sum()
+        if u_prev is not None:
+            r = (r * r - (u - u_prev).square().sum()).clamp_min(0).sqrt()
+        distance = torch.linalg.vector_norm(w - u)
+        dist = distance.detach()
+        stop = one_hot | (dist >= r) | (dist < 1e-6)
+        # Where this level stops, p is not used: divide by 1 so that it (and its gradient) stays finite.
+        p = r * (w - u) / torch.where(stop, torch.ones_like(distance), distance) + u
+        recurse = ~stop & (p.detach().min() < 0)
+        result = torch.where(stop, w, p.clamp(0, 1))
+        if out is None:
+            out, done = result, ~recurse
+        else:
+            out = torch.where(done, out, result)
+            done = done | ~recurse
+        cur = torch.where(done, w, p)  # recurse on p; once answered, a finite stand-in
+        u_prev = u
+    return out
 
 
 def radius_schedule(epoch: int, iteration: int, epochs: int, iters_per_epoch: int) -> float:
@@ -220,6 +259,11 @@ def radius_schedule(epoch: int, iteration: int, epochs: int, iters_per_epoch: in
     if epochs < 1 or iters_per_epoch < 1:
         raise ValueError("epochs and iters_per_epoch must be >= 1")
     return (epoch * iters_per_epoch + iteration) / (epochs * iters_per_epoch)
+
+
+def _one_hot_at_max(v: torch.Tensor) -> torch.Tensor:
+    """The one-hot vector at ``v``'s (first) largest entry, as the reference writes a frozen weight."""
+    return (torch.arange(v.numel(), device=v.device) == v.argmax()).to(v.dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -436,8 +480,10 @@ class SparseSwitchNorm2d(_SwitchNormNd):
     and ``radius``; once a weight vector becomes one-hot it is written into its parameter, the
     flag is set, and from then on the parameter is used detached (no gradient reaches it). Set the
     radius each iteration with ``set_rad(radius_schedule(...))``. Differences from the reference:
-    the radius is read from the ``radius`` buffer (so a loaded checkpoint keeps it), and tied
-    weights at ``rad > 0`` give the face centre instead of NaN.
+    the radius is read from the ``radius`` buffer (so a loaded checkpoint keeps it), tied weights at
+    ``rad > 0`` give the face centre instead of NaN, and a frozen parameter's gradient is zero
+    rather than None (see ``_sparse``). A training step reads nothing back to the host and traces
+    with ``torch.compile(fullgraph=True)``.
     """
 
     _ndim = 4
@@ -462,18 +508,30 @@ class SparseSwitchNorm2d(_SwitchNormNd):
         self.radius.fill_(float(rad))
 
     def get_rad(self) -> float:
+        """The radius as a Python float (a host read: for logging, not for the training step)."""
         return float(self.radius)
 
     def _sparse(self, param: nn.Parameter, fixed: torch.Tensor) -> torch.Tensor:
-        if bool(fixed):
-            return param.detach()
-        p = sparsestmax(param, self.get_rad())
-        if (p.max() - p.min()).item() >= 1:
-            with torch.no_grad():
-                fixed.fill_(1)
-                param.copy_(p)
-            return param.detach()
-        return p
+        """The mixing weights from ``param``, freezing them once they turn one-hot.
+
+        All on the device, in a fixed sequence of tensor ops (no host read, no Python branch on a
+        value): the flag ``fixed`` selects with ``torch.where``. A frozen vector's weights are
+        ``param`` itself, detached, as in the reference. The reference also sets its gradient to
+        None so that the optimizer skips it; deciding that needs the flag on the host, so here a
+        frozen parameter receives a zero gradient instead, and because weight decay or momentum
+        can still step a parameter with a zero gradient, each forward first puts a frozen
+        parameter back to the one-hot at its largest entry (a no-op unless an optimizer moved it).
+        """
+        with torch.no_grad():
+            frozen = fixed.reshape(()) != 0
+            param.copy_(torch.where(frozen, _one_hot_at_max(param), param))
+        # A copy, so that the in-place writes to ``param`` below never touch a tensor autograd saved.
+        p = sparsestmax(param.clone(), self.radius)
+        with torch.no_grad():
+            turns = (p.max() - p.min()) >= 1
+            param.copy_(torch.where(turns & ~frozen, _one_hot_at_max(p), param))
+            fixed.copy_((frozen | turns).to(fixed.dtype).reshape(fixed.shape))
+        return torch.where(frozen | turns, param.detach(), p)
 
     def _mixing(self) -> tuple[torch.Tensor, torch.Tensor]:
         wm = self._sparse(self.mean_weight, self.mean_fixed)

@@ -4,6 +4,10 @@ Channels form contiguous groups of ``num_channels`` (or ⌈C/num_groups⌉) chan
 may be smaller. Per group, over all other axes (m = N·prod(spatial) samples):
 ``Σ = Xc·Xcᵀ/m + eps·I``; IterNorm whitens with ``B_T(Σ/tr Σ)/√tr Σ``, DBN with ``Σ^{-1/2}``.
 Running mean and whitening matrix are kept for eval: ``r ← (1 − momentum)·r + momentum·batch``.
+
+Nothing is read back to the host: a group whose Newton iteration diverged is standardized instead
+(``ops.fallback_isqrt``), and such groups and groups with non-finite statistics are counted in the
+``orth_events`` buffer, read with ``tritonorm.orth.event_counts``/``check`` (docs/orthogonalization.md).
 """
 
 from __future__ import annotations
@@ -39,6 +43,8 @@ class _Whitening(nn.Module):
         # Padded to (groups, size, size) when the last group is smaller; only its top-left block is used.
         self.register_buffer("running_mean", torch.zeros(groups, size, 1))
         self.register_buffer("running_wm", torch.eye(size).repeat(groups, 1, 1))
+        # [fallbacks, nonfinite] groups, counted on the device; not persistent (checkpoints unchanged).
+        self.register_buffer("orth_events", api.new_events(), persistent=False)
         if affine:
             self.weight = nn.Parameter(torch.ones(num_features))
             self.bias = nn.Parameter(torch.zeros(num_features))
@@ -46,15 +52,17 @@ class _Whitening(nn.Module):
             self.register_parameter("weight", None)
             self.register_parameter("bias", None)
 
-    def _whitening_matrix(self, xc: torch.Tensor, use_triton: bool, bad: list) -> torch.Tensor:
-        """(G, n, m) centred samples → (G, n, n); appends the Newton divergence flag to ``bad``."""
-        if self.method == "eigen":
-            return reference.whitening_matrix(xc, "eigen", self.T, self.eps)
+    def _whitening_matrix(self, xc: torch.Tensor, use_triton: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """(G, n, m) centred samples → ``(wm, fell_back)``: (G, n, n) and the (G,) bool flags of the
+        groups whose Newton iterate diverged and were standardized instead (all False for DBN)."""
         sigma = reference.gram(xc, self.eps, scale=1.0 / xc.shape[-1])
+        if self.method == "eigen":
+            wm, ok = api.eigen_isqrt(sigma, self.eps)
+            wm = torch.where(ok[:, None, None], wm, torch.nan)  # counted as non-finite by the caller
+            return wm, torch.zeros_like(ok)
         tr = sigma.diagonal(dim1=-2, dim2=-1).sum(-1)[:, None, None]
-        b = ops.newton_isqrt(sigma / tr, self.T, use_triton)
-        bad.append(ops.diverged(b.detach()))
-        return b * tr.rsqrt()
+        b, bad = ops.newton_isqrt(sigma / tr, self.T, use_triton)
+        return b * tr.rsqrt(), bad
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (N, C) or (N, C, *spatial) → the same shape and dtype."""
@@ -67,34 +75,42 @@ class _Whitening(nn.Module):
             raise ValueError(f"x has {samples} value per channel; training needs more than 1 (shape {tuple(x.shape)})")
         use_triton = _backend.resolve(self.backend, x.device, x.dtype) == "triton"
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-        parts, bad = [], []
+        parts, fell_back, nonfinite = [], [], []
         for start, count, size, xg in reference.channel_groups(x.to(acc), self.group_size):
             g = slice(start // self.group_size, start // self.group_size + count)
             if self.training:
                 mu = xg.mean(dim=-1, keepdim=True)
                 xc = xg - mu
-                wm = self._whitening_matrix(xc, use_triton, bad)
-                self._update(g, size, mu.detach(), wm.detach())
+                wm, bad = self._whitening_matrix(xc, use_triton)
+                # Any inf/NaN in a group's samples reaches its mean, and overflow its matrix.
+                ok = ~(ops.nonfinite_groups(mu.detach()) | ops.nonfinite_groups(wm.detach()))
+                self._update(g, size, mu.detach(), wm.detach(), ok)
+                fell_back.append(bad.sum())
+                nonfinite.append((~ok).sum())
             else:
                 mu = self.running_mean[g, :size].to(acc)
                 wm = self.running_wm[g, :size, :size].to(acc)
                 xc = xg - mu
             parts.append(torch.matmul(wm, xc))
+        if fell_back:
+            with torch.no_grad():
+                self.orth_events.add_(torch.stack([sum(fell_back), sum(nonfinite)]))
         out = reference.ungroup(parts, x.shape)
-        bad.append(ops.nonfinite(out.detach()))
-        ops.raise_if(torch.stack(bad).any(), f"{type(self).__name__}(T={self.T})")
         if self.affine:
             shape = (1, -1) + (1,) * (x.dim() - 2)
             out = out * self.weight.reshape(shape).to(acc) + self.bias.reshape(shape).to(acc)
         return out.to(x.dtype)
 
     @torch.no_grad()
-    def _update(self, g: slice, size: int, mu: torch.Tensor, wm: torch.Tensor) -> None:
+    def _update(self, g: slice, size: int, mu: torch.Tensor, wm: torch.Tensor, ok: torch.Tensor) -> None:
+        """Running averages, skipping (per group, on the device) groups with non-finite statistics,
+        so that one bad batch does not poison the eval statistics for good."""
         m = self.momentum
         rm = self.running_mean[g, :size]
         rw = self.running_wm[g, :size, :size]
-        rm.mul_(1.0 - m).add_(mu.to(rm.dtype), alpha=m)
-        rw.mul_(1.0 - m).add_(wm.to(rw.dtype), alpha=m)
+        keep = ok.reshape(-1, 1, 1)
+        rm.copy_(torch.where(keep, rm * (1.0 - m) + mu.to(rm.dtype) * m, rm))
+        rw.copy_(torch.where(keep, rw * (1.0 - m) + wm.to(rw.dtype) * m, rw))
 
     def extra_repr(self) -> str:
         return (f"{self.num_features}, group_size={self.group_size}, num_groups={self.num_groups}, "

@@ -20,7 +20,7 @@ def chunks(rows: int, group_size: int) -> list[tuple[int, int, int]]:
 
     Returns ``(start_row, num_groups, size)`` per batch of equal-size groups: at most two entries.
     """
-    full, tail = divmod(rows, group_size)
+    full, tail = rows // group_size, rows % group_size  # not divmod: torch.compile cannot trace it
     out = []
     if full:
         out.append((0, full, group_size))
