@@ -62,13 +62,21 @@ def norm_with_stats(x, scope="group", *, num_groups=None, weight=None, bias=None
 
 
 def _update_running(spec: Spec, shape, mean, var, running_mean, running_var, momentum, center):
-    """PyTorch's rule: r <- (1 - m) r + m batch, with the unbiased variance."""
+    """PyTorch's rule: r <- (1 - m) r + m batch, with the unbiased variance; blended in fp32
+    (float64 for float64 statistics) and rounded to the buffer's dtype once, as torch does."""
     m = spec.count(shape)
     with torch.no_grad():
         if center:
-            running_mean.mul_(1 - momentum).add_(mean.reshape(-1).to(running_mean.dtype), alpha=momentum)
+            blend_(running_mean, mean, momentum)
             var = var * (m / (m - 1))
-        running_var.mul_(1 - momentum).add_(var.reshape(-1).to(running_var.dtype), alpha=momentum)
+        blend_(running_var, var, momentum)
+
+
+def blend_(running: torch.Tensor, batch: torch.Tensor, momentum: float) -> None:
+    """``running <- (1 - momentum) running + momentum batch`` computed at fp32 or wider, one rounding."""
+    acc = torch.promote_types(running.dtype, torch.float32)
+    new = running.to(acc) * (1 - momentum) + batch.reshape(-1).to(acc) * momentum
+    running.copy_(new)
 
 
 def _reference(x, spec, weight, bias, eps, center, act, residual, running_mean, running_var,

@@ -25,10 +25,12 @@ from torch import nn
 
 from .. import activations, functional
 from ..core import moments
-from .modules import _extra, _momentum_factor
+from .modules import _call_norm, _extra, _momentum_factor
 from .switchable import apply_stats
 
 __all__ = ["SyncBatchNorm", "sync_batch_norm"]
+
+torch.fx.wrap("_call_norm")  # one opaque call under torch.fx, as in modules.py
 
 
 def _local_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -107,13 +109,16 @@ class SyncBatchNorm(nn.SyncBatchNorm):
     activation = None
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
-                 process_group=None, device=None, dtype=None, *, activation=None):
+                 process_group=None, device=None, dtype=None, *, bias=True, activation=None):
         act = activations.check(activation)
         super().__init__(num_features, eps, momentum, affine, track_running_stats, process_group,
-                         device, dtype)
+                         device, dtype, bias=bias)
         self.activation = act
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return _call_norm(self, input)
+
+    def _norm_forward(self, input: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(input)
         self._check_non_zero_input_channels(input)
         factor = _momentum_factor(self)
