@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from . import double_backward
 from .scope import Spec
 
 
@@ -74,6 +75,7 @@ def _setup(ctx, inputs, output):
     _, mean, var, k, mean_d, rstd = output
     ctx.save_for_backward(x, weight, bias, residual if act != 0 else None, k, mean_d, rstd)
     ctx.meta = (layout, letters, num_groups, center, act, given_rstd is not None, residual is not None)
+    ctx.eps = eps  # for double_backward's recompute
     ctx.mark_non_differentiable(mean, var, k, mean_d, rstd)
 
 
@@ -85,6 +87,8 @@ def _backward(ctx, dy, *_stat_grads):
              has_res and bool(need[3])]
     if dy is None or not any(needs):
         return (None,) * 12
+    if torch.is_grad_enabled():  # create_graph=True: differentiable recompute, see double_backward.py
+        return double_backward.from_ctx(ctx, dy, needs)
     # Without an activation dresidual is dy itself: no kernel output needed for it.
     kernel_needs = needs[:3] + [needs[3] and act != 0]
     dx, dw, db, dres = torch.ops.tritonorm.norm_bwd(dy, x, weight, bias, residual, k, mean_d, rstd,

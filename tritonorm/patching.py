@@ -65,12 +65,14 @@ def _activation_name(module: nn.Module) -> str | None:
 
 class FusedActivation(nn.Identity):
     """Holds the slot of an activation fused into the preceding norm; ``unpatch`` puts the
-    original back. The original is kept outside ``_modules`` so the state_dict is unchanged."""
+    original back. The original is kept outside ``_modules`` so the state_dict is unchanged, and
+    the norm is named by its key in the same ``Sequential`` (not referenced), so a deepcopy,
+    pickle or ``torch.save`` of the model carries a slot that still finds its own norm."""
 
-    def __init__(self, original: nn.Module, norm: nn.Module):
+    def __init__(self, original: nn.Module, norm_key: str):
         super().__init__()
         object.__setattr__(self, "original", original)
-        object.__setattr__(self, "_norm_ref", weakref.ref(norm))
+        self.norm_key = norm_key
 
     def extra_repr(self) -> str:
         return f"fused into the preceding norm: {self.original!r}"
@@ -184,7 +186,7 @@ def _fuse(model: nn.Module, rep: PatchReport) -> None:
                                        "not fused: hooks would see a different tensor"))
                 continue
             norm.activation = act_name
-            seq._modules[k_act] = FusedActivation(act, norm)
+            seq._modules[k_act] = FusedActivation(act, k_norm)
             rep.fused.append((where, names.get(id(act), ""), act_name))
 
 
@@ -198,7 +200,7 @@ def unpatch(model: nn.Module) -> nn.Module:
     for seq in list(model.modules()):
         for key, child in list(seq._modules.items()):
             if isinstance(child, FusedActivation):
-                norm = child._norm_ref()
+                norm = seq._modules.get(child.norm_key)
                 if norm is not None and "activation" in norm.__dict__:
                     del norm.__dict__["activation"]
                 seq._modules[key] = child.original

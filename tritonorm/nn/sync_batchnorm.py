@@ -25,6 +25,7 @@ from torch import nn
 
 from .. import activations, functional
 from ..core import moments
+from . import modules as _ours
 from .modules import _call_norm, _extra, _momentum_factor
 from .switchable import apply_stats
 
@@ -142,8 +143,21 @@ class SyncBatchNorm(nn.SyncBatchNorm):
 
     @classmethod
     def convert_sync_batchnorm(cls, module, process_group=None):
-        """Like ``torch.nn.SyncBatchNorm.convert_sync_batchnorm``, in place and sharing the same
-        tensors: see ``tritonorm.patch(model, sync_batchnorm=True)``."""
-        from ..patching import patch
+        """Like ``torch.nn.SyncBatchNorm.convert_sync_batchnorm``, but in place and sharing the same
+        tensors: every module of exact type ``nn.BatchNorm1d/2d/3d`` (torch's or tritonorm's)
+        becomes this class; other norms are untouched. ``tritonorm.unpatch`` turns them back.
+        ``tritonorm.patch(model, sync_batchnorm=True)`` does the same and patches the rest."""
+        for m in module.modules():
+            original = _BATCH_NORM_OF.get(type(m))
+            if original is None or "forward" in m.__dict__:
+                continue
+            m.__dict__.setdefault("_tritonorm_original_class", original)
+            m.process_group = process_group
+            m.__class__ = cls
+        return module
 
-        return patch(module, fuse_activation=False, sync_batchnorm=True, process_group=process_group)
+
+# Exact BatchNorm classes this module converts, mapped to the torch class unpatch restores.
+_BATCH_NORM_OF = {nn.BatchNorm1d: nn.BatchNorm1d, nn.BatchNorm2d: nn.BatchNorm2d,
+                  nn.BatchNorm3d: nn.BatchNorm3d, _ours.BatchNorm1d: nn.BatchNorm1d,
+                  _ours.BatchNorm2d: nn.BatchNorm2d, _ours.BatchNorm3d: nn.BatchNorm3d}
