@@ -12,12 +12,15 @@ left alone with a reason; ``report(model)`` returns what happened and a summary 
 
 from __future__ import annotations
 
+import functools
 import logging
 import weakref
 from dataclasses import dataclass, field
 
 from torch import nn
 
+from . import adapters
+from .adapters import AdaptedNorm
 from .nn import modules as ours
 from .nn.sync_batchnorm import SyncBatchNorm
 
@@ -123,13 +126,16 @@ def patch(model: nn.Module, *, fuse_activation: bool = True, sync_batchnorm: boo
         if not isinstance(flag, bool):
             raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
     rep = PatchReport()
+    adapted: list[tuple[str, nn.Module, str]] = []
     for name, module in model.named_modules():
         t = type(module)
-        if t in _OURS:
+        if t in _OURS or t is AdaptedNorm:
             continue
         target = _REPLACE.get(t)
         if target is None:
-            if isinstance(module, _NORM_BASES):
+            if adapters.is_candidate(module):
+                _adapt(name, module, rep, adapted)
+            elif isinstance(module, _NORM_BASES):
                 rep.left_alone.append((name, t.__name__, "subclass of a torch norm "
                                        "with its own code"))
             continue
@@ -143,11 +149,50 @@ def patch(model: nn.Module, *, fuse_activation: bool = True, sync_batchnorm: boo
         module.__dict__["_tritonorm_original_class"] = t
         module.__class__ = target
         rep.replaced.append((name, t.__name__, f"tritonorm.nn.{target.__name__}"))
+    for name, module, kind in adapted:
+        parent, _, key = name.rpartition(".")
+        model.get_submodule(parent)._modules[key] = AdaptedNorm(module, kind, adapters._eps_of(module))
     if fuse_activation:
         _fuse(model, rep)
+        _fuse_resnet_blocks(model, rep)
     _reports[model] = rep
     log.info(rep.summary())
     return model
+
+
+def _adapt(name: str, module: nn.Module, rep: PatchReport, adapted: list) -> None:
+    """Queue a third-party norm for replacement if it behaves like one of ours (adapters.py)."""
+    t = type(module)
+    why = _why_not(module)
+    if why is None and (module._forward_hooks or module._forward_pre_hooks):
+        why = "it has forward hooks"
+    if why is None and not name:
+        why = "it is the model itself"
+    if why is None:
+        kind, why = adapters.match(module)
+        if kind is not None:
+            adapted.append((name, module, kind))
+            rep.replaced.append((name, t.__name__, f"tritonorm.adapters.AdaptedNorm({kind})"))
+            return
+    rep.left_alone.append((name, t.__name__, why))
+
+
+def _fuse_resnet_blocks(model: nn.Module, rep: PatchReport) -> None:
+    """diffusers' ResnetBlock2D calls its SiLU itself: fused through its own forward, when that
+    forward is checked equal on a probe (adapters.resnet_forward)."""
+    for name, block in model.named_modules():
+        if type(block).__name__ != "ResnetBlock2D":
+            continue
+        why = adapters.fusible_resnet_block(block)
+        if why is None and not adapters.resnet_matches(block):
+            why = "its forward differs from the fused one on a probe input"
+        if why is not None:
+            rep.left_alone.append((name, type(block).__name__, f"GroupNorm+SiLU not fused: {why}"))
+            continue
+        adapters.install_resnet_forward(block)
+        pre = f"{name}." if name else ""
+        for norm_name in ("norm1", "norm2"):
+            rep.fused.append((pre + norm_name, pre + "nonlinearity", "silu"))
 
 
 def _uses(model: nn.Module) -> dict[int, int]:
@@ -198,7 +243,14 @@ def unpatch(model: nn.Module) -> nn.Module:
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     rep = PatchReport()
     for seq in list(model.modules()):
+        forward = seq.__dict__.get("forward")
+        if isinstance(forward, functools.partial) and forward.func is adapters.resnet_forward:
+            del seq.__dict__["forward"]
         for key, child in list(seq._modules.items()):
+            if isinstance(child, AdaptedNorm):
+                seq._modules[key] = child.original
+                rep.replaced.append((key, "AdaptedNorm", type(child.original).__name__))
+                continue
             if isinstance(child, FusedActivation):
                 norm = seq._modules.get(child.norm_key)
                 if norm is not None and "activation" in norm.__dict__:
