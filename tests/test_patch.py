@@ -283,10 +283,12 @@ def test_candidate_that_behaves_differently_is_left_alone():
 
 
 def test_diffusers_resnet_block_fuses_groupnorm_silu():
-    diffusers = pytest.importorskip("diffusers")
+    pytest.importorskip("diffusers")
+    from diffusers.models.resnet import ResnetBlock2D
+
     from tritonorm import adapters
 
-    block = diffusers.models.resnet.ResnetBlock2D(in_channels=4, out_channels=6, temb_channels=5,
+    block = ResnetBlock2D(in_channels=4, out_channels=6, temb_channels=5,
                                                   groups=2, groups_out=2)
     temb = torch.randn(2, 5)
     patched = _compare_models(block, lambda: torch.randn(2, 4, 4, 4), what="resnet block",
