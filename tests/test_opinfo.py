@@ -232,8 +232,9 @@ def test_functional_samples(op_db, name, dtype):
 
 # --- modules ---------------------------------------------------------------------------------
 
-def _module_pair(cls_name: str, ctor_args, ctor_kwargs):
-    """Ours in fp32, torch's in float64 and in fp32, all with the same random state."""
+def _module_pair(cls_name: str, ctor_args, ctor_kwargs, dtype):
+    """Ours in ``dtype`` (fp32: Triton kernels; float64: the reference path), torch's in float64
+    and in ``dtype``, all with the same random state."""
     torch_cls, our_cls = getattr(torch.nn, cls_name), getattr(tnn, cls_name)
     theirs = torch_cls(*ctor_args, **ctor_kwargs).to(torch.float64)
     # Random affine parameters and running statistics, not the ones/zeros they start with.
@@ -241,8 +242,8 @@ def _module_pair(cls_name: str, ctor_args, ctor_kwargs):
         for key, t in theirs.state_dict().items():
             if t.is_floating_point():
                 t.copy_(torch.rand_like(t) + 0.5 if key.endswith("running_var") else torch.randn_like(t))
-    ours = our_cls(*ctor_args, **ctor_kwargs)
-    eager = torch_cls(*ctor_args, **ctor_kwargs)
+    ours = our_cls(*ctor_args, **ctor_kwargs).to(dtype)
+    eager = torch_cls(*ctor_args, **ctor_kwargs).to(dtype)
     ours.load_state_dict(theirs.state_dict())
     eager.load_state_dict(theirs.state_dict())
     return ours, theirs, eager
@@ -272,7 +273,8 @@ def _module_terms(m: torch.nn.Module, x: torch.Tensor, dy: torch.Tensor) -> tupl
 # Only batch and instance norms behave differently in eval; the others run in train mode only.
 @pytest.mark.parametrize("cls_name,training",
                          [(c, t) for c in MODULES for t in (True, False) if t or "Batch" in c or "Instance" in c])
-def test_module_samples(module_db, cls_name, training):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_module_samples(module_db, cls_name, training, dtype):
     info = module_db[cls_name]
     samples = info.module_inputs_func(info, device="cpu", dtype=torch.float32, requires_grad=True,
                                       training=training)
@@ -280,12 +282,12 @@ def test_module_samples(module_db, cls_name, training):
     for sample in samples:
         ca, ck = sample.constructor_input.args, sample.constructor_input.kwargs
         fa, fk = sample.forward_input.args, sample.forward_input.kwargs
-        ours, theirs, eager = _module_pair(cls_name, ca, ck)
+        ours, theirs, eager = _module_pair(cls_name, ca, ck, dtype)
         for m in (ours, theirs, eager):
             m.train(training)
         outs, ins = [], []
-        for m, a in ((ours, _copy(fa, torch.float32)), (theirs, _copy(fa, torch.float64)),
-                     (eager, _copy(fa, torch.float32))):
+        for m, a in ((ours, _copy(fa, dtype)), (theirs, _copy(fa, torch.float64)),
+                     (eager, _copy(fa, dtype))):
             outs.append(m(*a, **fk))
             ins.append([t for t in _tensors(a) if t.requires_grad] + list(m.parameters()))
         _close(*outs, "output")
