@@ -5,7 +5,9 @@ A torch module is patched by switching its class to tritonorm's subclass of the 
 hooks, training flag, device and dtype all stay exactly as they were, and so do the state_dict
 keys. An activation module that directly follows a patched norm inside an ``nn.Sequential`` is
 fused into the norm's kernel and its slot holds a ``FusedActivation`` (an identity that remembers
-the original), so indices and keys are unchanged. Anything that cannot be replaced faithfully is
+the original), so indices and keys are unchanged. Third-party norm classes are matched by
+behaviour on a probe input and replaced by an ``AdaptedNorm`` sharing their Parameters
+(adapters.py). Anything that cannot be replaced faithfully is
 left alone with a reason; ``report(model)`` returns what happened and a summary is logged.
 ``unpatch(model)`` restores plain torch modules. docs/patching.md lists every rule.
 """
@@ -115,10 +117,12 @@ def patch(model: nn.Module, *, fuse_activation: bool = True, sync_batchnorm: boo
     """Make ``model``'s torch normalization layers run on tritonorm; returns ``model`` itself.
 
     Replaced: BatchNorm1d/2d/3d, SyncBatchNorm, GroupNorm, LayerNorm, RMSNorm,
-    InstanceNorm1d/2d/3d (exact types; subclasses are left alone). ``fuse_activation``: fuse a
+    InstanceNorm1d/2d/3d (exact types), and third-party norm classes that compute one of
+    tritonorm's norms on a probe input (adapters.py: transformers' Llama/Qwen2/Mistral/Gemma
+    RMSNorm, ConvNeXt's LayerNorm); other subclasses are left alone. ``fuse_activation``: fuse a
     ReLU, LeakyReLU(0.01), SiLU, GELU, Sigmoid or Tanh that directly follows a patched norm in an
-    ``nn.Sequential``. ``sync_batchnorm``: BatchNorm1d/2d/3d become ``SyncBatchNorm`` (over
-    ``process_group``, default the world).
+    ``nn.Sequential``, and GroupNorm+SiLU in diffusers' ResnetBlock2D. ``sync_batchnorm``:
+    BatchNorm1d/2d/3d become ``SyncBatchNorm`` (over ``process_group``, default the world).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -242,14 +246,15 @@ def unpatch(model: nn.Module) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     rep = PatchReport()
-    for seq in list(model.modules()):
+    for parent, seq in list(model.named_modules()):
         forward = seq.__dict__.get("forward")
         if isinstance(forward, functools.partial) and forward.func is adapters.resnet_forward:
             del seq.__dict__["forward"]
         for key, child in list(seq._modules.items()):
             if isinstance(child, AdaptedNorm):
                 seq._modules[key] = child.original
-                rep.replaced.append((key, "AdaptedNorm", type(child.original).__name__))
+                rep.replaced.append((f"{parent}.{key}" if parent else key, "AdaptedNorm",
+                                     type(child.original).__name__))
                 continue
             if isinstance(child, FusedActivation):
                 norm = seq._modules.get(child.norm_key)
