@@ -43,8 +43,11 @@ def _call(**kw):
     (dict(eps=-1e-5), ValueError, ["eps"]),
     (dict(eps=float("nan")), ValueError, ["eps"]),
     (dict(eps="1e-5"), TypeError, ["eps"]),
-    (dict(momentum=1.5, scope="batch", num_groups=None), ValueError, ["momentum"]),
-    (dict(momentum=-0.1), ValueError, ["momentum"]),
+    # momentum is checked only where it is used: running statistics updated in training.
+    (dict(momentum=1.5, scope="batch", num_groups=None, running_mean=torch.zeros(8),
+          running_var=torch.ones(8)), ValueError, ["momentum"]),
+    (dict(momentum=-0.1, scope="batch", num_groups=None, running_mean=torch.zeros(8),
+          running_var=torch.ones(8)), ValueError, ["momentum"]),
     (dict(center=1), TypeError, ["center"]),
     (dict(x=torch.ones(2, 8, 3, 3, dtype=torch.int64)), TypeError, ["x", "floating"]),
     (dict(x=[1.0]), TypeError, ["x"]),

@@ -84,3 +84,62 @@ def test_fused_extras_match_composition():
     ours = TF.layer_norm(x, (16,), w, b, residual=r, activation="gelu_tanh")
     ref = F.gelu(F.layer_norm(x.double(), (16,), w.double(), b.double()) + r.double(), approximate="tanh")
     assert_close(ours, ref, torch.float32)
+
+
+def test_half_running_stats_round_as_torch():
+    """fp16 running statistics: blended at fp32 and rounded as torch rounds them (the issue's
+    case first, then random batch- and instance-norm updates); bit-equal to torch."""
+    cases = [torch.tensor([[-7.949], [3.611]])] + [torch.randn(3, 4, 5) * 3 + 1 for _ in range(4)]
+    for x in cases:
+        x = x.half()
+        c = x.shape[1]
+        rm, rv = torch.randn(c).half(), (torch.rand(c) + 0.5).half()
+        ours, theirs = (rm.clone(), rv.clone()), (rm.clone(), rv.clone())
+        TF.batch_norm(x, *ours, training=True, momentum=0.5)
+        F.batch_norm(x, *theirs, training=True, momentum=0.5)
+        assert torch.equal(ours[0], theirs[0]) and torch.equal(ours[1], theirs[1])
+        if x.dim() == 3:
+            ours, theirs = (rm.clone(), rv.clone()), (rm.clone(), rv.clone())
+            TF.instance_norm(x, *ours, momentum=0.3)
+            F.instance_norm(x, *theirs, momentum=0.3)
+            assert torch.equal(ours[0], theirs[0]) and torch.equal(ours[1], theirs[1])
+
+
+def test_bf16_running_stats_are_rounded_once():
+    """bf16: the float64 blend of the batch statistics, rounded once to bf16 (torch's CPU kernel
+    rounds the batch statistics to bf16 first and lands up to two bf16 units from this)."""
+    for _ in range(4):
+        x = (torch.randn(3, 4, 5) * 3 + 1).bfloat16()
+        rm, rv = torch.randn(4).bfloat16(), (torch.rand(4) + 0.5).bfloat16()
+        ours, theirs = (rm.clone(), rv.clone()), (rm.clone(), rv.clone())
+        TF.batch_norm(x, *ours, training=True, momentum=0.3)
+        F.batch_norm(x, *theirs, training=True, momentum=0.3)
+        x64 = x.double()
+        exact = (0.7 * rm.double() + 0.3 * x64.mean((0, 2)), 0.7 * rv.double() + 0.3 * x64.var((0, 2)))
+        for a, e in zip(ours, exact):
+            # One rounding: within half a bf16 unit of the exact blend (fp32 slack aside);
+            # rounding twice can land a whole unit away.
+            half_unit = torch.ldexp(torch.ones_like(e), torch.frexp(a.double())[1] - 9)
+            assert ((a.double() - e).abs() <= half_unit * 1.001 + 1e-6 * e.abs()).all()
+        for a, b in zip(ours, theirs):
+            assert ((a.double() - b.double()).abs() <= b.double().abs() * 2 ** -6).all()  # 2 units
+
+
+def test_momentum_is_ignored_when_nothing_is_updated():
+    """torch reads momentum only to update running statistics; any value is accepted otherwise."""
+    x, rm, rv = torch.randn(3, 4, 5), torch.randn(4), torch.rand(4) + 0.5
+    for momentum in (-1.2, 7.0):
+        before = (rm.clone(), rv.clone())
+        y = TF.batch_norm(x, rm, rv, training=False, momentum=momentum)
+        assert_close(y, F.batch_norm(x.double(), rm.double(), rv.double(), training=False), torch.float32)
+        y = TF.batch_norm(x, None, None, training=True, momentum=momentum)
+        assert_close(y, F.batch_norm(x.double(), None, None, training=True), torch.float32)
+        y = TF.instance_norm(x, rm, rv, use_input_stats=False, momentum=momentum)
+        assert_close(y, F.instance_norm(x.double(), rm.double(), rv.double(), use_input_stats=False),
+                     torch.float32)
+        assert torch.equal(rm, before[0]) and torch.equal(rv, before[1])
+        with pytest.raises(ValueError, match="momentum"):
+            TF.batch_norm(x, rm, rv, training=True, momentum=momentum)
+        with pytest.raises(ValueError, match="momentum"):
+            TF.instance_norm(x, rm, rv, momentum=momentum)
+        assert torch.equal(rm, before[0]) and torch.equal(rv, before[1])

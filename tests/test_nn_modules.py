@@ -29,6 +29,10 @@ CASES = [
     (InstanceNorm1d, nn.InstanceNorm1d, (3,), {}, (2, 3, 6)),
     (InstanceNorm2d, nn.InstanceNorm2d, (4,), {"affine": True, "track_running_stats": True}, (2, 4, 3, 3)),
     (InstanceNorm3d, nn.InstanceNorm3d, (2,), {"track_running_stats": True, "momentum": None}, (2, 2, 2, 2, 3)),
+    # torch 2.13's keyword-only bias=False: weight kept, no shift.
+    (BatchNorm2d, nn.BatchNorm2d, (4,), {"bias": False}, (2, 4, 3, 2)),
+    (GroupNorm, nn.GroupNorm, (2, 4), {"bias": False}, (2, 4, 5)),
+    (InstanceNorm1d, nn.InstanceNorm1d, (3,), {"affine": True, "bias": False}, (2, 3, 6)),
 ]
 
 
@@ -169,3 +173,37 @@ def test_norm_module_arguments():
     with pytest.raises(ValueError, match="input must have shape"):
         m(torch.randn(2, 3, 4))
     assert int(m.num_batches_tracked) == 0
+
+
+@pytest.mark.parametrize("cls", [BatchNorm1d, BatchNorm2d, BatchNorm3d, GroupNorm, InstanceNorm1d,
+                                 InstanceNorm2d, InstanceNorm3d, LayerNorm])
+def test_bias_keyword_mirrors_torch(cls):
+    import inspect
+
+    from tritonorm.nn import SyncBatchNorm
+
+    for ours in (cls, SyncBatchNorm):
+        theirs = getattr(nn, ours.__name__)
+        p_ours = inspect.signature(ours.__init__).parameters
+        p_theirs = inspect.signature(theirs.__init__).parameters
+        # Same parameters, in the same order and kinds, with the same defaults; plus activation.
+        assert [(k, v.kind, v.default) for k, v in p_theirs.items()] == \
+            [(k, v.kind, v.default) for k, v in p_ours.items() if k != "activation"]
+    args = (2, 4) if cls is GroupNorm else (4,)
+    kw = {"affine": True} if "Instance" in cls.__name__ else {}
+    m = cls(*args, bias=False, **kw)
+    assert m.bias is None and m.weight is not None
+    assert list(m.state_dict()) == list(getattr(nn, cls.__name__)(*args, bias=False, **kw).state_dict())
+
+
+def test_rms_norm_keeps_channels_last():
+    x = torch.randn(2, 3, 4, 5).to(memory_format=torch.channels_last)
+    m = RMSNorm(5)
+    with torch.no_grad():
+        m.weight.normal_()
+    y = m(x)
+    expected = nn.RMSNorm(5)
+    expected.load_state_dict(m.state_dict())
+    ref = expected.double()(x.double())
+    assert y.stride() == ref.stride() == x.stride()
+    assert_close(y, ref, torch.float32)

@@ -5,6 +5,7 @@ weights, nothing downloaded) that match their unpatched twins in train and eval 
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 
 import pytest
@@ -198,3 +199,175 @@ def test_patched_diffusers_unet_matches_unpatched():
     patched = _compare_models(model, lambda: torch.randn(2, 2, 4, 4), what="unet",
                               forward=lambda m, x: m(x, t).sample)
     assert sum(type(m) is tn.GroupNorm for m in patched.modules()) == 17
+    _check_doc_counts("diffusers UNet2DModel", patched)
+
+
+# --- real model families: counts measured here are the table in docs/patching.md ------------
+
+def _doc_counts() -> dict[str, tuple[int, int, int]]:
+    import pathlib
+    import re
+
+    doc = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "patching.md").read_text()
+    rows = re.findall(r"^\| (.+?) \| (\d+) \| (\d+) \| (\d+) \|$", doc, flags=re.M)
+    return {name: tuple(map(int, nums)) for name, *nums in rows}
+
+
+def _check_doc_counts(model_name: str, patched) -> None:
+    rep = report(patched)
+    measured = (len(rep.replaced), len(rep.fused), len(rep.left_alone))
+    assert _doc_counts().get(model_name) == measured, \
+        f"docs/patching.md's row for {model_name} must read {measured} (replaced, fused, left alone)"
+
+
+def _tiny_lm(family: str):
+    transformers = pytest.importorskip("transformers")
+    cfg = getattr(transformers, family + "Config")(
+        vocab_size=40, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, intermediate_size=32, max_position_embeddings=16, head_dim=8)
+    model = getattr(transformers, family + "Model")(cfg)
+    with torch.no_grad():  # norm weights start at ones (zeros for Gemma): make them tell
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.normal_()
+    return model
+
+
+@pytest.mark.parametrize("family,kind", [("Llama", "rms"), ("Qwen2", "rms"), ("Mistral", "rms"),
+                                         ("Gemma", "rms_offset")])
+def test_transformers_rmsnorm_families(family, kind):
+    from tritonorm.adapters import AdaptedNorm
+
+    model = _tiny_lm(family)
+    names = [n for n, m in model.named_modules() if type(m).__name__ == f"{family}RMSNorm"]
+    patched = _compare_models(model, lambda: torch.randint(0, 40, (2, 5)), what=family.lower(),
+                              forward=lambda m, ids: m(input_ids=ids).last_hidden_state)
+    for n in names:
+        m = patched.get_submodule(n)
+        assert type(m) is AdaptedNorm and m.kind == kind
+    _check_doc_counts(f"transformers {family}Model", patched)
+    keys = list(patched.state_dict())
+    unpatch(patched)
+    assert list(patched.state_dict()) == keys
+    assert all(type(patched.get_submodule(n)).__name__ == f"{family}RMSNorm" for n in names)
+
+
+def test_transformers_convnext_layernorms():
+    transformers = pytest.importorskip("transformers")
+    from tritonorm.adapters import AdaptedNorm
+
+    cfg = transformers.ConvNextConfig(num_channels=3, patch_size=2, hidden_sizes=[8, 16],
+                                      depths=[1, 1], num_stages=2, image_size=8)
+    model = transformers.ConvNextModel(cfg)
+    patched = _compare_models(model, lambda: torch.randn(2, 3, 8, 8), what="convnext",
+                              forward=lambda m, x: m(x).last_hidden_state)
+    kinds = sorted(m.kind for m in patched.modules() if type(m) is AdaptedNorm)
+    assert kinds == ["layer", "layer", "layer_channels_first", "layer_channels_first"]
+    _check_doc_counts("transformers ConvNextModel", patched)
+
+
+def test_candidate_that_behaves_differently_is_left_alone():
+    class ScaledRMSNorm(nn.Module):  # looks like an RMSNorm, computes 2 * rms_norm
+        def __init__(self, d):
+            super().__init__()
+            self.weight, self.eps = nn.Parameter(torch.ones(d)), 1e-6
+
+        def forward(self, x):
+            return 2 * x * torch.rsqrt(x.square().mean(-1, keepdim=True) + self.eps) * self.weight
+
+    model = nn.Sequential(nn.Linear(4, 8), ScaledRMSNorm(8))
+    patch(model)
+    assert type(model[1]) is ScaledRMSNorm
+    (name, typ, why), = report(model).left_alone
+    assert (name, typ) == ("1", "ScaledRMSNorm") and "probe" in why
+
+
+def test_diffusers_resnet_block_fuses_groupnorm_silu():
+    pytest.importorskip("diffusers")
+    from diffusers.models.resnet import ResnetBlock2D
+
+    from tritonorm import adapters
+
+    block = ResnetBlock2D(in_channels=4, out_channels=6, temb_channels=5,
+                                                  groups=2, groups_out=2)
+    temb = torch.randn(2, 5)
+    patched = _compare_models(block, lambda: torch.randn(2, 4, 4, 4), what="resnet block",
+                              forward=lambda m, x: m(x, temb.to(x.dtype)))
+    assert isinstance(patched.__dict__.get("forward"), functools.partial)
+    assert [f[0] for f in report(patched).fused] == ["norm1", "norm2"]
+    calls = []
+    real = adapters.functional.group_norm
+    try:
+        adapters.functional.group_norm = lambda *a, **k: calls.append(k["activation"]) or real(*a, **k)
+        patched(torch.randn(2, 4, 4, 4), temb)
+    finally:
+        adapters.functional.group_norm = real
+    assert calls == ["silu", "silu"]
+    unpatch(patched)
+    assert "forward" not in patched.__dict__ and type(patched.norm1) is nn.GroupNorm
+
+
+# --- patched models behave like torch models ------------------------------------------------
+
+def _fused_model():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                          nn.GroupNorm(2, 4), nn.SiLU(), nn.Flatten(), nn.Linear(64, 8), nn.LayerNorm(8),
+                          nn.GELU())
+    return patch(model)
+
+
+def test_deepcopy_then_unpatch_copy_leaves_both_working():
+    model = _fused_model()
+    x = torch.randn(2, 3, 4, 4)
+    want = model(x)
+    twin = copy.deepcopy(model)
+    unpatch(twin)
+    assert type(twin[1]) is nn.BatchNorm2d and type(twin[2]) is nn.ReLU
+    assert type(model[1]) is tn.BatchNorm2d and model[1].activation == "relu"
+    assert isinstance(model[2], FusedActivation)
+    torch.testing.assert_close(model(x), want)
+    torch.testing.assert_close(twin(x), want, rtol=1e-5, atol=1e-5)
+    unpatch(model)
+    torch.testing.assert_close(model(x), want, rtol=1e-5, atol=1e-5)
+
+
+def test_pickle_and_torch_save_of_fused_model(tmp_path):
+    import pickle
+
+    model = _fused_model()
+    x = torch.randn(2, 3, 4, 4)
+    want = model(x)
+    path = tmp_path / "model.pt"
+    torch.save(model, path)
+    for loaded in (torch.load(path, weights_only=False), pickle.loads(pickle.dumps(model))):
+        torch.testing.assert_close(loaded(x), want)
+        unpatch(loaded)
+        assert type(loaded[2]) is nn.ReLU
+        torch.testing.assert_close(loaded(x), want, rtol=1e-5, atol=1e-5)
+    # state_dict both ways: patched -> torch and torch -> patched, same keys.
+    plain = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                          nn.GroupNorm(2, 4), nn.SiLU(), nn.Flatten(), nn.Linear(64, 8),
+                          nn.LayerNorm(8), nn.GELU())
+    torch.save(model.state_dict(), tmp_path / "sd.pt")
+    plain.load_state_dict(torch.load(tmp_path / "sd.pt", weights_only=True))
+    torch.testing.assert_close(plain(x), want, rtol=1e-5, atol=1e-5)
+    model.load_state_dict(plain.state_dict())
+
+
+def test_fx_symbolic_trace_of_patched_model():
+    model = _fused_model().eval()
+    model.append(tn.RMSNorm(8))
+    x = torch.randn(2, 3, 4, 4)
+    traced = torch.fx.symbolic_trace(model)
+    torch.testing.assert_close(traced(x), model(x))
+    norms = [n for n in traced.graph.nodes if n.op == "call_function" and n.target.__name__ == "_call_norm"]
+    assert len(norms) == 4
+
+
+def test_compile_fullgraph_of_patched_model():
+    model = _fused_model()
+    x = torch.randn(2, 3, 4, 4)
+    want = model(x)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x), want, rtol=1e-5, atol=1e-5)

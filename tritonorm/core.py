@@ -172,23 +172,16 @@ class _NormFunction(torch.autograd.Function):
                  call.has_res and need[3])
         if torch.is_grad_enabled():
             # create_graph=True (gradient penalties): a differentiable recomputation.
-            grads = _differentiable_backward(dy, x, weight, bias, residual, stats, call, needs)
+            from . import double_backward
+
+            given = None
+            if call.use_running:
+                given = (stats[4].view(call.stat_shape), stats[2].view(call.stat_shape))
+            grads = tuple(double_backward.grads(dy, x, weight, bias, residual, call.spec, call.eps, call.center,
+                                                call.act, given, list(needs), call.has_res))
         else:
             grads = call.plan.backward(needs)(dy, x, weight, bias, residual, stats)
         return (*grads, None, None, None, None, None)
-
-
-def _differentiable_backward(dy, x, weight, bias, residual, stats, call, needs):
-    """The gradients recomputed with differentiable fp32 torch ops from the saved inputs, so that
-    ``create_graph=True`` (gradient penalties: WGAN-GP, R1) gets correct second derivatives. In
-    eval the statistics are constants: the ones the forward used."""
-    with torch.enable_grad():
-        running = (stats[4], stats[3]) if call.use_running else (None, None)
-        y = reference.norm(x, call.spec, weight, bias, call.eps, call.center, call.act_name, residual,
-                           *running, 0.0, training=not call.use_running, compute_dtype=torch.float32)
-    wrt = [t for t, n in zip((x, weight, bias, residual), needs) if n]
-    grads = iter(torch.autograd.grad(y, wrt, dy, create_graph=True, allow_unused=True))
-    return tuple(next(grads) if n else None for n in needs)
 
 
 def _update_running(spec: Spec, shape, stats, running_mean, running_var, momentum, center):

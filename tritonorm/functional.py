@@ -11,7 +11,7 @@ import math
 import torch
 
 from .core import norm, norm_with_stats
-from .validation import check_tensor
+from .validation import check_number, check_tensor
 
 
 def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False,
@@ -50,18 +50,30 @@ def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=
     c = input.shape[1]
     for name, t in (("running_mean", running_mean), ("running_var", running_var)):
         check_tensor(name, t, input, (c,))
+    updates = running_mean is not None or running_var is not None
+    if updates:
+        check_number("momentum", momentum, lo=0.0, hi=1.0)
     y, mean, var = norm_with_stats(input, "instance", weight=weight, bias=bias, eps=eps,
-                                   activation=activation, residual=residual, momentum=momentum,
-                                   training=True, backend=backend)
-    if input.numel() and (running_mean is not None or running_var is not None):
+                                   activation=activation, residual=residual, training=True,
+                                   backend=backend)
+    if input.numel() and updates:
         m = math.prod(input.shape[2:])
         with torch.no_grad():
             if running_mean is not None:
-                running_mean.mul_(1 - momentum).add_(mean.mean(0).to(running_mean.dtype), alpha=momentum)
+                _instance_update_(running_mean, mean, momentum)
             if running_var is not None:
-                unbiased = var * (m / (m - 1))
-                running_var.mul_(1 - momentum).add_(unbiased.mean(0).to(running_var.dtype), alpha=momentum)
+                _instance_update_(running_var, var * (m / (m - 1)), momentum)
     return y
+
+
+def _instance_update_(running: torch.Tensor, stat: torch.Tensor, momentum: float) -> None:
+    """torch's instance-norm rule, rounding included: each sample blends its (N, C) statistic
+    into the running value at fp32 (or wider) and rounds to the buffer's dtype (torch runs a
+    batch norm over N*C channels on a repeated buffer); the N results are averaged at fp32 and
+    rounded once more."""
+    acc = torch.promote_types(running.dtype, torch.float32)
+    per_sample = (running.to(acc) * (1 - momentum) + stat.to(acc) * momentum).to(running.dtype)
+    running.copy_(per_sample.to(acc).mean(0))
 
 
 def _rows(input: torch.Tensor, normalized_shape, name: str) -> tuple[tuple[int, ...], int]:
@@ -97,7 +109,12 @@ def _last_dims(input, normalized_shape, weight, bias, eps, center, activation, r
     y = norm(x2, "C", weight=None if weight is None else weight.reshape(d),
              bias=None if bias is None else bias.reshape(d), eps=eps, center=center,
              activation=activation, residual=r2, training=False, backend=backend)
-    return y.reshape(input.shape)
+    y = y.reshape(input.shape)
+    if not center and not input.is_contiguous():
+        # torch's rms_norm is elementwise ops, which keep a dense input's layout (channels_last
+        # included); layer_norm's output is contiguous, as here.
+        y = torch.empty_like(input).copy_(y)
+    return y
 
 
 def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5, *, activation=None,

@@ -90,6 +90,7 @@ def _setup(ctx, inputs, output):
     _, stats = output
     ctx.save_for_backward(x, weight, bias, residual if act != 0 else None, stats)
     ctx.meta = (spec, center, act, running_var is not None, residual is not None)
+    ctx.eps = eps  # for double_backward's recompute
     ctx.mark_non_differentiable(stats)
 
 
@@ -101,6 +102,10 @@ def _backward(ctx, dy, _stats_grad):
              has_res and bool(need[3])]
     if dy is None or not any(needs):
         return (None,) * 10
+    if torch.is_grad_enabled():  # create_graph=True: differentiable recompute, see double_backward.py
+        from . import double_backward
+
+        return double_backward.from_ctx(ctx, dy, needs)
     # Without an activation dresidual is dy itself: no kernel output needed for it.
     kernel_needs = needs[:3] + [needs[3] and act != 0]
     dx, dw, db, dres = torch.ops.tritonorm.norm_bwd(dy, x, weight, bias, residual, stats, spec, center, act,

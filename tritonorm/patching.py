@@ -5,19 +5,24 @@ A torch module is patched by switching its class to tritonorm's subclass of the 
 hooks, training flag, device and dtype all stay exactly as they were, and so do the state_dict
 keys. An activation module that directly follows a patched norm inside an ``nn.Sequential`` is
 fused into the norm's kernel and its slot holds a ``FusedActivation`` (an identity that remembers
-the original), so indices and keys are unchanged. Anything that cannot be replaced faithfully is
+the original), so indices and keys are unchanged. Third-party norm classes are matched by
+behaviour on a probe input and replaced by an ``AdaptedNorm`` sharing their Parameters
+(adapters.py). Anything that cannot be replaced faithfully is
 left alone with a reason; ``report(model)`` returns what happened and a summary is logged.
 ``unpatch(model)`` restores plain torch modules. docs/patching.md lists every rule.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import weakref
 from dataclasses import dataclass, field
 
 from torch import nn
 
+from . import adapters
+from .adapters import AdaptedNorm
 from .nn import modules as ours
 from .nn.sync_batchnorm import SyncBatchNorm
 
@@ -65,12 +70,14 @@ def _activation_name(module: nn.Module) -> str | None:
 
 class FusedActivation(nn.Identity):
     """Holds the slot of an activation fused into the preceding norm; ``unpatch`` puts the
-    original back. The original is kept outside ``_modules`` so the state_dict is unchanged."""
+    original back. The original is kept outside ``_modules`` so the state_dict is unchanged, and
+    the norm is named by its key in the same ``Sequential`` (not referenced), so a deepcopy,
+    pickle or ``torch.save`` of the model carries a slot that still finds its own norm."""
 
-    def __init__(self, original: nn.Module, norm: nn.Module):
+    def __init__(self, original: nn.Module, norm_key: str):
         super().__init__()
         object.__setattr__(self, "original", original)
-        object.__setattr__(self, "_norm_ref", weakref.ref(norm))
+        self.norm_key = norm_key
 
     def extra_repr(self) -> str:
         return f"fused into the preceding norm: {self.original!r}"
@@ -110,10 +117,12 @@ def patch(model: nn.Module, *, fuse_activation: bool = True, sync_batchnorm: boo
     """Make ``model``'s torch normalization layers run on tritonorm; returns ``model`` itself.
 
     Replaced: BatchNorm1d/2d/3d, SyncBatchNorm, GroupNorm, LayerNorm, RMSNorm,
-    InstanceNorm1d/2d/3d (exact types; subclasses are left alone). ``fuse_activation``: fuse a
+    InstanceNorm1d/2d/3d (exact types), and third-party norm classes that compute one of
+    tritonorm's norms on a probe input (adapters.py: transformers' Llama/Qwen2/Mistral/Gemma
+    RMSNorm, ConvNeXt's LayerNorm); other subclasses are left alone. ``fuse_activation``: fuse a
     ReLU, LeakyReLU(0.01), SiLU, GELU, Sigmoid or Tanh that directly follows a patched norm in an
-    ``nn.Sequential``. ``sync_batchnorm``: BatchNorm1d/2d/3d become ``SyncBatchNorm`` (over
-    ``process_group``, default the world).
+    ``nn.Sequential``, and GroupNorm+SiLU in diffusers' ResnetBlock2D. ``sync_batchnorm``:
+    BatchNorm1d/2d/3d become ``SyncBatchNorm`` (over ``process_group``, default the world).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -121,13 +130,16 @@ def patch(model: nn.Module, *, fuse_activation: bool = True, sync_batchnorm: boo
         if not isinstance(flag, bool):
             raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
     rep = PatchReport()
+    adapted: list[tuple[str, nn.Module, str]] = []
     for name, module in model.named_modules():
         t = type(module)
-        if t in _OURS:
+        if t in _OURS or t is AdaptedNorm:
             continue
         target = _REPLACE.get(t)
         if target is None:
-            if isinstance(module, _NORM_BASES):
+            if adapters.is_candidate(module):
+                _adapt(name, module, rep, adapted)
+            elif isinstance(module, _NORM_BASES):
                 rep.left_alone.append((name, t.__name__, "subclass of a torch norm "
                                        "with its own code"))
             continue
@@ -141,11 +153,50 @@ def patch(model: nn.Module, *, fuse_activation: bool = True, sync_batchnorm: boo
         module.__dict__["_tritonorm_original_class"] = t
         module.__class__ = target
         rep.replaced.append((name, t.__name__, f"tritonorm.nn.{target.__name__}"))
+    for name, module, kind in adapted:
+        parent, _, key = name.rpartition(".")
+        model.get_submodule(parent)._modules[key] = AdaptedNorm(module, kind, adapters._eps_of(module))
     if fuse_activation:
         _fuse(model, rep)
+        _fuse_resnet_blocks(model, rep)
     _reports[model] = rep
     log.info(rep.summary())
     return model
+
+
+def _adapt(name: str, module: nn.Module, rep: PatchReport, adapted: list) -> None:
+    """Queue a third-party norm for replacement if it behaves like one of ours (adapters.py)."""
+    t = type(module)
+    why = _why_not(module)
+    if why is None and (module._forward_hooks or module._forward_pre_hooks):
+        why = "it has forward hooks"
+    if why is None and not name:
+        why = "it is the model itself"
+    if why is None:
+        kind, why = adapters.match(module)
+        if kind is not None:
+            adapted.append((name, module, kind))
+            rep.replaced.append((name, t.__name__, f"tritonorm.adapters.AdaptedNorm({kind})"))
+            return
+    rep.left_alone.append((name, t.__name__, why))
+
+
+def _fuse_resnet_blocks(model: nn.Module, rep: PatchReport) -> None:
+    """diffusers' ResnetBlock2D calls its SiLU itself: fused through its own forward, when that
+    forward is checked equal on a probe (adapters.resnet_forward)."""
+    for name, block in model.named_modules():
+        if type(block).__name__ != "ResnetBlock2D":
+            continue
+        why = adapters.fusible_resnet_block(block)
+        if why is None and not adapters.resnet_matches(block):
+            why = "its forward differs from the fused one on a probe input"
+        if why is not None:
+            rep.left_alone.append((name, type(block).__name__, f"GroupNorm+SiLU not fused: {why}"))
+            continue
+        adapters.install_resnet_forward(block)
+        pre = f"{name}." if name else ""
+        for norm_name in ("norm1", "norm2"):
+            rep.fused.append((pre + norm_name, pre + "nonlinearity", "silu"))
 
 
 def _uses(model: nn.Module) -> dict[int, int]:
@@ -184,7 +235,7 @@ def _fuse(model: nn.Module, rep: PatchReport) -> None:
                                        "not fused: hooks would see a different tensor"))
                 continue
             norm.activation = act_name
-            seq._modules[k_act] = FusedActivation(act, norm)
+            seq._modules[k_act] = FusedActivation(act, k_norm)
             rep.fused.append((where, names.get(id(act), ""), act_name))
 
 
@@ -195,10 +246,18 @@ def unpatch(model: nn.Module) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     rep = PatchReport()
-    for seq in list(model.modules()):
+    for parent, seq in list(model.named_modules()):
+        forward = seq.__dict__.get("forward")
+        if isinstance(forward, functools.partial) and forward.func is adapters.resnet_forward:
+            del seq.__dict__["forward"]
         for key, child in list(seq._modules.items()):
+            if isinstance(child, AdaptedNorm):
+                seq._modules[key] = child.original
+                rep.replaced.append((f"{parent}.{key}" if parent else key, "AdaptedNorm",
+                                     type(child.original).__name__))
+                continue
             if isinstance(child, FusedActivation):
-                norm = child._norm_ref()
+                norm = seq._modules.get(child.norm_key)
                 if norm is not None and "activation" in norm.__dict__:
                     del norm.__dict__["activation"]
                 seq._modules[key] = child.original

@@ -67,7 +67,9 @@ def check_norm_args(x, scope, num_groups, weight, bias, eps, center, activation,
     check_tensor("residual", residual, x, tuple(x.shape), same_dtype=True)
     act = activations.check(activation)
     check_number("eps", eps, lo=0.0, lo_open=True)
-    check_number("momentum", momentum, lo=0.0, hi=1.0)
+    if training and (running_mean is not None or running_var is not None):
+        # Only read when running statistics are updated; torch ignores it otherwise.
+        check_number("momentum", momentum, lo=0.0, hi=1.0)
     if not isinstance(center, bool):
         raise TypeError(f"center must be a bool, got {type(center).__name__}")
     if not isinstance(training, bool):

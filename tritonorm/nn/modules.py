@@ -42,10 +42,29 @@ def _momentum_factor(module: nn.Module) -> float:
     return factor
 
 
-class _BatchNormMixin:
-    activation = None
+def _call_norm(module: nn.Module, *inputs):
+    """Run ``module``'s computation (``_norm_forward``). Every tritonorm module's ``forward`` goes
+    through here so that ``torch.fx.symbolic_trace`` records one call per norm (``torch.fx.wrap``
+    below) instead of tracing into Python that branches on shapes, flags and buffers, which a
+    symbolic tensor cannot answer; torch.fx keeps torch's own norms opaque (leaf modules) the same
+    way. Eager mode and torch.compile just call through."""
+    return module._norm_forward(*inputs)
+
+
+torch.fx.wrap("_call_norm")
+
+
+class _Leaf:
+    """``forward`` through ``_call_norm``; subclasses define ``_norm_forward``."""
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return _call_norm(self, input)
+
+
+class _BatchNormMixin(_Leaf):
+    activation = None
+
+    def _norm_forward(self, input: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(input)
         factor = _momentum_factor(self)
         bn_training = self.training or (self.running_mean is None and self.running_var is None)
@@ -60,9 +79,10 @@ class _BatchNormMixin:
 
 def _batch_norm_class(base: type) -> type:
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
-                 device=None, dtype=None, *, activation=None):
+                 device=None, dtype=None, *, bias=True, activation=None):
         act = activations.check(activation)
-        base.__init__(self, num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        base.__init__(self, num_features, eps, momentum, affine, track_running_stats, device, dtype,
+                      bias=bias)
         self.activation = act
 
     name = base.__name__
@@ -77,19 +97,19 @@ BatchNorm2d = _batch_norm_class(nn.BatchNorm2d)
 BatchNorm3d = _batch_norm_class(nn.BatchNorm3d)
 
 
-class GroupNorm(nn.GroupNorm):
+class GroupNorm(_Leaf, nn.GroupNorm):
     """``torch.nn.GroupNorm`` on tritonorm's kernels, plus ``activation=`` (GroupNorm + SiLU in
     one pass is the diffusion U-Net case)."""
 
     activation = None
 
     def __init__(self, num_groups, num_channels, eps=1e-5, affine=True, device=None, dtype=None, *,
-                 activation=None):
+                 bias=True, activation=None):
         act = activations.check(activation)
-        super().__init__(num_groups, num_channels, eps, affine, device, dtype)
+        super().__init__(num_groups, num_channels, eps, affine, device, dtype, bias=bias)
         self.activation = act
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
+    def _norm_forward(self, input: torch.Tensor) -> torch.Tensor:
         x = input
         if x.dim() > 5:
             # Groups reduce every spatial axis, so flattening them changes nothing.
@@ -102,7 +122,7 @@ class GroupNorm(nn.GroupNorm):
         return _extra(self, super().extra_repr())
 
 
-class LayerNorm(nn.LayerNorm):
+class LayerNorm(_Leaf, nn.LayerNorm):
     """``torch.nn.LayerNorm`` (trailing ``normalized_shape``, elementwise affine, ``bias=False``
     allowed) on tritonorm's kernels, plus ``activation=``."""
 
@@ -114,7 +134,7 @@ class LayerNorm(nn.LayerNorm):
         super().__init__(normalized_shape, eps, elementwise_affine, bias, device, dtype)
         self.activation = act
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
+    def _norm_forward(self, input: torch.Tensor) -> torch.Tensor:
         return functional.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps,
                                      activation=self.activation)
 
@@ -122,7 +142,7 @@ class LayerNorm(nn.LayerNorm):
         return _extra(self, super().extra_repr())
 
 
-class RMSNorm(nn.RMSNorm):
+class RMSNorm(_Leaf, nn.RMSNorm):
     """``torch.nn.RMSNorm`` on tritonorm's kernels (``eps=None``: the input dtype's machine
     epsilon, as in PyTorch), plus ``activation=``."""
 
@@ -134,7 +154,7 @@ class RMSNorm(nn.RMSNorm):
         super().__init__(normalized_shape, eps, elementwise_affine, device, dtype)
         self.activation = act
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
+    def _norm_forward(self, input: torch.Tensor) -> torch.Tensor:
         return functional.rms_norm(input, self.normalized_shape, self.weight, self.eps,
                                    activation=self.activation)
 
@@ -142,8 +162,11 @@ class RMSNorm(nn.RMSNorm):
         return _extra(self, super().extra_repr())
 
 
-class _InstanceNormMixin:
+class _InstanceNormMixin(_Leaf):
     activation = None
+
+    # torch's forward (input checks, unbatched input) calls our _apply_instance_norm.
+    _norm_forward = nn.modules.instancenorm._InstanceNorm.forward
 
     def _apply_instance_norm(self, input: torch.Tensor) -> torch.Tensor:
         return functional.instance_norm(
@@ -158,9 +181,10 @@ class _InstanceNormMixin:
 
 def _instance_norm_class(base: type) -> type:
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=False,
-                 track_running_stats=False, device=None, dtype=None, *, activation=None):
+                 track_running_stats=False, device=None, dtype=None, *, bias=True, activation=None):
         act = activations.check(activation)
-        base.__init__(self, num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        base.__init__(self, num_features, eps, momentum, affine, track_running_stats, device, dtype,
+                      bias=bias)
         self.activation = act
 
     name = base.__name__
@@ -263,6 +287,9 @@ class Norm(nn.Module):
             self.num_batches_tracked.zero_()
 
     def forward(self, input: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        return _call_norm(self, input, residual)
+
+    def _norm_forward(self, input: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
         if input.dim() < 2 or input.shape[1] != self.num_features:
             raise ValueError(f"input must have shape (N, {self.num_features}, *spatial), "
                              f"got {tuple(input.shape)}")

@@ -25,10 +25,13 @@ from torch import nn
 
 from .. import activations, functional
 from ..core import moments
-from .modules import _extra, _momentum_factor
+from . import modules as _ours
+from .modules import _call_norm, _extra, _momentum_factor
 from .switchable import apply_stats
 
 __all__ = ["SyncBatchNorm", "sync_batch_norm"]
+
+torch.fx.wrap("_call_norm")  # one opaque call under torch.fx, as in modules.py
 
 
 def _local_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -107,13 +110,16 @@ class SyncBatchNorm(nn.SyncBatchNorm):
     activation = None
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
-                 process_group=None, device=None, dtype=None, *, activation=None):
+                 process_group=None, device=None, dtype=None, *, bias=True, activation=None):
         act = activations.check(activation)
         super().__init__(num_features, eps, momentum, affine, track_running_stats, process_group,
-                         device, dtype)
+                         device, dtype, bias=bias)
         self.activation = act
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return _call_norm(self, input)
+
+    def _norm_forward(self, input: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(input)
         self._check_non_zero_input_channels(input)
         factor = _momentum_factor(self)
@@ -137,8 +143,21 @@ class SyncBatchNorm(nn.SyncBatchNorm):
 
     @classmethod
     def convert_sync_batchnorm(cls, module, process_group=None):
-        """Like ``torch.nn.SyncBatchNorm.convert_sync_batchnorm``, in place and sharing the same
-        tensors: see ``tritonorm.patch(model, sync_batchnorm=True)``."""
-        from ..patching import patch
+        """Like ``torch.nn.SyncBatchNorm.convert_sync_batchnorm``, but in place and sharing the same
+        tensors: every module of exact type ``nn.BatchNorm1d/2d/3d`` (torch's or tritonorm's)
+        becomes this class; other norms are untouched. ``tritonorm.unpatch`` turns them back.
+        ``tritonorm.patch(model, sync_batchnorm=True)`` does the same and patches the rest."""
+        for m in module.modules():
+            original = _BATCH_NORM_OF.get(type(m))
+            if original is None or "forward" in m.__dict__:
+                continue
+            m.__dict__.setdefault("_tritonorm_original_class", original)
+            m.process_group = process_group
+            m.__class__ = cls
+        return module
 
-        return patch(module, fuse_activation=False, sync_batchnorm=True, process_group=process_group)
+
+# Exact BatchNorm classes this module converts, mapped to the torch class unpatch restores.
+_BATCH_NORM_OF = {nn.BatchNorm1d: nn.BatchNorm1d, nn.BatchNorm2d: nn.BatchNorm2d,
+                  nn.BatchNorm3d: nn.BatchNorm3d, _ours.BatchNorm1d: nn.BatchNorm1d,
+                  _ours.BatchNorm2d: nn.BatchNorm2d, _ours.BatchNorm3d: nn.BatchNorm3d}
