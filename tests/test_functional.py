@@ -105,6 +105,12 @@ def test_half_running_stats_round_as_torch():
             assert torch.equal(ours[0], theirs[0]) and torch.equal(ours[1], theirs[1])
 
 
+def _interpreted() -> bool:
+    import os
+
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
 def test_bf16_running_stats_are_rounded_once():
     """bf16: the float64 blend of the batch statistics, rounded once to bf16 (torch's CPU kernel
     rounds the batch statistics to bf16 first and lands up to two bf16 units from this)."""
@@ -118,9 +124,12 @@ def test_bf16_running_stats_are_rounded_once():
         exact = (0.7 * rm.double() + 0.3 * x64.mean((0, 2)), 0.7 * rv.double() + 0.3 * x64.var((0, 2)))
         for a, e in zip(ours, exact):
             # One rounding: within half a bf16 unit of the exact blend (fp32 slack aside);
-            # rounding twice can land a whole unit away.
+            # rounding twice can land a whole unit away. The kernels blend in-kernel, and Triton's
+            # interpreter truncates fp32 -> bf16 where compiled kernels round to nearest
+            # (docs/api.md): there one rounding is within a whole unit.
             half_unit = torch.ldexp(torch.ones_like(e), torch.frexp(a.double())[1] - 9)
-            assert ((a.double() - e).abs() <= half_unit * 1.001 + 1e-6 * e.abs()).all()
+            unit = half_unit * (2 if x.device.type == "cpu" and _interpreted() else 1)
+            assert ((a.double() - e).abs() <= unit * 1.001 + 1e-6 * e.abs()).all()
         for a, b in zip(ours, theirs):
             assert ((a.double() - b.double()).abs() <= b.double().abs() * 2 ** -6).all()  # 2 units
 
