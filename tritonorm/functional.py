@@ -11,7 +11,7 @@ import math
 import torch
 
 from .core import norm, norm_with_stats
-from .validation import check_tensor
+from .validation import check_running_buffers, check_tensor
 
 
 def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False,
@@ -50,6 +50,7 @@ def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=
     c = input.shape[1]
     for name, t in (("running_mean", running_mean), ("running_var", running_var)):
         check_tensor(name, t, input, (c,))
+    check_running_buffers(running_mean, running_var)
     y, mean, var = norm_with_stats(input, "instance", weight=weight, bias=bias, eps=eps,
                                    activation=activation, residual=residual, momentum=momentum,
                                    training=True, backend=backend)

@@ -229,7 +229,7 @@ def chan_merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
     frac = n_b / tl.maximum(n_a + n_b, 1.0)  # an empty tile (n_b = 0) leaves the partial as is
     delta = mean_b - mean_a
     mean = mean_a * (1.0 - frac) + mean_b * frac
-    m2 = m2_a + m2_b + delta * delta * n_a * frac
+    m2 = m2_a + m2_b + delta * (delta * (n_a * frac))  # not delta^2 * 0 = NaN when delta^2 overflows
     return mean, m2
 
 
