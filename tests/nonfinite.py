@@ -54,5 +54,6 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Bit-identical (NaN payloads included): the byte images of two tensors are equal."""
     if a.shape != b.shape or a.dtype != b.dtype:
         return False
-    return torch.equal(a.detach().contiguous().reshape(-1).view(torch.uint8),
-                       b.detach().contiguous().reshape(-1).view(torch.uint8))
+    def image(t):  # a dense copy: view(uint8) needs unit stride, whatever t's strides are
+        return torch.empty(t.numel(), dtype=t.dtype).copy_(t.detach().reshape(-1)).view(torch.uint8)
+    return torch.equal(image(a), image(b))
