@@ -27,7 +27,7 @@ import torch
 
 import tritonorm
 import tritonorm.functional as TF
-from tritonorm import activations, reference, scope as scopes
+from tritonorm import activations, dispatch, reference, scope as scopes
 from tritonorm.kernels import launch
 
 from helpers import LOW
@@ -35,7 +35,7 @@ from nonfinite import assert_matches, same_bits
 
 SEED_ENV, CALLS_ENV = "TRITONORM_FUZZ_SEED", "TRITONORM_FUZZ_CALLS"
 SMOKE_SEEDS = (15, 1515)
-CALLS = int(os.environ.get(CALLS_ENV, "24"))
+CALLS = int(os.environ.get(CALLS_ENV, "25"))
 DTYPES = (torch.float32, torch.float32, torch.float16, torch.bfloat16, torch.float64)
 ACTS = (None, None, *activations.NAMES)
 
@@ -390,7 +390,20 @@ def _functional_invalid(d: Draw):
 
 # --- the test ---------------------------------------------------------------------------------------
 
+# On tiny shapes the dispatcher always picks the fused regime: force the tiled ones at times,
+# with tiles small enough that they loop and split.
+REGIMES = [None, None, ("looped", {"block_m": 4, "block_p": 2}), ("split", {"block_m": 4, "block_p": 2, "split": 3})]
+
+
 def _one_call(d: Draw, i: int) -> str:
+    regime = d.r.choice(REGIMES)
+    if regime is None:
+        return _draw_call(d)
+    with dispatch.forced(regime[0], **regime[1]):
+        return _draw_call(d)
+
+
+def _draw_call(d: Draw) -> str:
     roll = d.r.random()
     if roll < 0.45:
         x, scope, spec, kw, desc = _norm_case(d)
@@ -428,9 +441,11 @@ def test_fuzz(seed):
 
 
 def _describe(d: Draw) -> str:
+    regime = d.r.choice(REGIMES)
+    prefix = "" if regime is None else f"[forced {regime[0]} {regime[1]}] "
     roll = d.r.random()
     if roll < 0.45 or 0.65 <= roll < 0.92:
-        return _norm_case(d)[-1]
+        return prefix + _norm_case(d)[-1]
     if roll < 0.65:
-        return _module_case(d)[-1]
-    return "functional invalid call"
+        return prefix + _module_case(d)[-1]
+    return prefix + "functional invalid call"
