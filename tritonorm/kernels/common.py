@@ -174,9 +174,8 @@ def _sigmoid_and_complement(z):
 def activation_grad(z, ACT: tl.constexpr):
     """d act(z) / dz, matching torch's autograd at NaN and +-inf: relu'(NaN) = 1 and
     leaky_relu'(NaN) = 0.01 (torch's backward tests z <= 0 and z > 0 respectively), and NaN
-    where torch's formula meets inf * 0 (silu, gelu and gelu_tanh at +-inf). Never called with
-    ACT = 0 (the kernels skip the identity)."""
-    out = z
+    where torch's formula meets inf * 0 (silu, gelu and gelu_tanh at +-inf)."""
+    out = tl.full(z.shape, 1.0, tl.float32)  # the identity's, also at NaN/inf (not z * 0 + 1)
     if ACT == 1:
         out = tl.where(z <= 0.0, 0.0, 1.0)
     elif ACT == 2:
