@@ -155,7 +155,8 @@ def test_nan_in_x_stays_nan_through_every_activation(activation, regime):
     _check_all(y, y64, g, g64, terms)
 
 
-@pytest.mark.parametrize("activation,regime", ACT_REGIMES)
+@pytest.mark.parametrize("activation,regime", [(None, "fused"), ("relu", "fused"), ("leaky_relu", "fused"),
+                                               ("silu", "fused"), ("gelu_tanh", "fused"), ("tanh", "split")])
 def test_nonfinite_preactivation_from_residual(activation, regime):
     # NaN/inf that enter after the statistics (here the residual) reach the activation as they
     # are: act(NaN), act(+-inf) and their gradients must be torch's.
