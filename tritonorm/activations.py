@@ -41,25 +41,36 @@ def apply(activation: str | None, t: torch.Tensor) -> torch.Tensor:
     return _TABLE[activation][1](t)
 
 
+def _sigmoid_and_complement(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sigmoid(z), 1 - sigmoid(z)) without the cancellation of 1 - s once s rounds to 1."""
+    s = torch.sigmoid(z)
+    return s, torch.where(z < 0, 1 - s, torch.exp(-z) * s)
+
+
 def grad(activation: str | None, z: torch.Tensor) -> torch.Tensor | None:
     """d act(z) / dz in closed form, the PyTorch twin of the kernels' ``activation_grad``
     (for paths that run below autograd: custom-op bodies and hand-written backwards).
-    None for the identity."""
+    None for the identity.
+
+    At NaN and +-inf it gives what torch's autograd gives: relu'(NaN) = 1 (torch's relu
+    backward zeroes the gradient where z <= 0 only), leaky_relu'(NaN) = 0.01, and NaN where the
+    derivative meets inf * 0 (silu, gelu, gelu_tanh at +-inf).
+    """
     if activation is None:
         return None
     if activation == "relu":
-        return (z > 0).to(z.dtype)
+        return torch.where(z <= 0, 0.0, 1.0).to(z.dtype)
     if activation == "leaky_relu":
         return torch.where(z > 0, 1.0, 0.01).to(z.dtype)
     if activation in ("silu", "sigmoid"):
-        s = torch.sigmoid(z)
-        return s + z * s * (1 - s) if activation == "silu" else s * (1 - s)
+        s, c = _sigmoid_and_complement(z)
+        return s * (1 + z * c) if activation == "silu" else s * c
     if activation == "gelu":
         return 0.5 * (1 + torch.erf(z * 0.7071067811865476)) + z * torch.exp(-0.5 * z * z) * 0.3989422804014327
     if activation == "gelu_tanh":
-        k = 0.7978845608028654
-        t = torch.tanh(k * (z + 0.044715 * z ** 3))
-        return 0.5 * (1 + t) + 0.5 * z * (1 - t * t) * k * (1 + 3 * 0.044715 * z * z)
+        # 0.5 (1 + tanh(u)) = sigmoid(2u), u = k (z + 0.044715 z^3): s (1 + 2 z (1 - s) u')
+        s, c = _sigmoid_and_complement(1.5957691216057308 * (z + 0.044715 * z ** 3))
+        return s * (1 + z * c * (1.5957691216057308 + 0.21406444881780076 * z * z))
     if activation == "tanh":
         return 1 - torch.tanh(z) ** 2
     raise ValueError(f"activation={activation!r} is not supported")

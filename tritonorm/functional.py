@@ -11,7 +11,7 @@ import math
 import torch
 
 from .core import norm, norm_with_stats
-from .validation import check_number, check_tensor
+from .validation import check_number, check_running_buffers, check_tensor
 
 
 def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False,
@@ -53,6 +53,7 @@ def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=
     updates = running_mean is not None or running_var is not None
     if updates:
         check_number("momentum", momentum, lo=0.0, hi=1.0)
+    check_running_buffers(running_mean, running_var)
     y, mean, var = norm_with_stats(input, "instance", weight=weight, bias=bias, eps=eps,
                                    activation=activation, residual=residual, training=True,
                                    backend=backend)

@@ -50,6 +50,50 @@ def check_number(name: str, value, lo=None, hi=None, lo_open: bool = False) -> f
     return v
 
 
+def _self_overlapping(t: torch.Tensor) -> bool:
+    """True when two elements of t share memory. With the dims of size > 1 sorted by stride,
+    t is free of overlap when each stride exceeds the span of the dims before it (a stride-0
+    dim, as in an expanded view, never does)."""
+    span = 0
+    for stride, size in sorted((st, sz) for sz, st in zip(t.shape, t.stride()) if sz > 1):
+        if stride <= span:
+            return True
+        span += (size - 1) * stride
+    return False
+
+
+def _element_offsets(t: torch.Tensor) -> torch.Tensor:
+    """Storage offsets (in elements) of every element of t."""
+    off = torch.tensor(t.storage_offset())
+    for size, stride in zip(t.shape, t.stride()):
+        off = off[..., None] + torch.arange(size) * stride
+    return off.reshape(-1)
+
+
+def _share_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        return False
+    if a.element_size() != b.element_size():
+        return True  # views of one storage under different dtypes: assume the worst
+    return bool(torch.isin(_element_offsets(a), _element_offsets(b)).any())
+
+
+def check_running_buffers(running_mean, running_var) -> None:
+    """Running statistics are updated in place, element by element: reject buffers where two
+    elements share memory (expanded views, stride 0) or where the two buffers share elements,
+    before anything runs. Otherwise the update would fail half-way (after running_mean was
+    changed) or silently write one statistic over the other. Assumes both passed check_tensor."""
+    bufs = [(n, t) for n, t in (("running_mean", running_mean), ("running_var", running_var))
+            if t is not None and t.numel() > 0]
+    for name, t in bufs:
+        if _self_overlapping(t):
+            raise ValueError(f"{name} must not have elements that share memory (an expanded view: "
+                             f"stride {tuple(t.stride())} for shape {tuple(t.shape)}); it is updated "
+                             f"in place, so pass a tensor of its own, e.g. {name}.clone()")
+    if len(bufs) == 2 and _share_memory(bufs[0][1], bufs[1][1]):
+        raise ValueError("running_mean and running_var must not share memory: both are updated in place")
+
+
 def check_norm_args(x, scope, num_groups, weight, bias, eps, center, activation, residual,
                     running_mean, running_var, momentum, training,
                     sample_groups=1) -> tuple[Spec, str | None]:
@@ -88,6 +132,8 @@ def check_norm_args(x, scope, num_groups, weight, bias, eps, center, activation,
                              "(running_var then tracks the mean square)")
         check_tensor("running_mean", running_mean, x, (n_stats,))
         check_tensor("running_var", running_var, x, (n_stats,))
+        if training:  # eval only reads them
+            check_running_buffers(running_mean, running_var)
     if training and center and x.numel() > 0 and spec.count(x.shape) == 1:
         raise ValueError(
             f"each statistic of scope {spec.letters!r} covers a single value for x of shape "

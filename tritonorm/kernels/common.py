@@ -125,30 +125,55 @@ def store2d(Ptr, roff, coff, value, mask):
 
 @triton.jit
 def pivot(X, rx, rmask, CENTER: tl.constexpr):
-    """Each row's first element (column 0 has offset 0 in every view), or 0 without centring."""
-    k = tl.load(X + rx, mask=rmask, other=0.0).to(tl.float32)
-    if not CENTER:
-        k = k * 0.0
+    """Each row's first element (column 0 has offset 0 in every view), or 0 without centring.
+
+    A non-finite first element gives pivot 0: x - inf would turn every deviation of the row
+    into +-inf or NaN, where the row's exact mean is +-inf (running statistics need it). Without
+    centring the pivot is a plain 0, never 0 * x (inf * 0 = NaN)."""
+    if CENTER:
+        k = tl.load(X + rx, mask=rmask, other=0.0).to(tl.float32)
+        k = tl.where(k - k == 0.0, k, 0.0)  # k - k is NaN exactly when k is +-inf or NaN
+    else:
+        k = (rx * 0).to(tl.float32)
     return k
 
 
 @triton.jit
 def sigmoid(z):
+    # Relative accuracy everywhere: 1 + e^{-z} does not cancel; saturates to 0 (z -> -inf) and 1.
     return 1.0 / (1.0 + tl.exp(-z))
 
 
 @triton.jit
 def tanh(z):
-    # 1 - 2/(e^{2z}+1): saturates cleanly to +-1 in fp32 (e^{2z} -> inf or 0).
-    return 1.0 - 2.0 / (tl.exp(2.0 * z) + 1.0)
+    """tanh accurate to ~2 ulp relative everywhere, saturating cleanly, NaN in -> NaN out.
+
+    1 - 2/(e^{2z}+1) saturates to +-1 (e^{2z} -> inf or 0) but cancels near 0 (tanh(1e-20)
+    would be 0); below |z| = 0.625 an odd polynomial z + z^3 P(z^2) takes over (a least-squares
+    fit of (tanh(z)/z - 1)/z^2 on Chebyshev nodes of [0, 0.625], max relative error 8e-8 in fp32).
+    Both sides are computed and one is selected: no branch, a handful of FMAs more.
+    """
+    s = z * z
+    p = -0.0057189627550542355
+    p = p * s + 0.020653124898672104
+    p = p * s - 0.05374465882778168
+    p = p * s + 0.13331513106822968
+    p = p * s - 0.3333328664302826
+    small = z + z * s * p
+    large = 1.0 - 2.0 / (tl.exp(2.0 * z) + 1.0)
+    return tl.where(tl.abs(z) < 0.625, small, large)
 
 
 @triton.jit
 def activation(z, ACT: tl.constexpr):
-    """act(z) for the activation codes of tritonorm.activations (0 = identity)."""
+    """act(z) for the activation codes of tritonorm.activations (0 = identity).
+
+    NaN and +-inf give what torch's own activation gives on the same z (e.g. relu(NaN) = NaN,
+    silu(-inf) = NaN): comparisons are written so that NaN falls on the side that keeps z.
+    """
     out = z
     if ACT == 1:
-        out = tl.maximum(z, 0.0)
+        out = tl.where(z < 0.0, 0.0, z)  # not max(z, 0): fmaxf drops NaN, torch's relu keeps it
     elif ACT == 2:
         out = tl.where(z > 0, z, 0.01 * z)
     elif ACT == 3:
@@ -156,7 +181,8 @@ def activation(z, ACT: tl.constexpr):
     elif ACT == 4:
         out = 0.5 * z * (1.0 + tl.erf(z * 0.7071067811865476))
     elif ACT == 5:
-        out = 0.5 * z * (1.0 + tanh(0.7978845608028654 * (z + 0.044715 * z * z * z)))
+        # 0.5 (1 + tanh(u)) = sigmoid(2u): no cancellation of 1 + tanh(u) for z < 0
+        out = z * sigmoid(1.5957691216057308 * (z + 0.044715 * z * z * z))
     elif ACT == 6:
         out = sigmoid(z)
     elif ACT == 7:
@@ -165,25 +191,36 @@ def activation(z, ACT: tl.constexpr):
 
 
 @triton.jit
+def _sigmoid_and_complement(z):
+    """(sigmoid(z), 1 - sigmoid(z)), the complement without cancellation: for z >= 0 it is
+    e^{-z} * sigmoid(z) (1 - s would round to 0 once s rounds to 1)."""
+    e = tl.exp(-z)
+    s = 1.0 / (1.0 + e)
+    return s, tl.where(z < 0.0, 1.0 - s, e * s)
+
+
+@triton.jit
 def activation_grad(z, ACT: tl.constexpr):
-    """d act(z) / dz."""
-    out = z * 0.0 + 1.0
+    """d act(z) / dz, matching torch's autograd at NaN and +-inf: relu'(NaN) = 1 and
+    leaky_relu'(NaN) = 0.01 (torch's backward tests z <= 0 and z > 0 respectively), and NaN
+    where torch's formula meets inf * 0 (silu, gelu and gelu_tanh at +-inf)."""
+    out = tl.full(z.shape, 1.0, tl.float32)  # the identity's, also at NaN/inf (not z * 0 + 1)
     if ACT == 1:
-        out = tl.where(z > 0, 1.0, 0.0)
+        out = tl.where(z <= 0.0, 0.0, 1.0)
     elif ACT == 2:
         out = tl.where(z > 0, 1.0, 0.01)
     elif ACT == 3:
-        s = sigmoid(z)
-        out = s + z * s * (1.0 - s)
+        s, c = _sigmoid_and_complement(z)
+        out = s * (1.0 + z * c)
     elif ACT == 4:
         out = 0.5 * (1.0 + tl.erf(z * 0.7071067811865476)) + z * tl.exp(-0.5 * z * z) * 0.3989422804014327
     elif ACT == 5:
-        k = 0.7978845608028654
-        t = tanh(k * (z + 0.044715 * z * z * z))
-        out = 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * k * (1.0 + 3.0 * 0.044715 * z * z)
+        # d/dz z sigmoid(2u) with u = k (z + 0.044715 z^3): s (1 + 2 z (1 - s) u')
+        s, c = _sigmoid_and_complement(1.5957691216057308 * (z + 0.044715 * z * z * z))
+        out = s * (1.0 + z * c * (1.5957691216057308 + 0.21406444881780076 * z * z))
     elif ACT == 6:
-        s = sigmoid(z)
-        out = s * (1.0 - s)
+        s, c = _sigmoid_and_complement(z)
+        out = s * c
     elif ACT == 7:
         t = tanh(z)
         out = 1.0 - t * t
@@ -195,7 +232,8 @@ def tile_moments(x, mask, n, CENTER: tl.constexpr):
     """Per-row (mean, M2) of a [rows, cols] tile over its ``n`` valid columns (x is 0 where masked).
 
     Two passes over registers (mean, then squared deviations): exact, no E[x^2]-E[x]^2.
-    Without centering the mean is 0 and M2 is the sum of squares.
+    Without centering the mean is 0 (not 0 * M2: an inf M2 must not make it NaN) and M2 is the
+    sum of squares.
     """
     if CENTER:
         mean = tl.sum(x, axis=1) / n
@@ -203,7 +241,7 @@ def tile_moments(x, mask, n, CENTER: tl.constexpr):
         m2 = tl.sum(d * d, axis=1)
     else:
         m2 = tl.sum(x * x, axis=1)
-        mean = m2 * 0.0
+        mean = tl.zeros_like(m2)
     return mean, m2
 
 
@@ -211,12 +249,15 @@ def tile_moments(x, mask, n, CENTER: tl.constexpr):
 def chan_merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
     """Chan et al.'s merge of two (count, mean, M2) partials; returns (mean, M2).
 
-    The counts are scalars known from the tile geometry, so they are not carried.
+    The counts are scalars known from the tile geometry, so they are not carried. The mean is
+    the weighted average (1 - f) mean_a + f mean_b, not mean_a + f (mean_b - mean_a): the latter
+    is inf - inf = NaN when one partial's mean is +-inf and the other's finite, where the exact
+    mean is +-inf.
     """
     frac = n_b / tl.maximum(n_a + n_b, 1.0)  # an empty tile (n_b = 0) leaves the partial as is
     delta = mean_b - mean_a
-    mean = mean_a + delta * frac
-    m2 = m2_a + m2_b + delta * delta * n_a * frac
+    mean = mean_a * (1.0 - frac) + mean_b * frac
+    m2 = m2_a + m2_b + delta * (delta * (n_a * frac))  # not delta^2 * 0 = NaN when delta^2 overflows
     return mean, m2
 
 
