@@ -131,6 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write the rows and provenance (device, versions, git commit) to this file")
     b.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     b.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    b.add_argument("--host", action="store_true",
+                   help="instead: host CPU time per call with the GPU launch stubbed (Triton's binder "
+                   "included), launches per call and JIT variants as the batch varies, beside eager's "
+                   "host path; runs on any machine (python -m tritonorm.bench.host)")
 
     t = sub.add_parser("tune", help="measure candidate plans on this GPU and store the fastest "
                        "in the tuning cache", description="Sweeps launch plans for the suite shapes on "
@@ -174,6 +178,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_bench(args) -> int:
+    if args.host:
+        import subprocess
+
+        # A fresh process: the stubbed launcher needs triton imported without the interpreter.
+        cmd = [sys.executable, "-m", "tritonorm.bench.host", "--variants"]
+        if args.json is not None:
+            cmd += ["--json", str(args.json)]
+        return subprocess.call(cmd)
     import torch
 
     if not torch.cuda.is_available():
@@ -321,6 +333,8 @@ def cmd_explain(args) -> int:
             (f for word, f in _KEYWORD_FLAGS if f"{word}=" in msg), None)
         raise UsageError(flag, msg) from None
     print(f"kernel: {plan.kernel}\nconfig: {plan.config}\nreason: {plan.reason}")
+    if plan.cost is not None:
+        print(f"cost ({args.op}): {plan.cost.summary()}")
     return 0
 
 
