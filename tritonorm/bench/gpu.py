@@ -31,6 +31,21 @@ def _mode_fn(f, mode: str, x, kw):
     return lambda: torch.autograd.grad(f(), leaves, dy)
 
 
+def predicted(case, x, kw, mode: str) -> dict | None:
+    """The cost model's launches and time for this row (tritonorm.explain(...).cost), printed
+    beside the measurement so every GPU run checks the model."""
+    import tritonorm
+
+    xm = x.detach()
+    kwm = {k: (v.detach() if torch.is_tensor(v) else v) for k, v in kw.items()}
+    ops = {"fwd": ("forward",), "bwd": ("backward",), "fwd+bwd": ("forward", "backward")}[mode]
+    costs = [tritonorm.explain(xm, case.scope, op=op, **kwm).cost for op in ops]
+    if any(c is None for c in costs):
+        return None
+    return {"us": sum(c.predicted_us for c in costs), "launches": sum(c.launches for c in costs),
+            "bytes_ratio": sum(c.bytes for c in costs) / max(1, sum(c.ideal for c in costs))}
+
+
 def run_gpu(case_list, dtypes, modes, names, progress: bool = True) -> tuple[list[dict], float]:
     """(rows, copy GB/s); prints the table and the targets summary."""
     from . import timing
@@ -46,7 +61,7 @@ def run_gpu(case_list, dtypes, modes, names, progress: bool = True) -> tuple[lis
         nbytes = bytes_model.bytes_moved(case, x.element_size(), mode)
         row = {"suite": case.suite, "case": case.name, "kind": case.kind, "shape": list(case.shape),
                "channels_last": case.channels_last, "dtype": dt, "mode": mode, "bytes": nbytes,
-               "plan": plans(case, x, kw, None), "providers": {}}
+               "plan": plans(case, x, kw, None), "model": predicted(case, x, kw, mode), "providers": {}}
         for name in names:
             f = providers.make(name, case, x, kw)
             if f is None:
@@ -104,7 +119,7 @@ def print_table(rows: list[dict]) -> None:
     head = ["case", "dtype", "mode", "MB", "plan"]
     for n in names:
         head += [f"{n} us", "GB/s", "copy%"]
-    head += ["x eager", "x compile"]
+    head += ["model us", "x eager", "x compile"]
     body = []
     for r in rows:
         line = [r["case"], r["dtype"], r["mode"], round(r["bytes"] / 1e6, 1), r["plan"]]
@@ -114,7 +129,8 @@ def print_table(rows: list[dict]) -> None:
                 line += ["-" if p is None else "error", None, None]
             else:
                 line += [round(p["ms"] * 1e3, 1), round(p["gbps"]), round(100 * p["copy_frac"])]
-        line += [r.get("speedup_eager"), r.get("speedup_compile")]
+        model = r.get("model")
+        line += [round(model["us"], 1) if model else None, r.get("speedup_eager"), r.get("speedup_compile")]
         body.append(line)
     print(f"bytes model: {bytes_model.MODEL}")
     print(format_table(head, body))

@@ -135,14 +135,29 @@ def stubbed(profile_name: str = "h200"):
     launch.profile_for = lambda device: profile
     launch.clear()
     core._CALLS.clear()
+    _forget_compiled()
     try:
         yield rec
     finally:
+        _forget_compiled()  # the stub kernels must never serve a real launch later
         (jit.JITFunction._do_compile, jit.JITFunction.run, backends.triton_can_run,
          dispatch.profile_for_device, launch.profile_for) = saved
         driver._active = prev_driver
         launch.clear()
         core._CALLS.clear()
+
+
+def _forget_compiled() -> None:
+    """Drop tritonorm's kernels' compiled-variant caches (so variants are counted from zero, and
+    no stub survives the context)."""
+    import triton.runtime.jit as jit
+
+    from tritonorm.kernels import backward as bk, forward as fk
+
+    for module in (fk, bk):
+        for value in vars(module).values():
+            if isinstance(value, jit.JITFunction):
+                value.device_caches.clear()
 
 
 def cpu_us(fn, calls: int = 300, warmup: int = 30) -> float:

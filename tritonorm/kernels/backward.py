@@ -39,7 +39,7 @@ def _dx(g, xhat, rstd, s1, s2, M, CENTER: tl.constexpr, GIVEN: tl.constexpr):
     return dx
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["ROW_BLOCKS"])
 def _bwd_fused_kernel(
     X, DY, Res, W, B, Stats,    # Stats: the forward's [5, P] statistics
     DX, DRes,                   # dx; dresidual (only if WRITE_DRES)
@@ -88,7 +88,7 @@ def _bwd_fused_kernel(
         tl.store(DW + M * progs + cols * progs + tl.program_id(0), db, mask=cols < M)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["SPLIT"])
 def _bwd_sums_kernel(
     X, DY, Res, W, B, Stats,
     Part,                       # partial sums out, [4, P, SPLIT] fp32: S1, S2, dweight, dbias
@@ -132,7 +132,7 @@ def _bwd_sums_kernel(
         tl.store(Part + 3 * plane + idx, u1, mask=rmask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["SPLIT", "COL_PROGS", "TILES_PER_PROG"])
 def _bwd_apply_kernel(
     X, DY, Res, W, B, Stats,
     Part,                             # [4, P, SPLIT] partial sums of _bwd_sums_kernel (unused if GIVEN)
@@ -152,19 +152,23 @@ def _bwd_apply_kernel(
     s1 = tl.zeros([BLOCK_P], dtype=tl.float32)
     s2 = tl.zeros([BLOCK_P], dtype=tl.float32)
     if not GIVEN:
-        sps = tl.arange(0, BLOCK_S)
-        pmask = rmask[:, None] & (sps < SPLIT)[None, :]
-        idx = rows[:, None] * SPLIT + sps[None, :]
         plane = P * SPLIT
-        s1 = tl.sum(tl.load(Part + idx, mask=pmask, other=0.0), axis=1)
-        s2 = tl.sum(tl.load(Part + plane + idx, mask=pmask, other=0.0), axis=1)
+        dw = tl.zeros([BLOCK_P], dtype=tl.float32)
+        db = tl.zeros([BLOCK_P], dtype=tl.float32)
+        for s0 in range(0, SPLIT, BLOCK_S):  # BLOCK_S partials at a time: no variant per split
+            sps = s0 + tl.arange(0, BLOCK_S)
+            pmask = rmask[:, None] & (sps < SPLIT)[None, :]
+            idx = rows[:, None] * SPLIT + sps[None, :]
+            s1 += tl.sum(tl.load(Part + idx, mask=pmask, other=0.0), axis=1)
+            s2 += tl.sum(tl.load(Part + plane + idx, mask=pmask, other=0.0), axis=1)
+            if ROW_CHANNEL:
+                dw += tl.sum(tl.load(Part + 2 * plane + idx, mask=pmask, other=0.0), axis=1)
+                db += tl.sum(tl.load(Part + 3 * plane + idx, mask=pmask, other=0.0), axis=1)
         if ROW_CHANNEL:
             if tl.program_id(1) == 0:
                 if NEED_DW:
-                    dw = tl.sum(tl.load(Part + 2 * plane + idx, mask=pmask, other=0.0), axis=1)
                     tl.store(DW + rh, dw.to(DW.dtype.element_ty), mask=rmask)
                 if NEED_DB:
-                    db = tl.sum(tl.load(Part + 3 * plane + idx, mask=pmask, other=0.0), axis=1)
                     tl.store(DB + rh, db.to(DB.dtype.element_ty), mask=rmask)
     for i in range(0, TILES_PER_PROG):
         cmask, mask, cx, co, ct, ch = col_tile(strided_tile_start(i, COL_PROGS, BLOCK_M, INT64), M, rmask,
@@ -179,7 +183,7 @@ def _bwd_apply_kernel(
             store2d(DRes, ro, co, gz, mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["NSTAT", "SPLIT"])
 def _dwdb_kernel(
     X, DY, Res, W, B, Stats,          # Stats: [5, NSTAT] statistics, gathered per element here
     DW, DB,                           # DIRECT: dweight, dbias; else fp32 partials [2, C, SPLIT]
@@ -221,7 +225,7 @@ def _dwdb_kernel(
         tl.store(DW + C * SPLIT + rh * SPLIT + sp, db, mask=rmask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["S"])
 def _finish_kernel(
     Part, DW, DB,                     # fp32 partials [2, C, S] (dweight, dbias); outputs
     C, S,

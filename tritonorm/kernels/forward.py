@@ -17,6 +17,9 @@ biased variance and the mean itself; every consumer normalizes ``(x - K) - shift
 Running statistics (BatchNorm) are blended in the kernel that stores the statistics.
 
 Every kernel takes the view geometry of layout.View as two tuples, RG (rows) and CG (columns).
+Counts that change with the batch and never decide an access width (splits, programs, tiles per
+program) are ``do_not_specialize``: a new batch size must not compile a new variant. P, M, CHUNK
+and the strides stay specialized: masked 16-byte accesses need their divisibility.
 """
 
 import triton
@@ -85,7 +88,7 @@ def _fwd_looped_kernel(
             store2d(Y, ro, co, y, mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["SPLIT"])
 def _fwd_partial_kernel(
     X, Part,                  # x; partial shifted means and M2 out, [2, P, SPLIT] fp32
     P, M, CHUNK, SPLIT,       # CHUNK: columns per split (a multiple of BLOCK_M)
@@ -116,22 +119,31 @@ def _fwd_partial_kernel(
 
 
 @triton.jit
-def _merge_partials(Part, rows, rmask, P, M, CHUNK, SPLIT, BLOCK_S: tl.constexpr):
-    """Shifted mean and biased variance of each row from its SPLIT partials:
+def _merge_partials(Part, rows, rmask, P, M, CHUNK, SPLIT, BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Shifted mean and biased variance of each row from its SPLIT partials, BLOCK_S at a time
+    (a fixed block, so the split count never compiles a variant):
     mean = sum n_i mu_i / n, M2 = sum M2_i + n_i (mu_i - mean)^2."""
-    sps = tl.arange(0, BLOCK_S)
-    mask = rmask[:, None] & (sps < SPLIT)[None, :]
-    idx = rows[:, None] * SPLIT + sps[None, :]
-    mu = tl.load(Part + idx, mask=mask, other=0.0)
-    m2 = tl.load(Part + P * SPLIT + idx, mask=mask, other=0.0)
-    cnt = tl.minimum(tl.maximum(M - sps * CHUNK, 0), CHUNK).to(tl.float32)[None, :]
-    mean = tl.sum(cnt * mu, axis=1) / M
-    d = tl.where(mask, mu - mean[:, None], 0.0)
-    var = (tl.sum(m2, axis=1) + tl.sum(cnt * d * d, axis=1)) / M
-    return mean, var
+    mean = tl.zeros([BLOCK_P], dtype=tl.float32)
+    for s0 in range(0, SPLIT, BLOCK_S):
+        sps = s0 + tl.arange(0, BLOCK_S)
+        mask = rmask[:, None] & (sps < SPLIT)[None, :]
+        mu = tl.load(Part + rows[:, None] * SPLIT + sps[None, :], mask=mask, other=0.0)
+        cnt = tl.minimum(tl.maximum(M - sps * CHUNK, 0), CHUNK).to(tl.float32)[None, :]
+        mean += tl.sum(cnt * mu, axis=1)
+    mean = mean / M
+    m2 = tl.zeros([BLOCK_P], dtype=tl.float32)
+    for s0 in range(0, SPLIT, BLOCK_S):
+        sps = s0 + tl.arange(0, BLOCK_S)
+        mask = rmask[:, None] & (sps < SPLIT)[None, :]
+        idx = rows[:, None] * SPLIT + sps[None, :]
+        mu = tl.load(Part + idx, mask=mask, other=0.0)
+        cnt = tl.minimum(tl.maximum(M - sps * CHUNK, 0), CHUNK).to(tl.float32)[None, :]
+        d = tl.where(mask, mu - mean[:, None], 0.0)
+        m2 += tl.sum(tl.load(Part + P * SPLIT + idx, mask=mask, other=0.0), axis=1) + tl.sum((cnt * d) * d, axis=1)
+    return mean, m2 / M
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["SPLIT", "COL_PROGS", "TILES_PER_PROG"])
 def _fwd_apply_kernel(
     X, Y, Res, W, B, Stats, RunMean, RunVar,  # as the fused kernel
     Part,                             # [2, P, SPLIT] partials of the split regime (SOURCE=0)
@@ -141,7 +153,7 @@ def _fwd_apply_kernel(
     SOURCE: tl.constexpr,             # 0: merge Part (split regime); 1: the running statistics (eval)
     CENTER: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_RES: tl.constexpr,
     ACT: tl.constexpr, CHAN: tl.constexpr, INT64: tl.constexpr, BLOCK_P: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, RUNNING: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, RUNNING: tl.constexpr,  # BLOCK_S: partials per step
 ):
     """Epilogue over a 2-D grid of (row block, column tiles). Each program derives its rows'
     statistics itself (merging the split partials, or from the running buffers); the programs of
@@ -149,7 +161,7 @@ def _fwd_apply_kernel(
     rows, rmask, rx, ro, rt, rh = row_block(tl.program_id(0), P, BLOCK_P, INT64, RG)
     if SOURCE == 0:
         k = pivot(X, rx, rmask, CENTER)
-        mean, var = _merge_partials(Part, rows, rmask, P, M, CHUNK, SPLIT, BLOCK_S)
+        mean, var = _merge_partials(Part, rows, rmask, P, M, CHUNK, SPLIT, BLOCK_P, BLOCK_S)
     else:
         k = tl.zeros([BLOCK_P], dtype=tl.float32)
         var = tl.load(RunVar + rt, mask=rmask, other=1.0).to(tl.float32)

@@ -33,6 +33,10 @@ _MAX_GRID_1 = 65535  # CUDA's limit on the second grid dimension
 # skips an element cannot pass by leaving zeros or stale memory behind.
 POISON = False
 
+# Partials merged per step by the apply and finish kernels: a fixed block (not the split's next
+# power of two), so the split count, which follows the batch, never compiles a new variant.
+MERGE_BLOCK = 16
+
 # Running-statistics modes of the forward kernels (their RUNNING flag).
 NO_RUNNING, RUNNING_VAR, RUNNING_BOTH = 0, 1, 2
 
@@ -180,7 +184,7 @@ class ForwardPlan:
             self.tail = (self.P, self.M, self.chunk, split)
             self.mid = (grid[1], tiles, rg, cg)
             self.constexprs = dict(flags, SOURCE=1 if mode == "given" else 0, CENTER=center, BLOCK_P=bp,
-                                   BLOCK_M=bm, BLOCK_S=_pow2(split),
+                                   BLOCK_M=bm, BLOCK_S=MERGE_BLOCK,
                                    RUNNING=running if mode == "train" else NO_RUNNING, num_warps=nw)
         else:
             self.partial = None
@@ -335,7 +339,7 @@ class BackwardPlan:
                 grid, tiles = _apply_grid(P, M, bp, bm, one_program_per_row=plan.kernel == "looped")
                 self.apply = (bk._bwd_apply_kernel, grid, (P, M, split, grid[1], tiles, rg, cg),
                               dict(common, CENTER=c.center, GIVEN=self.given, WRITE_DRES=self.write_dres,
-                                   BLOCK_S=_pow2(split), ROW_CHANNEL=row_channel, NEED_DW=need_dw,
+                                   BLOCK_S=MERGE_BLOCK, ROW_CHANNEL=row_channel, NEED_DW=need_dw,
                                    NEED_DB=need_db))
         self.dwdb = None
         self.finish_cols = None
@@ -415,7 +419,7 @@ class BackwardPlan:
                 kern[grid](x, dy, r, w, b, stats, dx, dr, part, part, *fixed, **kw)
                 bk._finish_kernel[(triton.cdiv(self.M, 64),)](part, dwp, dbp, self.M, self.progs,
                                                              NEED_DW=need_dw, NEED_DB=need_db, BLOCK_C=64,
-                                                             BLOCK_S=min(64, _pow2(self.progs)))
+                                                             BLOCK_S=MERGE_BLOCK)
             else:
                 kern[grid](x, dy, r, w, b, stats, dx, dr, dwp, dbp, *fixed, **kw)
         elif self.dx_kind == "two-stage":
@@ -435,7 +439,7 @@ class BackwardPlan:
                 kern[grid](x, dy, r, w, b, stats, part, part, *fixed, **kw)
                 bk._finish_kernel[(triton.cdiv(self.C, 64),)](part, dwp, dbp, self.C, self.dwdb_split,
                                                              NEED_DW=need_dw, NEED_DB=need_db, BLOCK_C=64,
-                                                             BLOCK_S=min(64, _pow2(self.dwdb_split)))
+                                                             BLOCK_S=MERGE_BLOCK)
         if need_dres and not self.write_dres:
             dres = dy
         return dx if need_dx else None, dw, db, dres
