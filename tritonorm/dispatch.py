@@ -45,10 +45,21 @@ class DeviceProfile:
     name: str
     sm_count: int
     fused_max: tuple = ((2, 16384), (4, 16384))
-    fused_max_backward: tuple = ((2, 16384), (4, 8192))
+    # The backward holds x and dy: at 16 384 elements (32 of each per thread at 16 warps) every
+    # suite case spilled at sm_90a (up to 4 KB per thread; `python -m tritonorm.aot`).
+    fused_max_backward: tuple = ((2, 8192), (4, 8192))
+    # Statistics whose columns are not one contiguous run (BatchNorm NCHW: N runs of H*W;
+    # channels_last GroupNorm: runs of Cg channels) are indexed element by element, with an
+    # address per element and no vector loads: they get this fraction of the fused limits
+    # (BatchNorm 2048x7^2 and channels_last GroupNorm 1280x16^2 spilled at the full limits).
+    strided_fused_div: int = 2
     # Elements one program should touch per tile (looped/split) or per launch block (fused).
     tile: int = 4096
     max_warps: int = 16
+    # fp32 values of one tile each thread holds; num_warps follows the tile size. 16 keeps
+    # programs at <= 8 warps for a 4096-element tile: at 16 warps (512 threads, 128 registers a
+    # thread) the channels_last BatchNorm sums kernel spilled, at 8 warps it did not.
+    values_per_thread: int = 16
     # Programs per SM the regimes aim for: ~4 resident programs of 8-16 warps fill an SM's
     # 64 warp slots, which is what hides HBM latency in a streaming kernel.
     programs_per_sm: int = 4
@@ -70,9 +81,11 @@ class DeviceProfile:
             if isinstance(value, dict):
                 object.__setattr__(self, attr, tuple(sorted(value.items())))
 
-    def fused_limit(self, elem_bytes: int, op: str = "forward") -> int:
+    def fused_limit(self, elem_bytes: int, op: str = "forward", contiguous: bool = True) -> int:
+        """Largest fused statistic; ``contiguous=False``: its columns are not one unit-stride run."""
         pairs = dict(self.fused_max_backward if op != "forward" else self.fused_max)
-        return pairs.get(elem_bytes, pairs.get(4, min(pairs.values())))
+        limit = pairs.get(elem_bytes, pairs.get(4, min(pairs.values())))
+        return limit if contiguous else max(1, limit // self.strided_fused_div)
 
 
 PROFILES = {
@@ -83,8 +96,8 @@ PROFILES = {
     # Triton's interpreter runs programs one after another in Python: few, large programs are
     # fastest there, and the limits only bound memory.
     "interpreter": DeviceProfile("interpreter", sm_count=4, fused_max={4: 4096, 2: 4096},
-                                 fused_max_backward={4: 4096, 2: 4096}, tile=4096,
-                                 split_min_bytes=1 << 62, interpreter=True),
+                                 fused_max_backward={4: 4096, 2: 4096}, strided_fused_div=1, tile=4096,
+                                 values_per_thread=8, split_min_bytes=1 << 62, interpreter=True),
 }
 
 
@@ -169,8 +182,17 @@ def bucket(n: int) -> int:
 
 
 def _warps(elements: int, profile: DeviceProfile) -> int:
-    # ~8 fp32 values per thread per tile: enough to vectorize loads, few enough to keep registers.
-    return max(1, min(profile.max_warps, _pow2(elements // 256)))
+    # ``values_per_thread`` fp32 values per thread per tile: at least 8 contiguous 16-bit values
+    # (one 16-byte access), few enough to keep the program's registers under the SM's budget.
+    return max(1, min(profile.max_warps, _pow2(elements // (32 * profile.values_per_thread))))
+
+
+def _stream_block_m(M: int, profile: DeviceProfile) -> int:
+    """Columns per tile for the looped and split regimes: from M alone (never from P or the
+    split), so a layer compiles one BLOCK_M whatever its batch. About 64 tiles per statistic
+    when M allows (work for a split of 32: Stable Diffusion's batch-1 GroupNorm, 32 statistics,
+    needs that to fill 132 SMs), 1024 at least (long enough to stream), the tile at most."""
+    return min(profile.tile, max(1024, _pow2(M) // 64), _pow2(M))
 
 
 def problem_from_view(op: str, view, elem_bytes: int, *, spec=None, dtype: str = "",
@@ -213,7 +235,8 @@ def choose(problem: Problem, profile: DeviceProfile) -> Plan:
     Pb = bucket(P)
     total_bytes = P * M * problem.elem_bytes
     fill = profile.programs_per_sm * profile.sm_count
-    fused_max = profile.fused_limit(problem.elem_bytes, problem.op)
+    contiguous = problem.rows_unit_stride or problem.col_run >= M
+    fused_max = profile.fused_limit(problem.elem_bytes, problem.op, contiguous)
     block_m_full = _pow2(M)
     # Column-strided statistics (rows unit-stride) need several rows per program for coalesced
     # loads, so the fused regime must hold at least that many whole statistics.
@@ -244,7 +267,7 @@ def choose(problem: Problem, profile: DeviceProfile) -> Plan:
         block_m = max(16, profile.tile // block_p)
     else:
         block_p = 1
-        block_m = min(profile.tile, block_m_full)
+        block_m = _stream_block_m(M, profile) if not profile.interpreter else min(profile.tile, block_m_full)
     row_programs = -(-P // block_p)
     tiles = -(-M // block_m)
     cfg = {"block_p": block_p, "block_m": block_m, "num_warps": _warps(block_p * block_m, profile)}
@@ -253,8 +276,9 @@ def choose(problem: Problem, profile: DeviceProfile) -> Plan:
                     f"heuristic: {row_programs} programs of one statistic block each fill the device")
     split = min(MAX_SPLIT, _pow2(-(-fill // row_programs)))
     # Too few tiles to split that many ways: smaller tiles (down to 1024 elements, still long
-    # enough to stream) rather than fewer programs.
-    while split > tiles and block_m > 1024 and not problem.rows_unit_stride:
+    # enough to stream) rather than fewer programs. (On a GPU _stream_block_m has already sized
+    # the tiles from M alone, so this only acts in the interpreter profile.)
+    while split > tiles and block_m > 1024 and not problem.rows_unit_stride and profile.interpreter:
         block_m //= 2
         tiles = -(-M // block_m)
         cfg = {**cfg, "block_m": block_m, "num_warps": _warps(block_p * block_m, profile)}
