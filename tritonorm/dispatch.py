@@ -187,12 +187,22 @@ def _warps(elements: int, profile: DeviceProfile) -> int:
     return max(1, min(profile.max_warps, _pow2(elements // (32 * profile.values_per_thread))))
 
 
-def _stream_block_m(M: int, profile: DeviceProfile) -> int:
-    """Columns per tile for the looped and split regimes: from M alone (never from P or the
-    split), so a layer compiles one BLOCK_M whatever its batch. About 64 tiles per statistic
-    when M allows (work for a split of 32: Stable Diffusion's batch-1 GroupNorm, 32 statistics,
-    needs that to fill 132 SMs), 1024 at least (long enough to stream), the tile at most."""
-    return min(profile.tile, max(1024, _pow2(M) // 64), _pow2(M))
+def _stream_block_m(problem: Problem, profile: DeviceProfile) -> int:
+    """Columns per tile for the looped and split regimes, from the statistic's contiguous run:
+    never from P, the split or M (BatchNorm's M includes the batch), so a layer compiles one
+    BLOCK_M whatever its batch. About 64 tiles per run when it allows (work for a split of 32:
+    Stable Diffusion's batch-1 GroupNorm, 32 statistics, needs that), 1024 at least (long
+    enough to stream), the tile at most."""
+    run = problem.col_run if problem.col_run > 1 else problem.M
+    return min(profile.tile, max(1024, _pow2(run) // 64), _pow2(problem.M))
+
+
+def _fill(warps: int, profile: DeviceProfile) -> int:
+    """Programs of ``warps`` warps that fill the device: ``programs_per_sm`` programs of
+    ``max_warps`` warps per SM (the SM's 64 warp slots), i.e. more of smaller programs, up to
+    the 32 resident programs an SM takes."""
+    per_sm = min(32, profile.programs_per_sm * max(1, profile.max_warps // max(1, warps)))
+    return per_sm * profile.sm_count
 
 
 def problem_from_view(op: str, view, elem_bytes: int, *, spec=None, dtype: str = "",
@@ -257,6 +267,7 @@ def choose(problem: Problem, profile: DeviceProfile) -> Plan:
                    + (f"{programs} programs fill {profile.sm_count} SMs" if programs >= profile.sm_count
                       else f"{total_bytes >> 10} KiB is launch-latency bound: one launch"))
             return Plan("fused", cfg, why)
+    gather = False
     if problem.rows_unit_stride:
         block_p = min(Pb, 32)
         block_m = max(16, profile.tile // block_p)
@@ -264,20 +275,32 @@ def choose(problem: Problem, profile: DeviceProfile) -> Plan:
         # Short contiguous runs (channels_last GroupNorm: Cg channels per group): neighbouring
         # statistics share cache lines, so one program takes enough of them for ~32-element runs.
         block_p = min(Pb, _pow2(32 // problem.col_run))
-        block_m = max(16, profile.tile // block_p)
+        # These tiles are gathered element by element (an address per element): half a tile
+        # and 8 values a thread keep the backward sums kernel clear of spills at sm_90a (it
+        # spilled 104 B at 4x1024 on 8 warps and 56 B at 4x512 on 4; none at 4x512 on 8).
+        block_m = max(16, profile.tile // (block_p if profile.interpreter else 2 * block_p))
+        gather = True
     else:
         block_p = 1
-        block_m = _stream_block_m(M, profile) if not profile.interpreter else min(profile.tile, block_m_full)
+        block_m = _stream_block_m(problem, profile) if not profile.interpreter else min(profile.tile, block_m_full)
     row_programs = -(-P // block_p)
     tiles = -(-M // block_m)
-    cfg = {"block_p": block_p, "block_m": block_m, "num_warps": _warps(block_p * block_m, profile)}
-    if row_programs >= fill or tiles == 1:
+    warps = _warps(block_p * block_m * (2 if gather and not profile.interpreter else 1), profile)
+    cfg = {"block_p": block_p, "block_m": block_m, "num_warps": warps}
+    enough = row_programs >= fill
+    if not profile.interpreter:
+        # Fill counted in warps (smaller programs, more of them). Whole statistics filling half
+        # the warp slots are enough: a split's extra stage and pass over x cost more than the
+        # last half of the occupancy.
+        fill = _fill(warps, profile)
+        enough = row_programs >= fill // 2
+    if enough or tiles == 1:
         return Plan("looped", {**cfg, "split": 1},
                     f"heuristic: {row_programs} programs of one statistic block each fill the device")
     split = min(MAX_SPLIT, _pow2(-(-fill // row_programs)))
     # Too few tiles to split that many ways: smaller tiles (down to 1024 elements, still long
     # enough to stream) rather than fewer programs. (On a GPU _stream_block_m has already sized
-    # the tiles from M alone, so this only acts in the interpreter profile.)
+    # the tiles, batch-independently, so this only acts in the interpreter profile.)
     while split > tiles and block_m > 1024 and not problem.rows_unit_stride and profile.interpreter:
         block_m //= 2
         tiles = -(-M // block_m)
