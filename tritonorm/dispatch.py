@@ -283,6 +283,11 @@ def choose(problem: Problem, profile: DeviceProfile) -> Plan:
     else:
         block_p = 1
         block_m = _stream_block_m(problem, profile) if not profile.interpreter else min(profile.tile, block_m_full)
+        if not profile.interpreter and block_m < 1024:
+            # Short statistics that are not fused (dweight/dbias of small maps: 64 elements a
+            # channel at GroupNorm 1280x8^2, batch 1): several rows a program, so each thread
+            # still moves 16 bytes (a 1 x 64 tile on one warp moved 4).
+            block_p = min(Pb, 1024 // block_m)
     row_programs = -(-P // block_p)
     tiles = -(-M // block_m)
     warps = _warps(block_p * block_m * (2 if gather and not profile.interpreter else 1), profile)
