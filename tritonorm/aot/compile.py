@@ -87,7 +87,17 @@ def _bind(fn, variant: dict, backend):
     kw.update(variant.get("options", {}))
     binder = create_function_from_signature(fn.signature, fn.params, backend)
     bound, specialization, options = binder(*args, **kw)
-    return fn._pack_args(backend, kw, bound, specialization, options)
+    if hasattr(fn, "_pack_args"):
+        return fn._pack_args(backend, kw, bound, specialization, options)
+    # Triton versions without _pack_args inline the same steps in JITFunction.run (flat
+    # argument lists only, which is all these kernels take).
+    names = [p.name for p in fn.params]
+    values = list(bound.values())
+    signature = {n: spec[0] for n, spec in zip(names, specialization)}
+    constexprs = {(i,): values[i] for i, spec in enumerate(specialization) if spec[0] == "constexpr"}
+    attrs = {(i,): backend.parse_attr(spec[1]) for i, spec in enumerate(specialization)
+             if spec[0] != "constexpr" and isinstance(spec[1], str)}
+    return backend.parse_options(kw), signature, constexprs, attrs
 
 
 def _ptxas_path() -> str:

@@ -115,16 +115,16 @@ def unique_variants(launches: list[Launch]) -> list[Variant]:
 
 def empty_inputs(case: suites.Case, dtype: torch.dtype, channels_last: bool):
     """(x, kwargs) like ``suites.make_inputs`` but with x from ``torch.empty`` (never touched)."""
-    x = torch.empty(case.shape, dtype=dtype)
+    x = torch.empty(case.shape, dtype=dtype, device="cpu")  # CPU even where cuda is the default
     if channels_last:
         x = x.to(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
     x.requires_grad_(True)
     c = case.shape[1]
     kw = dict(num_groups=case.num_groups, center=case.center, activation=case.activation)
     if case.affine:
-        kw["weight"] = torch.ones(c, dtype=dtype, requires_grad=True)
+        kw["weight"] = torch.ones(c, dtype=dtype, device="cpu", requires_grad=True)
         if case.center:
-            kw["bias"] = torch.zeros(c, dtype=dtype, requires_grad=True)
+            kw["bias"] = torch.zeros(c, dtype=dtype, device="cpu", requires_grad=True)
     return x, kw
 
 
