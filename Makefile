@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 # Two workers: the CI machine has two cores.
 WORKERS ?= 2
 
-.PHONY: venv test test-gpu bench clean
+.PHONY: venv test test-gpu bench clean check-sm90
 
 venv: $(STAMP)
 
@@ -26,6 +26,12 @@ test: $(STAMP)
 # tests skip when those are missing.
 test-gpu:
 	PYTHONPATH=. $(PYTHON) -m pytest -q
+
+# Compiled quality at sm_90a without a GPU (docs/compiled.md): every variant the dispatcher picks
+# for the suites, compiled with Triton's bundled ptxas; fails on spills, scalar accesses on the
+# unit-stride side, or compile errors. Lists the findings; --json PATH writes every variant.
+check-sm90: $(STAMP)
+	$(PY) -m tritonorm.aot --strict --findings --recompiles -j $(WORKERS)
 
 # The runner is in the package (tritonorm/bench); results go to benchmarks/results in the checkout.
 bench: $(STAMP)

@@ -45,10 +45,21 @@ class DeviceProfile:
     name: str
     sm_count: int
     fused_max: tuple = ((2, 16384), (4, 16384))
-    fused_max_backward: tuple = ((2, 16384), (4, 8192))
+    # The backward holds x and dy: at 16 384 elements (32 of each per thread at 16 warps) every
+    # suite case spilled at sm_90a (up to 4 KB per thread; `python -m tritonorm.aot`).
+    fused_max_backward: tuple = ((2, 8192), (4, 8192))
+    # Statistics whose columns are not one contiguous run (BatchNorm NCHW: N runs of H*W;
+    # channels_last GroupNorm: runs of Cg channels) are indexed element by element, with an
+    # address per element and no vector loads: they get this fraction of the fused limits
+    # (BatchNorm 2048x7^2 and channels_last GroupNorm 1280x16^2 spilled at the full limits).
+    strided_fused_div: int = 2
     # Elements one program should touch per tile (looped/split) or per launch block (fused).
     tile: int = 4096
     max_warps: int = 16
+    # fp32 values of one tile each thread holds; num_warps follows the tile size. 16 keeps
+    # programs at <= 8 warps for a 4096-element tile: at 16 warps (512 threads, 128 registers a
+    # thread) the channels_last BatchNorm sums kernel spilled, at 8 warps it did not.
+    values_per_thread: int = 16
     # Programs per SM the regimes aim for: ~4 resident programs of 8-16 warps fill an SM's
     # 64 warp slots, which is what hides HBM latency in a streaming kernel.
     programs_per_sm: int = 4
@@ -74,9 +85,11 @@ class DeviceProfile:
             if isinstance(value, dict):
                 object.__setattr__(self, attr, tuple(sorted(value.items())))
 
-    def fused_limit(self, elem_bytes: int, op: str = "forward") -> int:
+    def fused_limit(self, elem_bytes: int, op: str = "forward", contiguous: bool = True) -> int:
+        """Largest fused statistic; ``contiguous=False``: its columns are not one unit-stride run."""
         pairs = dict(self.fused_max_backward if op != "forward" else self.fused_max)
-        return pairs.get(elem_bytes, pairs.get(4, min(pairs.values())))
+        limit = pairs.get(elem_bytes, pairs.get(4, min(pairs.values())))
+        return limit if contiguous else max(1, limit // self.strided_fused_div)
 
 
 PROFILES = {
@@ -90,8 +103,8 @@ PROFILES = {
     # Triton's interpreter runs programs one after another in Python: few, large programs are
     # fastest there, and the limits only bound memory.
     "interpreter": DeviceProfile("interpreter", sm_count=4, fused_max={4: 4096, 2: 4096},
-                                 fused_max_backward={4: 4096, 2: 4096}, tile=4096,
-                                 split_min_bytes=1 << 62, interpreter=True),
+                                 fused_max_backward={4: 4096, 2: 4096}, strided_fused_div=1, tile=4096,
+                                 values_per_thread=8, split_min_bytes=1 << 62, interpreter=True),
 }
 
 
@@ -179,8 +192,27 @@ def bucket(n: int) -> int:
 
 
 def _warps(elements: int, profile: DeviceProfile) -> int:
-    # ~8 fp32 values per thread per tile: enough to vectorize loads, few enough to keep registers.
-    return max(1, min(profile.max_warps, _pow2(elements // 256)))
+    # ``values_per_thread`` fp32 values per thread per tile: at least 8 contiguous 16-bit values
+    # (one 16-byte access), few enough to keep the program's registers under the SM's budget.
+    return max(1, min(profile.max_warps, _pow2(elements // (32 * profile.values_per_thread))))
+
+
+def _stream_block_m(problem: Problem, profile: DeviceProfile) -> int:
+    """Columns per tile for the looped and split regimes, from the statistic's contiguous run:
+    never from P, the split or M (BatchNorm's M includes the batch), so a layer compiles one
+    BLOCK_M whatever its batch. About 64 tiles per run when it allows (work for a split of 32:
+    Stable Diffusion's batch-1 GroupNorm, 32 statistics, needs that), 1024 at least (long
+    enough to stream), the tile at most."""
+    run = problem.col_run if problem.col_run > 1 else problem.M
+    return min(profile.tile, max(1024, _pow2(run) // 64), _pow2(problem.M))
+
+
+def _fill(warps: int, profile: DeviceProfile) -> int:
+    """Programs of ``warps`` warps that fill the device: ``programs_per_sm`` programs of
+    ``max_warps`` warps per SM (the SM's 64 warp slots), i.e. more of smaller programs, up to
+    the 32 resident programs an SM takes."""
+    per_sm = min(32, profile.programs_per_sm * max(1, profile.max_warps // max(1, warps)))
+    return per_sm * profile.sm_count
 
 
 def problem_from_view(op: str, view, elem_bytes: int, *, spec=None, dtype: str = "",
@@ -225,7 +257,8 @@ def choose(problem: Problem, profile: DeviceProfile) -> Plan:
     Pb = bucket(P)
     total_bytes = P * M * problem.elem_bytes
     fill = profile.programs_per_sm * profile.sm_count
-    fused_max = profile.fused_limit(problem.elem_bytes, problem.op)
+    contiguous = problem.rows_unit_stride or problem.col_run >= M
+    fused_max = profile.fused_limit(problem.elem_bytes, problem.op, contiguous)
     block_m_full = _pow2(M)
     # Column-strided statistics (rows unit-stride) need several rows per program for coalesced
     # loads, so the fused regime must hold at least that many whole statistics.
@@ -246,6 +279,7 @@ def choose(problem: Problem, profile: DeviceProfile) -> Plan:
                    + (f"{programs} programs fill {profile.sm_count} SMs" if programs >= profile.sm_count
                       else f"{total_bytes >> 10} KiB is launch-latency bound: one launch"))
             return Plan("fused", cfg, why)
+    gather = False
     if problem.rows_unit_stride:
         block_p = min(Pb, 32)
         block_m = max(16, profile.tile // block_p)
@@ -253,25 +287,48 @@ def choose(problem: Problem, profile: DeviceProfile) -> Plan:
         # Short contiguous runs (channels_last GroupNorm: Cg channels per group): neighbouring
         # statistics share cache lines, so one program takes enough of them for ~32-element runs.
         block_p = min(Pb, _pow2(32 // problem.col_run))
-        block_m = max(16, profile.tile // block_p)
+        # These tiles are gathered element by element (an address per element): half a tile
+        # and 8 values a thread keep the backward sums kernel clear of spills at sm_90a (it
+        # spilled 104 B at 4x1024 on 8 warps and 56 B at 4x512 on 4; none at 4x512 on 8).
+        block_m = max(16, profile.tile // (block_p if profile.interpreter else 2 * block_p))
+        gather = True
     else:
         block_p = 1
-        block_m = min(profile.tile, block_m_full)
+        block_m = _stream_block_m(problem, profile) if not profile.interpreter else min(profile.tile, block_m_full)
+        if not profile.interpreter and block_m < 1024:
+            # Short statistics that are not fused (dweight/dbias of small maps: 64 elements a
+            # channel at GroupNorm 1280x8^2, batch 1): several rows a program, so each thread
+            # still moves 16 bytes (a 1 x 64 tile on one warp moved 4).
+            block_p = min(Pb, 1024 // block_m)
     row_programs = -(-P // block_p)
     tiles = -(-M // block_m)
-    cfg = {"block_p": block_p, "block_m": block_m, "num_warps": _warps(block_p * block_m, profile)}
-    if row_programs >= fill or tiles == 1:
+    warps = _warps(block_p * block_m * (2 if gather and not profile.interpreter else 1), profile)
+    cfg = {"block_p": block_p, "block_m": block_m, "num_warps": warps}
+    enough = row_programs >= fill
+    if not profile.interpreter:
+        # Fill counted in warps (smaller programs, more of them). Whole statistics filling half
+        # the warp slots are enough: a split's extra stage and pass over x cost more than the
+        # last half of the occupancy.
+        fill = _fill(warps, profile)
+        enough = row_programs >= fill // 2
+    if enough or tiles == 1:
         return Plan("looped", {**cfg, "split": 1},
                     f"heuristic: {row_programs} programs of one statistic block each fill the device")
     split = min(MAX_SPLIT, _pow2(-(-fill // row_programs)))
     # Too few tiles to split that many ways: smaller tiles (down to 1024 elements, still long
-    # enough to stream) rather than fewer programs.
-    while split > tiles and block_m > 1024 and not problem.rows_unit_stride:
+    # enough to stream) rather than fewer programs. (On a GPU _stream_block_m has already sized
+    # the tiles, batch-independently, so this only acts in the interpreter profile.)
+    while split > tiles and block_m > 1024 and not problem.rows_unit_stride and profile.interpreter:
         block_m //= 2
         tiles = -(-M // block_m)
         cfg = {**cfg, "block_m": block_m, "num_warps": _warps(block_p * block_m, profile)}
+    if not profile.interpreter:
+        # Powers of four (4, 16, 64, 256): as the batch moves P (GroupNorm) or the tiles
+        # (BatchNorm), split -- and with it the merge kernel's compiled BLOCK_S -- takes at most
+        # three values over batch 1..64 instead of five (tests/test_sm90.py counts them).
+        split = 1 << (2 * ((split.bit_length() - 1 + 1) // 2))
     while split > 1 and split > tiles:
-        split //= 2
+        split //= 2 if profile.interpreter else 4
     if split <= 1:
         return Plan("looped", {**cfg, "split": 1},
                     "heuristic: one tile per statistic block, nothing to split")
