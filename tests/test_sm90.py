@@ -174,10 +174,9 @@ def test_known_scalar_accesses(compiled, suite, name, cl, why, request):
 # Measured with batch 1..64 (bf16, h200 plans); what specializes is in docs/compiled.md.
 RECOMPILE_XFAIL = {
     "resnet50": None,
-    "sd-unet": ("4 variants of _dwdb_kernel: its SPLIT runtime arg specializes three ways (==1 "
-                "when looped, plain i32 at 4, %16 at 16+) and batch 1 drops the N axis from the "
-                "view (cs1, cx0, cx1, co0, co1 become ==1); needs do_not_specialize=['SPLIT'] "
-                "in kernels/backward.py"),
+    # Was 4 variants of _dwdb_kernel (SPLIT specialized ==1 / plain / %16): SPLIT is now
+    # do_not_specialize in every kernel that takes it.
+    "sd-unet": None,
     "llm": None,
     "nnunet": None,
 }

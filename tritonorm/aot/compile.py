@@ -72,6 +72,15 @@ def _kernel(qualname: str):
     return obj
 
 
+def _value(a: dict, torch):
+    """The Python value an argument description stands for (tensors: an aligned mock)."""
+    if a["kind"] == "tensor":
+        return _MockTensor(getattr(torch, a["dtype"]), a["ptr_mod16"])
+    if a["kind"] == "tuple":
+        return tuple(_value(e, torch) for e in a["value"])
+    return a.get("value")
+
+
 def _bind(fn, variant: dict, backend):
     """(options, signature, constexprs, attrs) as JITFunction.run computes them."""
     import torch
@@ -79,11 +88,7 @@ def _bind(fn, variant: dict, backend):
 
     args, kw = [], {}
     for name, a in variant["args"].items():
-        if a["kind"] == "tensor":
-            value = _MockTensor(getattr(torch, a["dtype"]), a["ptr_mod16"])
-        else:
-            value = a.get("value")
-        args.append(value)
+        args.append(_value(a, torch))
     kw.update(variant.get("options", {}))
     binder = create_function_from_signature(fn.signature, fn.params, backend)
     bound, specialization, options = binder(*args, **kw)

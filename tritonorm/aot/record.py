@@ -51,6 +51,9 @@ class Arg:
 
     def to_json(self) -> dict:
         out = {"kind": self.kind}
+        if self.kind == "tuple":  # the kernels' geometry tuples: their elements, each described
+            out["value"] = [a.to_json() for a in self.value]
+            return out
         if self.kind == "tensor":
             out.update(dtype=self.dtype, ptr_mod16=self.ptr_mod16, shape=list(self.shape),
                        stride=list(self.stride))
@@ -63,6 +66,8 @@ class Arg:
         if d["kind"] == "tensor":
             return Arg("tensor", dtype=d["dtype"], ptr_mod16=d["ptr_mod16"], shape=tuple(d["shape"]),
                        stride=tuple(d["stride"]))
+        if d["kind"] == "tuple":
+            return Arg("tuple", tuple(Arg.from_json(e) for e in d["value"]))
         return Arg(d["kind"], d.get("value"))
 
 
@@ -79,6 +84,8 @@ def describe_arg(value, constexpr: bool = False) -> Arg:
             ptr = 0
         return Arg("tensor", dtype=str(value.dtype).replace("torch.", ""), ptr_mod16=ptr % 16,
                    shape=tuple(getattr(value, "shape", ())), stride=tuple(value.stride()))
+    if isinstance(value, tuple):
+        return Arg("tuple", tuple(describe_arg(v) for v in value))
     if isinstance(value, bool):
         return Arg("bool", value)
     if isinstance(value, int):

@@ -37,6 +37,8 @@ def spec_of(arg: Arg, specialize: bool = True, align: bool = True) -> tuple:
     do_not_specialize_on_alignment."""
     if arg.kind == "tensor":
         return ("*" + _TRITON_DTYPE.get(arg.dtype, arg.dtype), "D" if align and arg.ptr_mod16 == 0 else "")
+    if arg.kind == "tuple":  # Triton specializes a tuple's elements one by one
+        return ("tuple", tuple(spec_of(a, specialize, align) for a in arg.value))
     if arg.kind == "int":
         v = arg.value
         width = "i32" if -2**31 <= v < 2**31 else ("i64" if -2**63 <= v < 2**63 else "u64")

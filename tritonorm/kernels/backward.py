@@ -43,7 +43,7 @@ def _dx(g, xhat, rstd, s1, s2, M, CENTER: tl.constexpr, GIVEN: tl.constexpr):
 def _bwd_fused_kernel(
     X, DY, Res, W, B, Stats,    # Stats: the forward's [5, P] statistics
     DX, DRes,                   # dx; dresidual (only if WRITE_DRES)
-    DW, DB,                     # ROW_CHANNEL: dweight, dbias; COL_CHANNEL: fp32 partials [2, M, programs]
+    DW, DB,                     # ROW_CHANNEL: dweight, dbias; COL_CHANNEL: fp32 partials [2, programs, M]
     P, M, ROW_BLOCKS,           # statistics, elements per statistic, cdiv(P, BLOCK_P)
     RG, CG,
     CENTER: tl.constexpr, GIVEN: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
@@ -81,11 +81,11 @@ def _bwd_fused_kernel(
         if COL_CHANNEL:
             dw += tl.sum(tl.where(mask, gz * xhat, 0.0), axis=0)
             db += tl.sum(gz, axis=0)
-    if COL_CHANNEL:
+    if COL_CHANNEL:  # partials [2, programs, M]: each program stores a contiguous row
         cols = tl.arange(0, BLOCK_M)
         progs = tl.num_programs(0)
-        tl.store(DW + cols * progs + tl.program_id(0), dw, mask=cols < M)
-        tl.store(DW + M * progs + cols * progs + tl.program_id(0), db, mask=cols < M)
+        tl.store(DW + tl.program_id(0) * M + cols, dw, mask=cols < M)
+        tl.store(DW + M * progs + tl.program_id(0) * M + cols, db, mask=cols < M)
 
 
 @triton.jit(do_not_specialize=["SPLIT"])
@@ -186,7 +186,7 @@ def _bwd_apply_kernel(
 @triton.jit(do_not_specialize=["NSTAT", "SPLIT"])
 def _dwdb_kernel(
     X, DY, Res, W, B, Stats,          # Stats: [5, NSTAT] statistics, gathered per element here
-    DW, DB,                           # DIRECT: dweight, dbias; else fp32 partials [2, C, SPLIT]
+    DW, DB,                           # DIRECT: dweight, dbias; else fp32 partials [2, SPLIT, C]
     C, M, NSTAT, CHUNK, SPLIT,        # channel view: C rows, M = N * spatial columns
     RG, CG,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr,
@@ -220,30 +220,31 @@ def _dwdb_kernel(
             tl.store(DW + rh, dw.to(DW.dtype.element_ty), mask=rmask)
         if NEED_DB:
             tl.store(DB + rh, db.to(DB.dtype.element_ty), mask=rmask)
-    else:
-        tl.store(DW + rh * SPLIT + sp, dw, mask=rmask)
-        tl.store(DW + C * SPLIT + rh * SPLIT + sp, db, mask=rmask)
+    else:  # partials [2, SPLIT, C]
+        tl.store(DW + sp * C + rh, dw, mask=rmask)
+        tl.store(DW + C * SPLIT + sp * C + rh, db, mask=rmask)
 
 
 @triton.jit(do_not_specialize=["S"])
 def _finish_kernel(
-    Part, DW, DB,                     # fp32 partials [2, C, S] (dweight, dbias); outputs
+    Part, DW, DB,                     # fp32 partials [2, S, C] (dweight, dbias); outputs
     C, S,
     NEED_DW: tl.constexpr, NEED_DB: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
-    """dweight, dbias = the sums of their S partials per channel, in a fixed order, cast once."""
+    """dweight, dbias = the sums of their S partials per channel, in a fixed order, cast once.
+    Channels are the contiguous axis of the partials, so the loads are wide."""
     cs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cs < C
     dw = tl.zeros([BLOCK_C], dtype=tl.float32)
     db = tl.zeros([BLOCK_C], dtype=tl.float32)
     for s0 in range(0, S, BLOCK_S):
         ss = s0 + tl.arange(0, BLOCK_S)
-        mask = cmask[:, None] & (ss < S)[None, :]
-        idx = cs[:, None] * S + ss[None, :]
+        mask = (ss < S)[:, None] & cmask[None, :]
+        idx = ss[:, None] * C + cs[None, :]
         if NEED_DW:
-            dw += tl.sum(tl.load(Part + idx, mask=mask, other=0.0), axis=1)
+            dw += tl.sum(tl.load(Part + idx, mask=mask, other=0.0), axis=0)
         if NEED_DB:
-            db += tl.sum(tl.load(Part + C * S + idx, mask=mask, other=0.0), axis=1)
+            db += tl.sum(tl.load(Part + S * C + idx, mask=mask, other=0.0), axis=0)
     if NEED_DW:
         tl.store(DW + cs, dw.to(DW.dtype.element_ty), mask=cmask)
     if NEED_DB:

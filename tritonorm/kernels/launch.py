@@ -415,7 +415,7 @@ class BackwardPlan:
         if self.dx_kind == "fused":
             kern, grid, fixed, kw = self.dx
             if self.col_channel:
-                part = _empty((2, self.M, self.progs), x.device)
+                part = _empty((2, self.progs, self.M), x.device)
                 kern[grid](x, dy, r, w, b, stats, dx, dr, part, part, *fixed, **kw)
                 bk._finish_kernel[(triton.cdiv(self.M, 64),)](part, dwp, dbp, self.M, self.progs,
                                                              NEED_DW=need_dw, NEED_DB=need_db, BLOCK_C=64,
@@ -435,7 +435,7 @@ class BackwardPlan:
             if self.dwdb_split == 1:
                 kern[grid](x, dy, r, w, b, stats, dwp, dbp, *fixed, **kw)
             else:
-                part = _empty((2, self.C, self.dwdb_split), x.device)
+                part = _empty((2, self.dwdb_split, self.C), x.device)
                 kern[grid](x, dy, r, w, b, stats, part, part, *fixed, **kw)
                 bk._finish_kernel[(triton.cdiv(self.C, 64),)](part, dwp, dbp, self.C, self.dwdb_split,
                                                              NEED_DW=need_dw, NEED_DB=need_db, BLOCK_C=64,
