@@ -352,6 +352,16 @@ def _break(d: Draw, x, scope, spec, kw):
             kw[arg] = d.r.choice([torch.ones(1).expand(n) if n > 1 else torch.ones(n + 1), torch.ones(n + 1),
                                   torch.ones(n, dtype=torch.int32)])
         return x, scope, kw, arg
+    if arg == "momentum":
+        # torch reads momentum only when running statistics are updated (issue 11's parity): give
+        # the call running statistics in training, so the bad momentum is one that is used.
+        if not spec.allows_running_stats:
+            kw["eps"] = bad["eps"]()
+            return x, scope, kw, "eps"
+        n = math.prod(spec.stat_shape(x.shape))
+        kw["training"] = True
+        kw["running_var"] = torch.ones(n)
+        kw["running_mean"] = torch.zeros(n) if kw["center"] else None
     kw[arg] = bad[arg]()
     return x, scope, kw, arg
 

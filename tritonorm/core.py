@@ -109,6 +109,7 @@ class _Call:
         self.has_res = residual is not None
         self.empty = x.numel() == 0
         self.plan = None
+        self.copy_running = self.torch_update = False
         self.count = spec.count(x.shape)
         self.stat_shape = spec.stat_shape(x.shape)
         if self.backend == "triton" and not self.empty:
@@ -116,8 +117,13 @@ class _Call:
 
             mode = "given" if self.use_running else "train"
             level = launch.NO_RUNNING
+            # The kernels index running buffers with unit stride: views of other strides (an
+            # expanded buffer in eval, interleaved views of one buffer) are read through a
+            # contiguous copy and updated with torch ops.
+            dense = all(t is None or t.is_contiguous() for t in (running_mean, running_var))
+            self.copy_running = self.use_running and not dense
             # Running statistics are blended in-kernel when each statistic is one running entry.
-            self.torch_update = self.update and spec.sample_groups != 1
+            self.torch_update = self.update and (spec.sample_groups != 1 or not dense)
             if self.update and not self.torch_update:
                 level = launch.RUNNING_BOTH if running_mean is not None else launch.RUNNING_VAR
             self.plan = launch.forward_plan(x, spec, weight is not None, bias is not None, residual is not None,
@@ -132,6 +138,9 @@ class _Call:
             out = _reference(x, self.spec, weight, bias, eps, self.center, self.act_name, residual,
                              running_mean, running_var, momentum, self.training, self.use_running)
             return out if with_stats else out[0]
+        if self.copy_running:
+            running_mean = None if running_mean is None else running_mean.contiguous()
+            running_var = running_var.contiguous()
         if torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)
                                         or (bias is not None and bias.requires_grad)
                                         or (residual is not None and residual.requires_grad)):

@@ -82,7 +82,11 @@ def check_running_buffers(running_mean, running_var) -> None:
     """Running statistics are updated in place, element by element: reject buffers where two
     elements share memory (expanded views, stride 0) or where the two buffers share elements,
     before anything runs. Otherwise the update would fail half-way (after running_mean was
-    changed) or silently write one statistic over the other. Assumes both passed check_tensor."""
+    changed) or silently write one statistic over the other. Assumes both passed check_tensor.
+    Under torch.compile (module buffers, whose layout the eager path checks) it is skipped: storage
+    pointers cannot be traced."""
+    if torch.compiler.is_compiling():
+        return
     bufs = [(n, t) for n, t in (("running_mean", running_mean), ("running_var", running_var))
             if t is not None and t.numel() > 0]
     for name, t in bufs:

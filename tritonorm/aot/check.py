@@ -82,7 +82,7 @@ def main(argv=None) -> int:
     print(report.format_summary(summ))
     recompiles = None
     if args.recompiles:
-        recompiles = {s: V.recompiles(s, profile=args.profile) for s in names}
+        recompiles = {s: V.recompiles(s, profile=args.profile) for s in names if s in V.RECOMPILE_LAYERS}
         print()
         print(report.format_recompiles(recompiles))
     if args.json is not None:
