@@ -181,6 +181,12 @@ class LaunchRecorder:
     # -- the context manager ------------------------------------------------------------------
     def __enter__(self) -> "LaunchRecorder":
         recorder = self
+        # Plans launch directly once a kernel is compiled (kernels/fastlaunch.py), past run():
+        # while recording, every launch goes through run.
+        from ..kernels import fastlaunch
+
+        self._fast_was = fastlaunch._ON[0]
+        fastlaunch._ON[0] = False
         with _lock:
             for cls in _kernel_classes():
                 original = cls.__dict__["run"]
@@ -198,6 +204,9 @@ class LaunchRecorder:
         return self
 
     def __exit__(self, *exc) -> None:
+        from ..kernels import fastlaunch
+
+        fastlaunch._ON[0] = self._fast_was
         with _lock:
             while self._saved:
                 cls, original = self._saved.pop()

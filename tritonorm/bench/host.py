@@ -136,9 +136,13 @@ def stubbed(profile_name: str = "h200"):
     launch.clear()
     core._CALLS.clear()
     _forget_compiled()
+    from tritonorm.kernels import fastlaunch
+
+    fastlaunch.ON_DIRECT_LAUNCH[0] = rec.launches.append
     try:
         yield rec
     finally:
+        fastlaunch.ON_DIRECT_LAUNCH[0] = None
         _forget_compiled()  # the stub kernels must never serve a real launch later
         (jit.JITFunction._do_compile, jit.JITFunction.run, backends.triton_can_run,
          dispatch.profile_for_device, launch.profile_for) = saved

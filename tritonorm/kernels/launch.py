@@ -25,6 +25,7 @@ from ..scope import Spec
 from . import backward as bk
 from . import forward as fk
 from . import native
+from .fastlaunch import Launcher
 from .layout import TooManyDims, channel_view, match_strides, stat_view
 
 _MAX_GRID_1 = 65535  # CUDA's limit on the second grid dimension
@@ -175,8 +176,8 @@ class ForwardPlan:
             self.split = split
             self.chunk = _chunk(self.M, bm, split)
             if mode != "given":
-                self.partial = (fk._fwd_partial_kernel, (triton.cdiv(self.P, bp), split),
-                                dict(CENTER=center, INT64=view.int64, BLOCK_P=bp, BLOCK_M=bm, num_warps=nw))
+                self.partial = Launcher(fk._fwd_partial_kernel, (triton.cdiv(self.P, bp), split),
+                                        dict(CENTER=center, INT64=view.int64, BLOCK_P=bp, BLOCK_M=bm, num_warps=nw))
             else:
                 self.partial = None
             self.kernel = fk._fwd_apply_kernel
@@ -193,6 +194,7 @@ class ForwardPlan:
             self.constexprs = dict(flags, CENTER=center, BLOCK_P=bp, BLOCK_M=bm, STORE_Y=mode != "stats",
                                    RUNNING=running if mode == "train" else NO_RUNNING, num_warps=nw)
             self.mid = (rg, cg)
+        self.launch = Launcher(self.kernel, self.grid, self.constexprs)
         self.launches = 1 + (self.partial is not None)
 
     def __call__(self, x, weight, bias, residual, run_mean, run_var, eps: float, momentum: float = 0.0):
@@ -215,19 +217,19 @@ class ForwardPlan:
         rv = x if run_var is None else run_var
         # The unbiased variance for the running estimate; without centring it tracks the mean square.
         unbias = self.M / (self.M - 1) if self.M > 1 and c.center else 1.0
+        # Floats for the kernels' fp32 arguments whatever the caller passed (eps=1 is an int), and
+        # momentum only where it is read.
+        eps = float(eps)
+        momentum = float(momentum) if self.running and self.mode == "train" else 0.0
         yp = x if self.mode == "stats" else y
         if self.partial is not None:
-            kern, grid, kw = self.partial
             part = _empty((2, self.P, self.split), x.device)
-            kern[grid](x, part, *self.tail, *self.mid[2:], **kw)
-            self.kernel[self.grid](x, yp, r, w, b, stats, rm, rv, part, *self.tail, eps, momentum, unbias,
-                                   *self.mid, **self.constexprs)
+            self.partial(x, part, *self.tail, *self.mid[2:])
+            self.launch(x, yp, r, w, b, stats, rm, rv, part, *self.tail, eps, momentum, unbias, *self.mid)
         elif self.mode == "given":
-            self.kernel[self.grid](x, y, r, w, b, stats, rm, rv, x, *self.tail, eps, momentum, unbias,
-                                   *self.mid, **self.constexprs)
+            self.launch(x, y, r, w, b, stats, rm, rv, x, *self.tail, eps, momentum, unbias, *self.mid)
         else:
-            self.kernel[self.grid](x, yp, r, w, b, stats, rm, rv, self.P, self.M, eps, momentum, unbias,
-                                   *self.mid, **self.constexprs)
+            self.launch(x, yp, r, w, b, stats, rm, rv, self.P, self.M, eps, momentum, unbias, *self.mid)
         return y, stats
 
     def _native(self, x, weight, bias, residual, run_mean, run_var, eps, momentum):
@@ -369,6 +371,15 @@ class BackwardPlan:
                               DIRECT=split == 1, NEED_DW=need_dw, NEED_DB=need_db,
                               num_warps=cplan.config["num_warps"]))
             self.C = C
+        # Launchers bound to this plan's grids and constexprs (fastlaunch.py).
+        for name in ("dx", "sums", "apply", "dwdb"):
+            step = getattr(self, name, None)
+            if step is not None:
+                kernel, grid, fixed, kw = step
+                setattr(self, name, (Launcher(kernel, grid, kw), fixed))
+        reduced = self.M if col_channel else getattr(self, "C", 1)
+        self.finish = Launcher(bk._finish_kernel, (triton.cdiv(reduced, 64),),
+                               dict(NEED_DW=need_dw, NEED_DB=need_db, BLOCK_C=64, BLOCK_S=MERGE_BLOCK))
 
     @property
     def launches(self) -> int:
@@ -413,33 +424,29 @@ class BackwardPlan:
         dwp = x if dw is None else dw
         dbp = x if db is None else db
         if self.dx_kind == "fused":
-            kern, grid, fixed, kw = self.dx
+            run, fixed = self.dx
             if self.col_channel:
                 part = _empty((2, self.progs, self.M), x.device)
-                kern[grid](x, dy, r, w, b, stats, dx, dr, part, part, *fixed, **kw)
-                bk._finish_kernel[(triton.cdiv(self.M, 64),)](part, dwp, dbp, self.M, self.progs,
-                                                             NEED_DW=need_dw, NEED_DB=need_db, BLOCK_C=64,
-                                                             BLOCK_S=MERGE_BLOCK)
+                run(x, dy, r, w, b, stats, dx, dr, part, part, *fixed)
+                self.finish(part, dwp, dbp, self.M, self.progs)
             else:
-                kern[grid](x, dy, r, w, b, stats, dx, dr, dwp, dbp, *fixed, **kw)
+                run(x, dy, r, w, b, stats, dx, dr, dwp, dbp, *fixed)
         elif self.dx_kind == "two-stage":
             part = x
             if self.sums is not None:
-                kern, grid, fixed, kw = self.sums
+                run, fixed = self.sums
                 part = _empty((4, self.P, self.split), x.device)
-                kern[grid](x, dy, r, w, b, stats, part, *fixed, **kw)
-            kern, grid, fixed, kw = self.apply
-            kern[grid](x, dy, r, w, b, stats, part, dx, dr, dwp, dbp, *fixed, **kw)
+                run(x, dy, r, w, b, stats, part, *fixed)
+            run, fixed = self.apply
+            run(x, dy, r, w, b, stats, part, dx, dr, dwp, dbp, *fixed)
         if self.dwdb is not None:
-            kern, grid, fixed, kw = self.dwdb
+            run, fixed = self.dwdb
             if self.dwdb_split == 1:
-                kern[grid](x, dy, r, w, b, stats, dwp, dbp, *fixed, **kw)
+                run(x, dy, r, w, b, stats, dwp, dbp, *fixed)
             else:
                 part = _empty((2, self.dwdb_split, self.C), x.device)
-                kern[grid](x, dy, r, w, b, stats, part, part, *fixed, **kw)
-                bk._finish_kernel[(triton.cdiv(self.C, 64),)](part, dwp, dbp, self.C, self.dwdb_split,
-                                                             NEED_DW=need_dw, NEED_DB=need_db, BLOCK_C=64,
-                                                             BLOCK_S=MERGE_BLOCK)
+                run(x, dy, r, w, b, stats, part, part, *fixed)
+                self.finish(part, dwp, dbp, self.C, self.dwdb_split)
         if need_dres and not self.write_dres:
             dres = dy
         return dx if need_dx else None, dw, db, dres
