@@ -136,10 +136,18 @@ def measure(task: Task, plan: dispatch.Plan, device) -> float:
         return float("inf")
 
 
-def tune(task_list: list[Task], profile: dispatch.DeviceProfile, device, progress=None) -> dict:
-    """Measure every candidate of every task; returns {key: entry} of the winners."""
+def tune(task_list: list[Task], profile: dispatch.DeviceProfile, device, progress=None,
+         deadline: float | None = None) -> dict:
+    """Measure every candidate of every task; returns {key: entry} of the winners. With
+    ``deadline`` (a ``time.monotonic()`` value), no new task starts after it: the tasks done so
+    far are kept."""
+    import time
+
     results = {}
     for task in task_list:
+        if deadline is not None and time.monotonic() >= deadline:
+            print(f"time budget reached: {len(results)} of {len(task_list)} problems tuned", flush=True)
+            break
         best_plan, best_ms, heur_ms = None, float("inf"), float("inf")
         for plan in candidates(task.problem, profile):
             ms = measure(task, plan, device)
