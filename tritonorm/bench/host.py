@@ -291,11 +291,17 @@ def main(argv=None) -> int:
     parser.add_argument("--variants", action="store_true",
                         help="also count JIT variants per kernel as the batch goes 1..N (--batches)")
     parser.add_argument("--batches", type=int, default=64, help="N for --variants (default 64)")
+    parser.add_argument("--case", action="append", default=None, metavar="NAME",
+                        help="only this representative case (repeatable; default: all of them)")
     args = parser.parse_args(argv)
     from tritonorm.bench.table import format_table
     from tritonorm.tuning.suites import cases
 
-    chosen = [c for c in cases("all") if c.name in REPRESENTATIVE]
+    names = args.case or REPRESENTATIVE
+    unknown = set(names) - set(REPRESENTATIVE)
+    if unknown:
+        parser.error(f"--case: {', '.join(sorted(unknown))} not among {', '.join(REPRESENTATIVE)}")
+    chosen = [c for c in cases("all") if c.name in names]
     rows = [measure_case(c, calls=args.calls) for c in chosen] + [measure_module(calls=args.calls)]
     headers = ("case", "launches fwd", "launches fwd+bwd", "ours fwd us", "eager fwd us", "ours fwd+bwd us",
                "eager fwd+bwd us")

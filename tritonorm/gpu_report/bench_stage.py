@@ -47,7 +47,7 @@ DRY_RUN_CASES = 3
 DRY_RUN_NOTE = "dry-run: fake timer, made-up numbers (no GPU); only the code path is real"
 
 
-def work_list(dry_run: bool) -> tuple[list, list[str]]:
+def work_list(dry_run: bool, dry_cases: int = DRY_RUN_CASES) -> tuple[list, list[str]]:
     """[(case, dtype, mode)] in priority order, and the priority names not found in the suites."""
     from tritonorm.tuning import suites
 
@@ -55,7 +55,7 @@ def work_list(dry_run: bool) -> tuple[list, list[str]]:
     missing = [f"{s}: {n}" for s, n in PRIORITY if (s, n) not in by_name]
     found = [by_name[k] for k in PRIORITY if k in by_name]
     if dry_run:
-        found = [c.scaled() for c in found[:DRY_RUN_CASES]]
+        found = [c.scaled() for c in found[:dry_cases]]
         return [(c, "bf16", m) for c in found for m in MODES], missing
     work = [(c, "bf16", m) for c in found for m in MODES]
     work += [(c, "fp32", m) for c in found[:FP32_FIRST] for m in MODES]
@@ -89,6 +89,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json", type=Path, required=True)
     ap.add_argument("--budget-s", type=float, default=180.0)
     ap.add_argument("--dry-run", action="store_true")
+    ap.add_argument("--dry-run-cases", type=int, default=DRY_RUN_CASES, help="cases in a dry run")
     args = ap.parse_args(argv)
     deadline = time.monotonic() + args.budget_s
 
@@ -99,7 +100,7 @@ def main(argv=None) -> int:
     if not args.dry_run and not runner.on_gpu():
         print("no CUDA GPU (or TRITON_INTERPRET=1): use --dry-run to rehearse without one")
         return 2
-    work, missing = work_list(args.dry_run)
+    work, missing = work_list(args.dry_run, args.dry_run_cases)
     for m in missing:
         print(f"priority case not in the suites (skipped): {m}")
     if args.dry_run:
