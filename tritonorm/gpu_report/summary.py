@@ -68,6 +68,20 @@ def beside(bench: dict | None, checks: dict | None, host: dict | None) -> list[d
     return out
 
 
+def beside_table(lines: list[dict]) -> str:
+    """The bench rows with what the CPU side predicted for them: the cost model's us and
+    launches, the launches counted on the device, the host CPU us per call."""
+    def r(v, nd=1):
+        return None if v is None else round(v, nd)
+
+    body = [(ln["case"], ln["dtype"], ln["mode"], r((ln["bytes"] or 0) / 1e6), r(ln["us"]), r(ln["model_us"]),
+             r(ln.get("measured_over_model"), 2), ln["model_launches"], ln["launches"], r(ln["host_us"]),
+             r(ln["x_eager"], 2), r(ln["x_compile"], 2), r(ln["copy_frac"], 3)) for ln in lines]
+    head = ("case", "dtype", "mode", "MB", "us", "model us", "us/model", "launches model", "launches seen",
+            "host us", "x eager", "x compile", "copy")
+    return "bench rows beside the CPU-side predictions:\n" + format_table(head, body)
+
+
 def per_suite(lines: list[dict]) -> list[tuple]:
     rows = []
     for suite in sorted({ln["suite"] for ln in lines}):
