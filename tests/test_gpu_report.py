@@ -102,3 +102,24 @@ def test_budget_plugin_stops_pytest_and_keeps_the_junit_file(tmp_path):
 @pytest.mark.parametrize("node", selection.node_ids() + list(selection.DRY_RUN_TESTS))
 def test_selection_names_existing_files(node):
     assert (ROOT / node.split("::")[0]).is_file()
+
+
+def test_tune_budget_keeps_whole_problems_only(monkeypatch):
+    from tritonorm import dispatch
+    from tritonorm.tuning import sweep
+
+    profile = dispatch.profile_named("h200")
+    tasks = sweep.tasks(["sd-unet"], ["bf16"], ["forward"], profile)[:2]
+    calls = []
+
+    def fake_measure(task, plan, device):  # no GPU: a made-up time, after a real pause
+        calls.append(plan)
+        time.sleep(0.01)
+        return 1.0 + 0.01 * len(calls)
+
+    monkeypatch.setattr(sweep, "measure", fake_measure)
+    everything = sweep.tune(tasks, profile, "cpu")
+    assert len(everything) == 2 and len(calls) == sum(len(sweep.candidates(t.problem, profile)) for t in tasks)
+    calls.clear()
+    cut = sweep.tune(tasks, profile, "cpu", deadline=time.monotonic() + 0.03)
+    assert cut == {} and 0 < len(calls) < len(sweep.candidates(tasks[0].problem, profile))
