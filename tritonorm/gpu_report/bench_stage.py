@@ -111,7 +111,8 @@ def main(argv=None) -> int:
         copy, device, timer = timing.copy_gbps(), "cuda", None
     print(f"device-to-device copy: {copy:.0f} GB/s; {len(work)} rows planned, budget {args.budget_s:.0f} s")
     prov = runner.provenance(None if args.dry_run else copy)
-    prov.update(dry_run=args.dry_run, budget_s=args.budget_s, copy_gbps=copy)
+    prov.update(dry_run=args.dry_run, budget_s=args.budget_s, copy_gbps=copy,
+                command=" ".join(["python -m tritonorm.gpu_report.bench_stage", *sys.argv[1:]]))
     if args.dry_run:
         prov["note"] = DRY_RUN_NOTE
     doc = {"provenance": prov, "rows": [], "planned": len(work), "missing": missing, "stopped": None}

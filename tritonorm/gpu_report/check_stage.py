@@ -68,17 +68,21 @@ def _predicted(case, x, kw, mode, device) -> int | None:
     return None if any(c is None for c in costs) else sum(c.launches for c in costs)
 
 
-def launches(dry_run: bool) -> list[dict]:
+def launches(dry_run: bool, rows: list, deadline: float, save) -> None:
+    """Appends one row per (case, mode) to ``rows``, calling ``save`` after each; stops at
+    ``deadline`` (time.monotonic)."""
     import torch
 
     from tritonorm.aot.record import LaunchRecorder, planning_for
     from tritonorm.tuning.suites import make_inputs
 
-    rows = []
     device, profile = ("cpu", "h200") if dry_run else ("cuda", None)
     plan_ctx = (lambda: planning_for("h200")) if dry_run else contextlib.nullcontext
     for case in _cases(LAUNCH_CASES, dry_run):
         for mode in ("fwd", "fwd+bwd"):
+            if time.monotonic() > deadline:
+                print("launch check: time budget reached")
+                return
             row = {"suite": case.suite, "case": case.name, "dtype": "bf16", "mode": mode}
             try:
                 with plan_ctx():
@@ -95,9 +99,9 @@ def launches(dry_run: bool) -> list[dict]:
             except Exception as exc:  # recorded, and the next case still runs
                 row["error"] = f"{type(exc).__name__}: {exc}"[:300]
             rows.append(row)
+            save()
             print(f"launches {case.name} {mode}: predicted {row.get('predicted')}, measured "
                   f"{row.get('measured')}" + (f" ERROR {row['error']}" if "error" in row else ""), flush=True)
-    return rows
 
 
 def _real_variants(case, batches) -> dict:
@@ -137,13 +141,15 @@ def _real_variants(case, batches) -> dict:
     return out
 
 
-def variants(dry_run: bool, batches: int) -> list[dict]:
+def variants(dry_run: bool, batches: int, rows: list, deadline: float, save) -> None:
     from tritonorm.bench import host
     from tritonorm.tuning import suites
 
-    rows = []
     chosen = [c for s in suites.SUITES for c in suites.cases(s) if c.name in VARIANT_CASES]
     for case in chosen:
+        if time.monotonic() > deadline:
+            print("JIT variant check: time budget reached")
+            return
         row = {"case": case.name, "batches": [1, batches]}
         try:
             row["predicted"] = host.jit_variants(case, batches=range(1, batches + 1))
@@ -155,9 +161,9 @@ def variants(dry_run: bool, batches: int) -> list[dict]:
         except Exception as exc:
             row["error"] = f"{type(exc).__name__}: {exc}"[:300]
         rows.append(row)
+        save()
         print(f"JIT variants {case.name}, batch 1..{batches}: predicted {row.get('predicted')}, "
               f"measured {row.get('measured')}" + (f" ERROR {row['error']}" if "error" in row else ""), flush=True)
-    return rows
 
 
 def main(argv=None) -> int:
@@ -165,17 +171,25 @@ def main(argv=None) -> int:
     ap.add_argument("--json", type=Path, required=True)
     ap.add_argument("--dry-run", action="store_true")
     ap.add_argument("--batches", type=int, default=8, help="JIT variants: batch sizes 1..B")
+    ap.add_argument("--budget-s", type=float, default=60.0, help="start nothing new after this")
     args = ap.parse_args(argv)
     t0 = time.monotonic()
     # The stubbed variant count needs Triton's compiled-mode launcher: import it first (it sets
     # TRITON_INTERPRET=0 before triton loads), and count stub variants before anything compiles.
     import tritonorm.bench.host  # noqa: F401
 
-    doc = {"dry_run": args.dry_run}
-    doc["variants"] = variants(args.dry_run, args.batches)
-    doc["launches"] = launches(args.dry_run)
-    doc["wall_s"] = round(time.monotonic() - t0, 1)
-    Path(args.json).write_text(json.dumps(doc, indent=1) + "\n")
+    deadline = t0 + args.budget_s
+    doc = {"dry_run": args.dry_run, "launches": [], "variants": []}
+
+    def save():  # after every row: a kill at the stage's limit keeps what was checked
+        doc["wall_s"] = round(time.monotonic() - t0, 1)
+        Path(args.json).write_text(json.dumps(doc, indent=1) + "\n")
+
+    # Launches first (real launches on the GPU), then variants: jit_variants' stubbed count
+    # starts from empty kernel caches whatever ran before, and _real_variants empties them again.
+    launches(args.dry_run, doc["launches"], deadline, save)
+    variants(args.dry_run, args.batches, doc["variants"], deadline, save)
+    save()
     bad = [r for r in doc["launches"] if r.get("match") is False or "error" in r]
     print(f"launch counts: {len(doc['launches']) - len(bad)}/{len(doc['launches'])} as predicted")
     return 0
