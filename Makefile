@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 # Two workers: the CI machine has two cores.
 WORKERS ?= 2
 
-.PHONY: venv test test-gpu bench clean check-sm90
+.PHONY: venv test test-gpu bench clean check-sm90 gpu-report
 
 venv: $(STAMP)
 
@@ -32,6 +32,14 @@ test-gpu:
 # unit-stride side, or compile errors. Lists the findings; --json PATH writes every variant.
 check-sm90: $(STAMP)
 	$(PY) -m tritonorm.aot --strict --findings --recompiles -j $(WORKERS)
+
+# The one prepared GPU run (docs/benchmarks.md, "The GPU run"): tests, benchmarks, prediction
+# checks, a bounded tune and the host cost in ~8 minutes, at most 8 files in $(OUT). Like
+# test-gpu it uses the machine's own python, torch and triton. GPU_REPORT_FLAGS=--dry-run
+# rehearses it on CPU.
+OUT ?= $$OUT
+gpu-report:
+	PYTHONPATH=. $(PYTHON) -m tritonorm.gpu_report --out "$(OUT)" $(GPU_REPORT_FLAGS)
 
 # The runner is in the package (tritonorm/bench); results go to benchmarks/results in the checkout.
 bench: $(STAMP)

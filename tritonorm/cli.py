@@ -2,7 +2,7 @@
 
     tritonorm --version
     tritonorm bench [--suite S] [--dtype fp32,bf16] [--mode fwd,bwd] [--providers ...] [--out DIR] [--json PATH]
-    tritonorm tune  [--suite S] [--dtype ...] [--op forward,backward] [--dry-run] [--output FILE]
+    tritonorm tune  [--suite S] [--dtype ...] [--op forward,backward] [--dry-run] [--limit N] [--budget-s S] [--output FILE]
     tritonorm explain --shape 1,320,64,64 --scope group --groups 32 [--device h100]
 
 Bad input is one line on stderr naming the argument (``tritonorm explain: error: argument
@@ -152,6 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="profile for --dry-run: h100, h200, or local (this machine's GPU; the default "
                    "when one is visible, else h100). Tuning itself always measures the local GPU")
     t.add_argument("--limit", type=_positive_int, default=None, help="tune only the first N problems")
+    t.add_argument("--budget-s", type=_positive_int, default=None, metavar="SECONDS",
+                   help="start no new problem after this many seconds; the problems done are written")
     t.add_argument("--output", type=Path, default=None,
                    help="write a shipped-table file here instead of the user's cache")
 
@@ -266,7 +268,10 @@ def _tune_on_gpu(args, profile, task_list) -> int:
         else:
             print(f"[{done[0]}/{len(task_list)}] {msg}", flush=True)
 
-    results = sweep.tune(task_list, profile, "cuda", progress)
+    import time
+
+    deadline = None if args.budget_s is None else time.monotonic() + args.budget_s
+    results = sweep.tune(task_list, profile, "cuda", progress, deadline=deadline)
     if bar is not None:
         bar.close()
     if args.output is not None:

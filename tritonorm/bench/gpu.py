@@ -46,6 +46,45 @@ def predicted(case, x, kw, mode: str) -> dict | None:
             "bytes_ratio": sum(c.bytes for c in costs) / max(1, sum(c.ideal for c in costs))}
 
 
+def measure_row(case, dt: str, mode: str, names, copy: float, device="cuda", timer=None) -> dict:
+    """One benchmark row: bytes, plan, the cost model's prediction and every provider's timing.
+
+    ``timer(fn, bytes_moved) -> (median, p20, p80, method)`` defaults to ``timing.time_ms``
+    (the GPU report's dry run passes a fake one, to rehearse this path without a GPU)."""
+    from . import timing
+
+    timer = timer or timing.time_ms
+    dtype = shapes.DTYPES[dt]
+    x, kw = shapes.make_inputs(case, dtype, device, requires_grad=mode != "fwd")
+    nbytes = bytes_model.bytes_moved(case, x.element_size(), mode)
+    row = {"suite": case.suite, "case": case.name, "kind": case.kind, "shape": list(case.shape),
+           "channels_last": case.channels_last, "dtype": dt, "mode": mode, "bytes": nbytes,
+           "plan": plans(case, x, kw, None), "model": predicted(case, x, kw, mode), "providers": {}}
+    if "compile" in names:
+        # Each row is a new shape under dynamic=False; without a reset, dynamo stops recompiling
+        # after its recompile limit and silently runs the eager code for later rows.
+        torch._dynamo.reset()
+    for name in names:
+        f = providers.make(name, case, x, kw)
+        if f is None:
+            continue
+        try:
+            med, p20, p80, method = timer(_mode_fn(f, mode, x, kw), nbytes)
+        except Exception as exc:  # a provider failing on a shape is a result, not a crash
+            row["providers"][name] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+            continue
+        gbps = nbytes / (med * 1e-3) / 1e9
+        row["providers"][name] = {"ms": med, "p20": p20, "p80": p80, "method": method,
+                                  "gbps": gbps, "copy_frac": gbps / copy}
+    ok = {k: v for k, v in row["providers"].items() if "ms" in v}
+    if "tritonorm" in ok:
+        t = ok["tritonorm"]["ms"]
+        for base in ("eager", "compile"):
+            if base in ok:
+                row[f"speedup_{base}"] = ok[base]["ms"] / t
+    return row
+
+
 def run_gpu(case_list, dtypes, modes, names, progress: bool = True) -> tuple[list[dict], float]:
     """(rows, copy GB/s); prints the table and the targets summary."""
     from . import timing
@@ -56,32 +95,7 @@ def run_gpu(case_list, dtypes, modes, names, progress: bool = True) -> tuple[lis
     work = [(c, d, m) for c in case_list for d in dtypes for m in modes]
     bar = progress_bar(len(work), "bench", "row", progress)
     for case, dt, mode in work:
-        dtype = shapes.DTYPES[dt]
-        x, kw = shapes.make_inputs(case, dtype, "cuda", requires_grad=mode != "fwd")
-        nbytes = bytes_model.bytes_moved(case, x.element_size(), mode)
-        row = {"suite": case.suite, "case": case.name, "kind": case.kind, "shape": list(case.shape),
-               "channels_last": case.channels_last, "dtype": dt, "mode": mode, "bytes": nbytes,
-               "plan": plans(case, x, kw, None), "model": predicted(case, x, kw, mode), "providers": {}}
-        for name in names:
-            f = providers.make(name, case, x, kw)
-            if f is None:
-                continue
-            try:
-                med, p20, p80, method = timing.time_ms(_mode_fn(f, mode, x, kw), nbytes)
-            except Exception as exc:  # a provider failing on a shape is a result, not a crash
-                row["providers"][name] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
-                continue
-            gbps = nbytes / (med * 1e-3) / 1e9
-            row["providers"][name] = {"ms": med, "p20": p20, "p80": p80, "method": method,
-                                      "gbps": gbps, "copy_frac": gbps / copy}
-        ok = {k: v for k, v in row["providers"].items() if "ms" in v}
-        if "tritonorm" in ok:
-            t = ok["tritonorm"]["ms"]
-            for base in ("eager", "compile"):
-                if base in ok:
-                    row[f"speedup_{base}"] = ok[base]["ms"] / t
-        rows.append(row)
-        del x, kw
+        rows.append(measure_row(case, dt, mode, names, copy))
         if bar is not None:
             bar.update(1)
     if bar is not None:

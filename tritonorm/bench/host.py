@@ -293,12 +293,19 @@ def main(argv=None) -> int:
     parser.add_argument("--calls", type=int, default=300, help="timed calls per figure (median)")
     parser.add_argument("--json", help="write the rows as JSON here")
     parser.add_argument("--variants", action="store_true",
-                        help="also count JIT variants per kernel as the batch goes 1..64")
+                        help="also count JIT variants per kernel as the batch goes 1..N (--batches)")
+    parser.add_argument("--batches", type=int, default=64, help="N for --variants (default 64)")
+    parser.add_argument("--case", action="append", default=None, metavar="NAME",
+                        help="only this representative case (repeatable; default: all of them)")
     args = parser.parse_args(argv)
     from tritonorm.bench.table import format_table
     from tritonorm.tuning.suites import cases
 
-    chosen = [c for c in cases("all") if c.name in REPRESENTATIVE]
+    names = args.case or REPRESENTATIVE
+    unknown = set(names) - set(REPRESENTATIVE)
+    if unknown:
+        parser.error(f"--case: {', '.join(sorted(unknown))} not among {', '.join(REPRESENTATIVE)}")
+    chosen = [c for c in cases("all") if c.name in names]
     rows = [measure_case(c, calls=args.calls) for c in chosen] + [measure_module(calls=args.calls)]
     headers = ("case", "launches fwd", "launches fwd+bwd", "ours fwd us", "eager fwd us", "ours fwd+bwd us",
                "eager fwd+bwd us")
@@ -309,9 +316,12 @@ def main(argv=None) -> int:
     print(format_table(headers, table))
     out = {"rows": rows, "torch": torch.__version__}
     if args.variants:
-        out["variants"] = {c.name: jit_variants(c) for c in chosen if c.kind != "ghost_batch_norm"}
+        batches = range(1, max(1, args.batches) + 1)
+        out["variants_batches"] = [batches.start, batches.stop - 1]
+        out["variants"] = {c.name: jit_variants(c, batches=batches) for c in chosen
+                           if c.kind != "ghost_batch_norm"}
         for name, per in out["variants"].items():
-            print(f"JIT variants, batch 1..64, {name}: {per}")
+            print(f"JIT variants, batch 1..{batches.stop - 1}, {name}: {per}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)

@@ -136,17 +136,34 @@ def measure(task: Task, plan: dispatch.Plan, device) -> float:
         return float("inf")
 
 
-def tune(task_list: list[Task], profile: dispatch.DeviceProfile, device, progress=None) -> dict:
-    """Measure every candidate of every task; returns {key: entry} of the winners."""
+def tune(task_list: list[Task], profile: dispatch.DeviceProfile, device, progress=None,
+         deadline: float | None = None) -> dict:
+    """Measure every candidate of every task; returns {key: entry} of the winners. With
+    ``deadline`` (a ``time.monotonic()`` value), the sweep stops there: the tasks whose every
+    candidate was measured are kept, the one in progress is dropped (a winner among some of the
+    candidates is not a tuned plan)."""
+    import time
+
+    def late() -> bool:
+        return deadline is not None and time.monotonic() >= deadline
+
     results = {}
     for task in task_list:
+        if late():
+            break
         best_plan, best_ms, heur_ms = None, float("inf"), float("inf")
+        cut = False
         for plan in candidates(task.problem, profile):
+            if late():
+                cut = True
+                break
             ms = measure(task, plan, device)
             if plan.reason.startswith("heuristic"):
                 heur_ms = ms
             if ms < best_ms:
                 best_plan, best_ms = plan, ms
+        if cut:
+            break
         if progress is not None:
             progress(task, best_plan, best_ms)
         if best_plan is None or best_ms == float("inf"):
@@ -158,4 +175,6 @@ def tune(task_list: list[Task], profile: dispatch.DeviceProfile, device, progres
             "case": f"{task.case.suite}: {task.case.name} {task.dtype}",
             "measured": datetime.date.today().isoformat(),
         }
+    if deadline is not None and len(results) < len(task_list):
+        print(f"time budget reached: {len(results)} of {len(task_list)} problems tuned", flush=True)
     return results
