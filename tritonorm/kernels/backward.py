@@ -24,8 +24,8 @@ programs per statistic, then an apply kernel that adds them itself).
 import triton
 import triton.language as tl
 
-from .common import (col_tile, grad_terms, load2d, load_residual, load_stats, row_block, store2d,
-                     strided_tile_start)
+from .common import (add_incoming, col_tile, grad_terms, load2d, load_residual, load_stats, row_block,
+                     store2d, strided_tile_start)
 
 
 @triton.jit
@@ -50,6 +50,8 @@ def _bwd_fused_kernel(
     HAS_RES: tl.constexpr, WRITE_DRES: tl.constexpr, ACT: tl.constexpr, CHAN: tl.constexpr,
     INT64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr, ROW_CHANNEL: tl.constexpr,
     COL_CHANNEL: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
+    DH=None, ADD_DH: tl.constexpr = False,  # add_norm: dx += the incoming gradient of h
+    DX_TWICE: tl.constexpr = False,         # add_norm: dx also stored to DRes (the residual's dtype)
 ):
     """Whole statistics in registers: S1, S2 and dx in one pass over x and dy.
 
@@ -70,9 +72,12 @@ def _bwd_fused_kernel(
         xhat, gz, g = grad_terms(x, dy, mean[:, None], rstd[:, None], rh, ch, rmask, cmask,
                                  res, W, B, HAS_W, HAS_B, HAS_RES, ACT, CHAN)
         dx = _dx(g, xhat, rstd, tl.sum(g, axis=1), tl.sum(g * xhat, axis=1), M, CENTER, GIVEN)
+        dx = add_incoming(dx, DH, ro, co, mask, ADD_DH)
         store2d(DX, ro, co, dx, mask)
         if WRITE_DRES:
             store2d(DRes, ro, co, gz, mask)
+        if DX_TWICE:
+            store2d(DRes, ro, co, dx, mask)
         if ROW_CHANNEL:
             if NEED_DW:
                 tl.store(DW + rh, tl.sum(gz * xhat, axis=1).to(DW.dtype.element_ty), mask=rmask)
@@ -143,6 +148,7 @@ def _bwd_apply_kernel(
     HAS_RES: tl.constexpr, WRITE_DRES: tl.constexpr, ACT: tl.constexpr, CHAN: tl.constexpr,
     INT64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr,
     ROW_CHANNEL: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
+    DH=None, ADD_DH: tl.constexpr = False, DX_TWICE: tl.constexpr = False,  # as the fused kernel
 ):
     """dx (and dresidual) over a 2-D grid of (row block, column tiles); each program adds its
     rows' SPLIT partial sums itself, and with ROW_CHANNEL the programs of column 0 store dweight
@@ -174,9 +180,12 @@ def _bwd_apply_kernel(
         res = load_residual(Res, ro, co, mask, HAS_RES)
         xhat, gz, g = grad_terms(x, dy, mean[:, None], rstd[:, None], rh, ch, rmask, cmask,
                                  res, W, B, HAS_W, HAS_B, HAS_RES, ACT, CHAN)
-        store2d(DX, ro, co, _dx(g, xhat, rstd, s1, s2, M, CENTER, GIVEN), mask)
+        dx = add_incoming(_dx(g, xhat, rstd, s1, s2, M, CENTER, GIVEN), DH, ro, co, mask, ADD_DH)
+        store2d(DX, ro, co, dx, mask)
         if WRITE_DRES:
             store2d(DRes, ro, co, gz, mask)
+        if DX_TWICE:
+            store2d(DRes, ro, co, dx, mask)
 
 
 @triton.jit

@@ -138,15 +138,20 @@ class ForwardPlan:
     """
 
     def __init__(self, x: torch.Tensor, spec: Spec, has_w: bool, has_b: bool, has_res: bool, act: int,
-                 center: bool, mode: str, running: int, profile: dispatch.DeviceProfile):
+                 center: bool, mode: str, running: int, profile: dispatch.DeviceProfile, pre_add: bool = False):
         self.c = c = _Common(x, spec, has_w, has_b, has_res, act, center,
                              channel=False)
         self.mode, self.running, self.profile = mode, running, profile
+        # pre_add (tritonorm.add_norm): the kernels normalize h = x + residual and store h; the
+        # residual then travels in the residual slot with HAS_RES off (see ``add``).
+        self.pre_add = pre_add
+        pre = dict(PRE_ADD=True) if pre_add else {}
         self.has_w, self.has_b, self.has_res, self.act = has_w, has_b, has_res, act
         self._backward: dict = {}
         if c.contiguous:
             inner = x.contiguous()
-            self.inner = ForwardPlan(inner, spec, has_w, has_b, has_res, act, center, mode, running, profile)
+            self.inner = ForwardPlan(inner, spec, has_w, has_b, has_res, act, center, mode, running, profile,
+                                     pre_add)
             self.plan = self.inner.plan
             return
         self.inner = None
@@ -172,26 +177,44 @@ class ForwardPlan:
             self.chunk = _chunk(self.M, bm, split)
             if mode != "given":
                 self.partial = (fk._fwd_partial_kernel, (triton.cdiv(self.P, bp), split),
-                                dict(CENTER=center, INT64=view.int64, BLOCK_P=bp, BLOCK_M=bm, num_warps=nw))
+                                dict(pre, CENTER=center, INT64=view.int64, BLOCK_P=bp, BLOCK_M=bm, num_warps=nw))
             else:
                 self.partial = None
             self.kernel = fk._fwd_apply_kernel
             self.grid = grid
             self.tail = (self.P, self.M, self.chunk, split)
             self.mid = (grid[1], tiles, rg, cg)
-            self.constexprs = dict(flags, SOURCE=1 if mode == "given" else 0, CENTER=center, BLOCK_P=bp,
+            self.constexprs = dict(flags, **pre, SOURCE=1 if mode == "given" else 0, CENTER=center, BLOCK_P=bp,
                                    BLOCK_M=bm, BLOCK_S=_pow2(split),
                                    RUNNING=running if mode == "train" else NO_RUNNING, num_warps=nw)
         else:
             self.partial = None
             self.kernel = fk._fwd_fused_kernel if kernel == "fused" else fk._fwd_looped_kernel
             self.grid = (triton.cdiv(self.P, bp),)
-            self.constexprs = dict(flags, CENTER=center, BLOCK_P=bp, BLOCK_M=bm, STORE_Y=mode != "stats",
+            self.constexprs = dict(flags, **pre, CENTER=center, BLOCK_P=bp, BLOCK_M=bm, STORE_Y=mode != "stats",
                                    RUNNING=running if mode == "train" else NO_RUNNING, num_warps=nw)
             self.mid = (rg, cg)
         self.launches = 1 + (self.partial is not None)
 
     def __call__(self, x, weight, bias, residual, run_mean, run_var, eps: float, momentum: float = 0.0):
+        return self._launch(x, weight, bias, residual, run_mean, run_var, eps, momentum, None)
+
+    def add(self, x, residual, weight, bias, run_mean, run_var, eps: float, momentum: float, h_dtype):
+        """The pre_add forward: (y, stats, h) with h = x + residual in ``h_dtype`` (output layout).
+        The caller falls back to torch ops where ``fusable_add`` is False."""
+        c = self.c
+        h = torch.empty_strided(c.shape, c.out_stride, dtype=h_dtype, device=x.device)
+        if POISON:
+            h.fill_(float("nan"))
+        y, stats = self._launch(x, weight, bias, residual, run_mean, run_var, eps, momentum, h)
+        return y, stats, h
+
+    @property
+    def fusable_add(self) -> bool:
+        """Whether ``add`` runs in the kernels (not the torch regime, not a restrided copy)."""
+        return self.inner is None and not self.native and not self.c.copy_x
+
+    def _launch(self, x, weight, bias, residual, run_mean, run_var, eps, momentum, h):
         c = self.c
         if self.inner is not None:
             y, stats = self.inner(x.contiguous(), weight, bias,
@@ -212,18 +235,22 @@ class ForwardPlan:
         # The unbiased variance for the running estimate; without centring it tracks the mean square.
         unbias = self.M / (self.M - 1) if self.M > 1 and c.center else 1.0
         yp = x if self.mode == "stats" else y
+        hk = {} if h is None else dict(H=h)
         if self.partial is not None:
             kern, grid, kw = self.partial
             part = _empty((2, self.P, self.split), x.device)
-            kern[grid](x, part, *self.tail, *self.mid[2:], **kw)
+            if h is not None:
+                hk = dict(Res=r, H=h)
+            kern[grid](x, part, *self.tail, *self.mid[2:], **hk, **kw)
+            hk = {} if h is None else dict(H=h)
             self.kernel[self.grid](x, yp, r, w, b, stats, rm, rv, part, *self.tail, eps, momentum, unbias,
-                                   *self.mid, **self.constexprs)
+                                   *self.mid, **hk, **self.constexprs)
         elif self.mode == "given":
             self.kernel[self.grid](x, y, r, w, b, stats, rm, rv, x, *self.tail, eps, momentum, unbias,
-                                   *self.mid, **self.constexprs)
+                                   *self.mid, **hk, **self.constexprs)
         else:
             self.kernel[self.grid](x, yp, r, w, b, stats, rm, rv, self.P, self.M, eps, momentum, unbias,
-                                   *self.mid, **self.constexprs)
+                                   *self.mid, **hk, **self.constexprs)
         return y, stats
 
     def _native(self, x, weight, bias, residual, run_mean, run_var, eps, momentum):
@@ -246,11 +273,13 @@ class ForwardPlan:
                                      momentum)
         return y, stats
 
-    def backward(self, needs: tuple[bool, bool, bool, bool]) -> "BackwardPlan":
-        key = (needs, dispatch.forced_state())
+    def backward(self, needs: tuple[bool, bool, bool, bool], add_dh: bool = False,
+                 dx_twice: bool = False) -> "BackwardPlan":
+        """``add_dh``, ``dx_twice``: add_norm's backward (see BackwardPlan)."""
+        key = (needs, add_dh, dx_twice, dispatch.forced_state())
         plan = self._backward.get(key)
         if plan is None:
-            plan = self._backward[key] = BackwardPlan(self, needs)
+            plan = self._backward[key] = BackwardPlan(self, needs, add_dh, dx_twice)
         return plan
 
 
@@ -268,10 +297,15 @@ class BackwardPlan:
     """The backward launches for a forward plan and the gradients asked for
     (dx, dweight, dbias, dresidual)."""
 
-    def __init__(self, fwd: ForwardPlan, needs):
+    def __init__(self, fwd: ForwardPlan, needs, add_dh: bool = False, dx_twice: bool = False):
+        # add_norm (a pre_add forward): ``x`` is the saved h, dx gets the incoming gradient of h
+        # added (add_dh) and, when the residual's dtype differs from x's, is stored a second time
+        # in the residual's dtype (dx_twice).
         self.fwd = fwd
         need_dx, need_dw, need_db, need_dres = needs
         self.needs = needs
+        self.add_dh, self.dx_twice = add_dh, dx_twice
+        addk = dict(ADD_DH=add_dh, DX_TWICE=dx_twice) if (add_dh or dx_twice) else {}
         c = fwd.c
         act = fwd.act
         self.write_dres = need_dres and act != 0
@@ -320,7 +354,7 @@ class BackwardPlan:
                 self.progs = progs
                 self.dx_kind = "fused"
                 self.dx = (bk._bwd_fused_kernel, (progs,), (P, M, row_blocks, rg, cg),
-                           dict(common, CENTER=c.center, GIVEN=self.given, WRITE_DRES=self.write_dres,
+                           dict(common, **addk, CENTER=c.center, GIVEN=self.given, WRITE_DRES=self.write_dres,
                                 ROW_CHANNEL=row_channel, COL_CHANNEL=col_channel, NEED_DW=need_dw,
                                 NEED_DB=need_db))
             else:
@@ -334,7 +368,7 @@ class BackwardPlan:
                                  dict(common, ROW_CHANNEL=row_channel))
                 grid, tiles = _apply_grid(P, M, bp, bm, one_program_per_row=plan.kernel == "looped")
                 self.apply = (bk._bwd_apply_kernel, grid, (P, M, split, grid[1], tiles, rg, cg),
-                              dict(common, CENTER=c.center, GIVEN=self.given, WRITE_DRES=self.write_dres,
+                              dict(common, **addk, CENTER=c.center, GIVEN=self.given, WRITE_DRES=self.write_dres,
                                    BLOCK_S=_pow2(split), ROW_CHANNEL=row_channel, NEED_DW=need_dw,
                                    NEED_DB=need_db))
         self.dwdb = None
@@ -383,7 +417,9 @@ class BackwardPlan:
             n += 1 + (self.dwdb_split > 1)
         return n
 
-    def __call__(self, dy, x, weight, bias, residual, stats):
+    def __call__(self, dy, x, weight, bias, residual, stats, dh=None, dres_dtype=None):
+        """``dh``, ``dres_dtype``: add_norm's incoming gradient of h and the residual's dtype
+        (then the returned dresidual is dx, stored a second time in that dtype)."""
         fwd = self.fwd
         c = fwd.c
         need_dx, need_dw, need_db, need_dres = self.needs
@@ -394,16 +430,29 @@ class BackwardPlan:
         x, residual = c.prepare(x, residual)
         if dy.stride() != c.out_stride:
             dy = match_strides(dy, c.out(x))
+        if dh is not None and dh.stride() != c.out_stride:
+            dh = match_strides(dh, c.out(x))
         if fwd.native or self.native:
-            return native.backward(dy, x, c.spec, weight, bias, residual, stats[4].reshape(c.stat_shape),
-                                   stats[2].reshape(c.stat_shape), c.center, fwd.act, self.given, need_dx,
-                                   need_dw, need_db, need_dres)
+            dx, dw, db, dres = native.backward(dy, x, c.spec, weight, bias, residual,
+                                               stats[4].reshape(c.stat_shape), stats[2].reshape(c.stat_shape),
+                                               c.center, fwd.act, self.given, need_dx, need_dw, need_db,
+                                               need_dres)
+            if self.add_dh:
+                dx = dx + dh
+            if self.dx_twice:
+                dres = dx.to(dres_dtype)
+            return dx, dw, db, dres
         w = x if weight is None else (weight if weight.is_contiguous() else weight.contiguous())
         b = x if bias is None else (bias if bias.is_contiguous() else bias.contiguous())
         r = x if residual is None else residual
         dx = c.out(x) if self.dx_kind is not None else None
         dres = c.out(x) if self.write_dres else None
+        if self.dx_twice:
+            dres = torch.empty_strided(c.shape, c.out_stride, dtype=dres_dtype, device=x.device)
+            if POISON:
+                dres.fill_(float("nan"))
         dr = x if dres is None else dres
+        dhk = dict(DH=dh) if self.add_dh else {}
         dw = _empty(weight.shape, x.device, weight.dtype) if need_dw else None
         db = _empty(bias.shape, x.device, bias.dtype) if need_db else None
         dwp = x if dw is None else dw
@@ -412,12 +461,12 @@ class BackwardPlan:
             kern, grid, fixed, kw = self.dx
             if self.col_channel:
                 part = _empty((2, self.M, self.progs), x.device)
-                kern[grid](x, dy, r, w, b, stats, dx, dr, part, part, *fixed, **kw)
+                kern[grid](x, dy, r, w, b, stats, dx, dr, part, part, *fixed, **dhk, **kw)
                 bk._finish_kernel[(triton.cdiv(self.M, 64),)](part, dwp, dbp, self.M, self.progs,
                                                              NEED_DW=need_dw, NEED_DB=need_db, BLOCK_C=64,
                                                              BLOCK_S=min(64, _pow2(self.progs)))
             else:
-                kern[grid](x, dy, r, w, b, stats, dx, dr, dwp, dbp, *fixed, **kw)
+                kern[grid](x, dy, r, w, b, stats, dx, dr, dwp, dbp, *fixed, **dhk, **kw)
         elif self.dx_kind == "two-stage":
             part = x
             if self.sums is not None:
@@ -425,7 +474,7 @@ class BackwardPlan:
                 part = _empty((4, self.P, self.split), x.device)
                 kern[grid](x, dy, r, w, b, stats, part, *fixed, **kw)
             kern, grid, fixed, kw = self.apply
-            kern[grid](x, dy, r, w, b, stats, part, dx, dr, dwp, dbp, *fixed, **kw)
+            kern[grid](x, dy, r, w, b, stats, part, dx, dr, dwp, dbp, *fixed, **dhk, **kw)
         if self.dwdb is not None:
             kern, grid, fixed, kw = self.dwdb
             if self.dwdb_split == 1:
@@ -438,6 +487,8 @@ class BackwardPlan:
                                                              BLOCK_S=min(64, _pow2(self.dwdb_split)))
         if need_dres and not self.write_dres:
             dres = dy
+        if self.add_dh or self.dx_twice:  # add_norm: the residual's gradient is dx
+            return dx, dw, db, (dres if self.dx_twice else dx)
         return dx if need_dx else None, dw, db, dres
 
 
@@ -453,17 +504,17 @@ dispatch.on_clear(clear)
 
 
 def forward_plan(x: torch.Tensor, spec: Spec, has_w: bool, has_b: bool, has_res: bool, act: int,
-                 center: bool, mode: str, running: int, extra=()) -> ForwardPlan:
+                 center: bool, mode: str, running: int, extra=(), pre_add: bool = False) -> ForwardPlan:
     """The cached plan for this signature (``extra``: layout facts of the other tensors that
-    change the plan, e.g. the residual's strides)."""
+    change the plan, e.g. the residual's strides; ``pre_add``: add_norm's plan)."""
     key = (tuple(x.shape), x.stride(), x.dtype, x.device, spec, has_w, has_b, has_res, act, center, mode,
-           running, extra, dispatch.forced_state())
+           running, extra, pre_add, dispatch.forced_state())
     plan = _PLANS.get(key)
     if plan is None:
         if len(_PLANS) > 4096:
             _PLANS.clear()
         plan = _PLANS[key] = ForwardPlan(x, spec, has_w, has_b, has_res, act, center, mode, running,
-                                         profile_for(x.device))
+                                         profile_for(x.device), pre_add)
     return plan
 
 
