@@ -117,3 +117,41 @@ def rms_norm(input, normalized_shape, weight=None, eps=None, *, activation=None,
         eps = torch.finfo(input.dtype).eps
     return _last_dims(input, normalized_shape, weight, None, eps, False, activation, residual,
                       backend, "rms_norm")
+
+
+# --- Pre-norm residual: (y, h) with h = input + residual, y = norm(h) (tritonorm.add_norm) -------
+
+
+def _add_last_dims(input, residual, normalized_shape, weight, bias, eps, center, activation, backend,
+                   residual_dtype, name):
+    from .prenorm import add_norm, check_add_args
+
+    shape, d = _rows(input, normalized_shape, name)
+    check_add_args(input, residual, residual_dtype)
+    for arg, t in (("weight", weight), ("bias", bias)):
+        if t is not None:
+            check_tensor(arg, t, input, shape)
+    rows = math.prod(input.shape[: input.dim() - len(shape)])
+    y, h = add_norm(input.reshape(rows, d), residual.reshape(rows, d), "C",
+                    weight=None if weight is None else weight.reshape(d),
+                    bias=None if bias is None else bias.reshape(d), eps=eps, center=center, activation=activation,
+                    training=False, backend=backend, residual_dtype=residual_dtype)
+    return y.reshape(input.shape), h.reshape(input.shape)
+
+
+def add_layer_norm(input, residual, normalized_shape, weight=None, bias=None, eps=1e-5, *, activation=None,
+                   residual_dtype=None, backend=None):
+    """``(y, h)``: ``h = input + residual`` (in ``residual_dtype``, default input's), ``y =
+    layer_norm(h)``; one kernel each way (see tritonorm.add_norm)."""
+    return _add_last_dims(input, residual, normalized_shape, weight, bias, eps, True, activation, backend,
+                          residual_dtype, "add_layer_norm")
+
+
+def add_rms_norm(input, residual, normalized_shape, weight=None, eps=None, *, activation=None,
+                 residual_dtype=None, backend=None):
+    """``(y, h)``: ``h = input + residual``, ``y = rms_norm(h)`` (vLLM's fused_add_rms_norm);
+    ``eps=None`` means ``torch.finfo(input.dtype).eps``."""
+    if eps is None and isinstance(input, torch.Tensor) and input.is_floating_point():
+        eps = torch.finfo(input.dtype).eps
+    return _add_last_dims(input, residual, normalized_shape, weight, None, eps, False, activation, backend,
+                          residual_dtype, "add_rms_norm")
