@@ -133,6 +133,23 @@ def test_group_scope_low_precision_channels_last():
     _check("group", (2, 6, 3, 3), torch.float16, groups=3, fmt=torch.channels_last, act="relu")
 
 
+@pytest.mark.parametrize("rd", [None, torch.float32])
+def test_only_y_used_downstream(rd):
+    x = torch.randn(4, 24, dtype=torch.bfloat16, requires_grad=True)
+    r = torch.randn(4, 24, dtype=rd or torch.bfloat16, requires_grad=True)
+    y, h = tritonorm.add_norm(x, r, "C", backend="triton", residual_dtype=rd)
+    dy = torch.randn_like(y)
+    gx, gr = torch.autograd.grad(y, [x, r], dy)
+    h64 = h.detach().double().requires_grad_()
+    (g64,) = torch.autograd.grad(torch.nn.functional.layer_norm(h64, (24,), eps=1e-5), [h64], dy.double())
+    hl = h.detach().to(torch.bfloat16).requires_grad_()
+    (ge,) = torch.autograd.grad(reference.norm(hl, scopes.parse("C", 2, None, 24), compute_dtype=torch.bfloat16),
+                                [hl], dy)
+    assert gr.dtype == r.dtype
+    assert_close(gx, g64, torch.bfloat16, ge, "dx")
+    assert_close(gr, g64, gr.dtype, ge, "dresidual")
+
+
 def test_no_affine_and_only_h_used_downstream():
     _check("C", (4, 24), torch.float32, affine=False)
     x, r = torch.randn(4, 24, requires_grad=True), torch.randn(4, 24, requires_grad=True)

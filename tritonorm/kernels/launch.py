@@ -439,8 +439,8 @@ class BackwardPlan:
                                                need_dres)
             if self.add_dh:
                 dx = dx + dh
-            if self.dx_twice:
-                dres = dx.to(dres_dtype)
+            if fwd.pre_add:
+                dres = dx.to(dres_dtype) if self.dx_twice else dx
             return dx, dw, db, dres
         w = x if weight is None else (weight if weight.is_contiguous() else weight.contiguous())
         b = x if bias is None else (bias if bias.is_contiguous() else bias.contiguous())
@@ -487,7 +487,7 @@ class BackwardPlan:
                                                              BLOCK_S=min(64, _pow2(self.dwdb_split)))
         if need_dres and not self.write_dres:
             dres = dy
-        if self.add_dh or self.dx_twice:  # add_norm: the residual's gradient is dx
+        if fwd.pre_add:  # add_norm: the residual's gradient is dx
             return dx, dw, db, (dres if self.dx_twice else dx)
         return dx if need_dx else None, dw, db, dres
 

@@ -11,6 +11,9 @@ import math
 from dataclasses import dataclass, replace
 
 SUITES = ("resnet50", "sd-unet", "llm", "nnunet")
+# Kinds whose x is (rows, D), normalized per row; add_* kinds are tritonorm.add_norm calls (a
+# residual of x's shape comes with the inputs, as ``add_residual``).
+ROW_KINDS = ("layer_norm", "rms_norm", "add_rms_norm", "add_layer_norm")
 
 
 @dataclass(frozen=True)
@@ -33,7 +36,7 @@ class Case:
 
     def scaled(self) -> "Case":
         """A small case with the same scope, groups, layout and flags (interpreter-sized)."""
-        if self.kind in ("layer_norm", "rms_norm"):
+        if self.kind in ROW_KINDS:
             rows, d = self.shape
             return replace(self, shape=(min(rows, 8), min(d, 256)))
         n, c, *sp = self.shape
@@ -118,12 +121,24 @@ def make_inputs(case: Case, dtype, device, requires_grad: bool = False):
         kw["weight"] = (1 + 0.1 * torch.randn(c, device=device)).to(dtype)
         if case.center:
             kw["bias"] = (0.1 * torch.randn(c, device=device)).to(dtype)
+    if case.kind.startswith("add_"):
+        kw["add_residual"] = torch.randn(case.shape, dtype=dtype, device=device)
     if requires_grad:
         x.requires_grad_(True)
-        for k in ("weight", "bias"):
+        for k in ("weight", "bias", "add_residual"):
             if k in kw:
                 kw[k].requires_grad_(True)
     return x, kw
+
+
+def run(case: Case, x, kw, **extra):
+    """y of the case's tritonorm call: ``norm``, or ``add_norm`` for the add_* kinds."""
+    import tritonorm
+
+    if "add_residual" in kw:
+        rest = {k: v for k, v in kw.items() if k != "add_residual"}
+        return tritonorm.add_norm(x, kw["add_residual"], case.scope, **rest, **extra)[0]
+    return tritonorm.norm(x, case.scope, **kw, **extra)
 
 
 def meta_input(case: Case, dtype):
@@ -147,3 +162,14 @@ def _ghost_bn() -> list[Case]:
 
 SUITES = SUITES + ("ghost-bn",)
 _BUILDERS["ghost-bn"] = _ghost_bn
+
+
+def _prenorm() -> list[Case]:
+    """The pre-norm residual step of LLM blocks, h = x + residual then RMSNorm (tritonorm.add_norm;
+    vLLM's fused_add_rms_norm), at Llama-7B/70B widths from decode (1 token) to long prefill."""
+    return [Case("prenorm", f"add+rms {rows}x{d}", "add_rms_norm", (rows, d), "C", center=False)
+            for d in (4096, 8192) for rows in (1, 1024, 4096, 16384)]
+
+
+SUITES = SUITES + ("prenorm",)
+_BUILDERS["prenorm"] = _prenorm
