@@ -96,7 +96,11 @@ class _Call:
 
     def __init__(self, x, scope, num_groups, sample_groups, weight, bias, eps, center, activation, residual,
                  running_mean, running_var, momentum, training, backend):
-        spec, act = check_norm_args(x, scope, num_groups, weight, bias, eps, center, activation, residual,
+        # Broadcast (adaptive) affine: a weight or bias that is not (C,) but broadcastable to x.
+        self.param_full = _broadcast_params(x, weight, bias)
+        self.args = (scope, num_groups, sample_groups, backend)
+        pw, pb = (None, None) if self.param_full else (weight, bias)
+        spec, act = check_norm_args(x, scope, num_groups, pw, pb, eps, center, activation, residual,
                                     running_mean, running_var, momentum, training, sample_groups)
         if running_var is not None and not training:
             spec = dataclasses.replace(spec, sample_groups=1)  # running statistics span every group
@@ -122,12 +126,21 @@ class _Call:
                 level = launch.RUNNING_BOTH if running_mean is not None else launch.RUNNING_VAR
             self.plan = launch.forward_plan(x, spec, weight is not None, bias is not None, residual is not None,
                                             self.act, center, mode, level,
-                                            (None if residual is None else residual.stride(),))
+                                            (None if residual is None else residual.stride(),),
+                                            param_full=self.param_full)
+            if self.param_full and not self.plan.fusable_full:
+                self.plan = None
 
     def __call__(self, x, weight, bias, residual, running_mean, running_var, eps, momentum, with_stats=True):
         if self.empty:
             empty = torch.zeros(self.stat_shape, dtype=torch.float32, device=x.device)
             return (x.clone(), empty, empty) if with_stats else x.clone()
+        if self.param_full:
+            if self.plan is None:
+                out = _broadcast_composite(self, x, weight, bias, residual, running_mean, running_var, eps,
+                                           momentum)
+                return out if with_stats else out[0]
+            weight, bias = self.plan.c.full_param(weight, x), self.plan.c.full_param(bias, x)
         if self.plan is None:
             out = _reference(x, self.spec, weight, bias, eps, self.center, self.act_name, residual,
                              running_mean, running_var, momentum, self.training, self.use_running)
@@ -176,6 +189,57 @@ class _NormFunction(torch.autograd.Function):
         else:
             grads = call.plan.backward(needs)(dy, x, weight, bias, residual, stats)
         return (*grads, None, None, None, None, None)
+
+
+def _broadcast_params(x, weight, bias) -> bool:
+    """Whether weight or bias is a broadcast (adaptive) parameter rather than per channel: x's rank,
+    broadcastable to x (e.g. (N, C, 1, 1), (1, C, H, W), (N, C) for 2-D x). Checks that it is a
+    floating tensor on x's device broadcastable to x (ValueError/TypeError naming it); other
+    shapes are left to the per-channel checks."""
+    if not isinstance(x, torch.Tensor) or x.dim() < 2:
+        return False
+    full = False
+    for name, t in (("weight", weight), ("bias", bias)):
+        # Only x's rank: a lower-rank weight (say (W,) for NCHW) is a mistake, not a broadcast.
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) == (x.shape[1],) or t.dim() != x.dim():
+            continue
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+        try:
+            ok = torch.broadcast_shapes(t.shape, x.shape) == x.shape
+        except RuntimeError:
+            ok = False
+        if not ok:
+            raise ValueError(f"{name} must have shape ({x.shape[1]},) or be broadcastable to x's shape "
+                             f"{tuple(x.shape)}, got {tuple(t.shape)}")
+        full = True
+    return full
+
+
+def _broadcast_composite(call, x, weight, bias, residual, running_mean, running_var, eps, momentum):
+    """Broadcast affine where the kernels do not take it (reference backend, float64, the torch
+    regime): the plain norm, then the affine, residual and activation as torch ops."""
+    scope, num_groups, sample_groups, backend = call.args
+    out = _run(x, scope, num_groups, sample_groups, None, None, eps, call.center, None, None, running_mean,
+               running_var, momentum, call.training, backend, True)
+    z = out[0]
+    if weight is not None:
+        z = z * _as_broadcast(weight, x)
+    if bias is not None:
+        z = z + _as_broadcast(bias, x)
+    if residual is not None:
+        z = z + residual
+    return (activations.apply(call.act_name, z), *out[1:])
+
+
+def _as_broadcast(t, x):
+    """A parameter in x's broadcasting terms: (C,) is per channel (axis 1), anything else
+    broadcasts by torch's rules."""
+    if tuple(t.shape) == (x.shape[1],):
+        return t.view(1, -1, *([1] * (x.dim() - 2)))
+    return t
 
 
 def _differentiable_backward(dy, x, weight, bias, residual, stats, call, needs):

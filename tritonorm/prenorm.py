@@ -105,7 +105,10 @@ class _AddCall:
 
     def __init__(self, x, residual, rd, scope, num_groups, sample_groups, weight, bias, eps, center, activation,
                  running_mean, running_var, momentum, training, backend):
-        spec, act = check_norm_args(x, scope, num_groups, weight, bias, eps, center, activation, None,
+        # Broadcast (adaptive) weight or bias: the composite (h by torch ops, then norm's kernels).
+        broadcast = core._broadcast_params(x, weight, bias)
+        pw, pb = (None, None) if broadcast else (weight, bias)
+        spec, act = check_norm_args(x, scope, num_groups, pw, pb, eps, center, activation, None,
                                     running_mean, running_var, momentum, training, sample_groups)
         if running_var is not None and not training:
             spec = dataclasses.replace(spec, sample_groups=1)
@@ -116,7 +119,7 @@ class _AddCall:
         self.torch_update = False
         self.plan = None
         name = backends.resolve(backend, x.device, x.dtype)
-        if name != "triton" or x.numel() == 0 or rd == torch.float64 or not _dense(x):
+        if name != "triton" or x.numel() == 0 or rd == torch.float64 or not _dense(x) or broadcast:
             return
         from .kernels import launch
 

@@ -306,3 +306,27 @@ def add_incoming(dx, DH, ro, co, mask, ADD_DH: tl.constexpr):
     if ADD_DH:
         dx = dx + load2d(DH, ro, co, mask)
     return dx
+
+
+# --- Broadcast (adaptive) affine: weight/bias expanded to x's shape, read with the output offsets -
+
+
+@triton.jit
+def param_offsets(h, o, PARAM_FULL: tl.constexpr):
+    """The offsets weight and bias are read at: the channel digit's, or (PARAM_FULL: per-sample
+    weight and bias, laid out like the output) the output's."""
+    if PARAM_FULL:
+        h = o
+    return h
+
+
+@triton.jit
+def store_param_grads(DW, DB, ro, co, gz, xhat, mask, PARAM_FULL: tl.constexpr, NEED_DW: tl.constexpr,
+                      NEED_DB: tl.constexpr):
+    """PARAM_FULL: the per-element gradients of a weight and bias laid out like the output
+    (gz * xhat and gz); autograd sums them over the broadcast axes."""
+    if PARAM_FULL:
+        if NEED_DW:
+            store2d(DW, ro, co, gz * xhat, mask)
+        if NEED_DB:
+            store2d(DB, ro, co, gz, mask)

@@ -22,8 +22,8 @@ Every kernel takes the view geometry of layout.View as two tuples, RG (rows) and
 import triton
 import triton.language as tl
 
-from .common import (chan_merge, col_tile, epilogue, load_input, load_residual, pivot_input, row_block,
-                     store2d, store_stats, strided_tile_start, tile_moments)
+from .common import (chan_merge, col_tile, epilogue, load_input, load_residual, param_offsets, pivot_input,
+                     row_block, store2d, store_stats, strided_tile_start, tile_moments)
 
 
 @triton.jit
@@ -37,11 +37,13 @@ def _fwd_fused_kernel(
     ACT: tl.constexpr, CHAN: tl.constexpr, INT64: tl.constexpr, BLOCK_P: tl.constexpr,
     BLOCK_M: tl.constexpr, STORE_Y: tl.constexpr, RUNNING: tl.constexpr,
     H=None, PRE_ADD: tl.constexpr = False,  # PRE_ADD: normalize h = x + Res, stored to H
+    PARAM_FULL: tl.constexpr = False,       # W, B laid out like y (broadcast affine)
 ):
     """Whole statistic in registers: moments, epilogue and stats in one pass over x
     (STORE_Y=False: statistics only)."""
     rows, rmask, rx, ro, rt, rh = row_block(tl.program_id(0), P, BLOCK_P, INT64, RG)
     cmask, mask, cx, co, ct, ch = col_tile(0, M, rmask, BLOCK_M, INT64, CG)
+    rh, ch = param_offsets(rh, ro, PARAM_FULL), param_offsets(ch, co, PARAM_FULL)
     k = pivot_input(X, Res, H, rx, ro, rmask, CENTER, PRE_ADD)
     d = tl.where(mask, load_input(X, Res, H, rx, cx, ro, co, mask, PRE_ADD, STORE_Y) - k[:, None], 0.0)
     mean_d, m2 = tile_moments(d, mask, M, CENTER)
@@ -63,6 +65,7 @@ def _fwd_looped_kernel(
     ACT: tl.constexpr, CHAN: tl.constexpr, INT64: tl.constexpr, BLOCK_P: tl.constexpr,
     BLOCK_M: tl.constexpr, STORE_Y: tl.constexpr, RUNNING: tl.constexpr,
     H=None, PRE_ADD: tl.constexpr = False,  # as the fused kernel; both sweeps re-add x + Res
+    PARAM_FULL: tl.constexpr = False,
 ):
     """Moments by Chan-merging BLOCK_M tiles, then a second sweep applies the epilogue
     (STORE_Y=False: statistics only, one sweep)."""
@@ -81,6 +84,7 @@ def _fwd_looped_kernel(
     if STORE_Y:
         for m0 in range(0, M, BLOCK_M):
             cmask, mask, cx, co, ct, ch = col_tile(m0, M, rmask, BLOCK_M, INT64, CG)
+            rh, ch = param_offsets(rh, ro, PARAM_FULL), param_offsets(ch, co, PARAM_FULL)
             xin = load_input(X, Res, H, rx, cx, ro, co, mask, PRE_ADD, True)
             xhat = ((xin - k[:, None]) - mean_d[:, None]) * rstd[:, None]
             res = load_residual(Res, ro, co, mask, HAS_RES)
@@ -147,6 +151,7 @@ def _fwd_apply_kernel(
     ACT: tl.constexpr, CHAN: tl.constexpr, INT64: tl.constexpr, BLOCK_P: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, RUNNING: tl.constexpr,
     H=None, PRE_ADD: tl.constexpr = False,  # as the fused kernel; re-adds x + Res, stores H
+    PARAM_FULL: tl.constexpr = False,
 ):
     """Epilogue over a 2-D grid of (row block, column tiles). Each program derives its rows'
     statistics itself (merging the split partials, or from the running buffers); the programs of
@@ -167,6 +172,7 @@ def _fwd_apply_kernel(
     for i in range(0, TILES_PER_PROG):
         cmask, mask, cx, co, ct, ch = col_tile(strided_tile_start(i, COL_PROGS, BLOCK_M, INT64), M, rmask,
                                                BLOCK_M, INT64, CG)
+        rh, ch = param_offsets(rh, ro, PARAM_FULL), param_offsets(ch, co, PARAM_FULL)
         xin = load_input(X, Res, H, rx, cx, ro, co, mask, PRE_ADD, True)
         xhat = ((xin - k[:, None]) - mean[:, None]) * rstd[:, None]
         res = load_residual(Res, ro, co, mask, HAS_RES)

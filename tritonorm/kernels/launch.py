@@ -115,12 +115,37 @@ class _Common:
         t = torch.empty_strided(self.shape, self.out_stride, dtype=self.dtype, device=x.device)
         return t.fill_(float("nan")) if POISON else t
 
+    def full_param(self, t, x):
+        """A broadcast weight or bias (or a (C,) one beside it) expanded to x's shape in the
+        output's layout, differentiably (autograd sums the gradient back over the broadcast axes)."""
+        if t is None or (tuple(t.shape) == self.shape and t.stride() == self.out_stride):
+            return t
+        if tuple(t.shape) == (self.shape[1],):
+            t = t.view(1, -1, *([1] * (len(self.shape) - 2)))
+        out = torch.empty_strided(self.shape, self.out_stride, dtype=t.dtype, device=x.device)
+        return out.copy_(t.expand(self.shape))
+
     def prepare(self, x, residual):
         if self.copy_x:
             x = match_strides(x, self.out(x))
         if residual is not None and residual.stride() != self.out_stride:
             residual = match_strides(residual, self.out(x))
         return x, residual
+
+
+def _params(weight, bias, full: bool, x):
+    """The weight and bias pointers the kernels take (x stands in for a missing one): per channel,
+    unit stride; or (``full``) as given, already laid out like the output."""
+    if full:
+        return (x if weight is None else weight), (x if bias is None else bias)
+    w = x if weight is None else (weight if weight.is_contiguous() else weight.contiguous())
+    b = x if bias is None else (bias if bias.is_contiguous() else bias.contiguous())
+    return w, b
+
+
+def _empty_like_out(c, dtype, device) -> torch.Tensor:
+    t = torch.empty_strided(c.shape, c.out_stride, dtype=dtype, device=device)
+    return t.fill_(float("nan")) if POISON else t
 
 
 def _restride(t: torch.Tensor | None, shape, stride) -> torch.Tensor | None:
@@ -138,7 +163,8 @@ class ForwardPlan:
     """
 
     def __init__(self, x: torch.Tensor, spec: Spec, has_w: bool, has_b: bool, has_res: bool, act: int,
-                 center: bool, mode: str, running: int, profile: dispatch.DeviceProfile, pre_add: bool = False):
+                 center: bool, mode: str, running: int, profile: dispatch.DeviceProfile, pre_add: bool = False,
+                 param_full: bool = False):
         self.c = c = _Common(x, spec, has_w, has_b, has_res, act, center,
                              channel=False)
         self.mode, self.running, self.profile = mode, running, profile
@@ -146,12 +172,17 @@ class ForwardPlan:
         # residual then travels in the residual slot with HAS_RES off (see ``add``).
         self.pre_add = pre_add
         pre = dict(PRE_ADD=True) if pre_add else {}
+        # param_full (broadcast affine): weight and bias come expanded to x's shape in the output's
+        # layout and are read at the output offsets (CHAN=0: both sides vary).
+        self.param_full = param_full
+        if param_full:
+            pre["PARAM_FULL"] = True
         self.has_w, self.has_b, self.has_res, self.act = has_w, has_b, has_res, act
         self._backward: dict = {}
         if c.contiguous:
             inner = x.contiguous()
             self.inner = ForwardPlan(inner, spec, has_w, has_b, has_res, act, center, mode, running, profile,
-                                     pre_add)
+                                     pre_add, param_full)
             self.plan = self.inner.plan
             return
         self.inner = None
@@ -163,7 +194,7 @@ class ForwardPlan:
             return
         cfg = self.plan.config
         bp, bm, nw = cfg["block_p"], cfg["block_m"], cfg["num_warps"]
-        flags = dict(c.flags, CHAN=_chan_mode(view), INT64=view.int64)
+        flags = dict(c.flags, CHAN=0 if param_full else _chan_mode(view), INT64=view.int64)
         rg, cg = view.geometry()
         kernel = self.plan.kernel
         if mode == "given" or kernel == "split":
@@ -177,7 +208,8 @@ class ForwardPlan:
             self.chunk = _chunk(self.M, bm, split)
             if mode != "given":
                 self.partial = (fk._fwd_partial_kernel, (triton.cdiv(self.P, bp), split),
-                                dict(pre, CENTER=center, INT64=view.int64, BLOCK_P=bp, BLOCK_M=bm, num_warps=nw))
+                                dict({k: v for k, v in pre.items() if k == "PRE_ADD"}, CENTER=center,
+                                     INT64=view.int64, BLOCK_P=bp, BLOCK_M=bm, num_warps=nw))
             else:
                 self.partial = None
             self.kernel = fk._fwd_apply_kernel
@@ -210,6 +242,11 @@ class ForwardPlan:
         return y, stats, h
 
     @property
+    def fusable_full(self) -> bool:
+        """Whether broadcast weight/bias run in the kernels (else the caller composes torch ops)."""
+        return self.inner is None and not self.native
+
+    @property
     def fusable_add(self) -> bool:
         """Whether ``add`` runs in the kernels (not the torch regime, not a restrided copy)."""
         return self.inner is None and not self.native and not self.c.copy_x
@@ -226,9 +263,9 @@ class ForwardPlan:
             return self._native(x, weight, bias, residual, run_mean, run_var, eps, momentum)
         y = x.new_empty(0) if self.mode == "stats" else c.out(x)
         stats = _empty((5, c.n_stats), x.device)
-        # Kernels index weight and bias by channel with unit stride.
-        w = x if weight is None else (weight if weight.is_contiguous() else weight.contiguous())
-        b = x if bias is None else (bias if bias.is_contiguous() else bias.contiguous())
+        # Kernels index weight and bias by channel with unit stride (param_full: the caller laid
+        # them out like y).
+        w, b = _params(weight, bias, self.param_full, x)
         r = x if residual is None else residual
         rm = x if run_mean is None else run_mean
         rv = x if run_var is None else run_var
@@ -305,7 +342,10 @@ class BackwardPlan:
         need_dx, need_dw, need_db, need_dres = needs
         self.needs = needs
         self.add_dh, self.dx_twice = add_dh, dx_twice
+        self.param_full = fwd.param_full
         addk = dict(ADD_DH=add_dh, DX_TWICE=dx_twice) if (add_dh or dx_twice) else {}
+        if fwd.param_full:
+            addk["PARAM_FULL"] = True
         c = fwd.c
         act = fwd.act
         self.write_dres = need_dres and act != 0
@@ -328,17 +368,19 @@ class BackwardPlan:
             return
         cfg = plan.config
         bp, bm, nw = cfg["block_p"], cfg["block_m"], cfg["num_warps"]
-        flags = dict(c.flags, CHAN=_chan_mode(view), INT64=view.int64)
+        flags = dict(c.flags, CHAN=0 if fwd.param_full else _chan_mode(view), INT64=view.int64)
         rg, cg = view.geometry()
         need_wb = need_dw or need_db
-        dx_pass = need_dx or self.write_dres
+        self.param_full = param_full = fwd.param_full
+        # param_full: the dx kernels store the per-element weight/bias gradients themselves.
+        dx_pass = need_dx or self.write_dres or (param_full and need_wb)
         # Each statistic one channel (BatchNorm's scope): the dx kernels' row sums are dweight and
         # dbias, so the channel-view sweep is skipped.
-        row_channel = (need_wb and dx_pass and not self.given and spec.allows_running_stats
+        row_channel = (need_wb and dx_pass and not self.given and not param_full and spec.allows_running_stats
                        and not spec.reduces_c and spec.sample_groups == 1)
         # Each column one channel (LayerNorm rows, positional scope) in the fused regime: a
         # persistent grid accumulates dweight and dbias per program.
-        col_channel = (need_wb and dx_pass and plan.kernel == "fused"
+        col_channel = (need_wb and dx_pass and plan.kernel == "fused" and not param_full
                        and view.cols.chan == (1, view.M, 1) and view.M == c.shape[1])
         self.row_channel, self.col_channel = row_channel, col_channel
         self.steps = []  # (kind, kernel, grid, fixed args, constexprs)
@@ -365,7 +407,8 @@ class BackwardPlan:
                 self.sums = None
                 if not self.given:
                     self.sums = (bk._bwd_sums_kernel, (triton.cdiv(P, bp), split), (P, M, chunk, split, rg, cg),
-                                 dict(common, ROW_CHANNEL=row_channel))
+                                 dict(common, ROW_CHANNEL=row_channel,
+                                      **({"PARAM_FULL": True} if fwd.param_full else {})))
                 grid, tiles = _apply_grid(P, M, bp, bm, one_program_per_row=plan.kernel == "looped")
                 self.apply = (bk._bwd_apply_kernel, grid, (P, M, split, grid[1], tiles, rg, cg),
                               dict(common, **addk, CENTER=c.center, GIVEN=self.given, WRITE_DRES=self.write_dres,
@@ -375,7 +418,7 @@ class BackwardPlan:
         self.finish_cols = None
         if need_wb and col_channel:
             self.finish_cols = M
-        if need_wb and not (row_channel or col_channel):
+        if need_wb and not (row_channel or col_channel or param_full):
             if c.cview is None:
                 try:
                     c.cview = channel_view(c.shape, spec, c.out_stride if c.copy_x else c.x_stride, c.out_stride)
@@ -442,8 +485,7 @@ class BackwardPlan:
             if fwd.pre_add:
                 dres = dx.to(dres_dtype) if self.dx_twice else dx
             return dx, dw, db, dres
-        w = x if weight is None else (weight if weight.is_contiguous() else weight.contiguous())
-        b = x if bias is None else (bias if bias.is_contiguous() else bias.contiguous())
+        w, b = _params(weight, bias, self.param_full, x)
         r = x if residual is None else residual
         dx = c.out(x) if self.dx_kind is not None else None
         dres = c.out(x) if self.write_dres else None
@@ -453,8 +495,12 @@ class BackwardPlan:
                 dres.fill_(float("nan"))
         dr = x if dres is None else dres
         dhk = dict(DH=dh) if self.add_dh else {}
-        dw = _empty(weight.shape, x.device, weight.dtype) if need_dw else None
-        db = _empty(bias.shape, x.device, bias.dtype) if need_db else None
+        if self.param_full:  # per-element gradients, laid out like y; autograd sums them
+            dw = _empty_like_out(c, weight.dtype, x.device) if need_dw else None
+            db = _empty_like_out(c, bias.dtype, x.device) if need_db else None
+        else:
+            dw = _empty(weight.shape, x.device, weight.dtype) if need_dw else None
+            db = _empty(bias.shape, x.device, bias.dtype) if need_db else None
         dwp = x if dw is None else dw
         dbp = x if db is None else db
         if self.dx_kind == "fused":
@@ -504,17 +550,18 @@ dispatch.on_clear(clear)
 
 
 def forward_plan(x: torch.Tensor, spec: Spec, has_w: bool, has_b: bool, has_res: bool, act: int,
-                 center: bool, mode: str, running: int, extra=(), pre_add: bool = False) -> ForwardPlan:
+                 center: bool, mode: str, running: int, extra=(), pre_add: bool = False,
+                 param_full: bool = False) -> ForwardPlan:
     """The cached plan for this signature (``extra``: layout facts of the other tensors that
     change the plan, e.g. the residual's strides; ``pre_add``: add_norm's plan)."""
     key = (tuple(x.shape), x.stride(), x.dtype, x.device, spec, has_w, has_b, has_res, act, center, mode,
-           running, extra, pre_add, dispatch.forced_state())
+           running, extra, pre_add, param_full, dispatch.forced_state())
     plan = _PLANS.get(key)
     if plan is None:
         if len(_PLANS) > 4096:
             _PLANS.clear()
         plan = _PLANS[key] = ForwardPlan(x, spec, has_w, has_b, has_res, act, center, mode, running,
-                                         profile_for(x.device), pre_add)
+                                         profile_for(x.device), pre_add, param_full)
     return plan
 
 
