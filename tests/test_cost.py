@@ -124,3 +124,25 @@ def test_fused_add_rms_norm_rows_move_the_ideal_bytes_plus_statistics():
     bwd = tritonorm.explain(x, "C", weight=w, center=False, device="h200", op="backward", add_residual=x)
     # Reads h, dy and dh; writes dx (one tensor for x and the residual) and dweight.
     assert bwd.cost.ideal_read == 6 * n + 4096 * 2 and bwd.cost.ideal_written == 2 * n + 4096 * 2
+
+
+@pytest.mark.parametrize("regime", [None, "looped", "split"])
+def test_broadcast_affine_launches_count_the_expansions(regime, monkeypatch):
+    # Triton launches run, plus one torch copy per broadcast parameter forward and one torch
+    # reduction per parameter gradient backward.
+    launches = _Launches(monkeypatch)
+    x = torch.randn(2, 8, 4, 4).contiguous(memory_format=torch.channels_last).requires_grad_()
+    w = (torch.rand(2, 8, 1, 1) + 0.5).requires_grad_()
+    b = torch.randn(2, 8, 1, 1).requires_grad_()
+    force = dispatch.forced(regime, block_m=16, split=2) if regime else _nothing()
+    with force:
+        kw = dict(num_groups=2, weight=w.detach(), bias=b.detach(), activation="silu")
+        fwd = tritonorm.explain(x.detach(), "group", op="forward", **kw)
+        bwd = tritonorm.explain(x.detach(), "group", op="backward", **kw)
+        y = tritonorm.norm(x, "group", num_groups=2, weight=w, bias=b, activation="silu", backend="triton")
+        ran_fwd = list(launches.names)
+        launches.names.clear()
+        torch.autograd.grad(y, [x, w, b], torch.randn_like(y))
+    assert fwd.cost.launches == len(ran_fwd) + 2, ran_fwd
+    assert bwd.cost.launches == len(launches.names) + 2, launches.names
+    assert fwd.cost.bytes > fwd.cost.ideal  # the x-sized expansions are counted, not hidden

@@ -58,17 +58,24 @@ def _time(profile: dispatch.DeviceProfile, launches: int, nbytes: int) -> float:
 def forward_cost(plan: dispatch.Plan, problem: dispatch.Problem, profile: dispatch.DeviceProfile, *,
                  elem_bytes: int, channels: int, has_w: bool, has_b: bool, has_res: bool,
                  param_bytes: int, mode: str = "train", running: bool = False,
-                 running_bytes: int = 4, pre_add: tuple[int, int] | None = None) -> Cost:
+                 running_bytes: int = 4, pre_add: tuple[int, int] | None = None,
+                 param_full: int = 0) -> Cost:
     """The forward as ``ForwardPlan`` runs it. ``mode``: "train", "given" (eval with running
     statistics) or "stats" (statistics only). ``pre_add``: add_norm's (residual bytes, h bytes)
     per element: every sweep reads x and the residual (h = x + residual is recomputed, not read
-    back) and the last one also writes h; the torch regime adds h with torch ops first."""
+    back) and the last one also writes h; the torch regime adds h with torch ops first.
+    ``param_full``: how many of weight/bias are broadcast (adaptive): each is first expanded to
+    x's shape by a torch copy (a launch, an x-sized write) and read x-sized by the kernel."""
     P, M = problem.P, problem.M
     n = P * M * elem_bytes
     add_in = add_out = 0
     if pre_add is not None:
         add_in, add_out = P * M * pre_add[0], P * M * pre_add[1]
     params = (has_w + has_b) * channels * param_bytes
+    if param_full:
+        # ``channels`` is then the broadcast parameter's own element count: read once by the
+        # copy, which writes the x-sized expansion the kernel reads (counted as params below).
+        params = (has_w + has_b) * P * M * param_bytes
     ideal_read = n + has_res * n + params + add_in
     ideal_written = (0 if mode == "stats" else n) + add_out
     read, written = params, _STATS_ROWS * P * 4 + add_out
@@ -101,17 +108,25 @@ def forward_cost(plan: dispatch.Plan, problem: dispatch.Problem, profile: dispat
         if running:
             read += 2 * P * running_bytes
             written += 2 * P * running_bytes
+    if param_full:
+        launches += param_full
+        read += param_full * channels * param_bytes
+        written += param_full * P * M * param_bytes
+        ideal_read += (has_w + has_b) * channels * param_bytes - params
     return Cost(launches, read, written, ideal_read, ideal_written, _time(profile, launches, read + written))
 
 
 def backward_cost(plan: dispatch.Plan, problem: dispatch.Problem, dwdb_plan: dispatch.Plan | None,
                   profile: dispatch.DeviceProfile, *, elem_bytes: int, channels: int, has_w: bool, has_b: bool,
                   has_res: bool, act: bool, param_bytes: int, row_channel: bool, col_channel: bool,
-                  given: bool = False, pre_add: tuple[int, int] | None = None) -> Cost:
+                  given: bool = False, pre_add: tuple[int, int] | None = None, param_full: int = 0) -> Cost:
     """The backward as ``BackwardPlan`` runs it, every gradient asked for (dx, and dweight,
     dbias, dresidual where those inputs exist). ``pre_add``: add_norm's (residual bytes, h bytes)
     per element: the kernels read the saved h in place of x, the dx pass also reads dh, and dx
-    is written a second time in the residual's dtype when that differs from x's."""
+    is written a second time in the residual's dtype when that differs from x's. ``param_full``:
+    broadcast weight/bias (``channels`` = their element count): the kernels read the x-sized
+    expansions and write x-sized per-element gradients, which a torch reduction per parameter sums
+    over the broadcast axes."""
     P, M = problem.P, problem.M
     n = P * M * elem_bytes
     C = channels
@@ -160,7 +175,7 @@ def backward_cost(plan: dispatch.Plan, problem: dispatch.Problem, dwdb_plan: dis
         written += n + dres_written
         if need_wb and row_channel:
             written += params_out
-    if need_wb and not (row_channel or col_channel):
+    if need_wb and not (row_channel or col_channel or param_full):
         split = max(1, dwdb_plan.config.get("split", 1)) if dwdb_plan is not None else 1
         launches += 1 + (split > 1)
         # The channel-view sweep re-reads x and dy and gathers the statistics per element.
@@ -169,4 +184,11 @@ def backward_cost(plan: dispatch.Plan, problem: dispatch.Problem, dwdb_plan: dis
         if split > 1:
             written += 2 * C * split * 4
             read += 2 * C * split * 4
+    if param_full:
+        # No channel sweep: the dx kernels write per-element gradients, torch sums each.
+        full = P * M * param_bytes
+        launches += param_full
+        read += param_full * full + (has_w + has_b) * (full - C * param_bytes) * (1 if plan.kernel == "fused" else 2)
+        written += param_full * full
+        read += param_full * full  # the reductions read them back
     return Cost(launches, read, written, ideal_read, ideal_written, _time(profile, launches, read + written))
