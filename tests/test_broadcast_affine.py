@@ -138,3 +138,17 @@ def test_bad_broadcast_parameters_name_the_argument_and_change_nothing(kw, exc, 
         tritonorm.norm(x, "batch", running_mean=rm, running_var=rv, backend="triton", **kw)
     assert all(w in str(info.value) for w in words), str(info.value)
     assert torch.equal(rm, torch.zeros(8)) and torch.equal(rv, torch.ones(8))
+
+
+def test_create_graph_second_derivatives():
+    x, w, b = torch.randn(2, 4, 3, 3), torch.rand(2, 4, 1, 1) + 0.5, torch.randn(2, 4, 1, 1)
+    ours = [t.clone().requires_grad_() for t in (x, w, b)]
+    ref = [t.double().requires_grad_() for t in (x, w, b)]
+    y = tritonorm.norm(ours[0], "instance", weight=ours[1], bias=ours[2], activation="silu", backend="triton")
+    y64 = _ref(ref[0], "instance", None, ref[1], ref[2], "silu")
+    (gx,) = torch.autograd.grad((y * y).sum(), [ours[0]], create_graph=True)
+    (gx64,) = torch.autograd.grad((y64 * y64).sum(), [ref[0]], create_graph=True)
+    gw = torch.autograd.grad(gx.square().sum(), [ours[1]])[0]
+    gw64 = torch.autograd.grad(gx64.square().sum(), [ref[1]])[0]
+    assert_close(gx, gx64, torch.float32, what="dx")
+    assert_close(gw, gw64, torch.float32, what="d2/dw")

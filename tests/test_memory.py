@@ -53,3 +53,14 @@ def test_extrapolation_from_batch_one_and_two_is_exact():
     rep = memory.report(case)
     ours, eager = memory.measure(case)
     assert (rep["tritonorm_bytes"], rep["eager_bytes"]) == (ours, eager)
+
+
+@pytest.mark.parametrize("case", [
+    _case("ada_group_norm", (2, 8, 8, 8), "group", num_groups=4, activation="silu"),
+    _case("ada_layer_norm", (2, 6, 64), "L"),
+], ids=lambda c: c.kind)
+def test_broadcast_affine_saves_the_parameters_unexpanded(case):
+    # Saved: x, the statistics and the small (N, C, 1, 1) / (N, 1, D) parameters, never their
+    # x-sized expansions; eager saves x, the norm's output for the multiply and more.
+    ours, eager = memory.measure(case)
+    assert ours <= 0.55 * eager, (ours, eager)

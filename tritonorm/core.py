@@ -140,7 +140,6 @@ class _Call:
                 out = _broadcast_composite(self, x, weight, bias, residual, running_mean, running_var, eps,
                                            momentum)
                 return out if with_stats else out[0]
-            weight, bias = self.plan.c.full_param(weight, x), self.plan.c.full_param(bias, x)
         if self.plan is None:
             out = _reference(x, self.spec, weight, bias, eps, self.center, self.act_name, residual,
                              running_mean, running_var, momentum, self.training, self.use_running)
@@ -151,7 +150,8 @@ class _Call:
             y, stats = _NormFunction.apply(x, weight, bias, residual, running_mean, running_var, eps, momentum,
                                            self)
         else:
-            y, stats = self.plan(x, weight, bias, residual, running_mean, running_var, eps, momentum)
+            y, stats = self.plan(x, *_expanded(self, weight, bias, x), residual, running_mean, running_var, eps,
+                                 momentum)
         if self.torch_update:
             _update_running(self.spec, x.shape, stats, running_mean, running_var, momentum, self.center)
         if not with_stats:
@@ -167,7 +167,9 @@ class _NormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, residual, running_mean, running_var, eps, momentum, call):
-        y, stats = call.plan(x, weight, bias, residual, running_mean, running_var, eps, momentum)
+        # Broadcast weight/bias are expanded for the kernels here and saved unexpanded.
+        y, stats = call.plan(x, *_expanded(call, weight, bias, x), residual, running_mean, running_var, eps,
+                             momentum)
         ctx.set_materialize_grads(False)
         ctx.call = call
         ctx.save_for_backward(x, weight, bias, residual if call.act != 0 else None, stats)
@@ -186,9 +188,29 @@ class _NormFunction(torch.autograd.Function):
         if torch.is_grad_enabled():
             # create_graph=True (gradient penalties): a differentiable recomputation.
             grads = _differentiable_backward(dy, x, weight, bias, residual, stats, call, needs)
+        elif call.param_full:
+            # Per-element gradients of the expanded parameters, summed back to their shapes.
+            dx, dw, db, dres = call.plan.backward(needs)(dy, x, *_expanded(call, weight, bias, x), residual, stats)
+            grads = (dx, _reduced(dw, weight), _reduced(db, bias), dres)
         else:
             grads = call.plan.backward(needs)(dy, x, weight, bias, residual, stats)
         return (*grads, None, None, None, None, None)
+
+
+def _expanded(call, weight, bias, x):
+    """The weight and bias the kernels read: as given, or (broadcast affine) expanded to x's shape
+    in y's layout."""
+    if not call.param_full:
+        return weight, bias
+    c = call.plan.c
+    return c.full_param(weight, x), c.full_param(bias, x)
+
+
+def _reduced(g, param):
+    """A per-element parameter gradient summed over the parameter's broadcast axes."""
+    if g is None:
+        return None
+    return g.sum_to_size(_as_broadcast(param, g).shape).view(param.shape)
 
 
 def _broadcast_params(x, weight, bias) -> bool:
@@ -248,8 +270,15 @@ def _differentiable_backward(dy, x, weight, bias, residual, stats, call, needs):
     eval the statistics are constants: the ones the forward used."""
     with torch.enable_grad():
         running = (stats[4], stats[3]) if call.use_running else (None, None)
-        y = reference.norm(x, call.spec, weight, bias, call.eps, call.center, call.act_name, residual,
-                           *running, 0.0, training=not call.use_running, compute_dtype=torch.float32)
+        if call.param_full:  # broadcast affine: the plain norm, then the affine as torch ops
+            z = reference.norm(x, call.spec, None, None, call.eps, call.center, None, None, *running, 0.0,
+                               training=not call.use_running, compute_dtype=torch.float32)
+            z = z * _as_broadcast(weight, x) if weight is not None else z
+            z = z + _as_broadcast(bias, x) if bias is not None else z
+            y = activations.apply(call.act_name, z + residual if residual is not None else z)
+        else:
+            y = reference.norm(x, call.spec, weight, bias, call.eps, call.center, call.act_name, residual,
+                               *running, 0.0, training=not call.use_running, compute_dtype=torch.float32)
     wrt = [t for t, n in zip((x, weight, bias, residual), needs) if n]
     grads = iter(torch.autograd.grad(y, wrt, dy, create_graph=True, allow_unused=True))
     return tuple(next(grads) if n else None for n in needs)

@@ -124,9 +124,9 @@ def backward_cost(plan: dispatch.Plan, problem: dispatch.Problem, dwdb_plan: dis
     dbias, dresidual where those inputs exist). ``pre_add``: add_norm's (residual bytes, h bytes)
     per element: the kernels read the saved h in place of x, the dx pass also reads dh, and dx
     is written a second time in the residual's dtype when that differs from x's. ``param_full``:
-    broadcast weight/bias (``channels`` = their element count): the kernels read the x-sized
-    expansions and write x-sized per-element gradients, which a torch reduction per parameter sums
-    over the broadcast axes."""
+    broadcast weight/bias (``channels`` = their element count): re-expanded to x's size by a torch
+    copy, read x-sized by the kernels, which write x-sized per-element gradients that a torch
+    reduction per parameter sums over the broadcast axes."""
     P, M = problem.P, problem.M
     n = P * M * elem_bytes
     C = channels
@@ -185,9 +185,11 @@ def backward_cost(plan: dispatch.Plan, problem: dispatch.Problem, dwdb_plan: dis
             written += 2 * C * split * 4
             read += 2 * C * split * 4
     if param_full:
-        # No channel sweep: the dx kernels write per-element gradients, torch sums each.
+        # No channel sweep: each broadcast parameter is expanded again (a torch copy; only the
+        # unexpanded one is saved), the dx kernels write per-element gradients, torch sums each.
         full = P * M * param_bytes
-        launches += param_full
+        launches += 2 * param_full
+        written += param_full * full
         read += param_full * full + (has_w + has_b) * (full - C * param_bytes) * (1 if plan.kernel == "fused" else 2)
         written += param_full * full
         read += param_full * full  # the reductions read them back

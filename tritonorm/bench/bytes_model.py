@@ -22,6 +22,10 @@ def _parts(case, elem_bytes: int) -> tuple[int, int, int]:
     spec = parse(case.scope, len(case.shape), case.num_groups, case.shape[1])
     stats = math.prod(spec.stat_shape(case.shape)) * 4 * 2
     affine = case.shape[1] * elem_bytes if case.affine else 0
+    if case.kind.startswith("ada_"):  # per-sample weight and bias
+        from tritonorm.tuning.suites import ada_param_shape
+
+        affine = math.prod(ada_param_shape(case)) * elem_bytes
     return n * elem_bytes, affine, stats
 
 

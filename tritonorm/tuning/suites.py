@@ -123,6 +123,10 @@ def make_inputs(case: Case, dtype, device, requires_grad: bool = False):
             kw["bias"] = (0.1 * torch.randn(c, device=device)).to(dtype)
     if case.kind.startswith("add_"):
         kw["add_residual"] = torch.randn(case.shape, dtype=dtype, device=device)
+    if case.kind in ADAPTIVE_KINDS:  # per-sample modulation: weight 1 + scale, bias shift
+        shape = ada_param_shape(case)
+        kw["weight"] = (1 + 0.1 * torch.randn(shape, device=device)).to(dtype)
+        kw["bias"] = (0.1 * torch.randn(shape, device=device)).to(dtype)
     if requires_grad:
         x.requires_grad_(True)
         for k in ("weight", "bias", "add_residual"):
@@ -173,3 +177,32 @@ def _prenorm() -> list[Case]:
 
 SUITES = SUITES + ("prenorm",)
 _BUILDERS["prenorm"] = _prenorm
+
+
+# Adaptive (per-sample) affine: norm(x) * (1 + scale[n]) + shift[n], one norm with a broadcast
+# weight and bias (docs/api.md). ada_layer_norm: x (N, T, D) normalized over D ("L"), scale and
+# shift (N, 1, D) (DiT's adaLN); ada_group_norm: x (N, C, H, W), GroupNorm(32), scale and shift
+# (N, C, 1, 1) (diffusers' AdaGroupNorm, and with SiLU the scale_shift norm of ResnetBlock2D).
+ADAPTIVE_KINDS = ("ada_layer_norm", "ada_group_norm")
+
+
+def ada_param_shape(case: Case) -> tuple:
+    n = case.shape[0]
+    if case.kind == "ada_layer_norm":
+        return (n, 1, case.shape[2])
+    return (n, case.shape[1]) + (1,) * (len(case.shape) - 2)
+
+
+def _adaptive() -> list[Case]:
+    out = [Case("adaptive", f"adaLN {t}x1152 b{n}", "ada_layer_norm", (n, t, 1152), "L")
+           for n, t in ((8, 256), (8, 1024), (4, 4096))]
+    for c, hw in ((320, 64), (640, 32), (1280, 16)):
+        out.append(Case("adaptive", f"ada-gn32 {c}x{hw}^2 b2", "ada_group_norm", (2, c, hw, hw), "group",
+                        num_groups=32))
+        out.append(Case("adaptive", f"scale_shift gn32+silu {c}x{hw}^2 b2", "ada_group_norm", (2, c, hw, hw),
+                        "group", num_groups=32, activation="silu"))
+    return out
+
+
+SUITES = SUITES + ("adaptive",)
+_BUILDERS["adaptive"] = _adaptive
