@@ -106,7 +106,7 @@ class _Null:
 
 @pytest.mark.parametrize("regime", ["fused", "looped", "split"])
 @pytest.mark.parametrize("scope,shape,groups,fmt", [
-    ("C", (6, 40), None, None),
+    ("C", (4, 24), None, None),
     ("group", (2, 8, 3, 3), 2, torch.channels_last),
     ("batch", (3, 4, 3, 3), None, None),
     ("instance", (2, 3, 4, 4), None, torch.channels_last),
