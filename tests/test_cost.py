@@ -89,3 +89,60 @@ def test_split_batch_norm_reads_x_twice_and_says_so():
     assert plan.cost.launches == 2
     assert 1.4 < plan.cost.ratio < 1.6  # two reads and one write of x over one read and one write
     assert isinstance(plan.cost, cost.Cost) and "launches" in plan.cost.summary()
+
+
+@pytest.mark.parametrize("regime", [None, "looped", "split"])
+@pytest.mark.parametrize("scope,shape,groups,fmt", [CASES[0], CASES[3], CASES[6]])
+def test_add_norm_predicted_launches_are_the_launches_run(scope, shape, groups, fmt, regime, monkeypatch):
+    launches = _Launches(monkeypatch)
+    x, w, b, r, dy = make_inputs(shape, torch.float32, residual=True, memory_format=fmt)
+    for t in (x, w, b, r):
+        t.requires_grad_()
+    force = dispatch.forced(regime, block_m=16, split=2) if regime else _nothing()
+    with force:
+        plain = dict(num_groups=groups, weight=w.detach(), bias=b.detach(), add_residual=r.detach())
+        fwd = tritonorm.explain(x.detach(), scope, op="forward", **plain)
+        bwd = tritonorm.explain(x.detach(), scope, op="backward", **plain)
+        y, h = tritonorm.add_norm(x, r, scope, num_groups=groups, weight=w, bias=b, backend="triton")
+        ran_fwd = list(launches.names)
+        launches.names.clear()
+        torch.autograd.grad([y, h], [x, w, b, r], [dy, dy])
+    assert fwd.cost.launches == len(ran_fwd), ran_fwd
+    assert bwd.cost.launches == len(launches.names), launches.names
+
+
+def test_fused_add_rms_norm_rows_move_the_ideal_bytes_plus_statistics():
+    x = torch.empty(4096, 4096, dtype=torch.bfloat16, device="meta")
+    w = torch.empty(4096, device="meta", dtype=torch.bfloat16)
+    fwd = tritonorm.explain(x, "C", weight=w, center=False, device="h200", add_residual=x,
+                            residual_dtype=torch.float32)
+    assert fwd.kernel == "fused"
+    n = 4096 * 4096
+    # Reads x (bf16) and the residual (bf16), writes y (bf16) and h (fp32): once each.
+    assert fwd.cost.ideal_read == 4 * n + 4096 * 2 and fwd.cost.ideal_written == 6 * n
+    assert fwd.cost.bytes == fwd.cost.ideal + 5 * 4096 * 4
+    bwd = tritonorm.explain(x, "C", weight=w, center=False, device="h200", op="backward", add_residual=x)
+    # Reads h, dy and dh; writes dx (one tensor for x and the residual) and dweight.
+    assert bwd.cost.ideal_read == 6 * n + 4096 * 2 and bwd.cost.ideal_written == 2 * n + 4096 * 2
+
+
+@pytest.mark.parametrize("regime", [None, "looped", "split"])
+def test_broadcast_affine_launches_count_the_expansions(regime, monkeypatch):
+    # Triton launches run, plus one torch copy per broadcast parameter forward, and backward one
+    # copy (only the unexpanded parameter is saved) and one reduction per parameter.
+    launches = _Launches(monkeypatch)
+    x = torch.randn(2, 8, 4, 4).contiguous(memory_format=torch.channels_last).requires_grad_()
+    w = (torch.rand(2, 8, 1, 1) + 0.5).requires_grad_()
+    b = torch.randn(2, 8, 1, 1).requires_grad_()
+    force = dispatch.forced(regime, block_m=16, split=2) if regime else _nothing()
+    with force:
+        kw = dict(num_groups=2, weight=w.detach(), bias=b.detach(), activation="silu")
+        fwd = tritonorm.explain(x.detach(), "group", op="forward", **kw)
+        bwd = tritonorm.explain(x.detach(), "group", op="backward", **kw)
+        y = tritonorm.norm(x, "group", num_groups=2, weight=w, bias=b, activation="silu", backend="triton")
+        ran_fwd = list(launches.names)
+        launches.names.clear()
+        torch.autograd.grad(y, [x, w, b], torch.randn_like(y))
+    assert fwd.cost.launches == len(ran_fwd) + 2, ran_fwd
+    assert bwd.cost.launches == len(launches.names) + 4, launches.names
+    assert fwd.cost.bytes > fwd.cost.ideal  # the x-sized expansions are counted, not hidden

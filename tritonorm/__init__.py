@@ -20,6 +20,7 @@ from .explain import explain  # noqa: E402
 from .orth import orthogonalize  # noqa: E402
 from . import nn  # noqa: E402
 from .patching import patch, report, unpatch  # noqa: E402
+from .prenorm import add_norm  # noqa: E402
 
 __all__ += ["functional", "norm_with_stats", "explain", "Plan", "orthogonalize", "nn", "patch",
-            "unpatch", "report"]
+            "unpatch", "report", "add_norm"]

@@ -2,6 +2,8 @@
 
     tritonorm --version
     tritonorm bench [--suite S] [--dtype fp32,bf16] [--mode fwd,bwd] [--providers ...] [--out DIR] [--json PATH]
+    tritonorm bench --memory [--suite S] [--dtype ...] [--filter TEXT] [--json PATH]
+    tritonorm bench --host [--json PATH]
     tritonorm tune  [--suite S] [--dtype ...] [--op forward,backward] [--dry-run] [--limit N] [--budget-s S] [--output FILE]
     tritonorm explain --shape 1,320,64,64 --scope group --groups 32 [--device h100]
 
@@ -135,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="instead: host CPU time per call with the GPU launch stubbed (Triton's binder "
                    "included), launches per call and JIT variants as the batch varies, beside eager's "
                    "host path; runs on any machine (python -m tritonorm.bench.host)")
+    b.add_argument("--memory", action="store_true",
+                   help="instead of timing: bytes saved for backward per call, tritonorm beside eager "
+                   "(measured on CPU with saved_tensors_hooks; no GPU needed)")
 
     t = sub.add_parser("tune", help="measure candidate plans on this GPU and store the fastest "
                        "in the tuning cache", description="Sweeps launch plans for the suite shapes on "
@@ -194,6 +199,8 @@ def cmd_bench(args) -> int:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
     from .bench import runner
 
+    if args.memory:
+        return _bench_memory(args)
     for flag, path in (("--out", args.out), ("--json", args.json)):
         if path is not None and path.exists() and (path.is_dir() if flag == "--json" else not path.is_dir()):
             raise UsageError(flag, f"{str(path)!r} exists and is a {'folder' if path.is_dir() else 'file'}")
@@ -203,6 +210,28 @@ def cmd_bench(args) -> int:
                    name_filter=args.filter, progress=not args.quiet)
     except runner.NoCases as exc:
         raise UsageError("--filter", str(exc)) from None
+    return 0
+
+
+def _bench_memory(args) -> int:
+    """``bench --memory``: saved-for-backward bytes of every selected case (bench/memory.py)."""
+    import json
+
+    from .bench import memory, shapes
+    from .bench.table import format_table
+
+    if args.json is not None and args.json.is_dir():
+        raise UsageError("--json", f"{str(args.json)!r} exists and is a folder")
+    case_list = shapes.select(args.suite, args.filter)
+    if not case_list:
+        raise UsageError("--filter", f"no case of suite {args.suite!r} matches {args.filter!r}")
+    rows = [memory.report(case, shapes.DTYPES[dt]) for dt in (args.dtype or ["fp32", "bf16"]) for case in case_list]
+    print(format_table(("suite", "case", "dtype", "measured at", "tritonorm MiB", "eager MiB", "ratio"),
+                       [(r["suite"], r["case"], r["dtype"], r["shape"], r["tritonorm_bytes"] / 2**20,
+                         r["eager_bytes"] / 2**20, r["ratio"]) for r in rows]))
+    if args.json is not None:
+        args.json.write_text(json.dumps(rows, indent=1))
+        print(f"wrote {args.json}")
     return 0
 
 

@@ -96,7 +96,11 @@ class _Call:
 
     def __init__(self, x, scope, num_groups, sample_groups, weight, bias, eps, center, activation, residual,
                  running_mean, running_var, momentum, training, backend):
-        spec, act = check_norm_args(x, scope, num_groups, weight, bias, eps, center, activation, residual,
+        # Broadcast (adaptive) affine: a weight or bias that is not (C,) but broadcastable to x.
+        self.param_full = _broadcast_params(x, weight, bias)
+        self.args = (scope, num_groups, sample_groups, backend)
+        pw, pb = (None, None) if self.param_full else (weight, bias)
+        spec, act = check_norm_args(x, scope, num_groups, pw, pb, eps, center, activation, residual,
                                     running_mean, running_var, momentum, training, sample_groups)
         if running_var is not None and not training:
             spec = dataclasses.replace(spec, sample_groups=1)  # running statistics span every group
@@ -128,12 +132,20 @@ class _Call:
                 level = launch.RUNNING_BOTH if running_mean is not None else launch.RUNNING_VAR
             self.plan = launch.forward_plan(x, spec, weight is not None, bias is not None, residual is not None,
                                             self.act, center, mode, level,
-                                            (None if residual is None else residual.stride(),))
+                                            (None if residual is None else residual.stride(),),
+                                            param_full=self.param_full)
+            if self.param_full and not self.plan.fusable_full:
+                self.plan = None
 
     def __call__(self, x, weight, bias, residual, running_mean, running_var, eps, momentum, with_stats=True):
         if self.empty:
             empty = torch.zeros(self.stat_shape, dtype=torch.float32, device=x.device)
             return (x.clone(), empty, empty) if with_stats else x.clone()
+        if self.param_full:
+            if self.plan is None:
+                out = _broadcast_composite(self, x, weight, bias, residual, running_mean, running_var, eps,
+                                           momentum)
+                return out if with_stats else out[0]
         if self.plan is None:
             out = _reference(x, self.spec, weight, bias, eps, self.center, self.act_name, residual,
                              running_mean, running_var, momentum, self.training, self.use_running)
@@ -147,7 +159,8 @@ class _Call:
             y, stats = _NormFunction.apply(x, weight, bias, residual, running_mean, running_var, eps, momentum,
                                            self)
         else:
-            y, stats = self.plan(x, weight, bias, residual, running_mean, running_var, eps, momentum)
+            y, stats = self.plan(x, *_expanded(self, weight, bias, x), residual, running_mean, running_var, eps,
+                                 momentum)
         if self.torch_update:
             _update_running(self.spec, x.shape, stats, running_mean, running_var, momentum, self.center)
         if not with_stats:
@@ -163,7 +176,9 @@ class _NormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, residual, running_mean, running_var, eps, momentum, call):
-        y, stats = call.plan(x, weight, bias, residual, running_mean, running_var, eps, momentum)
+        # Broadcast weight/bias are expanded for the kernels here and saved unexpanded.
+        y, stats = call.plan(x, *_expanded(call, weight, bias, x), residual, running_mean, running_var, eps,
+                             momentum)
         ctx.set_materialize_grads(False)
         ctx.call = call
         ctx.save_for_backward(x, weight, bias, residual if call.act != 0 else None, stats)
@@ -181,16 +196,110 @@ class _NormFunction(torch.autograd.Function):
                  call.has_res and need[3])
         if torch.is_grad_enabled():
             # create_graph=True (gradient penalties): a differentiable recomputation.
-            from . import double_backward
+            if call.param_full:
+                grads = _differentiable_backward(dy, x, weight, bias, residual, stats, call, needs)
+            else:
+                from . import double_backward
 
-            given = None
-            if call.use_running:
-                given = (stats[4].view(call.stat_shape), stats[2].view(call.stat_shape))
-            grads = tuple(double_backward.grads(dy, x, weight, bias, residual, call.spec, call.eps, call.center,
-                                                call.act, given, list(needs), call.has_res))
+                given = None
+                if call.use_running:
+                    given = (stats[4].view(call.stat_shape), stats[2].view(call.stat_shape))
+                grads = tuple(double_backward.grads(dy, x, weight, bias, residual, call.spec, call.eps, call.center,
+                                                    call.act, given, list(needs), call.has_res))
+        elif call.param_full:
+            # Per-element gradients of the expanded parameters, summed back to their shapes.
+            dx, dw, db, dres = call.plan.backward(needs)(dy, x, *_expanded(call, weight, bias, x), residual, stats)
+            grads = (dx, _reduced(dw, weight), _reduced(db, bias), dres)
         else:
             grads = call.plan.backward(needs)(dy, x, weight, bias, residual, stats)
         return (*grads, None, None, None, None, None)
+
+
+def _expanded(call, weight, bias, x):
+    """The weight and bias the kernels read: as given, or (broadcast affine) expanded to x's shape
+    in y's layout."""
+    if not call.param_full:
+        return weight, bias
+    c = call.plan.c
+    return c.full_param(weight, x), c.full_param(bias, x)
+
+
+def _reduced(g, param):
+    """A per-element parameter gradient summed over the parameter's broadcast axes."""
+    if g is None:
+        return None
+    return g.sum_to_size(_as_broadcast(param, g).shape).view(param.shape)
+
+
+def _broadcast_params(x, weight, bias) -> bool:
+    """Whether weight or bias is a broadcast (adaptive) parameter rather than per channel: x's rank,
+    broadcastable to x (e.g. (N, C, 1, 1), (1, C, H, W), (N, C) for 2-D x). Checks that it is a
+    floating tensor on x's device broadcastable to x (ValueError/TypeError naming it); other
+    shapes are left to the per-channel checks."""
+    if not isinstance(x, torch.Tensor) or x.dim() < 2:
+        return False
+    full = False
+    for name, t in (("weight", weight), ("bias", bias)):
+        # Only x's rank: a lower-rank weight (say (W,) for NCHW) is a mistake, not a broadcast.
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) == (x.shape[1],) or t.dim() != x.dim():
+            continue
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+        try:
+            ok = torch.broadcast_shapes(t.shape, x.shape) == x.shape
+        except RuntimeError:
+            ok = False
+        if not ok:
+            raise ValueError(f"{name} must have shape ({x.shape[1]},) or be broadcastable to x's shape "
+                             f"{tuple(x.shape)}, got {tuple(t.shape)}")
+        full = True
+    return full
+
+
+def _broadcast_composite(call, x, weight, bias, residual, running_mean, running_var, eps, momentum):
+    """Broadcast affine where the kernels do not take it (reference backend, float64, the torch
+    regime): the plain norm, then the affine, residual and activation as torch ops."""
+    scope, num_groups, sample_groups, backend = call.args
+    out = _run(x, scope, num_groups, sample_groups, None, None, eps, call.center, None, None, running_mean,
+               running_var, momentum, call.training, backend, True)
+    z = out[0]
+    if weight is not None:
+        z = z * _as_broadcast(weight, x)
+    if bias is not None:
+        z = z + _as_broadcast(bias, x)
+    if residual is not None:
+        z = z + residual
+    return (activations.apply(call.act_name, z), *out[1:])
+
+
+def _as_broadcast(t, x):
+    """A parameter in x's broadcasting terms: (C,) is per channel (axis 1), anything else
+    broadcasts by torch's rules."""
+    if tuple(t.shape) == (x.shape[1],):
+        return t.view(1, -1, *([1] * (x.dim() - 2)))
+    return t
+
+
+def _differentiable_backward(dy, x, weight, bias, residual, stats, call, needs):
+    """The gradients recomputed with differentiable fp32 torch ops from the saved inputs, so that
+    ``create_graph=True`` (gradient penalties: WGAN-GP, R1) gets correct second derivatives. In
+    eval the statistics are constants: the ones the forward used."""
+    with torch.enable_grad():
+        running = (stats[4], stats[3]) if call.use_running else (None, None)
+        if call.param_full:  # broadcast affine: the plain norm, then the affine as torch ops
+            z = reference.norm(x, call.spec, None, None, call.eps, call.center, None, None, *running, 0.0,
+                               training=not call.use_running, compute_dtype=torch.float32)
+            z = z * _as_broadcast(weight, x) if weight is not None else z
+            z = z + _as_broadcast(bias, x) if bias is not None else z
+            y = activations.apply(call.act_name, z + residual if residual is not None else z)
+        else:
+            y = reference.norm(x, call.spec, weight, bias, call.eps, call.center, call.act_name, residual,
+                               *running, 0.0, training=not call.use_running, compute_dtype=torch.float32)
+    wrt = [t for t, n in zip((x, weight, bias, residual), needs) if n]
+    grads = iter(torch.autograd.grad(y, wrt, dy, create_graph=True, allow_unused=True))
+    return tuple(next(grads) if n else None for n in needs)
 
 
 def _update_running(spec: Spec, shape, stats, running_mean, running_var, momentum, center):

@@ -58,27 +58,44 @@ def _time(profile: dispatch.DeviceProfile, launches: int, nbytes: int) -> float:
 def forward_cost(plan: dispatch.Plan, problem: dispatch.Problem, profile: dispatch.DeviceProfile, *,
                  elem_bytes: int, channels: int, has_w: bool, has_b: bool, has_res: bool,
                  param_bytes: int, mode: str = "train", running: bool = False,
-                 running_bytes: int = 4) -> Cost:
+                 running_bytes: int = 4, pre_add: tuple[int, int] | None = None,
+                 param_full: int = 0) -> Cost:
     """The forward as ``ForwardPlan`` runs it. ``mode``: "train", "given" (eval with running
-    statistics) or "stats" (statistics only)."""
+    statistics) or "stats" (statistics only). ``pre_add``: add_norm's (residual bytes, h bytes)
+    per element: every sweep reads x and the residual (h = x + residual is recomputed, not read
+    back) and the last one also writes h; the torch regime adds h with torch ops first.
+    ``param_full``: how many of weight/bias are broadcast (adaptive): each is first expanded to
+    x's shape by a torch copy (a launch, an x-sized write) and read x-sized by the kernel."""
     P, M = problem.P, problem.M
     n = P * M * elem_bytes
+    add_in = add_out = 0
+    if pre_add is not None:
+        add_in, add_out = P * M * pre_add[0], P * M * pre_add[1]
     params = (has_w + has_b) * channels * param_bytes
-    ideal_read = n + has_res * n + params
-    ideal_written = 0 if mode == "stats" else n
-    read, written = params, _STATS_ROWS * P * 4
+    if param_full:
+        # ``channels`` is then the broadcast parameter's own element count: read once by the
+        # copy, which writes the x-sized expansion the kernel reads (counted as params below).
+        params = (has_w + has_b) * P * M * param_bytes
+    ideal_read = n + has_res * n + params + add_in
+    ideal_written = (0 if mode == "stats" else n) + add_out
+    read, written = params, _STATS_ROWS * P * 4 + add_out
     launches = 1
     if mode == "given":
-        read += n + has_res * n + 2 * P * running_bytes
+        read += n + has_res * n + 2 * P * running_bytes + add_in
         written += n
     elif plan.kernel == dispatch.NATIVE:
         read += 2 * n + has_res * n
         written += n if mode != "stats" else 0
         launches = 3
+        if pre_add is not None:
+            # h by torch ops (x and the residual read, h written), then the torch regime sweeps
+            # h twice instead of x.
+            launches += 1
+            read += (n + add_in) + 2 * (add_out - n)
     else:
         sweeps = 1 if plan.kernel == "fused" else 2
         split = plan.config.get("split", 1) if plan.kernel == "split" else 1
-        read += sweeps * n
+        read += sweeps * (n + add_in)
         if mode != "stats":
             read += has_res * n
             written += n
@@ -91,24 +108,40 @@ def forward_cost(plan: dispatch.Plan, problem: dispatch.Problem, profile: dispat
         if running:
             read += 2 * P * running_bytes
             written += 2 * P * running_bytes
+    if param_full:
+        launches += param_full
+        read += param_full * channels * param_bytes
+        written += param_full * P * M * param_bytes
+        ideal_read += (has_w + has_b) * channels * param_bytes - params
     return Cost(launches, read, written, ideal_read, ideal_written, _time(profile, launches, read + written))
 
 
 def backward_cost(plan: dispatch.Plan, problem: dispatch.Problem, dwdb_plan: dispatch.Plan | None,
                   profile: dispatch.DeviceProfile, *, elem_bytes: int, channels: int, has_w: bool, has_b: bool,
                   has_res: bool, act: bool, param_bytes: int, row_channel: bool, col_channel: bool,
-                  given: bool = False) -> Cost:
+                  given: bool = False, pre_add: tuple[int, int] | None = None, param_full: int = 0) -> Cost:
     """The backward as ``BackwardPlan`` runs it, every gradient asked for (dx, and dweight,
-    dbias, dresidual where those inputs exist)."""
+    dbias, dresidual where those inputs exist). ``pre_add``: add_norm's (residual bytes, h bytes)
+    per element: the kernels read the saved h in place of x, the dx pass also reads dh, and dx
+    is written a second time in the residual's dtype when that differs from x's. ``param_full``:
+    broadcast weight/bias (``channels`` = their element count): re-expanded to x's size by a torch
+    copy, read x-sized by the kernels, which write x-sized per-element gradients that a torch
+    reduction per parameter sums over the broadcast axes."""
     P, M = problem.P, problem.M
     n = P * M * elem_bytes
     C = channels
     need_wb = has_w or has_b
     res_read = n if has_res and act else 0
     dres_written = n if has_res and act else 0
+    dh_read = 0
+    xin = n  # the tensor normalized: x, or add_norm's saved h
+    if pre_add is not None:
+        xin = dh_read = P * M * pre_add[1]
+        if pre_add[0] != elem_bytes:
+            dres_written = P * M * pre_add[0]
     params_in = (has_w + has_b) * C * param_bytes
     params_out = (has_w + has_b) * C * param_bytes
-    ideal_read = 2 * n + res_read + params_in
+    ideal_read = n + xin + dh_read + res_read + params_in
     ideal_written = n + dres_written + params_out
     stats = 3 * P * 4
     launches = 0
@@ -116,12 +149,12 @@ def backward_cost(plan: dispatch.Plan, problem: dispatch.Problem, dwdb_plan: dis
     if plan.kernel == dispatch.NATIVE:
         sweeps = 3
         launches = 4
-        read = sweeps * (2 * n + res_read) + params_in
+        read = sweeps * (n + xin + res_read) + params_in + dh_read
         written = n + dres_written + params_out
         return Cost(launches, read, written, ideal_read, ideal_written, _time(profile, launches, read + written))
     if plan.kernel == "fused":
         launches += 1
-        read += 2 * n + res_read + stats + params_in
+        read += n + xin + dh_read + res_read + stats + params_in
         written += n + dres_written
         if need_wb and row_channel:
             written += params_out
@@ -134,21 +167,30 @@ def backward_cost(plan: dispatch.Plan, problem: dispatch.Problem, dwdb_plan: dis
         split = plan.config.get("split", 1)
         if not given:
             launches += 1
-            read += 2 * n + res_read + stats + params_in
+            read += n + xin + res_read + stats + params_in
             written += 4 * P * split * 4
             read += 4 * P * split * 4
         launches += 1
-        read += 2 * n + res_read + stats + params_in
+        read += n + xin + dh_read + res_read + stats + params_in
         written += n + dres_written
         if need_wb and row_channel:
             written += params_out
-    if need_wb and not (row_channel or col_channel):
+    if need_wb and not (row_channel or col_channel or param_full):
         split = max(1, dwdb_plan.config.get("split", 1)) if dwdb_plan is not None else 1
         launches += 1 + (split > 1)
         # The channel-view sweep re-reads x and dy and gathers the statistics per element.
-        read += 2 * n + res_read + stats + params_in
+        read += n + xin + res_read + stats + params_in
         written += params_out
         if split > 1:
             written += 2 * C * split * 4
             read += 2 * C * split * 4
+    if param_full:
+        # No channel sweep: each broadcast parameter is expanded again (a torch copy; only the
+        # unexpanded one is saved), the dx kernels write per-element gradients, torch sums each.
+        full = P * M * param_bytes
+        launches += 2 * param_full
+        written += param_full * full
+        read += param_full * full + (has_w + has_b) * (full - C * param_bytes) * (1 if plan.kernel == "fused" else 2)
+        written += param_full * full
+        read += param_full * full  # the reductions read them back
     return Cost(launches, read, written, ideal_read, ideal_written, _time(profile, launches, read + written))

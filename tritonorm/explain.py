@@ -59,18 +59,31 @@ def explain(x: torch.Tensor, scope: str = "group", *, num_groups: int | None = N
             center: bool = True, activation: str | None = None, residual: torch.Tensor | None = None,
             running_mean: torch.Tensor | None = None, running_var: torch.Tensor | None = None,
             momentum: float = 0.1, training: bool = True, backend: str | None = None,
-            device=None, op: str = "forward") -> dispatch.Plan:
+            device=None, op: str = "forward", add_residual: torch.Tensor | None = None,
+            residual_dtype: torch.dtype | None = None) -> dispatch.Plan:
     """The ``Plan`` that ``tritonorm.norm(x, scope, ...)`` with the same arguments would run.
 
     ``device``: None (x's device), a profile name ("h100", "h200", "interpreter"), a
     ``DeviceProfile`` or a torch device. ``op``: "forward", "backward" (the dx kernels) or
     "dwdb" (the weight/bias gradient reduction). ``plan.kernel`` is a regime of
     ``dispatch.KERNELS``, or "reference" when the call would not run Triton at all.
+    ``add_residual`` (and ``residual_dtype``): the plan of ``tritonorm.add_norm(x, add_residual,
+    ...)`` instead; its cost counts the residual read and h written.
     """
+    pre_add = None
+    if add_residual is not None:
+        from .prenorm import check_add_args
+
+        rd = check_add_args(x, add_residual, residual_dtype)
+        pre_add = (add_residual.element_size(), torch.empty((), dtype=rd).element_size())
     if op not in OPS:
         raise ValueError(f"op={op!r}: expected one of {', '.join(OPS)}")
-    spec, act = check_norm_args(x, scope, num_groups, weight, bias, eps, center, activation, residual,
-                                running_mean, running_var, momentum, training, sample_groups)
+    from .core import _broadcast_params
+
+    param_full = _broadcast_params(x, weight, bias)  # broadcast (adaptive) weight/bias
+    spec, act = check_norm_args(x, scope, num_groups, None if param_full else weight, None if param_full else bias,
+                                eps, center, activation, residual, running_mean, running_var, momentum, training,
+                                sample_groups)
     if running_var is not None and not training:  # as norm: running statistics span every group
         spec = dataclasses.replace(spec, sample_groups=1)
     named = isinstance(device, (str, dispatch.DeviceProfile)) and (
@@ -103,16 +116,20 @@ def explain(x: torch.Tensor, scope: str = "group", *, num_groups: int | None = N
     if op == "forward" and running_var is not None and not training and plan.kernel != dispatch.NATIVE:
         note += " (eval with running statistics: only the apply kernel runs, with these blocks)"
     call_cost = _cost(op, plan, problem, profile, x, spec, weight, bias, residual, act, running_var, training,
-                      flags)
+                      flags, pre_add, param_full)
     return dispatch.Plan(plan.kernel, dict(plan.config), plan.reason + note, cost=call_cost)
 
 
-def _cost(op, plan, problem, profile, x, spec, weight, bias, residual, act, running_var, training, flags):
+def _cost(op, plan, problem, profile, x, spec, weight, bias, residual, act, running_var, training, flags,
+          pre_add=None, param_full=False):
     """The cost model of the whole forward (op="forward") or backward (op="backward"/"dwdb")."""
     params = weight if weight is not None else bias
     common = dict(elem_bytes=x.element_size(), channels=x.shape[1], has_w=weight is not None,
                   has_b=bias is not None, has_res=residual is not None,
-                  param_bytes=params.element_size() if params is not None else 4)
+                  param_bytes=params.element_size() if params is not None else 4, pre_add=pre_add,
+                  param_full=sum(t is not None for t in (weight, bias)) if param_full else 0)
+    if param_full:  # the cost model counts a broadcast parameter by its own element count
+        common["channels"] = params.numel()
     given = running_var is not None and not training
     if op == "forward":
         mode = "given" if given else "train"
@@ -125,11 +142,11 @@ def _cost(op, plan, problem, profile, x, spec, weight, bias, residual, act, runn
     bplan = dispatch.plan_for(bproblem, profile)
     need_wb = weight is not None or bias is not None
     row_channel = (need_wb and not given and spec.allows_running_stats and not spec.reduces_c
-                   and spec.sample_groups == 1)
+                   and spec.sample_groups == 1 and not param_full)
     col_channel = (need_wb and bplan.kernel == "fused" and fwd_view.cols.chan == (1, fwd_view.M, 1)
-                   and fwd_view.M == x.shape[1])
+                   and fwd_view.M == x.shape[1] and not param_full)
     dwdb = None
-    if need_wb and not (row_channel or col_channel):
+    if need_wb and not (row_channel or col_channel or param_full):
         cview = _view(x, spec, channel_view)
         dwdb = dispatch.plan_for(dispatch.problem_from_view("dwdb", cview, x.element_size(), spec=spec,
                                                             dtype=problem.dtype, flags=flags), profile)

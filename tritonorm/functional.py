@@ -97,18 +97,19 @@ def _rows(input: torch.Tensor, normalized_shape, name: str) -> tuple[tuple[int, 
 
 def _last_dims(input, normalized_shape, weight, bias, eps, center, activation, residual, backend, name):
     shape, d = _rows(input, normalized_shape, name)
-    for arg, t in (("weight", weight), ("bias", bias)):
-        if t is not None:
-            check_tensor(arg, t, input, shape)
-    check_tensor("residual", residual, input, tuple(input.shape), same_dtype=True)
     lead = input.shape[: input.dim() - len(shape)]
     rows = math.prod(lead)
+    weight, bias = _broadcast_rows(input, shape, rows, d, weight, bias)
+    for arg, t in (("weight", weight), ("bias", bias)):
+        if t is not None and tuple(t.shape) != (rows, d):
+            check_tensor(arg, t, input, shape)
+    check_tensor("residual", residual, input, tuple(input.shape), same_dtype=True)
     # The transformer case: rows of a (B, T, D) tensor are a 2-D (rows, D) input whose
     # "channel" axis is D, normalized over C with an elementwise affine.
     x2 = input.reshape(rows, d)
     r2 = residual.reshape(rows, d) if residual is not None else None
-    y = norm(x2, "C", weight=None if weight is None else weight.reshape(d),
-             bias=None if bias is None else bias.reshape(d), eps=eps, center=center,
+    y = norm(x2, "C", weight=_row_param(weight, shape, d),
+             bias=_row_param(bias, shape, d), eps=eps, center=center,
              activation=activation, residual=r2, training=False, backend=backend)
     y = y.reshape(input.shape)
     if not center and not input.is_contiguous():
@@ -135,3 +136,70 @@ def rms_norm(input, normalized_shape, weight=None, eps=None, *, activation=None,
         eps = torch.finfo(input.dtype).eps
     return _last_dims(input, normalized_shape, weight, None, eps, False, activation, residual,
                       backend, "rms_norm")
+
+
+# --- Pre-norm residual: (y, h) with h = input + residual, y = norm(h) (tritonorm.add_norm) -------
+
+
+def _add_last_dims(input, residual, normalized_shape, weight, bias, eps, center, activation, backend,
+                   residual_dtype, name):
+    from .prenorm import add_norm, check_add_args
+
+    shape, d = _rows(input, normalized_shape, name)
+    check_add_args(input, residual, residual_dtype)
+    rows = math.prod(input.shape[: input.dim() - len(shape)])
+    weight, bias = _broadcast_rows(input, shape, rows, d, weight, bias)
+    for arg, t in (("weight", weight), ("bias", bias)):
+        if t is not None and tuple(t.shape) != (rows, d):
+            check_tensor(arg, t, input, shape)
+    y, h = add_norm(input.reshape(rows, d), residual.reshape(rows, d), "C",
+                    weight=_row_param(weight, shape, d),
+                    bias=_row_param(bias, shape, d), eps=eps, center=center, activation=activation,
+                    training=False, backend=backend, residual_dtype=residual_dtype)
+    return y.reshape(input.shape), h.reshape(input.shape)
+
+
+def add_layer_norm(input, residual, normalized_shape, weight=None, bias=None, eps=1e-5, *, activation=None,
+                   residual_dtype=None, backend=None):
+    """``(y, h)``: ``h = input + residual`` (in ``residual_dtype``, default input's), ``y =
+    layer_norm(h)``; one kernel each way (see tritonorm.add_norm)."""
+    return _add_last_dims(input, residual, normalized_shape, weight, bias, eps, True, activation, backend,
+                          residual_dtype, "add_layer_norm")
+
+
+def add_rms_norm(input, residual, normalized_shape, weight=None, eps=None, *, activation=None,
+                 residual_dtype=None, backend=None):
+    """``(y, h)``: ``h = input + residual``, ``y = rms_norm(h)`` (vLLM's fused_add_rms_norm);
+    ``eps=None`` means ``torch.finfo(input.dtype).eps``."""
+    if eps is None and isinstance(input, torch.Tensor) and input.is_floating_point():
+        eps = torch.finfo(input.dtype).eps
+    return _add_last_dims(input, residual, normalized_shape, weight, None, eps, False, activation, backend,
+                          residual_dtype, "add_rms_norm")
+
+
+# --- Broadcast (adaptive) affine for the row norms ----------------------------------------------
+
+
+def _row_param(t, shape, d):
+    """A normalized-shape parameter flattened to (D,); a broadcast one, (rows, D), as it is."""
+    return t.reshape(d) if t is not None and tuple(t.shape) == shape else t
+
+
+def _broadcast_rows(input, shape, rows, d, weight, bias):
+    """A weight or bias that is not ``normalized_shape`` but broadcastable to the input (adaLN's
+    (N, 1, D) scale and shift for a (N, T, D) input) as a (rows, D) tensor, one row per
+    normalized row; ``normalized_shape``-shaped ones are returned as they are."""
+    out = []
+    for name, t in (("weight", weight), ("bias", bias)):
+        if isinstance(t, torch.Tensor) and tuple(t.shape) != shape and t.dim() == input.dim():
+            try:
+                ok = torch.broadcast_shapes(t.shape, input.shape) == input.shape
+            except RuntimeError:
+                ok = False
+            if not ok:
+                raise ValueError(f"{name} must have the normalized shape {list(shape)} or be broadcastable "
+                                 f"to the input's shape {tuple(input.shape)}, got {tuple(t.shape)}")
+            check_tensor(name, t, input)
+            t = t.expand(input.shape).reshape(rows, d)
+        out.append(t)
+    return out

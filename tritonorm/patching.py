@@ -136,6 +136,10 @@ def patch(model: nn.Module, *, fuse_activation: bool = True, sync_batchnorm: boo
         if t in _OURS or t is AdaptedNorm:
             continue
         target = _REPLACE.get(t)
+        if target is None and t.__module__.startswith("diffusers."):
+            target = _adaptive_target(name, module, t, rep)
+            if target is not None:
+                continue
         if target is None:
             if adapters.is_candidate(module):
                 _adapt(name, module, rep, adapted)
@@ -197,6 +201,27 @@ def _fuse_resnet_blocks(model: nn.Module, rep: PatchReport) -> None:
         pre = f"{name}." if name else ""
         for norm_name in ("norm1", "norm2"):
             rep.fused.append((pre + norm_name, pre + "nonlinearity", "silu"))
+
+
+def _adaptive_target(name: str, module: nn.Module, t: type, rep: PatchReport):
+    """diffusers' AdaGroupNorm / AdaLayerNorm / AdaLayerNormZero / AdaLayerNormContinuous: switched
+    to tritonorm.nn.adaptive's subclass when a probe input gives the same outputs (then returns it),
+    else left alone with the reason; None for any other class."""
+    from .nn import adaptive
+
+    target = adaptive.subclass_for(t)
+    if target is None:
+        return None
+    why = _why_not(module)
+    if why is None and not adaptive.probe(module, t):
+        why = "a probe input gave different outputs (or none could be built)"
+    if why is not None:
+        rep.left_alone.append((name, t.__name__, why))
+        return None
+    module.__dict__["_tritonorm_original_class"] = t
+    module.__class__ = target
+    rep.replaced.append((name, t.__name__, f"tritonorm.nn.adaptive.{target.__name__}"))
+    return target
 
 
 def _uses(model: nn.Module) -> dict[int, int]:
@@ -263,6 +288,10 @@ def unpatch(model: nn.Module) -> nn.Module:
                 seq._modules[key] = child.original
     for name, module in model.named_modules():
         t = type(module)
+        if t.__module__ == "tritonorm.nn.adaptive" and "_tritonorm_original_class" in module.__dict__:
+            module.__class__ = module.__dict__.pop("_tritonorm_original_class")  # diffusers' adaptive norms
+            rep.replaced.append((name, t.__name__, f"{module.__class__.__module__}.{t.__name__}"))
+            continue
         if t not in _OURS:
             continue
         if module.activation is not None:

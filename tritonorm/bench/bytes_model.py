@@ -1,7 +1,8 @@
 """Bytes each mode must move at minimum: every input read once, every output written once.
 
-    fwd      read x, weight, bias; write y
-    bwd      read x, dy, weight; write dx, dweight, dbias   (saved statistics: P x 8 bytes)
+    fwd      read x, weight, bias; write y             (add_*: also read residual, write h)
+    bwd      read x, dy, weight; write dx, dweight, dbias   (saved statistics: P x 8 bytes;
+             add_*: x is the saved h, also read dh; dx is also dresidual)
     fwd+bwd  the sum of both
 GB/s = these bytes / median time. Statistics (fp32, one per normalized group) are counted too.
 """
@@ -21,6 +22,10 @@ def _parts(case, elem_bytes: int) -> tuple[int, int, int]:
     spec = parse(case.scope, len(case.shape), case.num_groups, case.shape[1])
     stats = math.prod(spec.stat_shape(case.shape)) * 4 * 2
     affine = case.shape[1] * elem_bytes if case.affine else 0
+    if case.kind.startswith("ada_"):  # per-sample weight and bias
+        from tritonorm.tuning.suites import ada_param_shape
+
+        affine = math.prod(ada_param_shape(case)) * elem_bytes
     return n * elem_bytes, affine, stats
 
 
@@ -29,4 +34,8 @@ def bytes_moved(case, elem_bytes: int, mode: str) -> int:
     n_affine = (1 + int(case.center)) if case.affine else 0
     fwd = 2 * t + n_affine * a
     bwd = 3 * t + a + n_affine * a + s
+    if case.kind.startswith("add_"):
+        # add_norm: the residual read and h written forward; dh read backward (dx is dresidual).
+        fwd += 2 * t
+        bwd += t
     return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[mode]

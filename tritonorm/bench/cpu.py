@@ -35,7 +35,8 @@ COLUMNS = ("case", "scaled", "dtype", "err y", "eager", "err dx", "eager", "plan
 
 
 def _leaves(x, kw):
-    return [t for t in (x, kw.get("weight"), kw.get("bias")) if t is not None and t.requires_grad]
+    return [t for t in (x, kw.get("weight"), kw.get("bias"), kw.get("add_residual"))
+            if t is not None and t.requires_grad]
 
 
 def _err(a, ref) -> float:
@@ -73,7 +74,6 @@ def _tile(case, dt: str, op: str) -> dict:
 
 def _run(small, dt, x, kw, dy, regimes):
     """y, the gradients, dy and the tiles per statistic, with the regimes forced when given."""
-    import tritonorm
     from .. import dispatch
 
     fwd, bwd = regimes or (None, None)
@@ -89,7 +89,7 @@ def _run(small, dt, x, kw, dy, regimes):
         return dispatch.forced(kernel, op=op, **cfg)
 
     with ctx(fwd, "forward"):
-        y = tritonorm.norm(x, small.scope, **kw)
+        y = shapes.run(small, x, kw)
     dy = torch.randn_like(y) if dy is None else dy
     with ctx(bwd, "backward"):
         grads = torch.autograd.grad(y, _leaves(x, kw), dy)
@@ -103,15 +103,13 @@ def check_case(small, dt: str, gpu_regimes: list[tuple] = ()) -> dict:
     case stands for; each is run too. Returns errors, the plan here, and per regime pair
     {"err": ..., "tiles": ...} under "regimes".
     """
-    import tritonorm
-
     x, kw = shapes.make_inputs(small, shapes.DTYPES[dt], "cpu", requires_grad=True)
     leaves = _leaves(x, kw)
     y, grads, dy, _ = _run(small, dt, x, kw, None, None)
     x64 = x.detach().double().requires_grad_(True)
     kw64 = {k: (v.detach().double().requires_grad_(True) if isinstance(v, torch.Tensor) else v)
             for k, v in kw.items()}
-    y64 = tritonorm.norm(x64, small.scope, backend="reference", **kw64)
+    y64 = shapes.run(small, x64, kw64, backend="reference")
     g64 = torch.autograd.grad(y64, _leaves(x64, kw64), dy.double())
     ye = providers.make("eager", small, x, kw)()
     ge = torch.autograd.grad(ye, leaves, dy)

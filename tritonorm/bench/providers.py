@@ -30,11 +30,22 @@ def _eager(case, x, kw):
         return lambda: activations.apply(act, F.layer_norm(x, x.shape[-1:], w, b))
     if case.kind == "rms_norm":
         return lambda: activations.apply(act, F.rms_norm(x, x.shape[-1:], w, eps=1e-5))
+    if case.kind == "ada_layer_norm":  # DiT: LN(x) * (1 + scale) + shift, three kernels
+        return lambda: activations.apply(act, F.layer_norm(x, x.shape[-1:]) * w + b)
+    if case.kind == "ada_group_norm":  # AdaGroupNorm / ResnetBlock2D scale_shift
+        return lambda: activations.apply(act, F.group_norm(x, case.num_groups) * w + b)
+    if case.kind in ("add_rms_norm", "add_layer_norm"):  # h = x + residual, then the norm of h
+        r = kw["add_residual"]
+        if case.kind == "add_layer_norm":
+            return lambda: activations.apply(act, F.layer_norm(x + r, x.shape[-1:], w, b))
+        return lambda: activations.apply(act, F.rms_norm(x + r, x.shape[-1:], w, eps=1e-5))
     return None
 
 
 def _tritonorm(case, x, kw):
-    return lambda: tritonorm.norm(x, case.scope, **kw)
+    from tritonorm.tuning.suites import run
+
+    return lambda: run(case, x, kw)
 
 
 

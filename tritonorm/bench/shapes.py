@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from tritonorm.tuning.suites import SUITES, Case, cases, make_inputs, meta_input  # noqa: F401
+from tritonorm.tuning.suites import SUITES, Case, cases, make_inputs, meta_input, run  # noqa: F401
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MODES = ("fwd", "bwd", "fwd+bwd")

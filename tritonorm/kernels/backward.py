@@ -24,8 +24,8 @@ programs per statistic, then an apply kernel that adds them itself).
 import triton
 import triton.language as tl
 
-from .common import (col_tile, grad_terms, load2d, load_residual, load_stats, row_block, store2d,
-                     strided_tile_start)
+from .common import (add_incoming, col_tile, grad_terms, load2d, load_residual, load_stats, param_offsets,
+                     row_block, store2d, store_param_grads, strided_tile_start)
 
 
 @triton.jit
@@ -50,6 +50,9 @@ def _bwd_fused_kernel(
     HAS_RES: tl.constexpr, WRITE_DRES: tl.constexpr, ACT: tl.constexpr, CHAN: tl.constexpr,
     INT64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr, ROW_CHANNEL: tl.constexpr,
     COL_CHANNEL: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
+    DH=None, ADD_DH: tl.constexpr = False,  # add_norm: dx += the incoming gradient of h
+    DX_TWICE: tl.constexpr = False,         # add_norm: dx also stored to DRes (the residual's dtype)
+    PARAM_FULL: tl.constexpr = False,       # W, B laid out like y; DW, DB get per-element gradients
 ):
     """Whole statistics in registers: S1, S2 and dx in one pass over x and dy.
 
@@ -63,6 +66,7 @@ def _bwd_fused_kernel(
     for rb in range(tl.program_id(0), ROW_BLOCKS, tl.num_programs(0)):
         rows, rmask, rx, ro, rt, rh = row_block(rb, P, BLOCK_P, INT64, RG)
         cmask, mask, cx, co, ct, ch = col_tile(0, M, rmask, BLOCK_M, INT64, CG)
+        rh, ch = param_offsets(rh, ro, PARAM_FULL), param_offsets(ch, co, PARAM_FULL)
         k, mean, rstd = load_stats(Stats, P, rt, rmask)
         x = load2d(X, rx, cx, mask) - k[:, None]
         dy = load2d(DY, ro, co, mask)
@@ -70,9 +74,13 @@ def _bwd_fused_kernel(
         xhat, gz, g = grad_terms(x, dy, mean[:, None], rstd[:, None], rh, ch, rmask, cmask,
                                  res, W, B, HAS_W, HAS_B, HAS_RES, ACT, CHAN)
         dx = _dx(g, xhat, rstd, tl.sum(g, axis=1), tl.sum(g * xhat, axis=1), M, CENTER, GIVEN)
+        dx = add_incoming(dx, DH, ro, co, mask, ADD_DH)
         store2d(DX, ro, co, dx, mask)
         if WRITE_DRES:
             store2d(DRes, ro, co, gz, mask)
+        if DX_TWICE:
+            store2d(DRes, ro, co, dx, mask)
+        store_param_grads(DW, DB, ro, co, gz, xhat, mask, PARAM_FULL, NEED_DW, NEED_DB)
         if ROW_CHANNEL:
             if NEED_DW:
                 tl.store(DW + rh, tl.sum(gz * xhat, axis=1).to(DW.dtype.element_ty), mask=rmask)
@@ -96,7 +104,7 @@ def _bwd_sums_kernel(
     RG, CG,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr,
     CHAN: tl.constexpr, INT64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr,
-    ROW_CHANNEL: tl.constexpr,
+    ROW_CHANNEL: tl.constexpr, PARAM_FULL: tl.constexpr = False,
 ):
     """S1, S2 over one column chunk (looped regime: SPLIT = 1; split regime: stage 1); with
     ROW_CHANNEL also the dweight, dbias partials (sums of gz*xhat and gz)."""
@@ -113,6 +121,7 @@ def _bwd_sums_kernel(
     u2 = tl.zeros([BLOCK_P], dtype=tl.float32)
     for m in range(0, CHUNK, BLOCK_M):  # a fixed trip count: tiles past `end` are masked
         cmask, mask, cx, co, ct, ch = col_tile(start + m, end, rmask, BLOCK_M, INT64, CG)
+        rh, ch = param_offsets(rh, ro, PARAM_FULL), param_offsets(ch, co, PARAM_FULL)
         x = load2d(X, rx, cx, mask) - k[:, None]
         dy = load2d(DY, ro, co, mask)
         res = load_residual(Res, ro, co, mask, HAS_RES)
@@ -143,6 +152,8 @@ def _bwd_apply_kernel(
     HAS_RES: tl.constexpr, WRITE_DRES: tl.constexpr, ACT: tl.constexpr, CHAN: tl.constexpr,
     INT64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr,
     ROW_CHANNEL: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
+    DH=None, ADD_DH: tl.constexpr = False, DX_TWICE: tl.constexpr = False,  # as the fused kernel
+    PARAM_FULL: tl.constexpr = False,
 ):
     """dx (and dresidual) over a 2-D grid of (row block, column tiles); each program adds its
     rows' SPLIT partial sums itself, and with ROW_CHANNEL the programs of column 0 store dweight
@@ -173,14 +184,19 @@ def _bwd_apply_kernel(
     for i in range(0, TILES_PER_PROG):
         cmask, mask, cx, co, ct, ch = col_tile(strided_tile_start(i, COL_PROGS, BLOCK_M, INT64), M, rmask,
                                                BLOCK_M, INT64, CG)
+        rh, ch = param_offsets(rh, ro, PARAM_FULL), param_offsets(ch, co, PARAM_FULL)
         x = load2d(X, rx, cx, mask) - k[:, None]
         dy = load2d(DY, ro, co, mask)
         res = load_residual(Res, ro, co, mask, HAS_RES)
         xhat, gz, g = grad_terms(x, dy, mean[:, None], rstd[:, None], rh, ch, rmask, cmask,
                                  res, W, B, HAS_W, HAS_B, HAS_RES, ACT, CHAN)
-        store2d(DX, ro, co, _dx(g, xhat, rstd, s1, s2, M, CENTER, GIVEN), mask)
+        dx = add_incoming(_dx(g, xhat, rstd, s1, s2, M, CENTER, GIVEN), DH, ro, co, mask, ADD_DH)
+        store2d(DX, ro, co, dx, mask)
         if WRITE_DRES:
             store2d(DRes, ro, co, gz, mask)
+        if DX_TWICE:
+            store2d(DRes, ro, co, dx, mask)
+        store_param_grads(DW, DB, ro, co, gz, xhat, mask, PARAM_FULL, NEED_DW, NEED_DB)
 
 
 @triton.jit(do_not_specialize=["NSTAT", "SPLIT"])

@@ -309,3 +309,65 @@ def grad_terms(x, dy, mean, rstd, rh, ch, rmask, cmask, res, W, B, HAS_W: tl.con
         gz = dy * activation_grad(pre, ACT)
     g = gz * w
     return xhat, gz, g
+
+
+# --- Pre-norm residual (tritonorm.add_norm): the normalized input is h = x + residual ---------
+
+
+@triton.jit
+def load_input(X, Res, H, rx, cx, ro, co, mask, PRE_ADD: tl.constexpr, STORE_H: tl.constexpr):
+    """The tile the statistics are taken of, in fp32. Without PRE_ADD: x. With PRE_ADD:
+    h = x + residual summed in fp32 and rounded once to H's dtype (the residual stream's), so the
+    norm sees exactly the h it returns; stored to H (output layout) when STORE_H."""
+    v = load2d(X, rx, cx, mask)
+    if PRE_ADD:
+        h = (v + load2d(Res, ro, co, mask)).to(H.dtype.element_ty)
+        if STORE_H:
+            tl.store(H + (ro[:, None] + co[None, :]), h, mask=mask)
+        v = h.to(tl.float32)
+    return v
+
+
+@triton.jit
+def pivot_input(X, Res, H, rx, ro, rmask, CENTER: tl.constexpr, PRE_ADD: tl.constexpr):
+    """``pivot`` of the normalized input: each row's first x, or first h = x + residual."""
+    k = tl.load(X + rx, mask=rmask, other=0.0).to(tl.float32)
+    if PRE_ADD:
+        k = (k + tl.load(Res + ro, mask=rmask, other=0.0).to(tl.float32)).to(H.dtype.element_ty)
+        k = k.to(tl.float32)
+    if not CENTER:
+        k = k * 0.0
+    return k
+
+
+@triton.jit
+def add_incoming(dx, DH, ro, co, mask, ADD_DH: tl.constexpr):
+    """dx plus the gradient that reaches h from later layers (add_norm's backward): one tensor
+    is then the gradient of both x and the residual."""
+    if ADD_DH:
+        dx = dx + load2d(DH, ro, co, mask)
+    return dx
+
+
+# --- Broadcast (adaptive) affine: weight/bias expanded to x's shape, read with the output offsets -
+
+
+@triton.jit
+def param_offsets(h, o, PARAM_FULL: tl.constexpr):
+    """The offsets weight and bias are read at: the channel digit's, or (PARAM_FULL: per-sample
+    weight and bias, laid out like the output) the output's."""
+    if PARAM_FULL:
+        h = o
+    return h
+
+
+@triton.jit
+def store_param_grads(DW, DB, ro, co, gz, xhat, mask, PARAM_FULL: tl.constexpr, NEED_DW: tl.constexpr,
+                      NEED_DB: tl.constexpr):
+    """PARAM_FULL: the per-element gradients of a weight and bias laid out like the output
+    (gz * xhat and gz); autograd sums them over the broadcast axes."""
+    if PARAM_FULL:
+        if NEED_DW:
+            store2d(DW, ro, co, gz * xhat, mask)
+        if NEED_DB:
+            store2d(DB, ro, co, gz, mask)

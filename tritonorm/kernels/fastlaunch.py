@@ -47,20 +47,28 @@ class Launcher:
 
     def __init__(self, kernel, grid, constexprs: dict):
         self.kernel, self.grid, self.constexprs = kernel, tuple(grid), constexprs
-        self.compiled: dict = {}  # (device, alignment pattern) -> compiled kernel
-        params = getattr(kernel, "params", None)
-        # Direct launches need the compiled-mode JITFunction, whose constexpr parameters all
-        # come after the runtime ones (then the bound list is args followed by their values).
-        self.usable = False
-        self.tail = ()
-        if params is not None and hasattr(kernel, "device_caches"):
-            flags = [p.is_constexpr for p in params]
-            first = flags.index(True) if True in flags else len(flags)
-            if all(flags[first:]) and all(p.name in constexprs for p in params[first:]):
-                self.tail = tuple(constexprs[p.name] for p in params[first:])
-                self.usable = True
+        self.compiled: dict = {}  # (device, extra names, tensors' dtypes and alignment) -> kernel
+        # Direct launches need the compiled-mode JITFunction (the interpreter has no compiled
+        # kernel). The bound list is the positional arguments, then every later parameter from
+        # the call's keyword tensors, the constexprs or its default: its recipe is built at the
+        # first call and checked against Triton's binder.
+        self.usable = hasattr(kernel, "device_caches") and hasattr(kernel, "params")
+        self.tail = None  # [(name, from the call's keywords?, constant)] after the positional args
 
-    def __call__(self, *args):
+    def _recipe(self, n_args: int, extra: dict):
+        tail = []
+        for p in self.kernel.params[n_args:]:
+            if p.name in extra:
+                tail.append((p.name, True, None))
+            elif p.name in self.constexprs:
+                tail.append((p.name, False, self.constexprs[p.name]))
+            elif p.has_default:
+                tail.append((p.name, False, p.default))
+            else:
+                return None
+        return tuple(tail)
+
+    def __call__(self, *args, **extra):
         if self.usable and _ON[0]:
             from triton import knobs
             from triton.runtime import driver
@@ -68,32 +76,38 @@ class Launcher:
             device = driver.active.get_current_device()
             # What Triton specializes a plan's tensors on: dtype and 16-byte alignment (a plan's
             # ints are fixed, its floats never specialized).
-            key = (device, tuple((a.dtype, a.data_ptr() % 16 == 0) for a in args if isinstance(a, torch.Tensor)))
+            tensors = (*args, *extra.values()) if extra else args
+            key = (device, tuple(extra), tuple((a.dtype, a.data_ptr() % 16 == 0) for a in tensors
+                                               if isinstance(a, torch.Tensor)))
             compiled = self.compiled.get(key)
             if compiled is None:
-                compiled = self.kernel[self.grid](*args, **self.constexprs)
-                self._remember(key, device, compiled, args)
+                compiled = self.kernel[self.grid](*args, **extra, **self.constexprs)
+                self._remember(key, device, compiled, args, extra)
                 return
             if ON_DIRECT_LAUNCH[0] is not None:
                 ON_DIRECT_LAUNCH[0](self.kernel.fn.__name__)
             # What JITFunction.run does once it has the kernel, launch hooks included.
             grid = self.grid
             stream = driver.active.get_current_stream(device)
-            bound = (*args, *self.tail)
+            bound = (*args, *[extra[name] if keyword else value for name, keyword, value in self.tail])
             hooks = knobs.runtime
             compiled.run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1, stream,
                          compiled.function, compiled.packed_metadata,
                          compiled.launch_metadata(grid, stream, *bound), hooks.launch_enter_hook,
                          hooks.launch_exit_hook, *bound)
             return
-        self.kernel[self.grid](*args, **self.constexprs)
+        self.kernel[self.grid](*args, **extra, **self.constexprs)
 
-    def _remember(self, key, device, compiled, args) -> None:
+    def _remember(self, key, device, compiled, args, extra) -> None:
         """Keep ``compiled`` for direct launches if Triton's binder binds exactly our list."""
         try:
+            recipe = self._recipe(len(args), extra)
+            if recipe is None or (self.tail is not None and recipe != self.tail):
+                raise LookupError("no fixed recipe for the bound arguments")
+            self.tail = recipe
             binder = self.kernel.device_caches[device][4]
-            bound, _, _ = binder(*args, **self.constexprs)
-            ours = (*args, *self.tail)
+            bound, _, _ = binder(*args, **extra, **self.constexprs)
+            ours = (*args, *[extra[name] if keyword else value for name, keyword, value in recipe])
             values = tuple(bound.values())
             same = len(values) == len(ours) and all(
                 a is b or (not isinstance(a, torch.Tensor) and not isinstance(b, torch.Tensor) and a == b)

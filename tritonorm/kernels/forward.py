@@ -25,8 +25,8 @@ and the strides stay specialized: masked 16-byte accesses need their divisibilit
 import triton
 import triton.language as tl
 
-from .common import (chan_merge, col_tile, epilogue, load2d, load_residual, pivot, row_block, store2d,
-                     store_stats, strided_tile_start, tile_moments)
+from .common import (chan_merge, col_tile, epilogue, load_input, load_residual, param_offsets, pivot_input,
+                     row_block, store2d, store_stats, strided_tile_start, tile_moments)
 
 
 @triton.jit
@@ -39,13 +39,16 @@ def _fwd_fused_kernel(
     CENTER: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_RES: tl.constexpr,
     ACT: tl.constexpr, CHAN: tl.constexpr, INT64: tl.constexpr, BLOCK_P: tl.constexpr,
     BLOCK_M: tl.constexpr, STORE_Y: tl.constexpr, RUNNING: tl.constexpr,
+    H=None, PRE_ADD: tl.constexpr = False,  # PRE_ADD: normalize h = x + Res, stored to H
+    PARAM_FULL: tl.constexpr = False,       # W, B laid out like y (broadcast affine)
 ):
     """Whole statistic in registers: moments, epilogue and stats in one pass over x
     (STORE_Y=False: statistics only)."""
     rows, rmask, rx, ro, rt, rh = row_block(tl.program_id(0), P, BLOCK_P, INT64, RG)
     cmask, mask, cx, co, ct, ch = col_tile(0, M, rmask, BLOCK_M, INT64, CG)
-    k = pivot(X, rx, rmask, CENTER)
-    d = tl.where(mask, load2d(X, rx, cx, mask) - k[:, None], 0.0)
+    rh, ch = param_offsets(rh, ro, PARAM_FULL), param_offsets(ch, co, PARAM_FULL)
+    k = pivot_input(X, Res, H, rx, ro, rmask, CENTER, PRE_ADD)
+    d = tl.where(mask, load_input(X, Res, H, rx, cx, ro, co, mask, PRE_ADD, STORE_Y) - k[:, None], 0.0)
     mean_d, m2 = tile_moments(d, mask, M, CENTER)
     rstd = store_stats(Stats, P, rt, rmask, k, mean_d, m2 / M, eps, RunMean, RunVar, momentum, unbias,
                        RUNNING)
@@ -64,16 +67,18 @@ def _fwd_looped_kernel(
     CENTER: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_RES: tl.constexpr,
     ACT: tl.constexpr, CHAN: tl.constexpr, INT64: tl.constexpr, BLOCK_P: tl.constexpr,
     BLOCK_M: tl.constexpr, STORE_Y: tl.constexpr, RUNNING: tl.constexpr,
+    H=None, PRE_ADD: tl.constexpr = False,  # as the fused kernel; both sweeps re-add x + Res
+    PARAM_FULL: tl.constexpr = False,
 ):
     """Moments by Chan-merging BLOCK_M tiles, then a second sweep applies the epilogue
     (STORE_Y=False: statistics only, one sweep)."""
     rows, rmask, rx, ro, rt, rh = row_block(tl.program_id(0), P, BLOCK_P, INT64, RG)
-    k = pivot(X, rx, rmask, CENTER)
+    k = pivot_input(X, Res, H, rx, ro, rmask, CENTER, PRE_ADD)
     mean_d = tl.zeros([BLOCK_P], dtype=tl.float32)
     m2 = tl.zeros([BLOCK_P], dtype=tl.float32)
     for m0 in range(0, M, BLOCK_M):
         cmask, mask, cx, co, ct, ch = col_tile(m0, M, rmask, BLOCK_M, INT64, CG)
-        d = tl.where(mask, load2d(X, rx, cx, mask) - k[:, None], 0.0)
+        d = tl.where(mask, load_input(X, Res, H, rx, cx, ro, co, mask, PRE_ADD, False) - k[:, None], 0.0)
         nt = tl.minimum(M - m0, BLOCK_M).to(tl.float32)
         t_mean, t_m2 = tile_moments(d, mask, nt, CENTER)
         mean_d, m2 = chan_merge(m0 * 1.0, mean_d, m2, nt, t_mean, t_m2)
@@ -82,7 +87,9 @@ def _fwd_looped_kernel(
     if STORE_Y:
         for m0 in range(0, M, BLOCK_M):
             cmask, mask, cx, co, ct, ch = col_tile(m0, M, rmask, BLOCK_M, INT64, CG)
-            xhat = ((load2d(X, rx, cx, mask) - k[:, None]) - mean_d[:, None]) * rstd[:, None]
+            rh, ch = param_offsets(rh, ro, PARAM_FULL), param_offsets(ch, co, PARAM_FULL)
+            xin = load_input(X, Res, H, rx, cx, ro, co, mask, PRE_ADD, True)
+            xhat = ((xin - k[:, None]) - mean_d[:, None]) * rstd[:, None]
             res = load_residual(Res, ro, co, mask, HAS_RES)
             y = epilogue(xhat, rh, ch, rmask, cmask, res, W, B, HAS_W, HAS_B, HAS_RES, ACT, CHAN)
             store2d(Y, ro, co, y, mask)
@@ -94,6 +101,7 @@ def _fwd_partial_kernel(
     P, M, CHUNK, SPLIT,       # CHUNK: columns per split (a multiple of BLOCK_M)
     RG, CG,
     CENTER: tl.constexpr, INT64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr,
+    Res=None, H=None, PRE_ADD: tl.constexpr = False,  # PRE_ADD: moments of h = x + Res (not stored)
 ):
     """Moments (of x minus the row's pivot) of one column chunk of BLOCK_P statistics
     (split regime, stage 1)."""
@@ -103,13 +111,13 @@ def _fwd_partial_kernel(
         sp = sp.to(tl.int64)
     start = sp * CHUNK
     end = tl.minimum(start + CHUNK, M)
-    k = pivot(X, rx, rmask, CENTER)
+    k = pivot_input(X, Res, H, rx, ro, rmask, CENTER, PRE_ADD)
     mean = tl.zeros([BLOCK_P], dtype=tl.float32)
     m2 = tl.zeros([BLOCK_P], dtype=tl.float32)
     for m in range(0, CHUNK, BLOCK_M):  # a fixed trip count: tiles past `end` are masked
         m0 = start + m
         cmask, mask, cx, co, ct, ch = col_tile(m0, end, rmask, BLOCK_M, INT64, CG)
-        d = tl.where(mask, load2d(X, rx, cx, mask) - k[:, None], 0.0)
+        d = tl.where(mask, load_input(X, Res, H, rx, cx, ro, co, mask, PRE_ADD, False) - k[:, None], 0.0)
         nt = tl.maximum(tl.minimum(end - m0, BLOCK_M), 0).to(tl.float32)
         t_mean, t_m2 = tile_moments(d, mask, tl.maximum(nt, 1.0), CENTER)
         n_before = tl.maximum(tl.minimum(end - start, m), 0).to(tl.float32)
@@ -154,13 +162,15 @@ def _fwd_apply_kernel(
     CENTER: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_RES: tl.constexpr,
     ACT: tl.constexpr, CHAN: tl.constexpr, INT64: tl.constexpr, BLOCK_P: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, RUNNING: tl.constexpr,  # BLOCK_S: partials per step
+    H=None, PRE_ADD: tl.constexpr = False,  # as the fused kernel; re-adds x + Res, stores H
+    PARAM_FULL: tl.constexpr = False,
 ):
     """Epilogue over a 2-D grid of (row block, column tiles). Each program derives its rows'
     statistics itself (merging the split partials, or from the running buffers); the programs of
     column 0 store them (and blend the running statistics), so no launch sits in between."""
     rows, rmask, rx, ro, rt, rh = row_block(tl.program_id(0), P, BLOCK_P, INT64, RG)
     if SOURCE == 0:
-        k = pivot(X, rx, rmask, CENTER)
+        k = pivot_input(X, Res, H, rx, ro, rmask, CENTER, PRE_ADD)
         mean, var = _merge_partials(Part, rows, rmask, P, M, CHUNK, SPLIT, BLOCK_P, BLOCK_S)
     else:
         k = tl.zeros([BLOCK_P], dtype=tl.float32)
@@ -174,7 +184,9 @@ def _fwd_apply_kernel(
     for i in range(0, TILES_PER_PROG):
         cmask, mask, cx, co, ct, ch = col_tile(strided_tile_start(i, COL_PROGS, BLOCK_M, INT64), M, rmask,
                                                BLOCK_M, INT64, CG)
-        xhat = ((load2d(X, rx, cx, mask) - k[:, None]) - mean[:, None]) * rstd[:, None]
+        rh, ch = param_offsets(rh, ro, PARAM_FULL), param_offsets(ch, co, PARAM_FULL)
+        xin = load_input(X, Res, H, rx, cx, ro, co, mask, PRE_ADD, True)
+        xhat = ((xin - k[:, None]) - mean[:, None]) * rstd[:, None]
         res = load_residual(Res, ro, co, mask, HAS_RES)
         y = epilogue(xhat, rh, ch, rmask, cmask, res, W, B, HAS_W, HAS_B, HAS_RES, ACT, CHAN)
         store2d(Y, ro, co, y, mask)

@@ -120,12 +120,37 @@ class _Common:
         t = torch.empty_strided(self.shape, self.out_stride, dtype=self.dtype, device=x.device)
         return t.fill_(float("nan")) if POISON else t
 
+    def full_param(self, t, x):
+        """A broadcast weight or bias (or a (C,) one beside it) expanded to x's shape in the
+        output's layout, differentiably (autograd sums the gradient back over the broadcast axes)."""
+        if t is None or (tuple(t.shape) == self.shape and t.stride() == self.out_stride):
+            return t
+        if tuple(t.shape) == (self.shape[1],):
+            t = t.view(1, -1, *([1] * (len(self.shape) - 2)))
+        out = torch.empty_strided(self.shape, self.out_stride, dtype=t.dtype, device=x.device)
+        return out.copy_(t.expand(self.shape))
+
     def prepare(self, x, residual):
         if self.copy_x:
             x = match_strides(x, self.out(x))
         if residual is not None and residual.stride() != self.out_stride:
             residual = match_strides(residual, self.out(x))
         return x, residual
+
+
+def _params(weight, bias, full: bool, x):
+    """The weight and bias pointers the kernels take (x stands in for a missing one): per channel,
+    unit stride; or (``full``) as given, already laid out like the output."""
+    if full:
+        return (x if weight is None else weight), (x if bias is None else bias)
+    w = x if weight is None else (weight if weight.is_contiguous() else weight.contiguous())
+    b = x if bias is None else (bias if bias.is_contiguous() else bias.contiguous())
+    return w, b
+
+
+def _empty_like_out(c, dtype, device) -> torch.Tensor:
+    t = torch.empty_strided(c.shape, c.out_stride, dtype=dtype, device=device)
+    return t.fill_(float("nan")) if POISON else t
 
 
 def _restride(t: torch.Tensor | None, shape, stride) -> torch.Tensor | None:
@@ -143,15 +168,26 @@ class ForwardPlan:
     """
 
     def __init__(self, x: torch.Tensor, spec: Spec, has_w: bool, has_b: bool, has_res: bool, act: int,
-                 center: bool, mode: str, running: int, profile: dispatch.DeviceProfile):
+                 center: bool, mode: str, running: int, profile: dispatch.DeviceProfile, pre_add: bool = False,
+                 param_full: bool = False):
         self.c = c = _Common(x, spec, has_w, has_b, has_res, act, center,
                              channel=False)
         self.mode, self.running, self.profile = mode, running, profile
+        # pre_add (tritonorm.add_norm): the kernels normalize h = x + residual and store h; the
+        # residual then travels in the residual slot with HAS_RES off (see ``add``).
+        self.pre_add = pre_add
+        pre = dict(PRE_ADD=True) if pre_add else {}
+        # param_full (broadcast affine): weight and bias come expanded to x's shape in the output's
+        # layout and are read at the output offsets (CHAN=0: both sides vary).
+        self.param_full = param_full
+        if param_full:
+            pre["PARAM_FULL"] = True
         self.has_w, self.has_b, self.has_res, self.act = has_w, has_b, has_res, act
         self._backward: dict = {}
         if c.contiguous:
             inner = x.contiguous()
-            self.inner = ForwardPlan(inner, spec, has_w, has_b, has_res, act, center, mode, running, profile)
+            self.inner = ForwardPlan(inner, spec, has_w, has_b, has_res, act, center, mode, running, profile,
+                                     pre_add, param_full)
             self.plan = self.inner.plan
             return
         self.inner = None
@@ -163,7 +199,7 @@ class ForwardPlan:
             return
         cfg = self.plan.config
         bp, bm, nw = cfg["block_p"], cfg["block_m"], cfg["num_warps"]
-        flags = dict(c.flags, CHAN=_chan_mode(view), INT64=view.int64)
+        flags = dict(c.flags, CHAN=0 if param_full else _chan_mode(view), INT64=view.int64)
         rg, cg = view.geometry()
         kernel = self.plan.kernel
         if mode == "given" or kernel == "split":
@@ -177,27 +213,51 @@ class ForwardPlan:
             self.chunk = _chunk(self.M, bm, split)
             if mode != "given":
                 self.partial = Launcher(fk._fwd_partial_kernel, (triton.cdiv(self.P, bp), split),
-                                        dict(CENTER=center, INT64=view.int64, BLOCK_P=bp, BLOCK_M=bm, num_warps=nw))
+                                        dict({k: v for k, v in pre.items() if k == "PRE_ADD"}, CENTER=center,
+                                             INT64=view.int64, BLOCK_P=bp, BLOCK_M=bm, num_warps=nw))
             else:
                 self.partial = None
             self.kernel = fk._fwd_apply_kernel
             self.grid = grid
             self.tail = (self.P, self.M, self.chunk, split)
             self.mid = (grid[1], tiles, rg, cg)
-            self.constexprs = dict(flags, SOURCE=1 if mode == "given" else 0, CENTER=center, BLOCK_P=bp,
+            self.constexprs = dict(flags, **pre, SOURCE=1 if mode == "given" else 0, CENTER=center, BLOCK_P=bp,
                                    BLOCK_M=bm, BLOCK_S=MERGE_BLOCK,
                                    RUNNING=running if mode == "train" else NO_RUNNING, num_warps=nw)
         else:
             self.partial = None
             self.kernel = fk._fwd_fused_kernel if kernel == "fused" else fk._fwd_looped_kernel
             self.grid = (triton.cdiv(self.P, bp),)
-            self.constexprs = dict(flags, CENTER=center, BLOCK_P=bp, BLOCK_M=bm, STORE_Y=mode != "stats",
+            self.constexprs = dict(flags, **pre, CENTER=center, BLOCK_P=bp, BLOCK_M=bm, STORE_Y=mode != "stats",
                                    RUNNING=running if mode == "train" else NO_RUNNING, num_warps=nw)
             self.mid = (rg, cg)
         self.launch = Launcher(self.kernel, self.grid, self.constexprs)
         self.launches = 1 + (self.partial is not None)
 
     def __call__(self, x, weight, bias, residual, run_mean, run_var, eps: float, momentum: float = 0.0):
+        return self._launch(x, weight, bias, residual, run_mean, run_var, eps, momentum, None)
+
+    def add(self, x, residual, weight, bias, run_mean, run_var, eps: float, momentum: float, h_dtype):
+        """The pre_add forward: (y, stats, h) with h = x + residual in ``h_dtype`` (output layout).
+        The caller falls back to torch ops where ``fusable_add`` is False."""
+        c = self.c
+        h = torch.empty_strided(c.shape, c.out_stride, dtype=h_dtype, device=x.device)
+        if POISON:
+            h.fill_(float("nan"))
+        y, stats = self._launch(x, weight, bias, residual, run_mean, run_var, eps, momentum, h)
+        return y, stats, h
+
+    @property
+    def fusable_full(self) -> bool:
+        """Whether broadcast weight/bias run in the kernels (else the caller composes torch ops)."""
+        return self.inner is None and not self.native
+
+    @property
+    def fusable_add(self) -> bool:
+        """Whether ``add`` runs in the kernels (not the torch regime, not a restrided copy)."""
+        return self.inner is None and not self.native and not self.c.copy_x
+
+    def _launch(self, x, weight, bias, residual, run_mean, run_var, eps, momentum, h):
         c = self.c
         if self.inner is not None:
             y, stats = self.inner(x.contiguous(), weight, bias,
@@ -209,9 +269,9 @@ class ForwardPlan:
             return self._native(x, weight, bias, residual, run_mean, run_var, eps, momentum)
         y = x.new_empty(0) if self.mode == "stats" else c.out(x)
         stats = _empty((5, c.n_stats), x.device)
-        # Kernels index weight and bias by channel with unit stride.
-        w = x if weight is None else (weight if weight.is_contiguous() else weight.contiguous())
-        b = x if bias is None else (bias if bias.is_contiguous() else bias.contiguous())
+        # Kernels index weight and bias by channel with unit stride (param_full: the caller laid
+        # them out like y).
+        w, b = _params(weight, bias, self.param_full, x)
         r = x if residual is None else residual
         rm = x if run_mean is None else run_mean
         rv = x if run_var is None else run_var
@@ -222,14 +282,16 @@ class ForwardPlan:
         eps = float(eps)
         momentum = float(momentum) if self.running and self.mode == "train" else 0.0
         yp = x if self.mode == "stats" else y
+        hk = {} if h is None else dict(H=h)
         if self.partial is not None:
             part = _empty((2, self.P, self.split), x.device)
-            self.partial(x, part, *self.tail, *self.mid[2:])
-            self.launch(x, yp, r, w, b, stats, rm, rv, part, *self.tail, eps, momentum, unbias, *self.mid)
+            partial_kw = {} if h is None else dict(Res=r, H=h)
+            self.partial(x, part, *self.tail, *self.mid[2:], **partial_kw)
+            self.launch(x, yp, r, w, b, stats, rm, rv, part, *self.tail, eps, momentum, unbias, *self.mid, **hk)
         elif self.mode == "given":
-            self.launch(x, y, r, w, b, stats, rm, rv, x, *self.tail, eps, momentum, unbias, *self.mid)
+            self.launch(x, y, r, w, b, stats, rm, rv, x, *self.tail, eps, momentum, unbias, *self.mid, **hk)
         else:
-            self.launch(x, yp, r, w, b, stats, rm, rv, self.P, self.M, eps, momentum, unbias, *self.mid)
+            self.launch(x, yp, r, w, b, stats, rm, rv, self.P, self.M, eps, momentum, unbias, *self.mid, **hk)
         return y, stats
 
     def _native(self, x, weight, bias, residual, run_mean, run_var, eps, momentum):
@@ -252,11 +314,13 @@ class ForwardPlan:
                                      momentum)
         return y, stats
 
-    def backward(self, needs: tuple[bool, bool, bool, bool]) -> "BackwardPlan":
-        key = (needs, dispatch.forced_state())
+    def backward(self, needs: tuple[bool, bool, bool, bool], add_dh: bool = False,
+                 dx_twice: bool = False) -> "BackwardPlan":
+        """``add_dh``, ``dx_twice``: add_norm's backward (see BackwardPlan)."""
+        key = (needs, add_dh, dx_twice, dispatch.forced_state())
         plan = self._backward.get(key)
         if plan is None:
-            plan = self._backward[key] = BackwardPlan(self, needs)
+            plan = self._backward[key] = BackwardPlan(self, needs, add_dh, dx_twice)
         return plan
 
 
@@ -274,10 +338,18 @@ class BackwardPlan:
     """The backward launches for a forward plan and the gradients asked for
     (dx, dweight, dbias, dresidual)."""
 
-    def __init__(self, fwd: ForwardPlan, needs):
+    def __init__(self, fwd: ForwardPlan, needs, add_dh: bool = False, dx_twice: bool = False):
+        # add_norm (a pre_add forward): ``x`` is the saved h, dx gets the incoming gradient of h
+        # added (add_dh) and, when the residual's dtype differs from x's, is stored a second time
+        # in the residual's dtype (dx_twice).
         self.fwd = fwd
         need_dx, need_dw, need_db, need_dres = needs
         self.needs = needs
+        self.add_dh, self.dx_twice = add_dh, dx_twice
+        self.param_full = fwd.param_full
+        addk = dict(ADD_DH=add_dh, DX_TWICE=dx_twice) if (add_dh or dx_twice) else {}
+        if fwd.param_full:
+            addk["PARAM_FULL"] = True
         c = fwd.c
         act = fwd.act
         self.write_dres = need_dres and act != 0
@@ -300,17 +372,19 @@ class BackwardPlan:
             return
         cfg = plan.config
         bp, bm, nw = cfg["block_p"], cfg["block_m"], cfg["num_warps"]
-        flags = dict(c.flags, CHAN=_chan_mode(view), INT64=view.int64)
+        flags = dict(c.flags, CHAN=0 if fwd.param_full else _chan_mode(view), INT64=view.int64)
         rg, cg = view.geometry()
         need_wb = need_dw or need_db
-        dx_pass = need_dx or self.write_dres
+        self.param_full = param_full = fwd.param_full
+        # param_full: the dx kernels store the per-element weight/bias gradients themselves.
+        dx_pass = need_dx or self.write_dres or (param_full and need_wb)
         # Each statistic one channel (BatchNorm's scope): the dx kernels' row sums are dweight and
         # dbias, so the channel-view sweep is skipped.
-        row_channel = (need_wb and dx_pass and not self.given and spec.allows_running_stats
+        row_channel = (need_wb and dx_pass and not self.given and not param_full and spec.allows_running_stats
                        and not spec.reduces_c and spec.sample_groups == 1)
         # Each column one channel (LayerNorm rows, positional scope) in the fused regime: a
         # persistent grid accumulates dweight and dbias per program.
-        col_channel = (need_wb and dx_pass and plan.kernel == "fused"
+        col_channel = (need_wb and dx_pass and plan.kernel == "fused" and not param_full
                        and view.cols.chan == (1, view.M, 1) and view.M == c.shape[1])
         self.row_channel, self.col_channel = row_channel, col_channel
         self.steps = []  # (kind, kernel, grid, fixed args, constexprs)
@@ -326,7 +400,7 @@ class BackwardPlan:
                 self.progs = progs
                 self.dx_kind = "fused"
                 self.dx = (bk._bwd_fused_kernel, (progs,), (P, M, row_blocks, rg, cg),
-                           dict(common, CENTER=c.center, GIVEN=self.given, WRITE_DRES=self.write_dres,
+                           dict(common, **addk, CENTER=c.center, GIVEN=self.given, WRITE_DRES=self.write_dres,
                                 ROW_CHANNEL=row_channel, COL_CHANNEL=col_channel, NEED_DW=need_dw,
                                 NEED_DB=need_db))
             else:
@@ -337,17 +411,18 @@ class BackwardPlan:
                 self.sums = None
                 if not self.given:
                     self.sums = (bk._bwd_sums_kernel, (triton.cdiv(P, bp), split), (P, M, chunk, split, rg, cg),
-                                 dict(common, ROW_CHANNEL=row_channel))
+                                 dict(common, ROW_CHANNEL=row_channel,
+                                      **({"PARAM_FULL": True} if fwd.param_full else {})))
                 grid, tiles = _apply_grid(P, M, bp, bm, one_program_per_row=plan.kernel == "looped")
                 self.apply = (bk._bwd_apply_kernel, grid, (P, M, split, grid[1], tiles, rg, cg),
-                              dict(common, CENTER=c.center, GIVEN=self.given, WRITE_DRES=self.write_dres,
+                              dict(common, **addk, CENTER=c.center, GIVEN=self.given, WRITE_DRES=self.write_dres,
                                    BLOCK_S=MERGE_BLOCK, ROW_CHANNEL=row_channel, NEED_DW=need_dw,
                                    NEED_DB=need_db))
         self.dwdb = None
         self.finish_cols = None
         if need_wb and col_channel:
             self.finish_cols = M
-        if need_wb and not (row_channel or col_channel):
+        if need_wb and not (row_channel or col_channel or param_full):
             if c.cview is None:
                 try:
                     c.cview = channel_view(c.shape, spec, c.out_stride if c.copy_x else c.x_stride, c.out_stride)
@@ -398,7 +473,9 @@ class BackwardPlan:
             n += 1 + (self.dwdb_split > 1)
         return n
 
-    def __call__(self, dy, x, weight, bias, residual, stats):
+    def __call__(self, dy, x, weight, bias, residual, stats, dh=None, dres_dtype=None):
+        """``dh``, ``dres_dtype``: add_norm's incoming gradient of h and the residual's dtype
+        (then the returned dresidual is dx, stored a second time in that dtype)."""
         fwd = self.fwd
         c = fwd.c
         need_dx, need_dw, need_db, need_dres = self.needs
@@ -409,28 +486,44 @@ class BackwardPlan:
         x, residual = c.prepare(x, residual)
         if dy.stride() != c.out_stride:
             dy = match_strides(dy, c.out(x))
+        if dh is not None and dh.stride() != c.out_stride:
+            dh = match_strides(dh, c.out(x))
         if fwd.native or self.native:
-            return native.backward(dy, x, c.spec, weight, bias, residual, stats[4].reshape(c.stat_shape),
-                                   stats[2].reshape(c.stat_shape), c.center, fwd.act, self.given, need_dx,
-                                   need_dw, need_db, need_dres)
-        w = x if weight is None else (weight if weight.is_contiguous() else weight.contiguous())
-        b = x if bias is None else (bias if bias.is_contiguous() else bias.contiguous())
+            dx, dw, db, dres = native.backward(dy, x, c.spec, weight, bias, residual,
+                                               stats[4].reshape(c.stat_shape), stats[2].reshape(c.stat_shape),
+                                               c.center, fwd.act, self.given, need_dx, need_dw, need_db,
+                                               need_dres)
+            if self.add_dh:
+                dx = dx + dh
+            if fwd.pre_add:
+                dres = dx.to(dres_dtype) if self.dx_twice else dx
+            return dx, dw, db, dres
+        w, b = _params(weight, bias, self.param_full, x)
         r = x if residual is None else residual
         dx = c.out(x) if self.dx_kind is not None else None
         dres = c.out(x) if self.write_dres else None
+        if self.dx_twice:
+            dres = torch.empty_strided(c.shape, c.out_stride, dtype=dres_dtype, device=x.device)
+            if POISON:
+                dres.fill_(float("nan"))
         dr = x if dres is None else dres
-        dw = _empty(weight.shape, x.device, weight.dtype) if need_dw else None
-        db = _empty(bias.shape, x.device, bias.dtype) if need_db else None
+        dhk = dict(DH=dh) if self.add_dh else {}
+        if self.param_full:  # per-element gradients, laid out like y; autograd sums them
+            dw = _empty_like_out(c, weight.dtype, x.device) if need_dw else None
+            db = _empty_like_out(c, bias.dtype, x.device) if need_db else None
+        else:
+            dw = _empty(weight.shape, x.device, weight.dtype) if need_dw else None
+            db = _empty(bias.shape, x.device, bias.dtype) if need_db else None
         dwp = x if dw is None else dw
         dbp = x if db is None else db
         if self.dx_kind == "fused":
             run, fixed = self.dx
             if self.col_channel:
                 part = _empty((2, self.progs, self.M), x.device)
-                run(x, dy, r, w, b, stats, dx, dr, part, part, *fixed)
+                run(x, dy, r, w, b, stats, dx, dr, part, part, *fixed, **dhk)
                 self.finish(part, dwp, dbp, self.M, self.progs)
             else:
-                run(x, dy, r, w, b, stats, dx, dr, dwp, dbp, *fixed)
+                run(x, dy, r, w, b, stats, dx, dr, dwp, dbp, *fixed, **dhk)
         elif self.dx_kind == "two-stage":
             part = x
             if self.sums is not None:
@@ -438,7 +531,7 @@ class BackwardPlan:
                 part = _empty((4, self.P, self.split), x.device)
                 run(x, dy, r, w, b, stats, part, *fixed)
             run, fixed = self.apply
-            run(x, dy, r, w, b, stats, part, dx, dr, dwp, dbp, *fixed)
+            run(x, dy, r, w, b, stats, part, dx, dr, dwp, dbp, *fixed, **dhk)
         if self.dwdb is not None:
             run, fixed = self.dwdb
             if self.dwdb_split == 1:
@@ -449,6 +542,8 @@ class BackwardPlan:
                 self.finish(part, dwp, dbp, self.C, self.dwdb_split)
         if need_dres and not self.write_dres:
             dres = dy
+        if fwd.pre_add:  # add_norm: the residual's gradient is dx
+            return dx, dw, db, (dres if self.dx_twice else dx)
         return dx if need_dx else None, dw, db, dres
 
 
@@ -464,17 +559,18 @@ dispatch.on_clear(clear)
 
 
 def forward_plan(x: torch.Tensor, spec: Spec, has_w: bool, has_b: bool, has_res: bool, act: int,
-                 center: bool, mode: str, running: int, extra=()) -> ForwardPlan:
+                 center: bool, mode: str, running: int, extra=(), pre_add: bool = False,
+                 param_full: bool = False) -> ForwardPlan:
     """The cached plan for this signature (``extra``: layout facts of the other tensors that
-    change the plan, e.g. the residual's strides)."""
+    change the plan, e.g. the residual's strides; ``pre_add``: add_norm's plan)."""
     key = (tuple(x.shape), x.stride(), x.dtype, x.device, spec, has_w, has_b, has_res, act, center, mode,
-           running, extra, dispatch.forced_state())
+           running, extra, pre_add, param_full, dispatch.forced_state())
     plan = _PLANS.get(key)
     if plan is None:
         if len(_PLANS) > 4096:
             _PLANS.clear()
         plan = _PLANS[key] = ForwardPlan(x, spec, has_w, has_b, has_res, act, center, mode, running,
-                                         profile_for(x.device))
+                                         profile_for(x.device), pre_add, param_full)
     return plan
 
 

@@ -134,7 +134,14 @@ class LayerNorm(_Leaf, nn.LayerNorm):
         super().__init__(normalized_shape, eps, elementwise_affine, bias, device, dtype)
         self.activation = act
 
-    def _norm_forward(self, input: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: torch.Tensor, residual: torch.Tensor | None = None):
+        return _call_norm(self, input, residual)
+
+    def _norm_forward(self, input: torch.Tensor, residual: torch.Tensor | None = None):
+        # With a residual: (y, h), h = input + residual, y = the norm of h (vLLM's convention).
+        if residual is not None:
+            return functional.add_layer_norm(input, residual, self.normalized_shape, self.weight, self.bias,
+                                             self.eps, activation=self.activation)
         return functional.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps,
                                      activation=self.activation)
 
@@ -154,7 +161,14 @@ class RMSNorm(_Leaf, nn.RMSNorm):
         super().__init__(normalized_shape, eps, elementwise_affine, device, dtype)
         self.activation = act
 
-    def _norm_forward(self, input: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: torch.Tensor, residual: torch.Tensor | None = None):
+        return _call_norm(self, input, residual)
+
+    def _norm_forward(self, input: torch.Tensor, residual: torch.Tensor | None = None):
+        # With a residual: (y, h), h = input + residual, y = the norm of h (vLLM's convention).
+        if residual is not None:
+            return functional.add_rms_norm(input, residual, self.normalized_shape, self.weight, self.eps,
+                                           activation=self.activation)
         return functional.rms_norm(input, self.normalized_shape, self.weight, self.eps,
                                    activation=self.activation)
 

@@ -11,6 +11,9 @@ import math
 from dataclasses import dataclass, replace
 
 SUITES = ("resnet50", "sd-unet", "llm", "nnunet")
+# Kinds whose x is (rows, D), normalized per row; add_* kinds are tritonorm.add_norm calls (a
+# residual of x's shape comes with the inputs, as ``add_residual``).
+ROW_KINDS = ("layer_norm", "rms_norm", "add_rms_norm", "add_layer_norm")
 
 
 @dataclass(frozen=True)
@@ -33,7 +36,7 @@ class Case:
 
     def scaled(self) -> "Case":
         """A small case with the same scope, groups, layout and flags (interpreter-sized)."""
-        if self.kind in ("layer_norm", "rms_norm"):
+        if self.kind in ROW_KINDS:
             rows, d = self.shape
             return replace(self, shape=(min(rows, 8), min(d, 256)))
         n, c, *sp = self.shape
@@ -118,12 +121,28 @@ def make_inputs(case: Case, dtype, device, requires_grad: bool = False):
         kw["weight"] = (1 + 0.1 * torch.randn(c, device=device)).to(dtype)
         if case.center:
             kw["bias"] = (0.1 * torch.randn(c, device=device)).to(dtype)
+    if case.kind.startswith("add_"):
+        kw["add_residual"] = torch.randn(case.shape, dtype=dtype, device=device)
+    if case.kind in ADAPTIVE_KINDS:  # per-sample modulation: weight 1 + scale, bias shift
+        shape = ada_param_shape(case)
+        kw["weight"] = (1 + 0.1 * torch.randn(shape, device=device)).to(dtype)
+        kw["bias"] = (0.1 * torch.randn(shape, device=device)).to(dtype)
     if requires_grad:
         x.requires_grad_(True)
-        for k in ("weight", "bias"):
+        for k in ("weight", "bias", "add_residual"):
             if k in kw:
                 kw[k].requires_grad_(True)
     return x, kw
+
+
+def run(case: Case, x, kw, **extra):
+    """y of the case's tritonorm call: ``norm``, or ``add_norm`` for the add_* kinds."""
+    import tritonorm
+
+    if "add_residual" in kw:
+        rest = {k: v for k, v in kw.items() if k != "add_residual"}
+        return tritonorm.add_norm(x, kw["add_residual"], case.scope, **rest, **extra)[0]
+    return tritonorm.norm(x, case.scope, **kw, **extra)
 
 
 def meta_input(case: Case, dtype):
@@ -147,3 +166,43 @@ def _ghost_bn() -> list[Case]:
 
 SUITES = SUITES + ("ghost-bn",)
 _BUILDERS["ghost-bn"] = _ghost_bn
+
+
+def _prenorm() -> list[Case]:
+    """The pre-norm residual step of LLM blocks, h = x + residual then RMSNorm (tritonorm.add_norm;
+    vLLM's fused_add_rms_norm), at Llama-7B/70B widths from decode (1 token) to long prefill."""
+    return [Case("prenorm", f"add+rms {rows}x{d}", "add_rms_norm", (rows, d), "C", center=False)
+            for d in (4096, 8192) for rows in (1, 1024, 4096, 16384)]
+
+
+SUITES = SUITES + ("prenorm",)
+_BUILDERS["prenorm"] = _prenorm
+
+
+# Adaptive (per-sample) affine: norm(x) * (1 + scale[n]) + shift[n], one norm with a broadcast
+# weight and bias (docs/api.md). ada_layer_norm: x (N, T, D) normalized over D ("L"), scale and
+# shift (N, 1, D) (DiT's adaLN); ada_group_norm: x (N, C, H, W), GroupNorm(32), scale and shift
+# (N, C, 1, 1) (diffusers' AdaGroupNorm, and with SiLU the scale_shift norm of ResnetBlock2D).
+ADAPTIVE_KINDS = ("ada_layer_norm", "ada_group_norm")
+
+
+def ada_param_shape(case: Case) -> tuple:
+    n = case.shape[0]
+    if case.kind == "ada_layer_norm":
+        return (n, 1, case.shape[2])
+    return (n, case.shape[1]) + (1,) * (len(case.shape) - 2)
+
+
+def _adaptive() -> list[Case]:
+    out = [Case("adaptive", f"adaLN {t}x1152 b{n}", "ada_layer_norm", (n, t, 1152), "L")
+           for n, t in ((8, 256), (8, 1024), (4, 4096))]
+    for c, hw in ((320, 64), (640, 32), (1280, 16)):
+        out.append(Case("adaptive", f"ada-gn32 {c}x{hw}^2 b2", "ada_group_norm", (2, c, hw, hw), "group",
+                        num_groups=32))
+        out.append(Case("adaptive", f"scale_shift gn32+silu {c}x{hw}^2 b2", "ada_group_norm", (2, c, hw, hw),
+                        "group", num_groups=32, activation="silu"))
+    return out
+
+
+SUITES = SUITES + ("adaptive",)
+_BUILDERS["adaptive"] = _adaptive

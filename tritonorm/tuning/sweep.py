@@ -120,17 +120,15 @@ def _bench(fn) -> float:
 
 def measure(task: Task, plan: dispatch.Plan, device) -> float:
     """Median milliseconds of the task's op under ``plan`` (inf when the plan fails to run)."""
-    import tritonorm
-
     x, kw = suites.make_inputs(task.case, DTYPES[task.dtype], device, requires_grad=task.op == "backward")
     try:
         with dispatch.forced(plan.kernel, op=task.op, **plan.config):
             if task.op == "forward":
                 with torch.no_grad():
-                    return _bench(lambda: tritonorm.norm(x, task.case.scope, **kw))
-            y = tritonorm.norm(x, task.case.scope, **kw)
+                    return _bench(lambda: suites.run(task.case, x, kw))
+            y = suites.run(task.case, x, kw)
             dy = torch.randn_like(y)
-            leaves = [t for t in (x, kw.get("weight"), kw.get("bias")) if t is not None]
+            leaves = [t for t in (x, kw.get("weight"), kw.get("bias"), kw.get("add_residual")) if t is not None]
             return _bench(lambda: torch.autograd.grad(y, leaves, dy, retain_graph=True))
     except Exception:  # a candidate that does not compile or run (registers, shared memory)
         return float("inf")
