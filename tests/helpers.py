@@ -50,3 +50,20 @@ def assert_close(ours: torch.Tensor, ref64: torch.Tensor, dtype: torch.dtype,
     else:
         tol = FP32_RTOL * s
     assert err <= tol, f"{what}: max error {err:.3e} > tolerance {tol:.3e} (scale {s:.3e}, {dtype})"
+
+
+def record_launches(monkeypatch) -> list:
+    """A list that receives the name of every Triton kernel launched while ``monkeypatch`` is
+    active (recorded at the JIT function's ``run``, which both the interpreter's and the compiled
+    launcher go through)."""
+    from tritonorm.kernels import forward as fk
+
+    names: list = []
+    cls = type(fk._fwd_fused_kernel)
+    original = cls.run
+
+    def run(kernel, *args, **kwargs):
+        names.append(kernel.fn.__name__)
+        return original(kernel, *args, **kwargs)
+    monkeypatch.setattr(cls, "run", run)
+    return names

@@ -8,9 +8,8 @@ import torch
 
 import tritonorm
 import tritonorm.functional as TF
-from helpers import LOW, assert_close
+from helpers import LOW, assert_close, record_launches
 from tritonorm import dispatch, reference, scope as scopes
-from tritonorm.kernels import forward as fk
 from tritonorm.kernels import launch
 
 
@@ -21,15 +20,7 @@ def _poison(monkeypatch):
 
 class _Launches:
     def __init__(self, monkeypatch):
-        self.names = []
-        cls = type(fk._fwd_fused_kernel)
-        original = cls.run
-        record = self.names
-
-        def run(kernel, *args, **kwargs):
-            record.append(kernel.fn.__name__)
-            return original(kernel, *args, **kwargs)
-        monkeypatch.setattr(cls, "run", run)
+        self.names = record_launches(monkeypatch)
 
 
 def _inputs(shape, dtype, fmt=None, rd=None):

@@ -12,21 +12,13 @@ import torch
 
 import tritonorm
 from cases import make_inputs
+from helpers import record_launches
 from tritonorm import cost, dispatch
-from tritonorm.kernels import forward as fk
 
 
 class _Launches:
     def __init__(self, monkeypatch):
-        self.names = []
-        cls = type(fk._fwd_fused_kernel)
-        original = cls.run
-        record = self.names
-
-        def run(kernel, *args, **kwargs):
-            record.append(kernel.fn.__name__)
-            return original(kernel, *args, **kwargs)
-        monkeypatch.setattr(cls, "run", run)
+        self.names = record_launches(monkeypatch)
 
 
 CASES = [  # scope, shape, groups, memory format

@@ -12,8 +12,9 @@ import torch
 
 import tritonorm
 from cases import make_inputs
+from helpers import record_launches
 from tritonorm import backend as backends
-from tritonorm.kernels import backward as bk, forward as fk, launch
+from tritonorm.kernels import launch
 
 
 @pytest.fixture(autouse=True)
@@ -102,15 +103,7 @@ class _Counter:
     SWEEPS = {"_fwd_looped_kernel": 2}
 
     def __init__(self, monkeypatch):
-        self.runs = []
-        cls = type(fk._fwd_fused_kernel)
-        original = cls.run
-        counter = self
-
-        def run(kernel, *args, **kwargs):
-            counter.runs.append(kernel.fn.__name__)
-            return original(kernel, *args, **kwargs)
-        monkeypatch.setattr(cls, "run", run)
+        self.runs = record_launches(monkeypatch)
 
     def x_sweeps(self):
         return sum(self.SWEEPS.get(n, 1) for n in self.runs if n in self.READS_X)

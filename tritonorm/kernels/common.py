@@ -124,21 +124,6 @@ def store2d(Ptr, roff, coff, value, mask):
 
 
 @triton.jit
-def pivot(X, rx, rmask, CENTER: tl.constexpr):
-    """Each row's first element (column 0 has offset 0 in every view), or 0 without centring.
-
-    A non-finite first element gives pivot 0: x - inf would turn every deviation of the row
-    into +-inf or NaN, where the row's exact mean is +-inf (running statistics need it). Without
-    centring the pivot is a plain 0, never 0 * x (inf * 0 = NaN)."""
-    if CENTER:
-        k = tl.load(X + rx, mask=rmask, other=0.0).to(tl.float32)
-        k = tl.where(k - k == 0.0, k, 0.0)  # k - k is NaN exactly when k is +-inf or NaN
-    else:
-        k = (rx * 0).to(tl.float32)
-    return k
-
-
-@triton.jit
 def sigmoid(z):
     # Relative accuracy everywhere: 1 + e^{-z} does not cancel; saturates to 0 (z -> -inf) and 1.
     return 1.0 / (1.0 + tl.exp(-z))
@@ -330,13 +315,20 @@ def load_input(X, Res, H, rx, cx, ro, co, mask, PRE_ADD: tl.constexpr, STORE_H: 
 
 @triton.jit
 def pivot_input(X, Res, H, rx, ro, rmask, CENTER: tl.constexpr, PRE_ADD: tl.constexpr):
-    """``pivot`` of the normalized input: each row's first x, or first h = x + residual."""
-    k = tl.load(X + rx, mask=rmask, other=0.0).to(tl.float32)
-    if PRE_ADD:
-        k = (k + tl.load(Res + ro, mask=rmask, other=0.0).to(tl.float32)).to(H.dtype.element_ty)
-        k = k.to(tl.float32)
-    if not CENTER:
-        k = k * 0.0
+    """The pivot of each row: its first element (column 0 has offset 0 in every view) of the
+    normalized input — x, or h = x + residual rounded as h is stored.
+
+    A non-finite first element gives pivot 0: x - inf would turn every deviation of the row into
+    +-inf or NaN, where the row's exact mean is +-inf (running statistics need it). Without
+    centring the pivot is a plain 0, never 0 * x (inf * 0 = NaN)."""
+    if CENTER:
+        k = tl.load(X + rx, mask=rmask, other=0.0).to(tl.float32)
+        if PRE_ADD:
+            k = (k + tl.load(Res + ro, mask=rmask, other=0.0).to(tl.float32)).to(H.dtype.element_ty)
+            k = k.to(tl.float32)
+        k = tl.where(k - k == 0.0, k, 0.0)  # k - k is NaN exactly when k is +-inf or NaN
+    else:
+        k = (rx * 0).to(tl.float32)
     return k
 
 
