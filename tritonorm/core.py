@@ -17,7 +17,7 @@ import torch
 
 from . import activations, backend as backends, dispatch, ops, reference
 from .scope import Spec
-from .validation import check_norm_args, check_number
+from .validation import broadcasts_to, check_norm_args, check_number
 
 _CALLS: dict = {}
 
@@ -63,6 +63,26 @@ def _env_backend():
     return _ENV.get(_ENV_KEY) if _ENV is not None else os.environ.get("TRITONORM_BACKEND")
 
 
+def signature(x, scope, num_groups, sample_groups, eps, center, activation, training, backend, *tensors):
+    """The key of a call's cached checks and plan: the arguments, the environment's backend, x's
+    shape, strides, dtype and device, the same of every other tensor, and a forced regime."""
+    return (scope, num_groups, sample_groups, eps, center, activation, training, backend, _env_backend(),
+            x.shape, x.stride(), x.dtype, x.device, *[_meta(t) for t in tensors], dispatch.forced_state())
+
+
+def exact_flags(center, training, num_groups, sample_groups) -> bool:
+    """bool == int in a dict key: flags of the wrong type must take the checking path."""
+    return (center.__class__ is bool and training.__class__ is bool and num_groups.__class__ is not bool
+            and sample_groups.__class__ is not bool)
+
+
+def remember(cache: dict, key, call, limit: int = 4096) -> None:
+    if key is not None:
+        if len(cache) > limit:
+            cache.clear()
+        cache[key] = call
+
+
 def _run(x, scope, num_groups, sample_groups, weight, bias, eps, center, activation, residual, running_mean,
          running_var, momentum, training, backend, with_stats):
     if torch.compiler.is_compiling():
@@ -70,22 +90,15 @@ def _run(x, scope, num_groups, sample_groups, weight, bias, eps, center, activat
                       running_mean, running_var, momentum, training, backend)
         return out if with_stats else out[0]
     try:
-        key = (scope, num_groups, sample_groups, eps, center, activation, training, backend, _env_backend(),
-               x.shape, x.stride(), x.dtype, x.device,
-               _meta(weight), _meta(bias), _meta(residual), _meta(running_mean), _meta(running_var),
-               dispatch.forced_state())
+        key = signature(x, scope, num_groups, sample_groups, eps, center, activation, training, backend,
+                        weight, bias, residual, running_mean, running_var)
         call = _CALLS.get(key)
     except (AttributeError, TypeError):  # not tensors, or unhashable: the full checks say what is wrong
         key = call = None
-    # bool == int in a dict key: flags of the wrong type take the checking path.
-    if call is None or center.__class__ is not bool or training.__class__ is not bool \
-            or num_groups.__class__ is bool or sample_groups.__class__ is bool:
+    if call is None or not exact_flags(center, training, num_groups, sample_groups):
         call = _Call(x, scope, num_groups, sample_groups, weight, bias, eps, center, activation, residual,
                      running_mean, running_var, momentum, training, backend)
-        if key is not None:
-            if len(_CALLS) > 4096:
-                _CALLS.clear()
-            _CALLS[key] = call
+        remember(_CALLS, key, call)
     elif call.uses_momentum:
         check_number("momentum", momentum, lo=0.0, hi=1.0)
     return call(x, weight, bias, residual, running_mean, running_var, eps, momentum, with_stats)
@@ -196,16 +209,11 @@ class _NormFunction(torch.autograd.Function):
                  call.has_res and need[3])
         if torch.is_grad_enabled():
             # create_graph=True (gradient penalties): a differentiable recomputation.
-            if call.param_full:
-                grads = _differentiable_backward(dy, x, weight, bias, residual, stats, call, needs)
-            else:
-                from . import double_backward
+            from . import double_backward
 
-                given = None
-                if call.use_running:
-                    given = (stats[4].view(call.stat_shape), stats[2].view(call.stat_shape))
-                grads = tuple(double_backward.grads(dy, x, weight, bias, residual, call.spec, call.eps, call.center,
-                                                    call.act, given, list(needs), call.has_res))
+            given = (stats[4].view(call.stat_shape), stats[3].view(call.stat_shape)) if call.use_running else None
+            grads = tuple(double_backward.grads(dy, x, weight, bias, residual, call.spec, call.eps, call.center,
+                                                call.act, given, list(needs), call.has_res))
         elif call.param_full:
             # Per-element gradients of the expanded parameters, summed back to their shapes.
             dx, dw, db, dres = call.plan.backward(needs)(dy, x, *_expanded(call, weight, bias, x), residual, stats)
@@ -228,7 +236,7 @@ def _reduced(g, param):
     """A per-element parameter gradient summed over the parameter's broadcast axes."""
     if g is None:
         return None
-    return g.sum_to_size(_as_broadcast(param, g).shape).view(param.shape)
+    return g.sum_to_size(reference.affine_view(param, g).shape).view(param.shape)
 
 
 def _broadcast_params(x, weight, bias) -> bool:
@@ -247,11 +255,7 @@ def _broadcast_params(x, weight, bias) -> bool:
             raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
         if t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
-        try:
-            ok = torch.broadcast_shapes(t.shape, x.shape) == x.shape
-        except RuntimeError:
-            ok = False
-        if not ok:
+        if not broadcasts_to(t, x.shape):
             raise ValueError(f"{name} must have shape ({x.shape[1]},) or be broadcastable to x's shape "
                              f"{tuple(x.shape)}, got {tuple(t.shape)}")
         full = True
@@ -266,40 +270,12 @@ def _broadcast_composite(call, x, weight, bias, residual, running_mean, running_
                running_var, momentum, call.training, backend, True)
     z = out[0]
     if weight is not None:
-        z = z * _as_broadcast(weight, x)
+        z = z * reference.affine_view(weight, x)
     if bias is not None:
-        z = z + _as_broadcast(bias, x)
+        z = z + reference.affine_view(bias, x)
     if residual is not None:
         z = z + residual
     return (activations.apply(call.act_name, z), *out[1:])
-
-
-def _as_broadcast(t, x):
-    """A parameter in x's broadcasting terms: (C,) is per channel (axis 1), anything else
-    broadcasts by torch's rules."""
-    if tuple(t.shape) == (x.shape[1],):
-        return t.view(1, -1, *([1] * (x.dim() - 2)))
-    return t
-
-
-def _differentiable_backward(dy, x, weight, bias, residual, stats, call, needs):
-    """The gradients recomputed with differentiable fp32 torch ops from the saved inputs, so that
-    ``create_graph=True`` (gradient penalties: WGAN-GP, R1) gets correct second derivatives. In
-    eval the statistics are constants: the ones the forward used."""
-    with torch.enable_grad():
-        running = (stats[4], stats[3]) if call.use_running else (None, None)
-        if call.param_full:  # broadcast affine: the plain norm, then the affine as torch ops
-            z = reference.norm(x, call.spec, None, None, call.eps, call.center, None, None, *running, 0.0,
-                               training=not call.use_running, compute_dtype=torch.float32)
-            z = z * _as_broadcast(weight, x) if weight is not None else z
-            z = z + _as_broadcast(bias, x) if bias is not None else z
-            y = activations.apply(call.act_name, z + residual if residual is not None else z)
-        else:
-            y = reference.norm(x, call.spec, weight, bias, call.eps, call.center, call.act_name, residual,
-                               *running, 0.0, training=not call.use_running, compute_dtype=torch.float32)
-    wrt = [t for t, n in zip((x, weight, bias, residual), needs) if n]
-    grads = iter(torch.autograd.grad(y, wrt, dy, create_graph=True, allow_unused=True))
-    return tuple(next(grads) if n else None for n in needs)
 
 
 def _update_running(spec: Spec, shape, stats, running_mean, running_var, momentum, center):

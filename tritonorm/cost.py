@@ -16,8 +16,6 @@ from dataclasses import dataclass
 
 from . import dispatch
 
-# Persistent LayerNorm-row backward: row blocks per program (kernels/launch.py keeps the same).
-ROWS_PER_PROGRAM = 8
 _STATS_ROWS = 5  # pivot, shifted mean, rstd, var, mean
 
 
@@ -159,7 +157,7 @@ def backward_cost(plan: dispatch.Plan, problem: dispatch.Problem, dwdb_plan: dis
         if need_wb and row_channel:
             written += params_out
         if need_wb and col_channel:
-            progs = max(1, min(profile.sm_count, math.ceil(math.ceil(P / plan.config["block_p"]) / ROWS_PER_PROGRAM)))
+            progs = dispatch.col_channel_programs(math.ceil(P / plan.config["block_p"]), profile.sm_count)
             launches += 1
             written += 2 * M * progs * 4 + params_out
             read += 2 * M * progs * 4

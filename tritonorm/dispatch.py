@@ -337,6 +337,17 @@ def choose(problem: Problem, profile: DeviceProfile) -> Plan:
                 f"{split} programs share each ({row_programs * split} programs)")
 
 
+# Row blocks each program of the persistent LayerNorm-row backward owns at least: its [2, C] fp32
+# dweight/dbias partial then costs at most 1/8 of a row's bytes per row.
+ROWS_PER_PROGRAM = 8
+
+
+def col_channel_programs(row_blocks: int, sm_count: int) -> int:
+    """Programs of the persistent LayerNorm-row backward: at most one per SM (enough to keep the
+    GPU busy on long inputs), each owning at least ROWS_PER_PROGRAM row blocks."""
+    return max(1, min(sm_count, -(-row_blocks // ROWS_PER_PROGRAM)))
+
+
 def fit(plan: Plan, problem: Problem, profile: DeviceProfile) -> Plan | None:
     """A stored plan adapted to this problem (split clamped to the tiles), or None when it cannot
     run it (a fused block narrower than the statistic, a malformed config)."""

@@ -26,8 +26,9 @@ def grads(dy: torch.Tensor, x: torch.Tensor, weight, bias, residual, spec: Spec,
           needs: list[bool], has_residual: bool) -> list[torch.Tensor | None]:
     """[dx, dweight, dbias, dresidual] (None where not needed), differentiable.
 
-    ``given``: (mean, rstd) per statistic when the forward normalized with given statistics,
-    else None (batch statistics, recomputed here). ``residual`` may be None although the forward
+    ``given``: (mean, var) per statistic when the forward normalized with given (running)
+    statistics, else None (batch statistics, recomputed here). weight and bias may be (C,) or
+    broadcastable to x (adaptive affine). ``residual`` may be None although the forward
     had one (``has_residual``): without an activation it only shifts y, so dresidual is dy.
     """
     act = _NAME_OF_CODE[act_code]
@@ -35,11 +36,10 @@ def grads(dy: torch.Tensor, x: torch.Tensor, weight, bias, residual, spec: Spec,
     # A tensor whose gradient is not asked for is a constant here.
     live = [None if t is None else (t if need else t.detach()) for t, need in zip(inputs, needs)]
     with torch.enable_grad():
-        if given is None:
-            y = reference.norm(live[0], spec, live[1], live[2], eps, center, act, live[3],
-                               training=True, compute_dtype=_compute_dtype(x))
-        else:
-            y = _given_stats_forward(live[0], spec, live[1], live[2], live[3], given, center, act)
+        # Given statistics (eval) are the running ones the forward read: constants here.
+        running = (None, None) if given is None else given
+        y = reference.norm(live[0], spec, live[1], live[2], eps, center, act, live[3], *running,
+                           training=given is None, compute_dtype=_compute_dtype(x))
         wanted = [i for i, t in enumerate(live) if needs[i] and t is not None]
         out = torch.autograd.grad(y, [live[i] for i in wanted], dy, create_graph=True,
                                   allow_unused=True)
@@ -55,25 +55,6 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def _given_stats_forward(x, spec: Spec, weight, bias, residual, given, center: bool, act):
-    """y = act(weight * (x - mean) * rstd + bias + residual) with constant mean and rstd."""
-    acc = _compute_dtype(x)
-    mean, rstd = given
-    full = [1 if red else size for _, size, red in spec.logical_axes(x.shape)]
-    xg = x.to(acc).reshape(spec.logical_shape(x.shape))
-    if center:
-        xg = xg - mean.detach().to(acc).reshape(full)
-    y = (xg * rstd.detach().to(acc).reshape(full)).reshape(x.shape)
-    bshape = (1, -1) + (1,) * (x.dim() - 2)
-    if weight is not None:
-        y = y * weight.to(acc).reshape(bshape)
-    if bias is not None:
-        y = y + bias.to(acc).reshape(bshape)
-    if residual is not None:
-        y = y + residual.to(acc)
-    return activations.apply(act, y).to(x.dtype)
-
-
 def from_ctx(ctx, dy: torch.Tensor, needs: list[bool]) -> tuple:
     """The hook for ops.py's ``norm_fwd`` backward (the torch.compile path): unpack its context,
     return its 10 outputs."""
@@ -83,6 +64,6 @@ def from_ctx(ctx, dy: torch.Tensor, needs: list[bool]) -> tuple:
     spec, center, act, given, has_res = ctx.meta
     spec = decode_spec(spec)
     shape = spec.stat_shape(x.shape)
-    given_stats = (stats[4].view(shape), stats[2].view(shape)) if given else None
+    given_stats = (stats[4].view(shape), stats[3].view(shape)) if given else None
     out = grads(dy, x, weight, bias, residual, spec, ctx.eps, center, act, given_stats, needs, has_res)
     return (*out, None, None, None, None, None, None)

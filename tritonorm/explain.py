@@ -13,7 +13,8 @@ import dataclasses
 import torch
 
 from . import activations, backend as backends, cost, dispatch
-from .kernels.layout import MAX_DIMS, TooManyDims, alloc_out, channel_view, stat_view
+from .kernels.layout import (MAX_DIMS, TooManyDims, alloc_out, channel_per_col, channel_per_row, channel_view,
+                             stat_view)
 from .validation import check_norm_args
 
 OPS = ("forward", "backward", "dwdb")
@@ -141,10 +142,9 @@ def _cost(op, plan, problem, profile, x, spec, weight, bias, residual, act, runn
                                           dtype=problem.dtype, flags=flags)
     bplan = dispatch.plan_for(bproblem, profile)
     need_wb = weight is not None or bias is not None
-    row_channel = (need_wb and not given and spec.allows_running_stats and not spec.reduces_c
-                   and spec.sample_groups == 1 and not param_full)
-    col_channel = (need_wb and bplan.kernel == "fused" and fwd_view.cols.chan == (1, fwd_view.M, 1)
-                   and fwd_view.M == x.shape[1] and not param_full)
+    row_channel = need_wb and not given and not param_full and channel_per_row(spec)
+    col_channel = (need_wb and bplan.kernel == "fused" and not param_full
+                   and channel_per_col(fwd_view, x.shape[1]))
     dwdb = None
     if need_wb and not (row_channel or col_channel or param_full):
         cview = _view(x, spec, channel_view)

@@ -11,7 +11,7 @@ import math
 import torch
 
 from .core import norm, norm_with_stats
-from .validation import check_number, check_running_buffers, check_tensor
+from .validation import broadcasts_to, check_number, check_running_buffers, check_tensor
 
 
 def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False,
@@ -192,11 +192,7 @@ def _broadcast_rows(input, shape, rows, d, weight, bias):
     out = []
     for name, t in (("weight", weight), ("bias", bias)):
         if isinstance(t, torch.Tensor) and tuple(t.shape) != shape and t.dim() == input.dim():
-            try:
-                ok = torch.broadcast_shapes(t.shape, input.shape) == input.shape
-            except RuntimeError:
-                ok = False
-            if not ok:
+            if not broadcasts_to(t, input.shape):
                 raise ValueError(f"{name} must have the normalized shape {list(shape)} or be broadcastable "
                                  f"to the input's shape {tuple(input.shape)}, got {tuple(t.shape)}")
             check_tensor(name, t, input)

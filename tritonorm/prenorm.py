@@ -42,21 +42,15 @@ def add_norm(x: torch.Tensor, residual: torch.Tensor, scope: str = "group", *, n
         return _composite(x, residual, rd, scope, num_groups, sample_groups, weight, bias, eps, center, activation,
                           running_mean, running_var, momentum, training, backend)
     try:
-        key = (scope, num_groups, sample_groups, eps, center, activation, training, backend, core._env_backend(),
-               rd, x.shape, x.stride(), x.dtype, x.device, core._meta(residual), core._meta(weight),
-               core._meta(bias), core._meta(running_mean), core._meta(running_var),
-               core.dispatch.forced_state())
+        key = (rd, core.signature(x, scope, num_groups, sample_groups, eps, center, activation, training, backend,
+                                  residual, weight, bias, running_mean, running_var))
         call = _CALLS.get(key)
     except (AttributeError, TypeError):
         key = call = None
-    if call is None or center.__class__ is not bool or training.__class__ is not bool \
-            or num_groups.__class__ is bool or sample_groups.__class__ is bool:
+    if call is None or not core.exact_flags(center, training, num_groups, sample_groups):
         call = _AddCall(x, residual, rd, scope, num_groups, sample_groups, weight, bias, eps, center, activation,
                         running_mean, running_var, momentum, training, backend)
-        if key is not None:
-            if len(_CALLS) > 1024:
-                _CALLS.clear()
-            _CALLS[key] = call
+        core.remember(_CALLS, key, call, limit=1024)
     elif call.update:
         check_number("momentum", momentum, lo=0.0, hi=1.0)
     if call.plan is None:

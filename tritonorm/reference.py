@@ -116,12 +116,19 @@ def norm(
                            running_mean, running_var, momentum)
     xhat = (xg - mean if center else xg) * torch.rsqrt(var + eps)
     y = xhat.reshape(shape)
-    bshape = (1, -1) + (1,) * (x.dim() - 2)
     if weight is not None:
-        y = y * weight.to(compute_dtype).reshape(bshape)
+        y = y * affine_view(weight.to(compute_dtype), x)
     if bias is not None:
-        y = y + bias.to(compute_dtype).reshape(bshape)
+        y = y + affine_view(bias.to(compute_dtype), x)
     if residual is not None:
         y = y + residual.to(compute_dtype)
     y = activations.apply(activation, y)
     return y.to(x.dtype)
+
+
+def affine_view(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A weight or bias in x's broadcasting terms: (C,) is per channel (axis 1); anything else
+    (broadcast / adaptive affine: (N, C, 1, 1), (N, 1, D), ...) broadcasts by torch's rules."""
+    if tuple(t.shape) == (x.shape[1],):
+        return t.view(1, -1, *([1] * (x.dim() - 2)))
+    return t

@@ -37,6 +37,14 @@ def check_tensor(name: str, t, x: torch.Tensor, shape=None, allow_none: bool = T
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
 
 
+def broadcasts_to(t: torch.Tensor, shape) -> bool:
+    """Whether ``t`` broadcasts to exactly ``shape`` (a broadcast / adaptive affine parameter)."""
+    try:
+        return torch.broadcast_shapes(t.shape, shape) == tuple(shape)
+    except RuntimeError:
+        return False
+
+
 def check_number(name: str, value, lo=None, hi=None, lo_open: bool = False) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")

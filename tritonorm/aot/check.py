@@ -16,19 +16,10 @@ import os
 import sys
 from pathlib import Path
 
+from ..cli import _csv
 from ..tuning import suites
 from . import compile as aot_compile
 from . import report, variants as V
-
-
-def _csv(choices):
-    def parse(text: str):
-        items = [t.strip() for t in text.split(",") if t.strip()]
-        bad = [t for t in items if t not in choices]
-        if bad or not items:
-            raise argparse.ArgumentTypeError(f"expected a comma-separated subset of {', '.join(choices)}")
-        return items
-    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -26,7 +26,7 @@ from . import backward as bk
 from . import forward as fk
 from . import native
 from .fastlaunch import Launcher
-from .layout import TooManyDims, channel_view, match_strides, stat_view
+from .layout import TooManyDims, channel_per_col, channel_per_row, channel_view, match_strides, stat_view
 
 _MAX_GRID_1 = 65535  # CUDA's limit on the second grid dimension
 
@@ -324,16 +324,6 @@ class ForwardPlan:
         return plan
 
 
-def col_channel_programs(row_blocks: int, sm_count: int) -> int:
-    """Programs of the persistent LayerNorm-row backward. Each writes a [2, C] fp32 partial of
-    dweight/dbias, so each should own at least ROWS_PER_PROGRAM row blocks (the partials then
-    cost <= 1/8 of a row's bytes per row) while one per SM keeps the GPU busy for long inputs."""
-    return max(1, min(sm_count, -(-row_blocks // ROWS_PER_PROGRAM)))
-
-
-ROWS_PER_PROGRAM = 8
-
-
 class BackwardPlan:
     """The backward launches for a forward plan and the gradients asked for
     (dx, dweight, dbias, dresidual)."""
@@ -380,14 +370,12 @@ class BackwardPlan:
         dx_pass = need_dx or self.write_dres or (param_full and need_wb)
         # Each statistic one channel (BatchNorm's scope): the dx kernels' row sums are dweight and
         # dbias, so the channel-view sweep is skipped.
-        row_channel = (need_wb and dx_pass and not self.given and not param_full and spec.allows_running_stats
-                       and not spec.reduces_c and spec.sample_groups == 1)
+        row_channel = need_wb and dx_pass and not self.given and not param_full and channel_per_row(spec)
         # Each column one channel (LayerNorm rows, positional scope) in the fused regime: a
         # persistent grid accumulates dweight and dbias per program.
         col_channel = (need_wb and dx_pass and plan.kernel == "fused" and not param_full
-                       and view.cols.chan == (1, view.M, 1) and view.M == c.shape[1])
+                       and channel_per_col(view, c.shape[1]))
         self.row_channel, self.col_channel = row_channel, col_channel
-        self.steps = []  # (kind, kernel, grid, fixed args, constexprs)
         self.P, self.M = P, M
         common = dict(flags, BLOCK_P=bp, BLOCK_M=bm, num_warps=nw)
         self.dx_kind = None
@@ -396,7 +384,7 @@ class BackwardPlan:
                 row_blocks = triton.cdiv(P, bp)
                 progs = row_blocks
                 if col_channel:
-                    progs = col_channel_programs(row_blocks, profile.sm_count)
+                    progs = dispatch.col_channel_programs(row_blocks, profile.sm_count)
                 self.progs = progs
                 self.dx_kind = "fused"
                 self.dx = (bk._bwd_fused_kernel, (progs,), (P, M, row_blocks, rg, cg),

@@ -181,6 +181,17 @@ def channel_view(shape, spec: Spec, x_strides, out_strides) -> View:
     return _finish(rows, cols)
 
 
+def channel_per_row(spec: Spec) -> bool:
+    """Each statistic is one channel (BatchNorm's scope, without sample groups): the dx kernels'
+    row sums are dweight and dbias."""
+    return spec.allows_running_stats and not spec.reduces_c and spec.sample_groups == 1
+
+
+def channel_per_col(view: View, channels: int) -> bool:
+    """Each column of the statistic view is one channel (LayerNorm rows, positional scope)."""
+    return view.cols.chan == (1, view.M, 1) and view.M == channels
+
+
 def alloc_out(x: torch.Tensor) -> torch.Tensor:
     """An output like x: same strides when x is dense, else dense in x's stride order."""
     return torch.empty_like(x, memory_format=torch.preserve_format)
