@@ -68,7 +68,8 @@ EXPECTED = [
 def test_suite_plans_on_h100(name, op, kernel):
     plan = _plan(_case(name), op=op)
     assert plan.kernel == kernel, plan
-    assert plan.reason.startswith("heuristic")
+    # channels_last GroupNorm with 10-40 channels a group: kernels/pixels.py's plan
+    assert plan.reason.startswith("heuristic") or plan.reason.startswith("channels_last pixel tiles")
     assert "h100" in plan.reason
 
 
@@ -80,6 +81,15 @@ def test_every_suite_shape_gets_a_runnable_plan():
                 plan = _plan(case, dtype, op)
                 cfg = plan.config
                 assert plan.kernel in dispatch.REGIMES
+                if "cb" in cfg:  # the whole-pixel kernels (channels_last GroupNorm, kernels/pixels.py)
+                    assert op != "dwdb" and case.channels_last and case.kind in ("group_norm", "instance_norm")
+                    hw = _plan_problem(case, dtype, op).M // (case.shape[1] // (case.num_groups or case.shape[1]))
+                    assert (cfg["cb"] * dtype.itemsize) % 16 == 0 and case.shape[1] % cfg["cb"] == 0
+                    for k in ("block_hw", "num_warps"):
+                        assert cfg[k] >= 1 and cfg[k] & (cfg[k] - 1) == 0, (case.name, plan)
+                    assert (plan.kernel == "fused") == (cfg["block_hw"] >= hw)
+                    assert (cfg["split"] > 1) == (plan.kernel == "split")
+                    continue
                 for k in ("block_p", "block_m", "num_warps"):
                     assert cfg[k] >= 1 and cfg[k] & (cfg[k] - 1) == 0, (case.name, plan)
                 if plan.kernel == "fused":
@@ -151,7 +161,7 @@ def test_explain_matches_what_the_launcher_runs(device):
         seen.append((problem.op, plan))
         return plan
 
-    x = torch.randn(2, 8, 6, 6, device=device).to(memory_format=torch.channels_last)
+    x = torch.randn(2, 8, 6, 6, device=device)  # NCHW: the row/column kernels' plan
     w = torch.randn(8, device=device)
     expected = explain(x, "group", num_groups=4, weight=w, activation="silu")
     try:
@@ -163,6 +173,26 @@ def test_explain_matches_what_the_launcher_runs(device):
         dispatch.plan_for = real
     fwd = [p for op, p in seen if op == "forward"]
     assert fwd and fwd[0].kernel == expected.kernel and fwd[0].config == expected.config
+
+
+def test_explain_matches_the_whole_pixel_plans(device):
+    """channels_last GroupNorm with 2 channels a group runs kernels/pixels.py: explain shows the
+    plan the launcher's forward and backward plans hold."""
+    if device.type != "cuda":
+        pytest.importorskip("triton")
+    from tritonorm.kernels import launch
+
+    x = torch.randn(2, 8, 6, 6, device=device).to(memory_format=torch.channels_last).requires_grad_()
+    w = torch.randn(8, device=device, requires_grad=True)
+    launch.clear()
+    import tritonorm
+
+    tritonorm.norm(x, "group", num_groups=4, weight=w, activation="silu").sum().backward()
+    (plan,) = [p for p in launch._PLANS.values() if isinstance(p, launch.ForwardPlan)]
+    assert plan.pixels is not None
+    for op, ran in (("forward", plan.plan), ("backward", next(iter(plan._backward.values())).pixels.plan)):
+        expected = explain(x, "group", num_groups=4, weight=w, activation="silu", op=op)
+        assert (ran.kernel, ran.config) == (expected.kernel, expected.config), op
 
 
 def test_explain_reference_and_errors():

@@ -192,3 +192,37 @@ def backward_cost(plan: dispatch.Plan, problem: dispatch.Problem, dwdb_plan: dis
         written += param_full * full
         read += param_full * full  # the reductions read them back
     return Cost(launches, read, written, ideal_read, ideal_written, _time(profile, launches, read + written))
+
+
+
+def pixels_backward_cost(plan: dispatch.Plan, problem: dispatch.Problem, profile: dispatch.DeviceProfile, *,
+                         samples: int, elem_bytes: int, channels: int, has_w: bool, has_b: bool, has_res: bool,
+                         act: bool, param_bytes: int, **_) -> Cost:
+    """The backward of channels_last GroupNorm/InstanceNorm on whole-pixel tiles
+    (kernels/pixels_backward.py), every gradient asked for: the dweight/dbias partials come out
+    of the pass over x and dy ([2, N, C] fp32, or [2, SPLIT, N, C]); fused/looped add them in a
+    finish kernel, split in its apply kernel, whose programs each also re-read their block's
+    SPLIT partials for S1 and S2."""
+    P, M = problem.P, problem.M
+    n = P * M * elem_bytes
+    C, N = channels, samples
+    need_wb = has_w or has_b
+    res = n if has_res and act else 0
+    params = (has_w + has_b) * C * param_bytes
+    ideal_read = 2 * n + res + params
+    ideal_written = n + res + params
+    split = plan.config.get("split", 1)
+    sweeps = 1 if plan.kernel == "fused" else 2
+    read = sweeps * (2 * n + res) + 3 * P * 4 + params
+    written = n + res + params
+    partials = 2 * split * N * C * 4
+    written += partials if need_wb or split > 1 else 0
+    if plan.kernel == "split":
+        launches = 2
+        read += partials * split  # each of a block's SPLIT apply programs adds all its partials
+        if need_wb:
+            read += partials
+    else:
+        launches = 1 + need_wb
+        read += partials if need_wb else 0
+    return Cost(launches, read, written, ideal_read, ideal_written, _time(profile, launches, read + written))

@@ -111,6 +111,13 @@ def explain(x: torch.Tensor, scope: str = "group", *, num_groups: int | None = N
     problem = dispatch.problem_from_view(op, view, x.element_size(), spec=spec,
                                          dtype=str(x.dtype).replace("torch.", ""), flags=flags)
     plan = dispatch.plan_for(problem, profile)
+    if op in ("forward", "backward") and plan.kernel != dispatch.NATIVE and running_var is None \
+            and running_mean is None and pre_add is None and not param_full:
+        from .kernels import pixels  # imports triton: not at module level (explain works without it)
+        from .kernels.launch import _dense_strides
+        if pixels.applies(tuple(x.shape), x.stride(), _dense_strides(x), spec, x.element_size()):
+            # channels_last GroupNorm with short groups: the whole-pixel kernels, as the launcher runs them
+            plan = pixels.choose(tuple(x.shape), spec, x.element_size(), profile, op)
     groups = f", S={spec.sample_groups} sample groups" if spec.sample_groups > 1 else ""
     note = (f" [{profile.name}: P={problem.P} statistics x M={problem.M} elements{groups}, "
             f"{problem.layout}]")
@@ -137,6 +144,8 @@ def _cost(op, plan, problem, profile, x, spec, weight, bias, residual, act, runn
         return cost.forward_cost(plan, problem, profile, mode=mode, running=running_var is not None and training,
                                  running_bytes=running_var.element_size() if running_var is not None else 4,
                                  **common)
+    if "cb" in plan.config:  # the whole-pixel kernels (kernels/pixels_backward.py)
+        return cost.pixels_backward_cost(plan, problem, profile, samples=x.shape[0], act=act is not None, **common)
     fwd_view = _view(x, spec, stat_view)
     bproblem = dispatch.problem_from_view("backward", fwd_view, x.element_size(), spec=spec,
                                           dtype=problem.dtype, flags=flags)

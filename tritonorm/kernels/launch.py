@@ -24,8 +24,9 @@ from .. import dispatch, reference
 from ..scope import Spec
 from . import backward as bk
 from . import forward as fk
-from . import native
+from . import native, pixels
 from .fastlaunch import Launcher
+from .pixels_backward import PixelsBackward
 from .layout import TooManyDims, channel_per_col, channel_per_row, channel_view, match_strides, stat_view
 
 _MAX_GRID_1 = 65535  # CUDA's limit on the second grid dimension
@@ -184,6 +185,7 @@ class ForwardPlan:
             pre["PARAM_FULL"] = True
         self.has_w, self.has_b, self.has_res, self.act = has_w, has_b, has_res, act
         self._backward: dict = {}
+        self.pixels = None
         if c.contiguous:
             inner = x.contiguous()
             self.inner = ForwardPlan(inner, spec, has_w, has_b, has_res, act, center, mode, running, profile,
@@ -196,6 +198,15 @@ class ForwardPlan:
         self.plan = dispatch.plan_for(_problem("forward", view, x, spec, c.fkey), profile)
         self.native = self.plan.kernel == dispatch.NATIVE
         if self.native:
+            return
+        # channels_last GroupNorm/InstanceNorm with groups that are not 16-byte runs: whole-pixel
+        # tiles (pixels.py) instead of the row/column kernels' element-wise reads.
+        if (mode == "train" and not running and not pre_add and not param_full and not c.copy_x
+                and pixels.applies(c.shape, c.x_stride, c.out_stride, spec, x.element_size())):
+            self.pixels = pixels.PixelsForward(c.shape, spec, x.element_size(), has_w, has_b, has_res, act,
+                                               center, profile)
+            self.plan = self.pixels.plan
+            self.launches = self.pixels.launches
             return
         cfg = self.plan.config
         bp, bm, nw = cfg["block_p"], cfg["block_m"], cfg["num_warps"]
@@ -272,6 +283,8 @@ class ForwardPlan:
         # Kernels index weight and bias by channel with unit stride (param_full: the caller laid
         # them out like y).
         w, b = _params(weight, bias, self.param_full, x)
+        if self.pixels is not None:
+            return self.pixels(x, y, residual, w, b, stats, float(eps), _empty)
         r = x if residual is None else residual
         rm = x if run_mean is None else run_mean
         rv = x if run_var is None else run_var
@@ -349,6 +362,12 @@ class BackwardPlan:
             self.inner = fwd.inner.backward(needs)
             return
         if fwd.native:
+            return
+        self.pixels = None
+        if fwd.pixels is not None:  # the whole-pixel kernels of the forward (pixels_backward.py)
+            self.pixels = PixelsBackward(c.shape, c.spec, torch.empty((), dtype=c.dtype).element_size(), needs,
+                                         fwd.has_w, fwd.has_b, fwd.has_res, act, c.center, fwd.profile)
+            self.native = False
             return
         spec = c.spec
         view = c.view
@@ -450,6 +469,8 @@ class BackwardPlan:
             return self.inner.launches
         if getattr(self, "native", False) or self.fwd.native:
             return 0
+        if self.pixels is not None:
+            return self.pixels.launches
         n = 0
         if self.dx_kind == "fused":
             n += 1
@@ -488,6 +509,8 @@ class BackwardPlan:
             return dx, dw, db, dres
         w, b = _params(weight, bias, self.param_full, x)
         r = x if residual is None else residual
+        if self.pixels is not None:
+            return self._pixels(dy, x, w, b, r, weight, bias, stats)
         dx = c.out(x) if self.dx_kind is not None else None
         dres = c.out(x) if self.write_dres else None
         if self.dx_twice:
@@ -533,6 +556,20 @@ class BackwardPlan:
         if fwd.pre_add:  # add_norm: the residual's gradient is dx
             return dx, dw, db, (dres if self.dx_twice else dx)
         return dx if need_dx else None, dw, db, dres
+
+
+    def _pixels(self, dy, x, w, b, r, weight, bias, stats):
+        need_dx, need_dw, need_db, need_dres = self.needs
+        px = self.pixels
+        dx = self.fwd.c.out(x) if need_dx else None
+        dres = self.fwd.c.out(x) if px.write_dres else None
+        dw = _empty(weight.shape, x.device, weight.dtype) if px.need_dw else None
+        db = _empty(bias.shape, x.device, bias.dtype) if px.need_db else None
+        px(x, dy, r, w, b, stats, x if dx is None else dx, x if dres is None else dres,
+           x if dw is None else dw, x if db is None else db, _empty)
+        if need_dres and dres is None:
+            dres = dy
+        return dx, dw, db, dres
 
 
 _PLANS: dict = {}

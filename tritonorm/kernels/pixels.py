@@ -1,0 +1,409 @@
+"""Forward kernels for channels_last GroupNorm/InstanceNorm that load whole pixels.
+
+In channels_last a GroupNorm statistic (n, g) is Cg channels at every pixel: runs of Cg
+elements, C apart. With Cg = 10, 20 or 40 (Stable Diffusion: 320..1280 channels in 32 groups)
+those runs sit at arbitrary 16-byte phases, so the row/column kernels (forward.py) read them
+one element at a time. These kernels read a *channel block* instead: CB consecutive channels
+(GB whole groups, CB * element size a multiple of 16 bytes) at BLOCK_HW pixels, a
+[BLOCK_HW, CB_PAD] tile whose rows are 16-byte aligned unit-stride runs, so every access is a
+16-byte vector. Statistics are summed over the pixel axis first (per-channel partials), then
+folded into groups with a [CB_PAD, GB_PAD] one-hot reduction: CB x GB work per program, not per
+element. InstanceNorm is the case Cg = 1.
+
+Same outputs as the row/column kernels: y, and the [5, P] statistics buffer (pivot K = the
+statistic's first element, shifted mean, rstd, variance, mean; P = N * G, statistic n * G + g),
+so the backward and double backward are unchanged. Regimes (``choose``):
+  fused   one program per (sample, channel block) holds all its pixels: x read once, 1 launch.
+  looped  the same program sweeps its pixels twice (moments, then y): 1 launch.
+  split   SPLIT programs per (sample, channel block) each take a pixel chunk: partial moments,
+          then an apply kernel that merges them (forward._merge_partials) and writes y.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .. import dispatch
+from .common import activation, chan_merge, store_stats
+from .forward import _merge_partials
+
+
+@triton.jit
+def _fold(v, CB: tl.constexpr, CG: tl.constexpr, CB_PAD: tl.constexpr, GB_PAD: tl.constexpr):
+    """[CB_PAD] per-channel values -> [GB_PAD] sums over each group's CG channels."""
+    if CG == 1:  # InstanceNorm: a channel is a group
+        return v
+    cl = tl.arange(0, CB_PAD)
+    onehot = ((cl // CG)[:, None] == tl.arange(0, GB_PAD)[None, :]) & (cl < CB)[:, None]
+    return tl.sum(tl.where(onehot, v[:, None], 0.0), axis=0)
+
+
+@triton.jit
+def _spread(v, CB: tl.constexpr, CG: tl.constexpr, CB_PAD: tl.constexpr, GB_PAD: tl.constexpr):
+    """[GB_PAD] per-group values -> [CB_PAD] per-channel values (0 on padding)."""
+    if CG == 1:
+        return v
+    cl = tl.arange(0, CB_PAD)
+    onehot = ((cl // CG)[:, None] == tl.arange(0, GB_PAD)[None, :]) & (cl < CB)[:, None]
+    return tl.sum(tl.where(onehot, v[None, :], 0.0), axis=1)
+
+
+@triton.jit
+def _block(pid, NCB, HW, C, G, CB: tl.constexpr, CG: tl.constexpr, CB_PAD: tl.constexpr,
+           GB_PAD: tl.constexpr, INT64: tl.constexpr):
+    """A program's base offset (its sample and first channel), that first channel, its channels
+    from there (offsets and mask), its statistics (indices and mask)."""
+    n = pid // NCB
+    cb = pid % NCB
+    if INT64:
+        n = n.to(tl.int64)
+    base = n * HW * C
+    cl = tl.arange(0, CB_PAD)
+    cmask = cl < CB
+    gl = tl.arange(0, GB_PAD)
+    gmask = gl < CB // CG
+    rows = n * G + cb * (CB // CG) + gl
+    return base + cb * CB, cb * CB, cl, cmask, rows, gmask
+
+
+@triton.jit
+def _pivot(X, base, chans, gmask, CB: tl.constexpr, CG: tl.constexpr, CB_PAD: tl.constexpr,
+           GB_PAD: tl.constexpr, CENTER: tl.constexpr):
+    """Each group's pivot (its first element: pixel 0, first channel; 0 if not finite, as
+    common.pivot_input) per group and spread to its channels."""
+    k = tl.zeros([GB_PAD], dtype=tl.float32)
+    if CENTER:
+        k = tl.load(X + base + tl.arange(0, GB_PAD) * CG, mask=gmask, other=0.0).to(tl.float32)
+        k = tl.where(k - k == 0.0, k, 0.0)
+    return k, _spread(k, CB, CG, CB_PAD, GB_PAD)
+
+
+@triton.jit
+def _channel_moments(X, base, chans, cmask, k_c, C, start, end, SPAN, CENTER: tl.constexpr,
+                     BLOCK_HW: tl.constexpr, INT64: tl.constexpr):
+    """Per-channel (mean, M2) of x - K over pixels [start, end), BLOCK_HW pixels a tile, Chan-merged
+    (SPAN: a fixed trip count covering end - start; tiles past ``end`` are empty)."""
+    mean = tl.zeros(k_c.shape, dtype=tl.float32)
+    m2 = tl.zeros(k_c.shape, dtype=tl.float32)
+    for t in range(0, SPAN, BLOCK_HW):
+        hw = start + t + tl.arange(0, BLOCK_HW)
+        if INT64:
+            hw = hw.to(tl.int64)
+        mask = (hw < end)[:, None] & cmask[None, :]
+        x = tl.load(X + base + hw[:, None] * C + chans[None, :], mask=mask, other=0.0).to(tl.float32)
+        d = tl.where(mask, x - k_c[None, :], 0.0)
+        nt = tl.maximum(tl.minimum(end - start - t, BLOCK_HW), 0).to(tl.float32)
+        if CENTER:
+            t_mean = tl.sum(d, axis=0) / tl.maximum(nt, 1.0)
+            dev = tl.where(mask, d - t_mean[None, :], 0.0)
+            t_m2 = tl.sum(dev * dev, axis=0)
+        else:
+            t_mean = tl.zeros_like(mean)
+            t_m2 = tl.sum(d * d, axis=0)
+        n_before = tl.minimum(end - start, t).to(tl.float32)
+        mean, m2 = chan_merge(n_before, mean, m2, nt, t_mean, t_m2)
+    return mean, m2
+
+
+@triton.jit
+def _group_moments(mean_c, m2_c, count, CB: tl.constexpr, CG: tl.constexpr, CB_PAD: tl.constexpr,
+                   GB_PAD: tl.constexpr):
+    """Fold per-channel (mean, M2) over ``count`` pixels each into per-group (mean, M2):
+    equal counts, so mean_g = the channels' average and M2_g = sum M2_c + count sum (mean_c - mean_g)^2."""
+    mean_g = _fold(mean_c, CB, CG, CB_PAD, GB_PAD) / CG
+    dev = mean_c - _spread(mean_g, CB, CG, CB_PAD, GB_PAD)
+    m2_g = _fold(m2_c + dev * (dev * count), CB, CG, CB_PAD, GB_PAD)
+    return mean_g, m2_g
+
+
+@triton.jit
+def _affine(W, B, chans, cmask, rstd_c, HAS_W: tl.constexpr, HAS_B: tl.constexpr):
+    """Per-channel scale rstd * w and shift b, loaded once per program (W, B start at the
+    block's first channel): the epilogue then holds three channel vectors, not five."""
+    scale = rstd_c
+    if HAS_W:
+        scale = scale * tl.load(W + chans, mask=cmask, other=0.0).to(tl.float32)
+    shift = tl.zeros_like(rstd_c)
+    if HAS_B:
+        shift = tl.load(B + chans, mask=cmask, other=0.0).to(tl.float32)
+    return scale, shift
+
+
+@triton.jit
+def _epilogue_tile(x, Y, Res, offs, mask, k_c, mean_c, scale_c, shift_c, HAS_RES: tl.constexpr,
+                   ACT: tl.constexpr):
+    """y = act((x - K - mean) * rstd * w + b + residual) of one tile."""
+    z = ((x - k_c[None, :]) - mean_c[None, :]) * scale_c[None, :] + shift_c[None, :]
+    if HAS_RES:
+        z = z + tl.load(Res + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(Y + offs, activation(z, ACT).to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit(do_not_specialize=["NCB"])
+def _pixels_fwd_kernel(
+    X, Y, Res, W, B, Stats,   # Stats: [5, P] fp32 out (see forward.py)
+    P, NCB, HW, C, G, eps,    # statistics, channel blocks per sample, pixels, channels, groups
+    CB: tl.constexpr, CG: tl.constexpr, CB_PAD: tl.constexpr, GB_PAD: tl.constexpr,
+    BLOCK_HW: tl.constexpr, FUSED: tl.constexpr, CENTER: tl.constexpr, HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr, INT64: tl.constexpr,
+):
+    """One program per (sample, channel block). FUSED (BLOCK_HW >= HW): the block's pixels in
+    registers, x read once; else looped: a moments sweep, then an epilogue sweep."""
+    base, first, chans, cmask, rows, gmask = _block(tl.program_id(0), NCB, HW, C, G, CB, CG, CB_PAD, GB_PAD, INT64)
+    k_g, k_c = _pivot(X, base, chans, gmask, CB, CG, CB_PAD, GB_PAD, CENTER)
+    if FUSED:
+        hw = tl.arange(0, BLOCK_HW)
+        hmask = hw < HW
+        mask = hmask[:, None] & cmask[None, :]
+        if INT64:
+            hw = hw.to(tl.int64)
+        offs = base + hw[:, None] * C + chans[None, :]
+        x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+        d = tl.where(mask, x - k_c[None, :], 0.0)
+        if CENTER:
+            mean_c = tl.sum(d, axis=0) / HW
+            dev = tl.where(mask, d - mean_c[None, :], 0.0)
+            m2_c = tl.sum(dev * dev, axis=0)
+        else:
+            mean_c = tl.zeros([CB_PAD], dtype=tl.float32)
+            m2_c = tl.sum(d * d, axis=0)
+    else:
+        mean_c, m2_c = _channel_moments(X, base, chans, cmask, k_c, C, 0, HW, HW, CENTER, BLOCK_HW, INT64)
+    mean_g, m2_g = _group_moments(mean_c, m2_c, HW * 1.0, CB, CG, CB_PAD, GB_PAD)
+    rstd_g = store_stats(Stats, P, rows, gmask, k_g, mean_g, m2_g / (HW * CG), eps, X, X, 0.0, 1.0, 0)
+    mean_c = _spread(mean_g, CB, CG, CB_PAD, GB_PAD)
+    scale_c, shift_c = _affine(W + first, B + first, chans, cmask, _spread(rstd_g, CB, CG, CB_PAD, GB_PAD),
+                               HAS_W, HAS_B)
+    if FUSED:
+        _epilogue_tile(x, Y, Res, offs, mask, k_c, mean_c, scale_c, shift_c, HAS_RES, ACT)
+    else:
+        for t in range(0, HW, BLOCK_HW):
+            hw = t + tl.arange(0, BLOCK_HW)
+            hmask = hw < HW
+            mask = hmask[:, None] & cmask[None, :]
+            if INT64:
+                hw = hw.to(tl.int64)
+            offs = base + hw[:, None] * C + chans[None, :]
+            x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+            _epilogue_tile(x, Y, Res, offs, mask, k_c, mean_c, scale_c, shift_c, HAS_RES, ACT)
+
+
+@triton.jit(do_not_specialize=["NCB", "SPLIT"])
+def _pixels_partial_kernel(
+    X, Part,                  # partial shifted means and M2 out, [2, P, SPLIT] fp32 (as forward.py)
+    P, NCB, HW, C, G, CHUNK, SPLIT,  # CHUNK: pixels per split (a multiple of BLOCK_HW)
+    CB: tl.constexpr, CG: tl.constexpr, CB_PAD: tl.constexpr, GB_PAD: tl.constexpr,
+    BLOCK_HW: tl.constexpr, CENTER: tl.constexpr, INT64: tl.constexpr,
+):
+    """Split regime, stage 1: the per-group moments of one pixel chunk."""
+    base, first, chans, cmask, rows, gmask = _block(tl.program_id(0), NCB, HW, C, G, CB, CG, CB_PAD, GB_PAD, INT64)
+    sp = tl.program_id(1)
+    k_g, k_c = _pivot(X, base, chans, gmask, CB, CG, CB_PAD, GB_PAD, CENTER)
+    start = sp * CHUNK
+    end = tl.minimum(start + CHUNK, HW)
+    mean_c, m2_c = _channel_moments(X, base, chans, cmask, k_c, C, start, end, CHUNK, CENTER, BLOCK_HW, INT64)
+    mean_g, m2_g = _group_moments(mean_c, m2_c, (end - start) * 1.0, CB, CG, CB_PAD, GB_PAD)
+    tl.store(Part + rows * SPLIT + sp, mean_g, mask=gmask)
+    tl.store(Part + P * SPLIT + rows * SPLIT + sp, m2_g, mask=gmask)
+
+
+@triton.jit(do_not_specialize=["NCB", "SPLIT"])
+def _pixels_apply_kernel(
+    X, Y, Res, W, B, Stats, Part,
+    P, NCB, HW, C, G, CHUNK, SPLIT, eps,
+    CB: tl.constexpr, CG: tl.constexpr, CB_PAD: tl.constexpr, GB_PAD: tl.constexpr,
+    BLOCK_HW: tl.constexpr, BLOCK_S: tl.constexpr, CENTER: tl.constexpr, HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr, INT64: tl.constexpr,
+):
+    """Split regime, stage 2: merge the SPLIT partials of the block's groups (forward's merge, in
+    elements: CHUNK * CG per split, HW * CG per statistic), store the statistics (chunk 0), and
+    write y over this program's pixel chunk."""
+    base, first, chans, cmask, rows, gmask = _block(tl.program_id(0), NCB, HW, C, G, CB, CG, CB_PAD, GB_PAD, INT64)
+    sp = tl.program_id(1)
+    k_g, k_c = _pivot(X, base, chans, gmask, CB, CG, CB_PAD, GB_PAD, CENTER)
+    mean_g, var_g = _merge_partials(Part, rows, gmask, P, HW * CG, CHUNK * CG, SPLIT, GB_PAD, BLOCK_S)
+    rstd_g = tl.rsqrt(var_g + eps)
+    if sp == 0:
+        store_stats(Stats, P, rows, gmask, k_g, mean_g, var_g, eps, X, X, 0.0, 1.0, 0)
+    mean_c = _spread(mean_g, CB, CG, CB_PAD, GB_PAD)
+    scale_c, shift_c = _affine(W + first, B + first, chans, cmask, _spread(rstd_g, CB, CG, CB_PAD, GB_PAD),
+                               HAS_W, HAS_B)
+    start = sp * CHUNK
+    end = tl.minimum(start + CHUNK, HW)
+    for t in range(0, CHUNK, BLOCK_HW):
+        hw = start + t + tl.arange(0, BLOCK_HW)
+        hmask = hw < end
+        mask = hmask[:, None] & cmask[None, :]
+        if INT64:
+            hw = hw.to(tl.int64)
+        offs = base + hw[:, None] * C + chans[None, :]
+        x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+        _epilogue_tile(x, Y, Res, offs, mask, k_c, mean_c, scale_c, shift_c, HAS_RES, ACT)
+
+
+# --- Planning -------------------------------------------------------------------------------
+
+# Off: channels_last GroupNorm/InstanceNorm run the row/column kernels (for comparisons).
+ENABLED = True
+
+_MIN_RUN_BYTES = 128  # a channel block spans at least this much of a pixel (a warp's coalesced run)
+
+
+def _channels_last_strides(shape) -> tuple[int, ...]:
+    """Dense channels_last strides of (N, C, *spatial): C fastest, then the spatial axes."""
+    strides = [0] * len(shape)
+    step = 1
+    for axis in [1] + list(range(len(shape) - 1, 1, -1)) + [0]:
+        strides[axis] = step
+        step *= shape[axis]
+    return tuple(strides)
+
+
+def _same_strides(shape, a, b) -> bool:
+    return all(n == 1 or s == t for n, s, t in zip(shape, a, b))
+
+
+def block_channels(C: int, G: int, elem_bytes: int) -> int | None:
+    """Channels a program takes: the fewest whole groups whose bytes are a multiple of 16 (so
+    every pixel's run is 16-byte aligned) and at least _MIN_RUN_BYTES; None if no group count
+    dividing G gives a multiple of 16 bytes."""
+    cg = C // G
+    fallback = None
+    for gb in range(1, G + 1):
+        cb = gb * cg
+        if G % gb or (cb * elem_bytes) % 16:
+            continue
+        if cb * elem_bytes >= _MIN_RUN_BYTES:
+            return cb
+        fallback = cb
+    return fallback
+
+
+def applies(shape, x_stride, out_stride, spec, elem_bytes: int) -> bool:
+    """channels_last GroupNorm (or InstanceNorm) with a channel count per group that is not a
+    multiple of 16: the case the row/column kernels read one element at a time
+    (docs/compiled.md)."""
+    if not ENABLED or len(shape) < 3 or spec.reduces_n or spec.sample_groups != 1:
+        return False
+    if not all(spec.reduces_spatial(i) for i in range(len(shape) - 2)):
+        return False
+    C = shape[1]
+    G = spec.num_groups if spec.reduces_c else C
+    # Cg a multiple of 16: Triton knows the group's run is contiguous, the row kernels are wide.
+    # Otherwise (Cg = 10, 20, 40, even 8) it cannot tell and reads element by element.
+    if C % G or (C // G) % 16 == 0:
+        return False
+    cl = _channels_last_strides(shape)
+    if not (_same_strides(shape, x_stride, cl) and _same_strides(shape, out_stride, cl)):
+        return False
+    return block_channels(C, G, elem_bytes) is not None
+
+
+def choose(shape, spec, elem_bytes: int, profile: dispatch.DeviceProfile, op: str = "forward") -> dispatch.Plan:
+    """The regime and launch parameters for an ``applies`` case (a dispatch.Plan, as
+    ``explain`` and the cost model read it), with dispatch.choose's rules: fused when a channel
+    block's pixels fit one program and the blocks fill the SMs or the call is launch-bound; else
+    one program per block sweeping twice (looped) when the blocks fill half the warp slots; else
+    a split over pixel chunks. A forced regime (dispatch.forced) is honoured where it can run.
+    ``op="backward"`` (pixels_backward.py): the backward's fused limit and half the tile (it
+    holds x, dy and their products)."""
+    N, C = shape[0], shape[1]
+    HW = 1
+    for s in shape[2:]:
+        HW *= s
+    G = spec.num_groups if spec.reduces_c else C
+    cb = block_channels(C, G, elem_bytes)
+    cb_pad = dispatch._pow2(cb)
+    blocks = N * (C // cb)
+    fused_max = profile.fused_limit(elem_bytes, op)
+    # Half the row kernels' tile: each thread also holds five per-channel vectors (pivot, mean,
+    # rstd, weight, bias) across its channels; full 4096-element tiles on 8 warps spilled 16-28 B
+    # at sm_90a in 3 of 40 variants (ptxas kept them at 64 registers).
+    tile_hw = max(1, min(dispatch._pow2(HW), profile.tile // (2 if op == "forward" else 4) // cb_pad))
+    force = dispatch.forced_state()
+    forced = None
+    if force is not None and force[1] in (None, op) and force[0] != dispatch.NATIVE:
+        forced = force[0], dict(force[2])
+        if "block_m" in forced[1]:
+            tile_hw = max(1, min(dispatch._pow2(HW), dispatch._pow2(forced[1]["block_m"]) // cb_pad))
+    fits = dispatch._pow2(HW) * cb_pad <= fused_max
+    total_bytes = N * C * HW * elem_bytes
+    base = dict(cb=cb, block_hw=tile_hw)
+    if forced is None and fits and (blocks >= profile.sm_count or total_bytes < profile.split_min_bytes) \
+            or forced is not None and forced[0] == "fused" and fits:
+        block = dispatch._pow2(HW)
+        return dispatch.Plan("fused", dict(base, block_hw=block, split=1,
+                                           num_warps=dispatch._warps(block * cb_pad, profile)),
+                             f"channels_last pixel tiles: {cb} channels x {HW} pixels in one program")
+    # As dispatch.choose: whole blocks filling half the device's warp slots sweep twice in one
+    # launch; fewer split their pixels (powers of four on a GPU, so the batch moves the split,
+    # and the merge's compiled BLOCK_S, little).
+    tiles = -(-HW // tile_hw)
+    warps = dispatch._warps(tile_hw * cb_pad, profile)
+    fill = profile.sm_count * profile.programs_per_sm if profile.interpreter else dispatch._fill(warps, profile)
+    split = 1
+    if forced is not None and forced[0] == "split":
+        split = max(1, min(tiles, int(forced[1].get("split", 4))))
+    elif forced is None and blocks < fill // 2 and tiles > 1:
+        # At least 4 tiles a program; the backward's apply programs each add their block's
+        # SPLIT partials of CB channels (SPLIT^2 across a block), so at most 16 there.
+        cap = dispatch.MAX_SPLIT if op == "forward" else 16
+        split = min(cap, max(1, tiles // 4), dispatch._pow2(-(-fill // blocks)))
+        if not profile.interpreter:
+            split = 1 << (2 * ((split.bit_length() - 1 + 1) // 2))
+        while split > tiles:
+            split //= 2 if profile.interpreter else 4
+        split = max(1, split)
+    chunk = -(-(-(-HW // split)) // tile_hw) * tile_hw
+    split = -(-HW // chunk)
+    if split == 1:
+        return dispatch.Plan("looped", dict(base, split=1, chunk=HW, num_warps=warps),
+                             f"channels_last pixel tiles: {blocks} blocks of {cb} channels, two sweeps each")
+    return dispatch.Plan("split", dict(base, split=split, chunk=chunk, num_warps=warps),
+                         f"channels_last pixel tiles: {blocks} blocks of {cb} channels x {split} pixel chunks")
+
+
+class PixelsForward:
+    """The forward launches of an ``applies`` signature (train mode, no running statistics)."""
+
+    def __init__(self, shape, spec, elem_bytes: int, has_w: bool, has_b: bool, has_res: bool, act: int,
+                 center: bool, profile: dispatch.DeviceProfile):
+        from .fastlaunch import Launcher
+        self.plan = plan = choose(shape, spec, elem_bytes, profile)
+        cfg = plan.config
+        N, C = shape[0], shape[1]
+        HW = 1
+        for s in shape[2:]:
+            HW *= s
+        G = spec.num_groups if spec.reduces_c else C
+        cb = cfg["cb"]
+        self.P = N * G
+        self.N, self.C, self.HW, self.G = N, C, HW, G
+        self.ncb = C // cb
+        self.split = cfg["split"]
+        self.chunk = cfg.get("chunk", HW)
+        const = dict(CB=cb, CG=C // G, CB_PAD=dispatch._pow2(cb), GB_PAD=dispatch._pow2(cb // (C // G)),
+                     BLOCK_HW=cfg["block_hw"], CENTER=center, INT64=N * C * HW > 2**31 - 1,
+                     num_warps=cfg["num_warps"])
+        flags = dict(HAS_W=has_w, HAS_B=has_b, HAS_RES=has_res, ACT=act)
+        grid = N * self.ncb
+        if plan.kernel == "split":
+            self.partial = Launcher(_pixels_partial_kernel, (grid, self.split), const)
+            self.apply = Launcher(_pixels_apply_kernel, (grid, self.split), dict(const, **flags, BLOCK_S=16))
+            self.launches = 2
+        else:
+            self.partial = None
+            self.apply = Launcher(_pixels_fwd_kernel, (grid,), dict(const, **flags, FUSED=plan.kernel == "fused"))
+            self.launches = 1
+
+    def __call__(self, x, y, residual, w, b, stats, eps: float, empty):
+        r = x if residual is None else residual
+        if self.partial is not None:
+            part = empty((2, self.P, self.split), x.device)
+            self.partial(x, part, self.P, self.ncb, self.HW, self.C, self.G, self.chunk, self.split)
+            self.apply(x, y, r, w, b, stats, part, self.P, self.ncb, self.HW, self.C, self.G, self.chunk,
+                       self.split, eps)
+        else:
+            self.apply(x, y, r, w, b, stats, self.P, self.ncb, self.HW, self.C, self.G, eps)
+        return y, stats
