@@ -307,6 +307,51 @@ def test_diffusers_resnet_block_fuses_groupnorm_silu():
     assert "forward" not in patched.__dict__ and type(patched.norm1) is nn.GroupNorm
 
 
+@pytest.mark.parametrize("affine", [True, False])
+def test_diffusers_resnet_block_scale_shift_is_one_norm_call(affine):
+    # norm2(h) * (1 + scale) + shift, then SiLU: one GroupNorm call with a per-sample weight and
+    # bias (norm2's affine folded in) and the SiLU fused, against the unpatched block at fp32 and
+    # float64: outputs, parameter gradients (the _compare_models loop) and input/temb gradients.
+    pytest.importorskip("diffusers")
+    from diffusers.models.resnet import ResnetBlock2D
+
+    from tritonorm import adapters
+
+    block = ResnetBlock2D(in_channels=4, out_channels=6, temb_channels=5, groups=2, groups_out=3,
+                          time_embedding_norm="scale_shift")
+    if not affine:
+        block.norm2 = nn.GroupNorm(3, 6, affine=False)
+    with torch.no_grad():
+        for p in block.parameters():  # norm2's ones/zeros would hide a wrong fold
+            p.normal_(0.0, 0.5)
+    temb = torch.randn(2, 5)
+    patched = _compare_models(block, lambda: torch.randn(2, 4, 4, 4), what="scale_shift block",
+                              forward=lambda m, x: m(x, temb.to(x.dtype)))
+    assert [f[0] for f in report(patched).fused] == ["norm1", "norm2"]
+    unpatched = copy.deepcopy(patched)
+    unpatch(unpatched)
+    ref = copy.deepcopy(unpatched).double()
+    x, t = torch.randn(2, 4, 4, 4), torch.randn(2, 5)
+    ins = [(x.clone().requires_grad_(), t.clone().requires_grad_()) for _ in range(2)]
+    ins64 = (x.double().requires_grad_(), t.double().requires_grad_())
+    calls = []
+    real = adapters.norm
+    try:
+        adapters.norm = lambda x, *a, **k: calls.append((k["activation"], tuple(k["weight"].shape))) or \
+            real(x, *a, **k)
+        outs = [m(*i) for m, i in zip((patched, unpatched), ins)]
+    finally:
+        adapters.norm = real
+    assert calls == [("silu", (2, 6, 1, 1))]
+    out64 = ref(*ins64)
+    dy = torch.randn_like(out64)
+    g64 = torch.autograd.grad(out64, ins64, dy)
+    grads = [torch.autograd.grad(o, i, dy.float()) for o, i in zip(outs, ins)]
+    assert_like_torch(outs[0], outs[1], out64, "output")
+    for k, name in enumerate(("dx", "dtemb")):
+        assert_like_torch(grads[0][k], grads[1][k], g64[k], name)
+
+
 # --- patched models behave like torch models ------------------------------------------------
 
 def _fused_model():

@@ -2,10 +2,11 @@
 
 Model libraries write their own norm classes (transformers' ``LlamaRMSNorm``, ``Qwen2RMSNorm``,
 ``MistralRMSNorm``, ``GemmaRMSNorm``, ``ConvNextLayerNorm``; diffusers' ``ResnetBlock2D`` calls
-its SiLU itself). Nothing here trusts a class name: a candidate (a leaf module whose only
-tensors are a 1-D ``weight`` and maybe ``bias``, with an ``eps``/``variance_epsilon``) is run on a
-probe input, on a copy with random parameters, against each tritonorm formula in turn; the first
-that matches replaces it, and a candidate that matches none is left alone and reported.
+its SiLU itself, and with ``scale_shift`` modulates norm2 per sample). Nothing here trusts a
+class name: a candidate (a leaf module whose only tensors are a 1-D ``weight`` and maybe
+``bias``, with an ``eps``/``variance_epsilon``) is run on a probe input, on a copy with random
+parameters, against each tritonorm formula in turn; the first that matches replaces it, and a
+candidate that matches none is left alone and reported.
 
 A replaced module becomes an ``AdaptedNorm`` that holds the same Parameter objects under the
 same names (state_dict keys unchanged) and keeps the original outside ``_modules`` for
@@ -154,9 +155,22 @@ def _group_norm_silu(m: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
     return functional.group_norm(x, m.num_groups, m.weight, m.bias, m.eps, activation="silu")
 
 
+def _group_norm_scale_shift_silu(m: nn.GroupNorm, x: torch.Tensor, scale: torch.Tensor,
+                                 shift: torch.Tensor) -> torch.Tensor:
+    """``silu(m(x) * (1 + scale) + shift)`` with scale, shift (N, C, 1, 1) as one norm call with a
+    per-sample affine: (xhat w + b)(1 + s) + t = xhat (w (1 + s)) + (b (1 + s) + t)."""
+    weight, bias = 1 + scale, shift
+    if m.weight is not None:
+        view = (1, -1) + (1,) * (x.dim() - 2)
+        bias = m.bias.view(view) * weight + shift if m.bias is not None else shift
+        weight = m.weight.view(view) * weight
+    return norm(x, "group", num_groups=m.num_groups, weight=weight, bias=bias, eps=m.eps, activation="silu")
+
+
 def resnet_forward(block, input_tensor, temb, *args, **kwargs):
-    """diffusers' ResnetBlock2D.forward with each GroupNorm + SiLU pair in one kernel (the SiLU
-    on ``temb`` and the one after a scale-shift stay as they were). Installed on the instance as
+    """diffusers' ResnetBlock2D.forward with each GroupNorm + SiLU pair in one kernel, the
+    ``scale_shift`` time embedding folded into norm2's (per-sample) affine in the same kernel (the
+    SiLU on ``temb`` stays as it was). Installed on the instance as
     ``functools.partial(resnet_forward, block)``, which deepcopy and pickle carry."""
     h = _group_norm_silu(block.norm1, input_tensor)
     if block.upsample is not None:
@@ -174,7 +188,7 @@ def resnet_forward(block, input_tensor, temb, *args, **kwargs):
         if temb is None:
             raise ValueError("`temb` should not be None when `time_embedding_norm` is scale_shift")
         scale, shift = torch.chunk(temb, 2, dim=1)
-        h = block.nonlinearity(block.norm2(h) * (1 + scale) + shift)
+        h = _group_norm_scale_shift_silu(block.norm2, h, scale, shift)
     else:
         if block.time_embedding_norm == "default" and temb is not None:
             h = h + temb

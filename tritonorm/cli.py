@@ -2,7 +2,7 @@
 
     tritonorm --version
     tritonorm bench [--suite S] [--dtype fp32,bf16] [--mode fwd,bwd] [--providers ...] [--out DIR] [--json PATH]
-    tritonorm bench --memory [--suite S] [--dtype ...] [--filter TEXT] [--json PATH]
+    tritonorm bench --memory [--suite S] [--dtype ...] [--filter TEXT] [--providers compile] [--json PATH]
     tritonorm bench --host [--json PATH]
     tritonorm tune  [--suite S] [--dtype ...] [--op forward,backward] [--dry-run] [--limit N] [--budget-s S] [--output FILE]
     tritonorm explain --shape 1,320,64,64 --scope group --groups 32 [--device h100]
@@ -124,7 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--mode", type=_csv(("fwd", "bwd", "fwd+bwd")), default=None,
                    help="modes, comma-separated (default: all three; GPU only)")
     b.add_argument("--providers", type=_csv(("tritonorm", "eager", "compile", "apex", "liger")),
-                   default=None, help="providers (default: all that are importable; GPU only)")
+                   default=None, help="providers (default: all that are importable; GPU only; with "
+                   "--memory, 'compile' adds torch.compile's saved bytes, compiling every case)")
     b.add_argument("--filter", default=None, help="only cases whose name contains this text")
     b.add_argument("--out", type=Path, default=None,
                    help="results folder for the JSON and plots (default on a GPU: ./tritonorm-bench; "
@@ -225,10 +226,16 @@ def _bench_memory(args) -> int:
     case_list = shapes.select(args.suite, args.filter)
     if not case_list:
         raise UsageError("--filter", f"no case of suite {args.suite!r} matches {args.filter!r}")
-    rows = [memory.report(case, shapes.DTYPES[dt]) for dt in (args.dtype or ["fp32", "bf16"]) for case in case_list]
-    print(format_table(("suite", "case", "dtype", "measured at", "tritonorm MiB", "eager MiB", "ratio"),
-                       [(r["suite"], r["case"], r["dtype"], r["shape"], r["tritonorm_bytes"] / 2**20,
-                         r["eager_bytes"] / 2**20, r["ratio"]) for r in rows]))
+    compiled = "compile" in (args.providers or ())
+    rows = [memory.report(case, shapes.DTYPES[dt], compiled) for dt in (args.dtype or ["fp32", "bf16"])
+            for case in case_list]
+    head = ("suite", "case", "dtype", "measured at", "tritonorm MiB", "eager MiB", "ratio")
+    if compiled:
+        head += ("compile MiB", "ratio vs compile")
+    print(format_table(head, [(r["suite"], r["case"], r["dtype"], r["shape"], r["tritonorm_bytes"] / 2**20,
+                               r["eager_bytes"] / 2**20, r["ratio"])
+                              + ((r["compile_bytes"] / 2**20, r["ratio_compile"]) if compiled else ())
+                              for r in rows]))
     if args.json is not None:
         args.json.write_text(json.dumps(rows, indent=1))
         print(f"wrote {args.json}")

@@ -15,7 +15,7 @@ import os
 
 import torch
 
-from . import activations, backend as backends, dispatch, ops, reference
+from . import activations, backend as backends, dispatch, ops, reference, saved
 from .scope import Spec
 from .validation import broadcasts_to, check_norm_args, check_number
 
@@ -185,7 +185,7 @@ class _Call:
 
 class _NormFunction(torch.autograd.Function):
     """The eager autograd node: saves x (and the residual only when an activation needs it) and
-    the fp32 statistics; never the output or the pre-activation."""
+    two fp32 words per statistic (saved.py); never the output or the pre-activation."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, residual, running_mean, running_var, eps, momentum, call):
@@ -194,7 +194,8 @@ class _NormFunction(torch.autograd.Function):
                              momentum)
         ctx.set_materialize_grads(False)
         ctx.call = call
-        ctx.save_for_backward(x, weight, bias, residual if call.act != 0 else None, stats)
+        # The statistics' rows the backward needs, as their own allocation (saved.py).
+        ctx.save_for_backward(x, weight, bias, residual if call.act != 0 else None, saved.pack(call.plan, stats))
         ctx.mark_non_differentiable(stats)
         return y, stats
 
@@ -202,8 +203,9 @@ class _NormFunction(torch.autograd.Function):
     def backward(ctx, dy, _stats_grad):
         if dy is None:
             return (None,) * 9
-        x, weight, bias, residual, stats = ctx.saved_tensors
+        x, weight, bias, residual, kept = ctx.saved_tensors
         call = ctx.call
+        stats = saved.unpack(call.plan, x, kept)
         need = ctx.needs_input_grad
         needs = (need[0], weight is not None and need[1], bias is not None and need[2],
                  call.has_res and need[3])

@@ -9,6 +9,8 @@ is measured at batch 1 and 2 with its full per-sample shape and extrapolated to 
 exactly. On a CUDA machine every case is measured so; on CPU (Triton's interpreter) cases whose
 per-sample size exceeds MAX_SAMPLE_ELEMENTS are measured at their ``scaled()`` shape instead
 (marked "scaled"), where the statistics weigh more against x than in the real shape.
+torch.compile's saved bytes are measured the same way when asked (``compiled=True``; the hooks see
+the tensors its compiled graph saves).
 """
 
 from __future__ import annotations
@@ -74,30 +76,49 @@ def _device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def measure(case: Case, dtype=torch.float32, batch: int | None = None) -> tuple[int, int]:
-    """(tritonorm, eager) saved bytes of ``case`` at its own shape (or with batch ``batch``)."""
+def _compiled(eager):
+    """The eager function under torch.compile, compiled before measuring (tracing saves nothing
+    real). Dynamo's cache is reset first: every case's eager function shares one code object, and
+    past its recompile limit dynamo would silently run eager."""
+    torch._dynamo.reset()
+    fn = torch.compile(eager, dynamic=False)
+    fn()
+    return fn
+
+
+def measure(case: Case, dtype=torch.float32, batch: int | None = None,
+            compiled: bool = False) -> tuple[int, ...]:
+    """(tritonorm, eager[, torch.compile]) saved bytes of ``case`` at its own shape (or with
+    batch ``batch``)."""
     shape = case.shape if batch is None else (batch, *case.shape[1:])
     c = replace(case, shape=shape)
     x, kw = make_inputs(c, dtype, _device(), requires_grad=True)
     residual = kw.pop("add_residual", None)
     ours, eager = _fns(c, x, kw, residual)
     params = (kw.get("weight"), kw.get("bias"))
-    return saved_bytes(ours, params), saved_bytes(eager, params)
+    out = (saved_bytes(ours, params), saved_bytes(eager, params))
+    if compiled:
+        out += (saved_bytes(_compiled(eager), params),)
+    return out
 
 
-def report(case: Case, dtype=torch.float32) -> dict:
-    """Saved bytes of a suite case for tritonorm and eager, and their ratio."""
+def report(case: Case, dtype=torch.float32, compiled: bool = False) -> dict:
+    """Saved bytes of a suite case for tritonorm and eager (and torch.compile), and the ratios."""
     per_sample = math.prod(case.shape[1:])
     scaled = per_sample > MAX_SAMPLE_ELEMENTS and _device() == "cpu"
     base = case.scaled() if scaled else case
     n = base.shape[0]
     sg = max(1, base.sample_groups)
     if sg > 1 or n <= 2:
-        ours, eager = measure(base, dtype)
+        got = measure(base, dtype, compiled=compiled)
     else:  # exact affine extrapolation from batch 1 and 2
-        o1, e1 = measure(base, dtype, 1)
-        o2, e2 = measure(base, dtype, 2)
-        ours, eager = o1 + (o2 - o1) * (n - 1), e1 + (e2 - e1) * (n - 1)
-    return dict(suite=case.suite, case=case.name, dtype=str(dtype).replace("torch.", ""),
-                shape="x".join(map(str, base.shape)) + (" (scaled)" if scaled else ""),
-                tritonorm_bytes=ours, eager_bytes=eager, ratio=ours / eager if eager else float("nan"))
+        one = measure(base, dtype, 1, compiled)
+        two = measure(base, dtype, 2, compiled)
+        got = tuple(a + (b - a) * (n - 1) for a, b in zip(one, two))
+    ours, eager = got[:2]
+    row = dict(suite=case.suite, case=case.name, dtype=str(dtype).replace("torch.", ""),
+               shape="x".join(map(str, base.shape)) + (" (scaled)" if scaled else ""),
+               tritonorm_bytes=ours, eager_bytes=eager, ratio=ours / eager if eager else float("nan"))
+    if compiled:
+        row.update(compile_bytes=got[2], ratio_compile=ours / got[2] if got[2] else float("nan"))
+    return row

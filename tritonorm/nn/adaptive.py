@@ -82,11 +82,33 @@ def _ada_layer_norm_zero_forward(self, x, timestep=None, class_labels=None, hidd
     return x, gate_msa, shift_mlp, scale_mlp, gate_mlp
 
 
+def _diffusers_rms_norm(m, x) -> bool:
+    """diffusers' own RMSNorm (norm_type="rms_norm") over x's last dim, parameters in x's dtype
+    (a weight of another dtype changes the output's dtype: the original forward runs)."""
+    if type(m).__name__ != "RMSNorm" or not type(m).__module__.startswith("diffusers."):
+        return False
+    params = [t for t in (m.weight, getattr(m, "bias", None)) if t is not None]
+    return tuple(m.dim) == tuple(x.shape[-1:]) and all(t.dtype == x.dtype for t in params)
+
+
+def _rms_norm(x, rms, scale, shift):
+    """``rms(x) * (1 + scale) + shift`` as one RMS normalization with a broadcast affine."""
+    weight, bias = 1 + scale, shift
+    if getattr(rms, "bias", None) is not None:
+        bias = shift + rms.bias * weight
+    if rms.weight is not None:
+        weight = rms.weight * weight
+    return TF._last_dims(x, tuple(rms.dim), weight, bias, rms.eps, False, None, None, None, "rms_norm")
+
+
 def _ada_layer_norm_continuous_forward(self, x, conditioning_embedding):
-    if not _plain_layer_norm(self.norm):
+    rms = _diffusers_rms_norm(self.norm, x)
+    if not (rms or _plain_layer_norm(self.norm)):
         return type(self).__mro__[1].forward(self, x, conditioning_embedding)
     emb = self.linear(self.silu(conditioning_embedding).to(x.dtype))
     scale, shift = torch.chunk(emb, 2, dim=1)
+    if rms:
+        return _rms_norm(x, self.norm, scale[:, None, :], shift[:, None, :])
     return _layer_norm(x, self.norm, scale[:, None, :], shift[:, None, :])
 
 
@@ -134,8 +156,11 @@ def probe(module: nn.Module, original: type) -> bool:
     with rng, torch.no_grad():
         cls = module.__class__
         try:
+            # The same random draws for both (a label embedding drops labels at random in training).
+            torch.manual_seed(0)
             module.__class__ = original
             want = module(*args)
+            torch.manual_seed(0)
             module.__class__ = made
             got = module(*args)
         except Exception:
@@ -150,6 +175,9 @@ def probe(module: nn.Module, original: type) -> bool:
 
 
 def _probe_args(module):
+    """A small input for ``module``'s forward in diffusers' signature (None: none can be built):
+    with a timestep/label embedding, integer timesteps (AdaLayerNorm's nn.Embedding) or diffusion
+    timesteps and class labels (AdaLayerNormZero's CombinedTimestepLabelEmbeddings)."""
     p = next(module.parameters(), None)
     if p is None:
         return None
@@ -161,17 +189,28 @@ def _probe_args(module):
     def rnd(*shape):
         return torch.randn(*shape, generator=g).to(device=dev, dtype=dt)
 
+    def labels(n, *shape):
+        return torch.randint(0, n, shape, generator=g).to(dev)
+
     if name == "AdaGroupNorm":
         return rnd(2, lin.out_features // 2, 3, 3), rnd(2, lin.in_features)
-    if module.__dict__.get("emb") is not None or getattr(module, "emb", None) is not None:
-        return None  # a timestep/label embedding: no generic probe input
+    emb = getattr(module, "emb", None)
     if name == "AdaLayerNorm":
         d = lin.out_features // 2
-        if module.chunk_dim == 1:
-            return rnd(2, 5, d), None, rnd(2, lin.in_features)
-        return rnd(2, 5, d), None, rnd(lin.in_features)
+        batch = (2,) if module.chunk_dim == 1 else ()  # chunk_dim 0 splits dim 0: one embedding
+        if emb is None:
+            return rnd(2, 5, d), None, rnd(*batch, lin.in_features)
+        if not isinstance(emb, nn.Embedding):
+            return None
+        return rnd(2, 5, d), labels(emb.num_embeddings, *batch), None
     if name == "AdaLayerNormZero":
-        return rnd(2, 5, lin.in_features), None, None, None, rnd(2, lin.in_features)
+        if emb is None:
+            return rnd(2, 5, lin.in_features), None, None, None, rnd(2, lin.in_features)
+        classes = getattr(getattr(emb, "class_embedder", None), "num_classes", None)
+        if not isinstance(classes, int):
+            return None
+        steps = (torch.rand(2, generator=g) * 1000).to(dev)
+        return rnd(2, 5, lin.in_features), steps, labels(classes, 2), dt, None
     if name == "AdaLayerNormContinuous":
         return rnd(2, 5, lin.out_features // 2), rnd(2, lin.in_features)
     return None
