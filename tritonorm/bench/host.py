@@ -44,7 +44,7 @@ def _allocator_like_a_gpu_cache() -> None:
 
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(-4, 0)          # M_MMAP_MAX: no mmap'd chunks, every block from the heap
-        libc.mallopt(-1, 1 << 40)    # M_TRIM_THRESHOLD: never give the heap back
+        libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD (a C int): never give the heap back
     except (OSError, AttributeError):
         pass
 
