@@ -35,6 +35,16 @@ with host.stubbed() as rec:
     out["forward_cached"] = len(fwd.launch.compiled)
     bwd = list(fwd._backward.values())[0]
     out["backward_usable"] = [run.usable for run, _ in (bwd.dx, bwd.dwdb) if run is not None]
+    # A tensor off 16-byte alignment is another specialization: through run once (a compile),
+    # then direct like the aligned one; the aligned calls still launch their own variant.
+    base = torch.randn(4 * 8 * 6 * 6 + 1)
+    xu = base[1:].view(4, 8, 6, 6)
+    n_compiles = len(rec.compiles)
+    for i in range(2):
+        rec.launches.clear()
+        tritonorm.norm(xu, "group", num_groups=2, weight=w.detach(), bias=b.detach(), activation="silu")
+        out[f"unaligned_compiles_{i}"] = len(rec.compiles) - n_compiles
+    out["forward_cached_after"] = len(fwd.launch.compiled)
     # Off: every launch goes through run (recorded there, not by the direct hook).
     direct = []
     fastlaunch.ON_DIRECT_LAUNCH[0] = direct.append
@@ -60,4 +70,6 @@ def test_direct_launches_bind_like_triton_and_can_be_turned_off():
     assert len(out["launches_0"]) >= 2
     assert out["forward_usable"] and out["forward_cached"] == 1, out
     assert all(out["backward_usable"]), out
+    assert out["unaligned_compiles_0"] >= 1 and out["unaligned_compiles_1"] == out["unaligned_compiles_0"], out
+    assert out["forward_cached_after"] == 2, out
     assert out["direct_when_off"] == 0 and out["launches_when_off"], out

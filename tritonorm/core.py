@@ -15,15 +15,11 @@ import os
 
 import torch
 
-from . import activations, backend as backends, dispatch, ops, reference, saved
+from . import activations, backend as backends, dispatch, ops, reference
 from .scope import Spec
 from .validation import broadcasts_to, check_norm_args, check_number
 
 _CALLS: dict = {}
-
-
-def _meta(t):
-    return None if t is None else (t.shape, t.stride(), t.dtype, t.device)
 
 
 def norm(x: torch.Tensor, scope: str = "group", *, num_groups: int | None = None,
@@ -67,13 +63,22 @@ def signature(x, scope, num_groups, sample_groups, eps, center, activation, trai
     """The key of a call's cached checks and plan: the arguments, the environment's backend, x's
     shape, strides, dtype and device, the same of every other tensor, and a forced regime."""
     return (scope, num_groups, sample_groups, eps, center, activation, training, backend, _env_backend(),
-            x.shape, x.stride(), x.dtype, x.device, *[_meta(t) for t in tensors], dispatch.forced_state())
+            x.shape, x.stride(), x.dtype, x.device,
+            *[None if t is None else (t.shape, t.stride(), t.dtype, t.device) for t in tensors],
+            dispatch.forced_state())
 
 
 def exact_flags(center, training, num_groups, sample_groups) -> bool:
     """bool == int in a dict key: flags of the wrong type must take the checking path."""
     return (center.__class__ is bool and training.__class__ is bool and num_groups.__class__ is not bool
             and sample_groups.__class__ is not bool)
+
+
+def check_momentum(momentum) -> None:
+    """``check_number("momentum", momentum, lo=0.0, hi=1.0)``, with the common case (a float in
+    range) decided without the numbers.Real test."""
+    if not (momentum.__class__ is float and 0.0 <= momentum <= 1.0):
+        check_number("momentum", momentum, lo=0.0, hi=1.0)
 
 
 def remember(cache: dict, key, call, limit: int = 4096) -> None:
@@ -100,7 +105,7 @@ def _run(x, scope, num_groups, sample_groups, weight, bias, eps, center, activat
                      running_mean, running_var, momentum, training, backend)
         remember(_CALLS, key, call)
     elif call.uses_momentum:
-        check_number("momentum", momentum, lo=0.0, hi=1.0)
+        check_momentum(momentum)
     return call(x, weight, bias, residual, running_mean, running_var, eps, momentum, with_stats)
 
 
@@ -151,29 +156,22 @@ class _Call:
                 self.plan = None
 
     def __call__(self, x, weight, bias, residual, running_mean, running_var, eps, momentum, with_stats=True):
-        if self.empty:
-            empty = torch.zeros(self.stat_shape, dtype=torch.float32, device=x.device)
-            return (x.clone(), empty, empty) if with_stats else x.clone()
-        if self.param_full:
-            if self.plan is None:
-                out = _broadcast_composite(self, x, weight, bias, residual, running_mean, running_var, eps,
-                                           momentum)
-                return out if with_stats else out[0]
-        if self.plan is None:
-            out = _reference(x, self.spec, weight, bias, eps, self.center, self.act_name, residual,
-                             running_mean, running_var, momentum, self.training, self.use_running)
-            return out if with_stats else out[0]
+        plan = self.plan
+        if plan is None or self.empty:
+            return self._untriton(x, weight, bias, residual, running_mean, running_var, eps, momentum, with_stats)
         if self.copy_running:
             running_mean = None if running_mean is None else running_mean.contiguous()
             running_var = running_var.contiguous()
         if torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)
                                         or (bias is not None and bias.requires_grad)
                                         or (residual is not None and residual.requires_grad)):
-            y, stats = _NormFunction.apply(x, weight, bias, residual, running_mean, running_var, eps, momentum,
-                                           self)
+            io = [self, running_mean, running_var, eps, momentum, None]
+            y = _NormFunction.apply(x, weight, bias, residual, io)
+            stats = io[5]
+        elif self.param_full:
+            y, stats = plan(x, *_expanded(self, weight, bias, x), residual, running_mean, running_var, eps, momentum)
         else:
-            y, stats = self.plan(x, *_expanded(self, weight, bias, x), residual, running_mean, running_var, eps,
-                                 momentum)
+            y, stats = plan(x, weight, bias, residual, running_mean, running_var, eps, momentum)
         if self.torch_update:
             _update_running(self.spec, x.shape, stats, running_mean, running_var, momentum, self.center)
         if not with_stats:
@@ -182,30 +180,47 @@ class _Call:
             return y, None, None
         return y, stats[4].view(self.stat_shape), stats[3].view(self.stat_shape)
 
+    def _untriton(self, x, weight, bias, residual, running_mean, running_var, eps, momentum, with_stats):
+        """Calls the kernels do not run: empty x, broadcast affine outside the kernels, the
+        reference backend."""
+        if self.empty:
+            empty = torch.zeros(self.stat_shape, dtype=torch.float32, device=x.device)
+            return (x.clone(), empty, empty) if with_stats else x.clone()
+        if self.param_full:
+            out = _broadcast_composite(self, x, weight, bias, residual, running_mean, running_var, eps, momentum)
+        else:
+            out = _reference(x, self.spec, weight, bias, eps, self.center, self.act_name, residual, running_mean,
+                             running_var, momentum, self.training, self.use_running)
+        return out if with_stats else out[0]
+
 
 class _NormFunction(torch.autograd.Function):
     """The eager autograd node: saves x (and the residual only when an activation needs it) and
-    two fp32 words per statistic (saved.py); never the output or the pre-activation."""
+    the fp32 statistics; never the output or the pre-activation.
+
+    Differentiable inputs x, weight, bias, residual; everything else travels in ``io``
+    ([call, running_mean, running_var, eps, momentum, stats out]): the fewer inputs and outputs
+    an autograd.Function has, the less ``apply`` and the engine spend on each call. The
+    statistics come back in ``io[5]`` (not differentiable, so not an output)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, residual, running_mean, running_var, eps, momentum, call):
+    def forward(ctx, x, weight, bias, residual, io):
+        call, running_mean, running_var, eps, momentum, _ = io
         # Broadcast weight/bias are expanded for the kernels here and saved unexpanded.
-        y, stats = call.plan(x, *_expanded(call, weight, bias, x), residual, running_mean, running_var, eps,
-                             momentum)
+        w, b = _expanded(call, weight, bias, x) if call.param_full else (weight, bias)
+        y, stats = call.plan(x, w, b, residual, running_mean, running_var, eps, momentum)
+        io[5] = stats
         ctx.set_materialize_grads(False)
         ctx.call = call
-        # The statistics' rows the backward needs, as their own allocation (saved.py).
-        ctx.save_for_backward(x, weight, bias, residual if call.act != 0 else None, saved.pack(call.plan, stats))
-        ctx.mark_non_differentiable(stats)
-        return y, stats
+        ctx.save_for_backward(x, weight, bias, residual if call.act != 0 else None, stats)
+        return y
 
     @staticmethod
-    def backward(ctx, dy, _stats_grad):
+    def backward(ctx, dy):
         if dy is None:
-            return (None,) * 9
-        x, weight, bias, residual, kept = ctx.saved_tensors
+            return None, None, None, None, None
+        x, weight, bias, residual, stats = ctx.saved_tensors
         call = ctx.call
-        stats = saved.unpack(call.plan, x, kept)
         need = ctx.needs_input_grad
         needs = (need[0], weight is not None and need[1], bias is not None and need[2],
                  call.has_res and need[3])
@@ -222,7 +237,7 @@ class _NormFunction(torch.autograd.Function):
             grads = (dx, _reduced(dw, weight), _reduced(db, bias), dres)
         else:
             grads = call.plan.backward(needs)(dy, x, weight, bias, residual, stats)
-        return (*grads, None, None, None, None, None)
+        return (*grads, None)
 
 
 def _expanded(call, weight, bias, x):

@@ -5,10 +5,9 @@
 
 The norm reads h *as stored* (rounded to ``residual_dtype``), as vLLM's fused_add_rms_norm does, so
 the h handed to the next layer is exactly the tensor that was normalized, and the backward needs
-h alone: the forward saves h and two fp32 words per statistic (saved.py), never x or the
-residual. Backward: one kernel computes the norm's gradient at h and adds the gradient flowing
-into h from later layers; that sum is the gradient of both x and the residual (rounding is
-treated as the identity).
+h alone: the forward saves h and the fp32 statistics, never x or the residual. Backward: one
+kernel computes the norm's gradient at h and adds the gradient flowing into h from later layers;
+that sum is the gradient of both x and the residual (rounding is treated as the identity).
 
 Where the kernels cannot run the sum in place (the torch regime of a tuned table, inputs that
 need a restrided copy, the reference backend, torch.compile) the same definition runs as torch
@@ -21,7 +20,7 @@ import dataclasses
 
 import torch
 
-from . import activations, backend as backends, core, saved
+from . import activations, backend as backends, core
 from .validation import _dtype_name, check_norm_args, check_number
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -141,7 +140,7 @@ class _AddCall:
 
 
 class _AddNormFunction(torch.autograd.Function):
-    """Saves h, weight, bias and two fp32 words per statistic (saved.py); never x, the residual or y."""
+    """Saves h, weight, bias and the fp32 statistics; never x, the residual or y."""
 
     @staticmethod
     def forward(ctx, x, residual, weight, bias, running_mean, running_var, eps, momentum, call):
@@ -149,15 +148,14 @@ class _AddNormFunction(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         ctx.call = call
         ctx.x_dtype, ctx.res_dtype = x.dtype, residual.dtype
-        ctx.save_for_backward(h, weight, bias, saved.pack(call.plan, stats))
+        ctx.save_for_backward(h, weight, bias, stats)
         ctx.mark_non_differentiable(stats)
         return y, h, stats
 
     @staticmethod
     def backward(ctx, dy, dh, _dstats):
-        h, weight, bias, kept = ctx.saved_tensors
+        h, weight, bias, stats = ctx.saved_tensors
         call = ctx.call
-        stats = saved.unpack(call.plan, h, kept)
         need = ctx.needs_input_grad
         nothing = (None,) * 5
         need_x = need[0] or need[1]

@@ -19,14 +19,18 @@ every launch goes through ``run`` where they see it).
 from __future__ import annotations
 
 import contextlib
+import operator
 import os
 
 import torch
+from triton import knobs
+from triton.runtime import driver
 
 _ON = [os.environ.get("TRITONORM_FAST_LAUNCH", "1") not in ("0", "")]
 # A callable told the kernel's name at every direct launch (the host benchmark counts launches
 # with it; ``kernel[grid]`` launches are seen at JITFunction.run instead).
 ON_DIRECT_LAUNCH = [None]
+_DTYPE = operator.attrgetter("dtype")
 
 
 @contextlib.contextmanager
@@ -43,17 +47,27 @@ def enabled(on: bool):
 class Launcher:
     """``kernel[grid](*args, **constexprs)`` for a grid and constexprs fixed by a plan."""
 
-    __slots__ = ("kernel", "grid", "constexprs", "tail", "compiled", "usable")
+    __slots__ = ("kernel", "grid", "grid3", "constexprs", "hooks", "n_tensors", "tail", "const_tail", "compiled",
+                 "usable")
 
     def __init__(self, kernel, grid, constexprs: dict):
         self.kernel, self.grid, self.constexprs = kernel, tuple(grid), constexprs
-        self.compiled: dict = {}  # (device, extra names, tensors' dtypes and alignment) -> kernel
+        self.grid3 = (*self.grid, 1, 1)[:3]
         # Direct launches need the compiled-mode JITFunction (the interpreter has no compiled
-        # kernel). The bound list is the positional arguments, then every later parameter from
-        # the call's keyword tensors, the constexprs or its default: its recipe is built at the
-        # first call and checked against Triton's binder.
+        # kernel); with pre-run hooks installed every launch goes through ``run``, which calls them.
         self.usable = hasattr(kernel, "device_caches") and hasattr(kernel, "params")
-        self.tail = None  # [(name, from the call's keywords?, constant)] after the positional args
+        self.hooks = getattr(kernel, "pre_run_hooks", ())
+        # (device, positional count, keyword names, misaligned-tensor bits, tensors' dtypes)
+        # -> the compiled kernel.
+        self.compiled: dict = {}
+        # Fixed at the first call: how many leading positional arguments are tensors (a plan
+        # passes its tensors first, then sizes and geometry, the same kinds every call); and the
+        # bound list after the positional arguments, [(name, from the call's keywords?,
+        # constant)], checked against Triton's binder; const_tail: its values when it takes
+        # nothing from the keywords.
+        self.n_tensors = None
+        self.tail = None
+        self.const_tail = None
 
     def _recipe(self, n_args: int, extra: dict):
         tail = []
@@ -69,34 +83,47 @@ class Launcher:
         return tuple(tail)
 
     def __call__(self, *args, **extra):
-        if self.usable and _ON[0]:
-            from triton import knobs
-            from triton.runtime import driver
-
-            device = driver.active.get_current_device()
-            # What Triton specializes a plan's tensors on: dtype and 16-byte alignment (a plan's
-            # ints are fixed, its floats never specialized).
-            tensors = (*args, *extra.values()) if extra else args
-            key = (device, tuple(extra), tuple((a.dtype, a.data_ptr() % 16 == 0) for a in tensors
-                                               if isinstance(a, torch.Tensor)))
-            compiled = self.compiled.get(key)
-            if compiled is None:
-                compiled = self.kernel[self.grid](*args, **extra, **self.constexprs)
-                self._remember(key, device, compiled, args, extra)
-                return
-            if ON_DIRECT_LAUNCH[0] is not None:
-                ON_DIRECT_LAUNCH[0](self.kernel.fn.__name__)
-            # What JITFunction.run does once it has the kernel, launch hooks included.
-            grid = self.grid
-            stream = driver.active.get_current_stream(device)
-            bound = (*args, *[extra[name] if keyword else value for name, keyword, value in self.tail])
-            hooks = knobs.runtime
-            compiled.run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1, stream,
-                         compiled.function, compiled.packed_metadata,
-                         compiled.launch_metadata(grid, stream, *bound), hooks.launch_enter_hook,
-                         hooks.launch_exit_hook, *bound)
+        if not (self.usable and _ON[0]) or self.hooks:
+            self.kernel[self.grid](*args, **extra, **self.constexprs)
             return
-        self.kernel[self.grid](*args, **extra, **self.constexprs)
+        n = self.n_tensors
+        if n is None:
+            n = 0
+            while n < len(args) and isinstance(args[n], torch.Tensor):
+                n += 1
+            self.n_tensors = n
+        device = driver.active.get_current_device()
+        # What Triton specializes a plan's tensors on: dtype and 16-byte alignment (a plan's
+        # ints are fixed, its floats never specialized).
+        tensors = args[:n] + tuple(extra.values()) if extra else args[:n]
+        misaligned = 0
+        try:
+            for t in tensors:
+                misaligned = misaligned + misaligned + (t.data_ptr() & 15 != 0)
+        except AttributeError:  # not the tensors of the first call: Triton binds it
+            self.kernel[self.grid](*args, **extra, **self.constexprs)
+            return
+        key = (device, len(args), tuple(extra) if extra else (), misaligned, *map(_DTYPE, tensors))
+        compiled = self.compiled.get(key)
+        if compiled is None:
+            compiled = self.kernel[self.grid](*args, **extra, **self.constexprs)
+            self._remember(key, device, compiled, args, extra)
+            return
+        if ON_DIRECT_LAUNCH[0] is not None:
+            ON_DIRECT_LAUNCH[0](self.kernel.fn.__name__)
+        # What JITFunction.run does once it has the kernel, launch hooks included
+        # (``launch_metadata`` is None without an enter hook).
+        if extra:
+            bound = (*args, *[extra[name] if keyword else value for name, keyword, value in self.tail])
+        else:
+            bound = args + self.const_tail
+        stream = driver.active.get_current_stream(device)
+        hooks = knobs.runtime
+        enter = hooks.launch_enter_hook
+        meta = None if enter is None else compiled.launch_metadata(self.grid, stream, *bound)
+        g0, g1, g2 = self.grid3
+        compiled.run(g0, g1, g2, stream, compiled.function, compiled.packed_metadata, meta, enter,
+                     hooks.launch_exit_hook, *bound)
 
     def _remember(self, key, device, compiled, args, extra) -> None:
         """Keep ``compiled`` for direct launches if Triton's binder binds exactly our list."""
@@ -104,7 +131,10 @@ class Launcher:
             recipe = self._recipe(len(args), extra)
             if recipe is None or (self.tail is not None and recipe != self.tail):
                 raise LookupError("no fixed recipe for the bound arguments")
+            if any(isinstance(a, torch.Tensor) for a in args[self.n_tensors:]):
+                raise LookupError("tensors after the leading ones")
             self.tail = recipe
+            self.const_tail = None if any(keyword for _, keyword, _ in recipe) else tuple(v for _, _, v in recipe)
             binder = self.kernel.device_caches[device][4]
             bound, _, _ = binder(*args, **extra, **self.constexprs)
             ours = (*args, *[extra[name] if keyword else value for name, keyword, value in recipe])

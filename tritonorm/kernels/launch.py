@@ -244,6 +244,9 @@ class ForwardPlan:
             self.mid = (rg, cg)
         self.launch = Launcher(self.kernel, self.grid, self.constexprs)
         self.launches = 1 + (self.partial is not None)
+        # The unbiased variance for the running estimate; without centring it tracks the mean square.
+        self.unbias = self.M / (self.M - 1) if self.M > 1 and center else 1.0
+        self.blends = bool(running) and mode == "train"  # whether the kernel reads momentum
 
     def __call__(self, x, weight, bias, residual, run_mean, run_var, eps: float, momentum: float = 0.0):
         return self._launch(x, weight, bias, residual, run_mean, run_var, eps, momentum, None)
@@ -288,12 +291,11 @@ class ForwardPlan:
         r = x if residual is None else residual
         rm = x if run_mean is None else run_mean
         rv = x if run_var is None else run_var
-        # The unbiased variance for the running estimate; without centring it tracks the mean square.
-        unbias = self.M / (self.M - 1) if self.M > 1 and c.center else 1.0
+        unbias = self.unbias
         # Floats for the kernels' fp32 arguments whatever the caller passed (eps=1 is an int), and
         # momentum only where it is read.
         eps = float(eps)
-        momentum = float(momentum) if self.running and self.mode == "train" else 0.0
+        momentum = float(momentum) if self.blends else 0.0
         yp = x if self.mode == "stats" else y
         hk = {} if h is None else dict(H=h)
         if self.partial is not None:

@@ -32,14 +32,18 @@ def _extra(module: nn.Module, base: str) -> str:
 
 
 def _momentum_factor(module: nn.Module) -> float:
-    """PyTorch's BatchNorm rule: count the batch, then the factor (1/count for momentum=None)."""
-    factor = 0.0 if module.momentum is None else module.momentum
-    if module.training and module.track_running_stats and module.num_batches_tracked is not None:
-        module.num_batches_tracked.add_(1)
-        if module.momentum is None:
-            # As in PyTorch: a cumulative average reads the counter on the host.
-            factor = 1.0 / float(module.num_batches_tracked)
-    return factor
+    """PyTorch's BatchNorm rule: count the batch, then the factor (1/count for momentum=None).
+    Each attribute is read once: a buffer read goes through ``nn.Module.__getattr__``, which
+    costs more than the arithmetic here."""
+    momentum = module.momentum
+    if module.training and module.track_running_stats:
+        count = module.num_batches_tracked
+        if count is not None:
+            count.add_(1)
+            if momentum is None:
+                # As in PyTorch: a cumulative average reads the counter on the host.
+                return 1.0 / float(count)
+    return 0.0 if momentum is None else momentum
 
 
 def _call_norm(module: nn.Module, *inputs):
@@ -67,11 +71,14 @@ class _BatchNormMixin(_Leaf):
     def _norm_forward(self, input: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(input)
         factor = _momentum_factor(self)
-        bn_training = self.training or (self.running_mean is None and self.running_var is None)
-        keep = not self.training or self.track_running_stats
-        return functional.batch_norm(
-            input, self.running_mean if keep else None, self.running_var if keep else None,
-            self.weight, self.bias, bn_training, factor, self.eps, activation=self.activation)
+        training = self.training
+        running_mean, running_var = self.running_mean, self.running_var
+        bn_training = training or (running_mean is None and running_var is None)
+        if training and not self.track_running_stats:
+            running_mean = running_var = None
+        # norm itself (functional.batch_norm is this call): one Python frame less per forward.
+        return norm(input, "batch", weight=self.weight, bias=self.bias, eps=self.eps, activation=self.activation,
+                    running_mean=running_mean, running_var=running_var, momentum=factor, training=bn_training)
 
     def extra_repr(self) -> str:
         return _extra(self, super().extra_repr())
