@@ -160,6 +160,7 @@ def _bwd_sums_kernel(
     X, DY, Res, W, B, Stats,
     Part,                       # partial sums out, [4, P, SPLIT] fp32: S1, S2, dweight, dbias
     P, M, CHUNK, SPLIT, NSTAT,  # NSTAT: the statistics (P, or on the segment view P / hm)
+    SEG_HM,                     # segments a statistic has (segment view: statistic = offset // hm)
     RG, CG,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr,
     CHAN: tl.constexpr, INT64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -172,7 +173,7 @@ def _bwd_sums_kernel(
     sp = tl.program_id(1)
     if INT64:
         sp = sp.to(tl.int64)
-    k, mean, rstd = load_stats(Stats, NSTAT, rt, rmask)
+    k, mean, rstd = load_stats(Stats, NSTAT, rt // SEG_HM, rmask)
     start = sp * CHUNK
     end = tl.minimum(start + CHUNK, M)
     s1 = tl.zeros([BLOCK_P], dtype=tl.float32)

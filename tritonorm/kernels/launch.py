@@ -427,14 +427,14 @@ class BackwardPlan:
                     self.seg_split = sp = scfg.get("split", 1) if splan.kernel == "split" else 1
                     srg, scg = sv.geometry()
                     self.sums = (bk._bwd_sums_kernel, (triton.cdiv(sv.P, scfg["block_p"]), sp),
-                                 (sv.P, sv.M, _chunk(sv.M, sbm, sp), sp, P, srg, scg),
+                                 (sv.P, sv.M, _chunk(sv.M, sbm, sp), sp, P, seg.hm, srg, scg),
                                  dict(c.flags, CHAN=_chan_mode(sv), INT64=sv.int64, BLOCK_P=scfg["block_p"],
                                       BLOCK_M=sbm, num_warps=scfg["num_warps"], ROW_CHANNEL=True))
                     split = seg.hm * sp
                     fin = dict(FINISH=True, FIN_N=c.shape[0], FIN_C=c.shape[1], FIN_S=sp)
                 elif not self.given:
                     self.sums = (bk._bwd_sums_kernel, (triton.cdiv(P, bp), split),
-                                 (P, M, chunk, split, P, rg, cg),
+                                 (P, M, chunk, split, P, 1, rg, cg),
                                  dict(common, ROW_CHANNEL=row_channel,
                                       **({"PARAM_FULL": True} if fwd.param_full else {})))
                 self.part_rows = seg.view.P if seg is not None else P

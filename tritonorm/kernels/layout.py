@@ -17,7 +17,7 @@ channels.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -240,11 +240,12 @@ def _p2(n: int) -> int:
 
 
 def segment_view(shape, spec: Spec, x_strides, out_strides) -> View:
-    """Rows: the kept axes and Cg (one per sample and channel); cols: the other reduced axes."""
-    axes = _logical(shape, spec, x_strides, out_strides)
-    rows = _coalesce([a for name, a, red in axes if not red or name == "Cg"])
-    cols = _coalesce([a for name, a, red in axes if red and name != "Cg"])
-    return _finish(rows, cols)
+    """Rows: one per sample and channel; cols: the reduced axes other than C. Built as the
+    InstanceNorm view of the same axes, so the channels merge into one unit-stride side for
+    channels_last; its statistic offset is the segment's own (n*C + c): kernels divide it by hm
+    to find the statistic (``Segments`` checks that this holds)."""
+    letters = "".join(ch for ch in spec.letters if ch != "C")
+    return stat_view(shape, replace(spec, letters=letters, num_groups=1), x_strides, out_strides)
 
 
 def segments(view: View, shape, spec: Spec, x_strides, out_strides) -> Segments | None:
