@@ -81,7 +81,8 @@ def explain(x: torch.Tensor, scope: str = "group", *, num_groups: int | None = N
     ``device``: None (x's device), a profile name ("h100", "h200", "interpreter"), a
     ``DeviceProfile`` or a torch device. ``op``: "forward", "backward" (the dx kernels) or
     "dwdb" (the weight/bias gradient reduction: for GroupNorm/InstanceNorm the looped/split
-    backward's sums kernel on the (sample, channel) segment view, else the channel-view sweep). ``plan.kernel`` is a regime of
+    backward's sums kernel on the (sample, channel) segment view, else the channel-view sweep).
+    ``plan.kernel`` is a regime of
     ``dispatch.KERNELS``, or "reference" when the call would not run Triton at all.
     ``add_residual`` (and ``residual_dtype``): the plan of ``tritonorm.add_norm(x, add_residual,
     ...)`` instead; its cost counts the residual read and h written.
