@@ -111,9 +111,10 @@ class _Counter:
 
 # (launches, sweeps over x) of the backward per scope and regime, with weight, bias, residual and
 # an activation. BatchNorm's dweight/dbias come from the dx kernels' row sums; the positional
-# scope's (each column a channel) from per-program sums of the fused kernel plus a tiny finish;
-# GroupNorm's from a channel-view sweep (forced to split here: plus a finish).
-BWD = {"group": {"fused": (2, 2), "looped": (3, 3), "split": (4, 3)},
+# scope's (each column a channel) from per-program sums of the fused kernel plus a tiny finish
+# (looped/split: a channel-view sweep, plus a finish when split); GroupNorm's from per-(sample,
+# channel) partials of the dx pass, added by a finish (fused) or by the apply kernel.
+BWD = {"group": {"fused": (2, 1), "looped": (2, 2), "split": (2, 2)},
        "batch": {"fused": (1, 1), "looped": (2, 2), "split": (2, 2)},
        "positional": {"fused": (2, 1), "looped": (3, 3), "split": (4, 3)}}
 

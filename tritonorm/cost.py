@@ -117,14 +117,19 @@ def forward_cost(plan: dispatch.Plan, problem: dispatch.Problem, profile: dispat
 def backward_cost(plan: dispatch.Plan, problem: dispatch.Problem, dwdb_plan: dispatch.Plan | None,
                   profile: dispatch.DeviceProfile, *, elem_bytes: int, channels: int, has_w: bool, has_b: bool,
                   has_res: bool, act: bool, param_bytes: int, row_channel: bool, col_channel: bool,
-                  given: bool = False, pre_add: tuple[int, int] | None = None, param_full: int = 0) -> Cost:
+                  given: bool = False, pre_add: tuple[int, int] | None = None, param_full: int = 0,
+                  segments: tuple[int, int] | None = None) -> Cost:
     """The backward as ``BackwardPlan`` runs it, every gradient asked for (dx, and dweight,
     dbias, dresidual where those inputs exist). ``pre_add``: add_norm's (residual bytes, h bytes)
     per element: the kernels read the saved h in place of x, the dx pass also reads dh, and dx
     is written a second time in the residual's dtype when that differs from x's. ``param_full``:
     broadcast weight/bias (``channels`` = their element count): re-expanded to x's size by a torch
     copy, read x-sized by the kernels, which write x-sized per-element gradients that a torch
-    reduction per parameter sums over the broadcast axes."""
+    reduction per parameter sums over the broadcast axes. ``segments``: (N*C, the sums kernel's
+    split) when dweight/dbias come from per-(sample, channel) partials of the dx pass
+    (GroupNorm, InstanceNorm; layout.Segments): fused, [2, N*C] partials and a finish launch;
+    looped/split, the sums kernel runs on the N*C segment rows and writes [4, N*C, split]
+    partials, which the apply kernel reads back (S1, S2 per statistic, and dweight/dbias)."""
     P, M = problem.P, problem.M
     n = P * M * elem_bytes
     C = channels
@@ -161,19 +166,27 @@ def backward_cost(plan: dispatch.Plan, problem: dispatch.Problem, dwdb_plan: dis
             launches += 1
             written += 2 * M * progs * 4 + params_out
             read += 2 * M * progs * 4
+        if need_wb and segments is not None:
+            launches += 1
+            written += 2 * segments[0] * 4 + params_out
+            read += 2 * segments[0] * 4
     else:
         split = plan.config.get("split", 1)
+        rows = P
+        if segments is not None:
+            rows, split = segments
+            written += params_out  # by the apply kernel's first programs
         if not given:
             launches += 1
-            read += n + xin + res_read + stats + params_in
-            written += 4 * P * split * 4
-            read += 4 * P * split * 4
+            read += n + xin + res_read + 3 * rows * 4 + params_in
+            written += 4 * rows * split * 4
+            read += 4 * rows * split * 4
         launches += 1
         read += n + xin + dh_read + res_read + stats + params_in
         written += n + dres_written
         if need_wb and row_channel:
             written += params_out
-    if need_wb and not (row_channel or col_channel or param_full):
+    if need_wb and not (row_channel or col_channel or param_full or segments is not None):
         split = max(1, dwdb_plan.config.get("split", 1)) if dwdb_plan is not None else 1
         launches += 1 + (split > 1)
         # The channel-view sweep re-reads x and dy and gathers the statistics per element.

@@ -159,6 +159,9 @@ class Problem:
     layout: str = ""   # which side is unit-stride and how many dims each side has, e.g. "cols/1x2"
     flags: str = ""    # epilogue flags, e.g. "w,b,act=silu"
     col_run: int = 0   # contiguous elements per statistic run in x (0: unknown)
+    # Columns a fused program holds when more than pow2(M): the backward's (channel, position)
+    # tile for GroupNorm/InstanceNorm dweight/dbias, pow2(channels) * pow2(positions).
+    fused_m: int = 0
 
     def key(self) -> str:
         """The tuning-cache key: descriptive fields and the power-of-two buckets of P and M."""
@@ -216,7 +219,7 @@ def _fill(warps: int, profile: DeviceProfile) -> int:
 
 
 def problem_from_view(op: str, view, elem_bytes: int, *, spec=None, dtype: str = "",
-                      flags: str = "") -> Problem:
+                      flags: str = "", fused_m: int = 0) -> Problem:
     """The problem a launcher (or explain) solves on a layout.View; one definition for both."""
     rows, cols = view.rows, view.cols
     rows_unit = rows.numel > 1 and _unit_run(rows) > 1
@@ -229,7 +232,7 @@ def problem_from_view(op: str, view, elem_bytes: int, *, spec=None, dtype: str =
     if spec is not None and getattr(spec, "sample_groups", 1) > 1:
         scope += f"/s{spec.sample_groups}"  # its own tuning key; S = 1 keys are unchanged
     return Problem(op=op, P=view.P, M=view.M, elem_bytes=elem_bytes, rows_unit_stride=rows_unit,
-                   scope=scope, dtype=dtype, layout=layout, flags=flags, col_run=run)
+                   scope=scope, dtype=dtype, layout=layout, flags=flags, col_run=run, fused_m=fused_m)
 
 
 def _ndims(side) -> int:
@@ -259,7 +262,7 @@ def choose(problem: Problem, profile: DeviceProfile) -> Plan:
     fill = profile.programs_per_sm * profile.sm_count
     contiguous = problem.rows_unit_stride or problem.col_run >= M
     fused_max = profile.fused_limit(problem.elem_bytes, problem.op, contiguous)
-    block_m_full = _pow2(M)
+    block_m_full = max(_pow2(M), problem.fused_m)
     # Column-strided statistics (rows unit-stride) need several rows per program for coalesced
     # loads, so the fused regime must hold at least that many whole statistics.
     min_rows = min(Pb, 16) if problem.rows_unit_stride else 1
@@ -364,7 +367,7 @@ def fit(plan: Plan, problem: Problem, profile: DeviceProfile) -> Plan | None:
         return None
     cfg.update(block_p=bp, block_m=bm, num_warps=nw)
     if plan.kernel == "fused":
-        if bm < problem.M:
+        if bm < max(problem.M, problem.fused_m):
             return None
         cfg.pop("split", None)
     else:
@@ -410,7 +413,7 @@ def _forced_plan(kernel: str, cfg: dict, problem: Problem, profile: DeviceProfil
         return Plan(NATIVE, {}, "forced")
     nw = cfg.get("num_warps", 4)
     if kernel == "fused":
-        need = _pow2(problem.M)
+        need = max(_pow2(problem.M), problem.fused_m)
         block_p = cfg.get("block_p", max(1, min(_pow2(problem.P), profile.tile // need)))
         return Plan("fused", {"block_p": block_p, "block_m": need, "num_warps": nw}, "forced")
     block_p = cfg.get("block_p", 1)

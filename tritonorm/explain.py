@@ -14,7 +14,7 @@ import torch
 
 from . import activations, backend as backends, cost, dispatch
 from .kernels.layout import (MAX_DIMS, TooManyDims, alloc_out, channel_per_col, channel_per_row, channel_view,
-                             stat_view)
+                             segments, stat_view)
 from .validation import check_norm_args
 
 OPS = ("forward", "backward", "dwdb")
@@ -45,14 +45,28 @@ def _view(x: torch.Tensor, spec, make):
     """The view the launcher runs on: x in place, else x copied into y's layout, else (a dense
     permutation too irregular for the kernels) both contiguous; None when even that has too many
     dims (the launcher then runs the torch regime)."""
+    return _view_strides(x, spec, make)[0]
+
+
+def _view_strides(x: torch.Tensor, spec, make):
+    """``_view`` and the (x, output) strides it was built with."""
     out = alloc_out(x).stride()
     contiguous = torch.empty(x.shape, device="meta").stride()
     for xs, ys in ((x.stride(), out), (out, out), (contiguous, contiguous)):
         try:
-            return make(x.shape, spec, xs, ys)
+            return make(x.shape, spec, xs, ys), xs, ys
         except TooManyDims:
             continue
-    return None
+    return None, None, None
+
+
+def _segments(x, spec, weight, bias, param_full, given):
+    """The launcher's per-(sample, channel) segments of the backward (layout.segments), or None
+    (as BackwardPlan decides with every gradient asked for)."""
+    if (weight is None and bias is None) or param_full or (not given and channel_per_row(spec)):
+        return None
+    view, xs, ys = _view_strides(x, spec, stat_view)
+    return None if view is None else segments(view, x.shape, spec, xs, ys)
 
 
 def explain(x: torch.Tensor, scope: str = "group", *, num_groups: int | None = None,
@@ -66,7 +80,9 @@ def explain(x: torch.Tensor, scope: str = "group", *, num_groups: int | None = N
 
     ``device``: None (x's device), a profile name ("h100", "h200", "interpreter"), a
     ``DeviceProfile`` or a torch device. ``op``: "forward", "backward" (the dx kernels) or
-    "dwdb" (the weight/bias gradient reduction). ``plan.kernel`` is a regime of
+    "dwdb" (the weight/bias gradient reduction: for GroupNorm/InstanceNorm the looped/split
+    backward's sums kernel on the (sample, channel) segment view, else the channel-view sweep).
+    ``plan.kernel`` is a regime of
     ``dispatch.KERNELS``, or "reference" when the call would not run Triton at all.
     ``add_residual`` (and ``residual_dtype``): the plan of ``tritonorm.add_norm(x, add_residual,
     ...)`` instead; its cost counts the residual read and h written.
@@ -99,7 +115,11 @@ def explain(x: torch.Tensor, scope: str = "group", *, num_groups: int | None = N
     if x.numel() == 0:
         return dispatch.Plan("none", {}, "empty input: nothing runs")
     profile = _profile(device, x)
+    given = running_var is not None and not training
+    seg = _segments(x, spec, weight, bias, param_full, given) if op != "forward" else None
     view = _view(x, spec, channel_view if op == "dwdb" else stat_view)
+    if op == "dwdb" and seg is not None:
+        view = seg.view
     if op == "backward" and (weight is not None or bias is not None):
         if _view(x, spec, channel_view) is None:  # the launcher needs it for dweight/dbias too
             view = None
@@ -109,7 +129,8 @@ def explain(x: torch.Tensor, scope: str = "group", *, num_groups: int | None = N
     flags = dispatch.flags_key(weight is not None, bias is not None, residual is not None,
                                activations.code(act), center)
     problem = dispatch.problem_from_view(op, view, x.element_size(), spec=spec,
-                                         dtype=str(x.dtype).replace("torch.", ""), flags=flags)
+                                         dtype=str(x.dtype).replace("torch.", ""), flags=flags,
+                                         fused_m=seg.fused_cols if seg is not None and op == "backward" else 0)
     plan = dispatch.plan_for(problem, profile)
     if op in ("forward", "backward") and plan.kernel != dispatch.NATIVE and running_var is None \
             and running_mean is None and pre_add is None and not param_full:
@@ -147,17 +168,32 @@ def _cost(op, plan, problem, profile, x, spec, weight, bias, residual, act, runn
     if "cb" in plan.config:  # the whole-pixel kernels (kernels/pixels_backward.py)
         return cost.pixels_backward_cost(plan, problem, profile, samples=x.shape[0], act=act is not None, **common)
     fwd_view = _view(x, spec, stat_view)
+    seg = _segments(x, spec, weight, bias, param_full, given)
     bproblem = dispatch.problem_from_view("backward", fwd_view, x.element_size(), spec=spec,
-                                          dtype=problem.dtype, flags=flags)
+                                          dtype=problem.dtype, flags=flags,
+                                          fused_m=seg.fused_cols if seg is not None else 0)
     bplan = dispatch.plan_for(bproblem, profile)
     need_wb = weight is not None or bias is not None
     row_channel = need_wb and not given and not param_full and channel_per_row(spec)
     col_channel = (need_wb and bplan.kernel == "fused" and not param_full
                    and channel_per_col(fwd_view, x.shape[1]))
+    if seg is not None and ((bplan.kernel == "fused" and not seg.order) or (bplan.kernel != "fused" and given)):
+        seg = None  # as the launcher: the channel-view sweep runs instead
+    segs = None
+    if seg is not None and bplan.kernel != dispatch.NATIVE:
+        split = 1
+        if bplan.kernel != "fused":
+            sproblem = dispatch.problem_from_view("dwdb", seg.view, x.element_size(), spec=spec,
+                                                  dtype=problem.dtype, flags=flags)
+            splan = dispatch.plan_for(sproblem, profile)
+            if splan.kernel not in ("looped", "split"):
+                splan = dispatch.choose(sproblem, profile)
+            split = splan.config.get("split", 1) if splan.kernel == "split" else 1
+        segs = (seg.view.P, split)
     dwdb = None
-    if need_wb and not (row_channel or col_channel or param_full):
+    if need_wb and not (row_channel or col_channel or param_full or segs is not None):
         cview = _view(x, spec, channel_view)
         dwdb = dispatch.plan_for(dispatch.problem_from_view("dwdb", cview, x.element_size(), spec=spec,
                                                             dtype=problem.dtype, flags=flags), profile)
     return cost.backward_cost(bplan, bproblem, dwdb, profile, act=act is not None, row_channel=row_channel,
-                              col_channel=col_channel, given=given, **common)
+                              col_channel=col_channel, given=given, segments=segs, **common)

@@ -86,12 +86,11 @@ def _bind(fn, variant: dict, backend):
     import torch
     from triton.runtime.jit import create_function_from_signature
 
-    args, kw = [], {}
-    for name, a in variant["args"].items():
-        args.append(_value(a, torch))
+    # By name: a launch may leave a defaulted parameter out (DH=None) and pass later ones.
+    kw = {name: _value(a, torch) for name, a in variant["args"].items()}
     kw.update(variant.get("options", {}))
     binder = create_function_from_signature(fn.signature, fn.params, backend)
-    bound, specialization, options = binder(*args, **kw)
+    bound, specialization, options = binder(**kw)
     if hasattr(fn, "_pack_args"):
         return fn._pack_args(backend, kw, bound, specialization, options)
     # Triton versions without _pack_args inline the same steps in JITFunction.run (flat

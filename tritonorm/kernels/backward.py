@@ -12,8 +12,16 @@ over every element of channel c. Where they come from:
   each statistic one channel (BatchNorm): the dx kernels' row sums, written by the dx kernels;
   each column one channel (LayerNorm rows, positional scope), fused regime: a persistent grid
       keeps per-channel sums per program; ``_finish_kernel`` adds the programs' partials;
-  otherwise (GroupNorm, InstanceNorm): ``_dwdb_kernel`` sweeps the channel view; with one chunk
-      per channel it writes the result itself, else ``_finish_kernel`` adds its chunks.
+  each statistic a run of per-(sample, channel) segments (GroupNorm, InstanceNorm, LayerNorm over
+      C and space; layout.Segments): the dx pass stores one fp32 partial per segment (and
+      chunk), segment n*C + c. Fused: the tile is (channel digit j, position h), reshaped to
+      sum each j, then ``_finish_kernel`` adds the N partials. Looped/split: ``_bwd_sums_kernel``
+      runs on the segment view (rows = the N*C segments) and also stores each segment's S1, S2;
+      ``_bwd_apply_kernel`` adds a statistic's hm*SPLIT of those and its first programs add the
+      dweight/dbias partials (FINISH). Two launches either way, x and dy read as often as for dx;
+  otherwise (sample groups, kept spatial axes, only dweight/dbias asked for): ``_dwdb_kernel``
+      sweeps the channel view; with one chunk per channel it writes the result itself, else
+      ``_finish_kernel`` adds its chunks.
 Partials are fp32 and summed in a fixed order (deterministic, no atomics). Every kernel
 normalizes ``(x - K) - Mean`` with the forward's pivot K and shifted mean from the [5, P]
 statistics buffer (see forward.py); the pre-activation is recomputed, not stored. The regimes
@@ -25,7 +33,48 @@ import triton
 import triton.language as tl
 
 from .common import (add_incoming, col_tile, grad_terms, load2d, load_residual, load_stats, param_offsets,
-                     row_block, store2d, store_param_grads, strided_tile_start)
+                     row_block, side_offsets, store2d, store_param_grads, strided_tile_start)
+
+
+@triton.jit
+def _seg_tile(rmask, M, HM_B: tl.constexpr, HD_B: tl.constexpr, ORDER: tl.constexpr, INT64: tl.constexpr, CG):
+    """A whole statistic as a (channel digit j, position h) tile of HM_B * HD_B columns (powers of
+    two, so // and % are shifts): ORDER 1: col = j*H + h (H = the digit's div; j-major, so each
+    channel's run stays contiguous and vector loads survive), ORDER 2: col = h*hm + j (h-major).
+    Returns col_tile's (cmask, tile mask, offsets, channel) and hm."""
+    s1, s2, s3, x0, x1, x2, x3, o0, o1, o2, o3, t0, t1, t2, t3, hd, hm, hk = CG
+    e = tl.arange(0, HM_B * HD_B)
+    if INT64:
+        e = e.to(tl.int64)
+    if HM_B == 1:  # one channel a statistic (InstanceNorm): plain columns
+        cols = e
+        cmask = cols < M
+    elif ORDER == 1:
+        j = e // HD_B
+        h = e % HD_B
+        cols = j * hd + h
+        cmask = (j < hm) & (h < hd)
+    else:
+        j = e % HM_B
+        h = e // HM_B
+        cols = h * hm + j
+        cmask = (j < hm) & (h < M // hm)
+    mask = rmask[:, None] & cmask[None, :]
+    cx, co, ct, ch = side_offsets(cols, CG)
+    return cmask, mask, cx, co, ct, ch, hm
+
+
+@triton.jit
+def _seg_store(Part, rows, rmask, v, hm, plane, BLOCK_P: tl.constexpr, HM_B: tl.constexpr,
+               HD_B: tl.constexpr, ORDER: tl.constexpr):
+    """Per-channel sums of a (j, h) tile, stored to Part[row*hm + j] (+ plane)."""
+    if ORDER == 2:
+        per = tl.sum(tl.reshape(v, [BLOCK_P, HD_B, HM_B]), axis=1)
+    else:
+        per = tl.sum(tl.reshape(v, [BLOCK_P, HM_B, HD_B]), axis=2)
+    jj = tl.arange(0, HM_B)
+    tl.store(Part + plane + rows[:, None] * hm + jj[None, :], per,
+             mask=rmask[:, None] & (jj < hm)[None, :])
 
 
 @triton.jit
@@ -53,6 +102,8 @@ def _bwd_fused_kernel(
     DH=None, ADD_DH: tl.constexpr = False,  # add_norm: dx += the incoming gradient of h
     DX_TWICE: tl.constexpr = False,         # add_norm: dx also stored to DRes (the residual's dtype)
     PARAM_FULL: tl.constexpr = False,       # W, B laid out like y; DW, DB get per-element gradients
+    SEG: tl.constexpr = 0,                  # segments: 0 off, else their ORDER (see _seg_tile);
+    HM_B: tl.constexpr = 1, HD_B: tl.constexpr = 1,  # then DW: fp32 partials [2, P*hm]
 ):
     """Whole statistics in registers: S1, S2 and dx in one pass over x and dy.
 
@@ -65,7 +116,10 @@ def _bwd_fused_kernel(
     db = tl.zeros([BLOCK_M], dtype=tl.float32)
     for rb in range(tl.program_id(0), ROW_BLOCKS, tl.num_programs(0)):
         rows, rmask, rx, ro, rt, rh = row_block(rb, P, BLOCK_P, INT64, RG)
-        cmask, mask, cx, co, ct, ch = col_tile(0, M, rmask, BLOCK_M, INT64, CG)
+        if SEG:
+            cmask, mask, cx, co, ct, ch, hm = _seg_tile(rmask, M, HM_B, HD_B, SEG, INT64, CG)
+        else:
+            cmask, mask, cx, co, ct, ch = col_tile(0, M, rmask, BLOCK_M, INT64, CG)
         rh, ch = param_offsets(rh, ro, PARAM_FULL), param_offsets(ch, co, PARAM_FULL)
         k, mean, rstd = load_stats(Stats, P, rt, rmask)
         x = load2d(X, rx, cx, mask) - k[:, None]
@@ -89,6 +143,11 @@ def _bwd_fused_kernel(
         if COL_CHANNEL:
             dw += tl.sum(tl.where(mask, gz * xhat, 0.0), axis=0)
             db += tl.sum(gz, axis=0)
+        if SEG:
+            if NEED_DW:
+                _seg_store(DW, rows, rmask, tl.where(mask, gz * xhat, 0.0), hm, 0, BLOCK_P, HM_B, HD_B, SEG)
+            if NEED_DB:
+                _seg_store(DW, rows, rmask, gz, hm, P * hm, BLOCK_P, HM_B, HD_B, SEG)
     if COL_CHANNEL:  # partials [2, programs, M]: each program stores a contiguous row
         cols = tl.arange(0, BLOCK_M)
         progs = tl.num_programs(0)
@@ -100,19 +159,21 @@ def _bwd_fused_kernel(
 def _bwd_sums_kernel(
     X, DY, Res, W, B, Stats,
     Part,                       # partial sums out, [4, P, SPLIT] fp32: S1, S2, dweight, dbias
-    P, M, CHUNK, SPLIT,
+    P, M, CHUNK, SPLIT, NSTAT,  # NSTAT: the statistics (P, or on the segment view P / hm)
+    SEG_HM,                     # segments a statistic has (segment view: statistic = offset // hm)
     RG, CG,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr,
     CHAN: tl.constexpr, INT64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr,
     ROW_CHANNEL: tl.constexpr, PARAM_FULL: tl.constexpr = False,
 ):
     """S1, S2 over one column chunk (looped regime: SPLIT = 1; split regime: stage 1); with
-    ROW_CHANNEL also the dweight, dbias partials (sums of gz*xhat and gz)."""
+    ROW_CHANNEL also the dweight, dbias partials (sums of gz*xhat and gz). Also runs on the
+    segment view (rows = (sample, channel) segments, each reading its statistic's row)."""
     rows, rmask, rx, ro, rt, rh = row_block(tl.program_id(0), P, BLOCK_P, INT64, RG)
     sp = tl.program_id(1)
     if INT64:
         sp = sp.to(tl.int64)
-    k, mean, rstd = load_stats(Stats, P, rt, rmask)
+    k, mean, rstd = load_stats(Stats, NSTAT, rt // SEG_HM, rmask)
     start = sp * CHUNK
     end = tl.minimum(start + CHUNK, M)
     s1 = tl.zeros([BLOCK_P], dtype=tl.float32)
@@ -141,7 +202,35 @@ def _bwd_sums_kernel(
         tl.store(Part + 3 * plane + idx, u1, mask=rmask)
 
 
-@triton.jit(do_not_specialize=["SPLIT", "COL_PROGS", "TILES_PER_PROG"])
+@triton.jit
+def _finish_segments(Part, DW, DB, N, C, S, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
+                     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    """dweight, dbias from the sums kernel's segment partials Part[2:4, N, C, S], a channel block
+    per program (programs over the whole grid, in a fixed order)."""
+    pid = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
+    progs = tl.num_programs(0) * tl.num_programs(1)
+    plane = N * C * S
+    for cb in range(pid, tl.cdiv(C, BLOCK_C), progs):
+        cs = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+        cmask = cs < C
+        dw = tl.zeros([BLOCK_C], dtype=tl.float32)
+        db = tl.zeros([BLOCK_C], dtype=tl.float32)
+        for n in range(0, N):
+            for s0 in range(0, S, BLOCK_S):
+                ss = s0 + tl.arange(0, BLOCK_S)
+                mask = cmask[:, None] & (ss < S)[None, :]
+                idx = (n * C + cs)[:, None] * S + ss[None, :]
+                if NEED_DW:
+                    dw += tl.sum(tl.load(Part + 2 * plane + idx, mask=mask, other=0.0), axis=1)
+                if NEED_DB:
+                    db += tl.sum(tl.load(Part + 3 * plane + idx, mask=mask, other=0.0), axis=1)
+        if NEED_DW:
+            tl.store(DW + cs, dw.to(DW.dtype.element_ty), mask=cmask)
+        if NEED_DB:
+            tl.store(DB + cs, db.to(DB.dtype.element_ty), mask=cmask)
+
+
+@triton.jit(do_not_specialize=["SPLIT", "COL_PROGS", "TILES_PER_PROG", "FIN_N", "FIN_S"])
 def _bwd_apply_kernel(
     X, DY, Res, W, B, Stats,
     Part,                             # [4, P, SPLIT] partial sums of _bwd_sums_kernel (unused if GIVEN)
@@ -154,10 +243,15 @@ def _bwd_apply_kernel(
     ROW_CHANNEL: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
     DH=None, ADD_DH: tl.constexpr = False, DX_TWICE: tl.constexpr = False,  # as the fused kernel
     PARAM_FULL: tl.constexpr = False,
+    FIN_N=1, FIN_C=1, FIN_S=1,                # FINISH: Part holds [4, N, C, S] segment partials
+    FINISH: tl.constexpr = False, BLOCK_C: tl.constexpr = 64,
 ):
     """dx (and dresidual) over a 2-D grid of (row block, column tiles); each program adds its
     rows' SPLIT partial sums itself, and with ROW_CHANNEL the programs of column 0 store dweight
-    and dbias."""
+    and dbias. FINISH (segments: SPLIT = hm * the sums kernel's split): the first programs also
+    add the dweight/dbias partials of every channel."""
+    if FINISH:
+        _finish_segments(Part, DW, DB, FIN_N, FIN_C, FIN_S, NEED_DW, NEED_DB, BLOCK_C, BLOCK_S)
     rows, rmask, rx, ro, rt, rh = row_block(tl.program_id(0), P, BLOCK_P, INT64, RG)
     k, mean, rstd = load_stats(Stats, P, rt, rmask)
     s1 = tl.zeros([BLOCK_P], dtype=tl.float32)

@@ -27,7 +27,8 @@ from . import forward as fk
 from . import native, pixels
 from .fastlaunch import Launcher
 from .pixels_backward import PixelsBackward
-from .layout import TooManyDims, channel_per_col, channel_per_row, channel_view, match_strides, stat_view
+from .layout import (TooManyDims, channel_per_col, channel_per_row, channel_view, match_strides, segments,
+                     stat_view)
 
 _MAX_GRID_1 = 65535  # CUDA's limit on the second grid dimension
 
@@ -68,9 +69,10 @@ def _chan_mode(view) -> int:
     return {(True, True): 0, (False, True): 1, (True, False): 2, (False, False): 3}[(rows, cols)]
 
 
-def _problem(op: str, view, x: torch.Tensor, spec: Spec | None = None, flags: str = "") -> dispatch.Problem:
+def _problem(op: str, view, x: torch.Tensor, spec: Spec | None = None, flags: str = "",
+             fused_m: int = 0) -> dispatch.Problem:
     return dispatch.problem_from_view(op, view, x.element_size(), spec=spec,
-                                      dtype=str(x.dtype).replace("torch.", ""), flags=flags)
+                                      dtype=str(x.dtype).replace("torch.", ""), flags=flags, fused_m=fused_m)
 
 
 def _empty(shape, device, dtype=torch.float32) -> torch.Tensor:
@@ -375,16 +377,8 @@ class BackwardPlan:
         view = c.view
         P, M = view.P, view.M
         profile = fwd.profile
-        x_meta = torch.empty_strided(c.shape, c.out_stride if c.copy_x else c.x_stride, dtype=c.dtype,
-                                     device="meta")
-        self.plan = plan = dispatch.plan_for(_problem("backward", view, x_meta, spec, c.fkey), profile)
-        self.native = plan.kernel == dispatch.NATIVE
-        if self.native:
-            return
-        cfg = plan.config
-        bp, bm, nw = cfg["block_p"], cfg["block_m"], cfg["num_warps"]
-        flags = dict(c.flags, CHAN=0 if fwd.param_full else _chan_mode(view), INT64=view.int64)
-        rg, cg = view.geometry()
+        xs = c.out_stride if c.copy_x else c.x_stride
+        x_meta = torch.empty_strided(c.shape, xs, dtype=c.dtype, device="meta")
         need_wb = need_dw or need_db
         self.param_full = param_full = fwd.param_full
         # param_full: the dx kernels store the per-element weight/bias gradients themselves.
@@ -392,6 +386,24 @@ class BackwardPlan:
         # Each statistic one channel (BatchNorm's scope): the dx kernels' row sums are dweight and
         # dbias, so the channel-view sweep is skipped.
         row_channel = need_wb and dx_pass and not self.given and not param_full and channel_per_row(spec)
+        # Each statistic a run of (sample, channel) segments (GroupNorm, InstanceNorm): the dx
+        # pass stores per-segment partials (its fused tile is then (channel, position), padded).
+        seg = None
+        if need_wb and dx_pass and not row_channel and not param_full:
+            seg = segments(view, c.shape, spec, xs, c.out_stride)
+        self.plan = plan = dispatch.plan_for(
+            _problem("backward", view, x_meta, spec, c.fkey, fused_m=seg.fused_cols if seg else 0), profile)
+        self.native = plan.kernel == dispatch.NATIVE
+        if self.native:
+            return
+        if seg is not None and ((plan.kernel == "fused" and not seg.order)
+                                or (plan.kernel != "fused" and self.given)):
+            seg = None  # no (channel, position) tile, or no sums kernel: the channel-view sweep
+        self.seg = seg
+        cfg = plan.config
+        bp, bm, nw = cfg["block_p"], cfg["block_m"], cfg["num_warps"]
+        flags = dict(c.flags, CHAN=0 if fwd.param_full else _chan_mode(view), INT64=view.int64)
+        rg, cg = view.geometry()
         # Each column one channel (LayerNorm rows, positional scope) in the fused regime: a
         # persistent grid accumulates dweight and dbias per program.
         col_channel = (need_wb and dx_pass and plan.kernel == "fused" and not param_full
@@ -408,30 +420,58 @@ class BackwardPlan:
                     progs = dispatch.col_channel_programs(row_blocks, profile.sm_count)
                 self.progs = progs
                 self.dx_kind = "fused"
+                segk = {}
+                if seg is not None:
+                    hm_b, hd_b = _pow2(seg.hm), _pow2(seg.H)
+                    segk = dict(SEG=seg.order, HM_B=hm_b, HD_B=hd_b, BLOCK_M=hm_b * hd_b)
                 self.dx = (bk._bwd_fused_kernel, (progs,), (P, M, row_blocks, rg, cg),
-                           dict(common, **addk, CENTER=c.center, GIVEN=self.given, WRITE_DRES=self.write_dres,
-                                ROW_CHANNEL=row_channel, COL_CHANNEL=col_channel, NEED_DW=need_dw,
-                                NEED_DB=need_db))
+                           dict(common, **addk, **segk, CENTER=c.center, GIVEN=self.given,
+                                WRITE_DRES=self.write_dres, ROW_CHANNEL=row_channel, COL_CHANNEL=col_channel,
+                                NEED_DW=need_dw, NEED_DB=need_db))
             else:
                 split = cfg.get("split", 1)
                 self.split = split
                 chunk = _chunk(M, bm, split)
                 self.dx_kind = "two-stage"
                 self.sums = None
-                if not self.given:
-                    self.sums = (bk._bwd_sums_kernel, (triton.cdiv(P, bp), split), (P, M, chunk, split, rg, cg),
+                fin = {}
+                if seg is not None:
+                    # The sums kernel on the segment view (its own plan: N*C rows of H), storing
+                    # S1, S2, dweight, dbias partials [4, N*C, split]; the apply kernel adds a
+                    # statistic's hm*split of S1, S2 and finishes dweight/dbias.
+                    sv = seg.view
+                    splan = dispatch.plan_for(_problem("dwdb", sv, x_meta, spec, c.fkey), profile)
+                    if splan.kernel not in ("looped", "split"):
+                        splan = dispatch.choose(_problem("dwdb", sv, x_meta, spec, c.fkey), profile)
+                    scfg = splan.config
+                    sbm = scfg["block_m"]
+                    self.seg_split = sp = scfg.get("split", 1) if splan.kernel == "split" else 1
+                    srg, scg = sv.geometry()
+                    self.sums = (bk._bwd_sums_kernel, (triton.cdiv(sv.P, scfg["block_p"]), sp),
+                                 (sv.P, sv.M, _chunk(sv.M, sbm, sp), sp, P, seg.hm, srg, scg),
+                                 dict(c.flags, CHAN=_chan_mode(sv), INT64=sv.int64, BLOCK_P=scfg["block_p"],
+                                      BLOCK_M=sbm, num_warps=scfg["num_warps"], ROW_CHANNEL=True))
+                    split = seg.hm * sp
+                    fin = dict(FINISH=True, FIN_N=c.shape[0], FIN_C=c.shape[1], FIN_S=sp)
+                elif not self.given:
+                    self.sums = (bk._bwd_sums_kernel, (triton.cdiv(P, bp), split),
+                                 (P, M, chunk, split, P, 1, rg, cg),
                                  dict(common, ROW_CHANNEL=row_channel,
                                       **({"PARAM_FULL": True} if fwd.param_full else {})))
+                self.part_rows = seg.view.P if seg is not None else P
+                self.part_split = self.seg_split if seg is not None else split
                 grid, tiles = _apply_grid(P, M, bp, bm, one_program_per_row=plan.kernel == "looped")
                 self.apply = (bk._bwd_apply_kernel, grid, (P, M, split, grid[1], tiles, rg, cg),
-                              dict(common, **addk, CENTER=c.center, GIVEN=self.given, WRITE_DRES=self.write_dres,
-                                   BLOCK_S=MERGE_BLOCK, ROW_CHANNEL=row_channel, NEED_DW=need_dw,
-                                   NEED_DB=need_db))
+                              dict(common, **addk, **fin, CENTER=c.center, GIVEN=self.given,
+                                   WRITE_DRES=self.write_dres, BLOCK_S=MERGE_BLOCK, ROW_CHANNEL=row_channel,
+                                   NEED_DW=need_dw, NEED_DB=need_db))
         self.dwdb = None
         self.finish_cols = None
         if need_wb and col_channel:
             self.finish_cols = M
-        if need_wb and not (row_channel or col_channel or param_full):
+        if need_wb and seg is not None and self.dx_kind == "fused":
+            self.finish_cols = c.shape[1]  # [2, N, C] partials, added over N
+        if need_wb and not (row_channel or col_channel or param_full or seg is not None):
             if c.cview is None:
                 try:
                     c.cview = channel_view(c.shape, spec, c.out_stride if c.copy_x else c.x_stride, c.out_stride)
@@ -461,7 +501,7 @@ class BackwardPlan:
             if step is not None:
                 kernel, grid, fixed, kw = step
                 setattr(self, name, (Launcher(kernel, grid, kw), fixed))
-        reduced = self.M if col_channel else getattr(self, "C", 1)
+        reduced = self.finish_cols if self.finish_cols is not None else getattr(self, "C", 1)
         self.finish = Launcher(bk._finish_kernel, (triton.cdiv(reduced, 64),),
                                dict(NEED_DW=need_dw, NEED_DB=need_db, BLOCK_C=64, BLOCK_S=MERGE_BLOCK))
 
@@ -535,13 +575,17 @@ class BackwardPlan:
                 part = _empty((2, self.progs, self.M), x.device)
                 run(x, dy, r, w, b, stats, dx, dr, part, part, *fixed, **dhk)
                 self.finish(part, dwp, dbp, self.M, self.progs)
+            elif self.finish_cols is not None:  # segments: [2, N, C] partials
+                part = _empty((2, c.shape[0], c.shape[1]), x.device)
+                run(x, dy, r, w, b, stats, dx, dr, part, part, *fixed, **dhk)
+                self.finish(part, dwp, dbp, c.shape[1], c.shape[0])
             else:
                 run(x, dy, r, w, b, stats, dx, dr, dwp, dbp, *fixed, **dhk)
         elif self.dx_kind == "two-stage":
             part = x
             if self.sums is not None:
                 run, fixed = self.sums
-                part = _empty((4, self.P, self.split), x.device)
+                part = _empty((4, self.part_rows, self.part_split), x.device)
                 run(x, dy, r, w, b, stats, part, *fixed)
             run, fixed = self.apply
             run(x, dy, r, w, b, stats, part, dx, dr, dwp, dbp, *fixed, **dhk)

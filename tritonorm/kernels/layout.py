@@ -17,7 +17,7 @@ channels.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -204,3 +204,77 @@ def match_strides(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     out = torch.empty_strided(like.shape, like.stride(), dtype=t.dtype, device=t.device)
     out.copy_(t)
     return out
+
+
+# --- Per-(sample, channel) segments: GroupNorm/InstanceNorm dweight/dbias in the dx pass --------
+
+# A segment shorter than this keeps the channel-view sweep: its fp32 partials (16 bytes per
+# segment and split) would outweigh re-reading it (LayerNorm rows over C alone: one element).
+MIN_SEGMENT = 2
+
+
+@dataclass(frozen=True)
+class Segments:
+    """How a statistic's columns split into per-channel segments (channel digit j, position h).
+
+    Each statistic row r spans ``hm`` channels of ``H`` elements each; segment ``r*hm + j`` is
+    sample n, channel c with ``r*hm + j == n*C + c`` (checked), so fp32 partials laid out
+    [.., N*C] sum to dweight/dbias over N. ``order``: how a column index splits in the statistic
+    view, 1: col = j*H + h (NCHW; InstanceNorm), 2: col = h*hm + j (channels_last GroupNorm),
+    0: neither (no fused factorization; the segment view still serves the two-stage regimes).
+    """
+
+    hm: int
+    H: int
+    order: int
+    view: View | None = None   # rows: the N*C segments; cols: their H positions
+
+    @property
+    def fused_cols(self) -> int:
+        """Columns of the fused (channel, position) tile: pow2(hm) * pow2(H)."""
+        return _p2(self.hm) * _p2(self.H) if self.order else 0
+
+
+def _p2(n: int) -> int:
+    return 1 << max(0, (max(1, n) - 1).bit_length())
+
+
+def segment_view(shape, spec: Spec, x_strides, out_strides) -> View:
+    """Rows: one per sample and channel; cols: the reduced axes other than C. Built as the
+    InstanceNorm view of the same axes, so the channels merge into one unit-stride side for
+    channels_last; its statistic offset is the segment's own (n*C + c): kernels divide it by hm
+    to find the statistic (``Segments`` checks that this holds)."""
+    letters = "".join(ch for ch in spec.letters if ch != "C")
+    return stat_view(shape, replace(spec, letters=letters, num_groups=1), x_strides, out_strides)
+
+
+def segments(view: View, shape, spec: Spec, x_strides, out_strides) -> Segments | None:
+    """The segments of a statistic view whose rows are (sample, channel group) in that order and
+    whose columns are (channel in group, position) — dense GroupNorm and InstanceNorm, and
+    LayerNorm over (C, *spatial) — else None (sample groups, kept spatial axes, odd strides)."""
+    if len(shape) < 3 or spec.sample_groups != 1 or spec.reduces_n:
+        return None
+    N, C = shape[0], shape[1]
+    P, M = view.P, view.M
+    if P * M == 0 or (N * C) % P:
+        return None
+    hm = N * C // P
+    H = M // hm if M % hm == 0 else 0
+    if H < MIN_SEGMENT:
+        return None
+    groups = C // hm
+    # Stat row r = n*G + g (the group digit fastest) and the columns' channel digit spans hm.
+    if view.rows.chan != ((1, groups, hm) if groups > 1 else (1, 1, 0)):
+        return None
+    div, mod, mul = view.cols.chan
+    if hm > 1 and (mod != hm or mul != 1):
+        return None
+    order = 1 if (hm == 1 or div * hm == M) else (2 if div == 1 else 0)
+    try:
+        sview = segment_view(shape, spec, x_strides, out_strides)
+    except TooManyDims:
+        return None
+    # Segment row s = n*C + c: the channel digit fastest over all C channels.
+    if sview.P != N * C or sview.M != H or sview.rows.chan != ((1, C, 1) if C > 1 else (1, 1, 0)):
+        return None
+    return Segments(hm=hm, H=H, order=order, view=sview)
