@@ -34,7 +34,8 @@ with host.stubbed() as rec:
     out["forward_usable"] = fwd.launch.usable
     out["forward_cached"] = len(fwd.launch.compiled)
     bwd = list(fwd._backward.values())[0]
-    out["backward_usable"] = [run.usable for run, _ in (bwd.dx, bwd.dwdb) if run is not None]
+    out["backward_usable"] = [step[0].usable for step in (bwd.dx, getattr(bwd, "sums", None), bwd.apply
+                              if hasattr(bwd, "apply") else None) if step is not None] + [bwd.finish.usable]
     # A tensor off 16-byte alignment is another specialization: through run once (a compile),
     # then direct like the aligned one; the aligned calls still launch their own variant.
     base = torch.randn(4 * 8 * 6 * 6 + 1)

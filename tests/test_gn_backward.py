@@ -13,7 +13,7 @@ import tritonorm
 from cases import check_case, make_inputs
 from helpers import assert_close, record_launches
 from tritonorm import dispatch, reference, scope as scopes
-from tritonorm.kernels import launch
+from tritonorm.kernels import launch, pixels
 
 CL, CL3 = torch.channels_last, torch.channels_last_3d
 
@@ -35,6 +35,10 @@ REGIMES = ("fused", "looped", "split")
 @pytest.fixture(autouse=True)
 def _poison(monkeypatch):
     monkeypatch.setattr(launch, "POISON", True)
+    # channels_last GroupNorm with short groups runs the whole-pixel kernels (tests/test_pixels.py);
+    # here the segment path is tested in every layout.
+    monkeypatch.setattr(pixels, "ENABLED", False)
+    launch.clear()
 
 
 def _force(regime):

@@ -110,14 +110,14 @@ def test_spec_of_mirrors_tritons_binder():
 # BatchNorm NCHW at 56^2, rows-unit-stride BatchNorm channels_last, fused GroupNorm NCHW.
 FAST = [
     ("llm", "ln 4096x4096", False),
+    # channels_last GroupNorm, Cg = 10: whole-pixel tiles (kernels/pixels.py), formerly scalar
+    ("sd-unet", "gn32+silu 320x64^2 b1 cl", True),
     ("resnet50", "bn 256x56^2 b32", False),
     ("resnet50", "bn 64x112^2 b256 cl", True),
     ("sd-unet", "gn32+silu 1280x8^2 b1", False),
 ]
 # Known scalar accesses that need kernel changes (docs/compiled.md, "what the kernels need").
 NARROW = [
-    ("sd-unet", "gn32+silu 320x64^2 b1 cl", True,
-     "channels_last GroupNorm: the Cg=10 channel digit (idx % Cg) breaks contiguity"),
     ("resnet50", "bn 1024x14^2 b32", False,
      "BatchNorm NCHW 14^2: the column index splits N and H*W=196, not a multiple of 16"),
 ]
