@@ -12,8 +12,8 @@ import torch
 import tritonorm
 from cases import check_case, make_inputs
 from helpers import assert_close, record_launches
-from tritonorm import dispatch, reference, scope as scopes
-from tritonorm.kernels import launch, pixels
+from tritonorm import dispatch, pixel_plan, reference, scope as scopes
+from tritonorm.kernels import launch
 
 CL, CL3 = torch.channels_last, torch.channels_last_3d
 
@@ -37,7 +37,7 @@ def _poison(monkeypatch):
     monkeypatch.setattr(launch, "POISON", True)
     # channels_last GroupNorm with short groups runs the whole-pixel kernels (tests/test_pixels.py);
     # here the segment path is tested in every layout.
-    monkeypatch.setattr(pixels, "ENABLED", False)
+    monkeypatch.setattr(pixel_plan, "ENABLED", False)
     launch.clear()
 
 

@@ -10,8 +10,8 @@ import torch
 import tritonorm
 from cases import check_case, make_inputs
 from helpers import record_launches
-from tritonorm import dispatch, scope as scopes
-from tritonorm.kernels import launch, pixels
+from tritonorm import dispatch, pixel_plan, scope as scopes
+from tritonorm.kernels import launch
 
 # Tiles of a few pixels.
 REGIMES = {"fused": {}, "looped": {"block_m": 256}, "split": {"block_m": 256, "split": 3}}
@@ -59,7 +59,7 @@ def _kernels(monkeypatch, x, w, scope, groups, regime):
 def test_pixels_forward_and_backward(monkeypatch, shape, scope, groups, dtype, regime):
     x, w, b, r, dy = _cl(shape, dtype, residual=True)
     spec = scopes.parse(scope, x.dim(), groups, x.shape[1])
-    assert pixels.applies(tuple(x.shape), x.stride(), x.stride(), spec, x.element_size())
+    assert pixel_plan.applies(tuple(x.shape), x.stride(), x.stride(), spec, x.element_size())
     assert _kernels(monkeypatch, x, w, scope, groups, regime) == (KERNELS[regime], BACKWARD[regime])
     with dispatch.forced(regime, **REGIMES[regime]):
         check_case(x, scope, num_groups=groups, weight=w, bias=b, residual=r, dy=dy, activation="silu")
@@ -84,12 +84,12 @@ def test_pixels_not_taken_where_rows_are_already_wide():
     for shape, scope, groups, dtype, fmt in cases:
         x = torch.randn(shape, dtype=dtype).contiguous(memory_format=fmt)
         spec = scopes.parse(scope, x.dim(), groups, x.shape[1])
-        assert not pixels.applies(tuple(x.shape), x.stride(), x.stride(), spec, x.element_size())
+        assert not pixel_plan.applies(tuple(x.shape), x.stride(), x.stride(), spec, x.element_size())
 
 
 def test_block_channels_are_whole_aligned_groups():
     for C, G, eb in [(320, 32, 2), (640, 32, 2), (1280, 32, 2), (320, 32, 4), (96, 32, 2), (64, 64, 2)]:
-        cb = pixels.block_channels(C, G, eb)
+        cb = pixel_plan.block_channels(C, G, eb)
         assert cb % (C // G) == 0 and G % (cb // (C // G)) == 0
         assert (cb * eb) % 16 == 0 and C % cb == 0
 
@@ -99,10 +99,10 @@ def test_pixels_plan_for_a_gpu_is_wide():
     # pixels in one program, else split over pixels with enough programs to fill the device.
     prof = dispatch.PROFILES["h200"]
     spec = scopes.parse("group", 4, 32, 320)
-    plan = pixels.choose((2, 320, 64, 64), spec, 2, prof)
+    plan = pixel_plan.choose((2, 320, 64, 64), spec, 2, prof)
     assert plan.kernel == "split" and plan.config["cb"] == 80
     assert 2 * (320 // 80) * plan.config["split"] >= prof.sm_count
-    plan = pixels.choose((2, 1280, 4, 4), scopes.parse("group", 4, 32, 1280), 2, prof)
+    plan = pixel_plan.choose((2, 1280, 4, 4), scopes.parse("group", 4, 32, 1280), 2, prof)
     assert plan.kernel == "fused"
 
 

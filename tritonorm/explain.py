@@ -12,7 +12,7 @@ import dataclasses
 
 import torch
 
-from . import activations, backend as backends, cost, dispatch
+from . import activations, backend as backends, cost, dispatch, pixel_plan
 from .kernels.layout import (MAX_DIMS, TooManyDims, alloc_out, channel_per_col, channel_per_row, channel_view,
                              segments, stat_view)
 from .validation import check_norm_args
@@ -134,11 +134,10 @@ def explain(x: torch.Tensor, scope: str = "group", *, num_groups: int | None = N
     plan = dispatch.plan_for(problem, profile)
     if op in ("forward", "backward") and plan.kernel != dispatch.NATIVE and running_var is None \
             and running_mean is None and pre_add is None and not param_full:
-        from .kernels import pixels  # imports triton: not at module level (explain works without it)
-        from .kernels.launch import _dense_strides
-        if pixels.applies(tuple(x.shape), x.stride(), _dense_strides(x), spec, x.element_size()):
+        out_stride = torch.empty_like(x, memory_format=torch.preserve_format, device="meta").stride()
+        if pixel_plan.applies(tuple(x.shape), x.stride(), out_stride, spec, x.element_size()):
             # channels_last GroupNorm with short groups: the whole-pixel kernels, as the launcher runs them
-            plan = pixels.choose(tuple(x.shape), spec, x.element_size(), profile, op)
+            plan = pixel_plan.choose(tuple(x.shape), spec, x.element_size(), profile, op)
     groups = f", S={spec.sample_groups} sample groups" if spec.sample_groups > 1 else ""
     note = (f" [{profile.name}: P={problem.P} statistics x M={problem.M} elements{groups}, "
             f"{problem.layout}]")

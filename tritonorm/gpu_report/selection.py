@@ -17,10 +17,16 @@ SUBSET = (
      "mixed layouts of x / dy / residual"),
     ("tests/test_running_stats.py", "training update of running statistics, eval with given "
      "statistics (forward and backward through them), moments (statistics only, and gradients)"),
+    ("tests/test_pixels.py", "channels_last GroupNorm/InstanceNorm on whole-pixel tiles "
+     "(kernels/pixels.py, pixels_backward.py), every regime, forward and backward"),
+    ("tests/test_gn_backward.py", "GroupNorm/InstanceNorm backward with dweight/dbias from the dx "
+     "pass (segment view), every regime and layout"),
     ("tests/test_functional.py", "batch/group/instance/layer/rms norm entry points"),
     ("tests/test_sample_groups.py", "Ghost BatchNorm (sample groups)"),
     ("tests/test_dispatch.py::test_explain_matches_what_the_launcher_runs",
      "explain() plans what the launcher runs, on the device"),
+    ("tests/test_dispatch.py::test_explain_matches_the_whole_pixel_plans",
+     "explain() plans what the whole-pixel launchers run"),
     ("tests/test_dispatch.py::test_native_regime_runs", "the native (torch) regime"),
     ("tests/test_gpu.py", "GPU only: int64 offsets past 2**31 elements, CUDA-graph capture, model "
      "shapes in their dispatched regimes"),

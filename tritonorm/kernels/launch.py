@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 import triton
 
-from .. import dispatch, reference
+from .. import dispatch, pixel_plan, reference
 from ..scope import Spec
 from . import backward as bk
 from . import forward as fk
@@ -204,7 +204,7 @@ class ForwardPlan:
         # channels_last GroupNorm/InstanceNorm with groups that are not 16-byte runs: whole-pixel
         # tiles (pixels.py) instead of the row/column kernels' element-wise reads.
         if (mode == "train" and not running and not pre_add and not param_full and not c.copy_x
-                and pixels.applies(c.shape, c.x_stride, c.out_stride, spec, x.element_size())):
+                and pixel_plan.applies(c.shape, c.x_stride, c.out_stride, spec, x.element_size())):
             self.pixels = pixels.PixelsForward(c.shape, spec, x.element_size(), has_w, has_b, has_res, act,
                                                center, profile)
             self.plan = self.pixels.plan

@@ -12,7 +12,7 @@ element. InstanceNorm is the case Cg = 1.
 
 Same outputs as the row/column kernels: y, and the [5, P] statistics buffer (pivot K = the
 statistic's first element, shifted mean, rstd, variance, mean; P = N * G, statistic n * G + g),
-so the backward and double backward are unchanged. Regimes (``choose``):
+so the double backward is unchanged. Regimes (tritonorm/pixel_plan.py ``choose``):
   fused   one program per (sample, channel block) holds all its pixels: x read once, 1 launch.
   looped  the same program sweeps its pixels twice (moments, then y): 1 launch.
   split   SPLIT programs per (sample, channel block) each take a pixel chunk: partial moments,
@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from .. import dispatch
+from ..pixel_plan import choose
 from .common import activation, chan_merge, store_stats
 from .forward import _merge_partials
 
@@ -242,127 +243,7 @@ def _pixels_apply_kernel(
         _epilogue_tile(x, Y, Res, offs, mask, k_c, mean_c, scale_c, shift_c, HAS_RES, ACT)
 
 
-# --- Planning -------------------------------------------------------------------------------
-
-# Off: channels_last GroupNorm/InstanceNorm run the row/column kernels (for comparisons).
-ENABLED = True
-
-_MIN_RUN_BYTES = 128  # a channel block spans at least this much of a pixel (a warp's coalesced run)
-
-
-def _channels_last_strides(shape) -> tuple[int, ...]:
-    """Dense channels_last strides of (N, C, *spatial): C fastest, then the spatial axes."""
-    strides = [0] * len(shape)
-    step = 1
-    for axis in [1] + list(range(len(shape) - 1, 1, -1)) + [0]:
-        strides[axis] = step
-        step *= shape[axis]
-    return tuple(strides)
-
-
-def _same_strides(shape, a, b) -> bool:
-    return all(n == 1 or s == t for n, s, t in zip(shape, a, b))
-
-
-def block_channels(C: int, G: int, elem_bytes: int) -> int | None:
-    """Channels a program takes: the fewest whole groups whose bytes are a multiple of 16 (so
-    every pixel's run is 16-byte aligned) and at least _MIN_RUN_BYTES; None if no group count
-    dividing G gives a multiple of 16 bytes."""
-    cg = C // G
-    fallback = None
-    for gb in range(1, G + 1):
-        cb = gb * cg
-        if G % gb or (cb * elem_bytes) % 16:
-            continue
-        if cb * elem_bytes >= _MIN_RUN_BYTES:
-            return cb
-        fallback = cb
-    return fallback
-
-
-def applies(shape, x_stride, out_stride, spec, elem_bytes: int) -> bool:
-    """channels_last GroupNorm (or InstanceNorm) with a channel count per group that is not a
-    multiple of 16: the case the row/column kernels read one element at a time
-    (docs/compiled.md)."""
-    if not ENABLED or len(shape) < 3 or spec.reduces_n or spec.sample_groups != 1:
-        return False
-    if not all(spec.reduces_spatial(i) for i in range(len(shape) - 2)):
-        return False
-    C = shape[1]
-    G = spec.num_groups if spec.reduces_c else C
-    # Cg a multiple of 16: Triton knows the group's run is contiguous, the row kernels are wide.
-    # Otherwise (Cg = 10, 20, 40, even 8) it cannot tell and reads element by element.
-    if C % G or (C // G) % 16 == 0:
-        return False
-    cl = _channels_last_strides(shape)
-    if not (_same_strides(shape, x_stride, cl) and _same_strides(shape, out_stride, cl)):
-        return False
-    return block_channels(C, G, elem_bytes) is not None
-
-
-def choose(shape, spec, elem_bytes: int, profile: dispatch.DeviceProfile, op: str = "forward") -> dispatch.Plan:
-    """The regime and launch parameters for an ``applies`` case (a dispatch.Plan, as
-    ``explain`` and the cost model read it), with dispatch.choose's rules: fused when a channel
-    block's pixels fit one program and the blocks fill the SMs or the call is launch-bound; else
-    one program per block sweeping twice (looped) when the blocks fill half the warp slots; else
-    a split over pixel chunks. A forced regime (dispatch.forced) is honoured where it can run.
-    ``op="backward"`` (pixels_backward.py): the backward's fused limit and half the tile (it
-    holds x, dy and their products)."""
-    N, C = shape[0], shape[1]
-    HW = 1
-    for s in shape[2:]:
-        HW *= s
-    G = spec.num_groups if spec.reduces_c else C
-    cb = block_channels(C, G, elem_bytes)
-    cb_pad = dispatch._pow2(cb)
-    blocks = N * (C // cb)
-    fused_max = profile.fused_limit(elem_bytes, op)
-    # Half the row kernels' tile: each thread also holds five per-channel vectors (pivot, mean,
-    # rstd, weight, bias) across its channels; full 4096-element tiles on 8 warps spilled 16-28 B
-    # at sm_90a in 3 of 40 variants (ptxas kept them at 64 registers).
-    tile_hw = max(1, min(dispatch._pow2(HW), profile.tile // (2 if op == "forward" else 4) // cb_pad))
-    force = dispatch.forced_state()
-    forced = None
-    if force is not None and force[1] in (None, op) and force[0] != dispatch.NATIVE:
-        forced = force[0], dict(force[2])
-        if "block_m" in forced[1]:
-            tile_hw = max(1, min(dispatch._pow2(HW), dispatch._pow2(forced[1]["block_m"]) // cb_pad))
-    fits = dispatch._pow2(HW) * cb_pad <= fused_max
-    total_bytes = N * C * HW * elem_bytes
-    base = dict(cb=cb, block_hw=tile_hw)
-    if forced is None and fits and (blocks >= profile.sm_count or total_bytes < profile.split_min_bytes) \
-            or forced is not None and forced[0] == "fused" and fits:
-        block = dispatch._pow2(HW)
-        return dispatch.Plan("fused", dict(base, block_hw=block, split=1,
-                                           num_warps=dispatch._warps(block * cb_pad, profile)),
-                             f"channels_last pixel tiles: {cb} channels x {HW} pixels in one program")
-    # As dispatch.choose: whole blocks filling half the device's warp slots sweep twice in one
-    # launch; fewer split their pixels (powers of four on a GPU, so the batch moves the split,
-    # and the merge's compiled BLOCK_S, little).
-    tiles = -(-HW // tile_hw)
-    warps = dispatch._warps(tile_hw * cb_pad, profile)
-    fill = profile.sm_count * profile.programs_per_sm if profile.interpreter else dispatch._fill(warps, profile)
-    split = 1
-    if forced is not None and forced[0] == "split":
-        split = max(1, min(tiles, int(forced[1].get("split", 4))))
-    elif forced is None and blocks < fill // 2 and tiles > 1:
-        # At least 4 tiles a program; the backward's apply programs each add their block's
-        # SPLIT partials of CB channels (SPLIT^2 across a block), so at most 16 there.
-        cap = dispatch.MAX_SPLIT if op == "forward" else 16
-        split = min(cap, max(1, tiles // 4), dispatch._pow2(-(-fill // blocks)))
-        if not profile.interpreter:
-            split = 1 << (2 * ((split.bit_length() - 1 + 1) // 2))
-        while split > tiles:
-            split //= 2 if profile.interpreter else 4
-        split = max(1, split)
-    chunk = -(-(-(-HW // split)) // tile_hw) * tile_hw
-    split = -(-HW // chunk)
-    if split == 1:
-        return dispatch.Plan("looped", dict(base, split=1, chunk=HW, num_warps=warps),
-                             f"channels_last pixel tiles: {blocks} blocks of {cb} channels, two sweeps each")
-    return dispatch.Plan("split", dict(base, split=split, chunk=chunk, num_warps=warps),
-                         f"channels_last pixel tiles: {blocks} blocks of {cb} channels x {split} pixel chunks")
-
+# --- Planning: tritonorm/pixel_plan.py (no Triton import: explain() plans without it) -----------
 
 class PixelsForward:
     """The forward launches of an ``applies`` signature (train mode, no running statistics)."""

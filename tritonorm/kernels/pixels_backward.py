@@ -230,11 +230,11 @@ class PixelsBackward:
     def __init__(self, shape, spec, elem_bytes: int, needs, has_w: bool, has_b: bool, has_res: bool, act: int,
                  center: bool, profile):
         from .. import dispatch
-        from . import pixels
+        from .. import pixel_plan
         from .backward import _finish_kernel
         from .fastlaunch import Launcher
         need_dx, need_dw, need_db, need_dres = needs
-        self.plan = plan = pixels.choose(shape, spec, elem_bytes, profile, op="backward")
+        self.plan = plan = pixel_plan.choose(shape, spec, elem_bytes, profile, op="backward")
         cfg = plan.config
         N, C = shape[0], shape[1]
         HW = 1
