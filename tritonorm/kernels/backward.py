@@ -236,14 +236,18 @@ def _finish_segments(Part, DW, DB, N, C, S, NEED_DW: tl.constexpr, NEED_DB: tl.c
                     dw += tl.sum(tl.load(Part + 2 * plane + idx, mask=mask, other=0.0), axis=1)
                 if NEED_DB:
                     db += tl.sum(tl.load(Part + 3 * plane + idx, mask=mask, other=0.0), axis=1)
-            if NEED_DW and W_NC:
-                tl.store(DW + n * C + cs, dw.to(DW.dtype.element_ty), mask=cmask)
-            if NEED_DB and B_NC:
-                tl.store(DB + n * C + cs, db.to(DB.dtype.element_ty), mask=cmask)
-        if NEED_DW and not W_NC:
-            tl.store(DW + cs, dw.to(DW.dtype.element_ty), mask=cmask)
-        if NEED_DB and not B_NC:
-            tl.store(DB + cs, db.to(DB.dtype.element_ty), mask=cmask)
+            if NEED_DW:
+                if W_NC:
+                    tl.store(DW + n * C + cs, dw.to(DW.dtype.element_ty), mask=cmask)
+            if NEED_DB:
+                if B_NC:
+                    tl.store(DB + n * C + cs, db.to(DB.dtype.element_ty), mask=cmask)
+        if NEED_DW:
+            if not W_NC:
+                tl.store(DW + cs, dw.to(DW.dtype.element_ty), mask=cmask)
+        if NEED_DB:
+            if not B_NC:
+                tl.store(DB + cs, db.to(DB.dtype.element_ty), mask=cmask)
 
 
 @triton.jit(do_not_specialize=["SPLIT", "COL_PROGS", "TILES_PER_PROG", "FIN_N", "FIN_S"])
