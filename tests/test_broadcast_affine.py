@@ -71,7 +71,10 @@ CASES = [  # scope, shape, groups, weight shape, bias shape, memory format
     ("layer", (2, 5, 8), None, (2, 1, 8), (8,), None),                     # per-sample, per-position
     ("batch", (4, 6, 3, 3), None, (1, 6, 1, 1), (4, 6, 1, 1), None),       # conditional BN
     ("instance", (2, 3, 4, 4), None, (2, 3, 1, 1), (2, 3, 1, 1), None),    # AdaIN
+    ("group", (2, 8, 4, 4), 2, (1, 8, 4, 4), (2, 1, 1, 1), None),          # not per (sample, channel)
 ]
+# GroupNorm/InstanceNorm with (N, C, 1, 1) parameters read them in place (tests/test_sample_affine.py
+# covers that path); the other shapes here are expanded to x's shape.
 
 
 @pytest.mark.parametrize("scope,shape,groups,ws,bs,fmt", CASES)
@@ -80,7 +83,7 @@ def test_broadcast_affine_fused(scope, shape, groups, ws, bs, fmt):
 
 
 @pytest.mark.parametrize("regime", ["looped", "split"])
-@pytest.mark.parametrize("scope,shape,groups,ws,bs,fmt", [CASES[1], CASES[3]])
+@pytest.mark.parametrize("scope,shape,groups,ws,bs,fmt", [CASES[1], CASES[3], CASES[5]])
 def test_broadcast_affine_two_pass_regimes(scope, shape, groups, ws, bs, fmt, regime):
     _check(scope, shape, groups, ws, bs, fmt=fmt, regime=regime)
 

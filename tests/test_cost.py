@@ -122,10 +122,11 @@ def test_fused_add_rms_norm_rows_move_the_ideal_bytes_plus_statistics():
 def test_broadcast_affine_launches_count_the_expansions(regime, monkeypatch):
     # Triton launches run, plus one torch copy per broadcast parameter forward, and backward one
     # copy (only the unexpanded parameter is saved) and one reduction per parameter.
+    # (Per-(sample, channel) parameters are read in place: tests/test_sample_affine.py.)
     launches = _Launches(monkeypatch)
     x = torch.randn(2, 8, 4, 4).contiguous(memory_format=torch.channels_last).requires_grad_()
-    w = (torch.rand(2, 8, 1, 1) + 0.5).requires_grad_()
-    b = torch.randn(2, 8, 1, 1).requires_grad_()
+    w = (torch.rand(1, 8, 4, 4) + 0.5).requires_grad_()
+    b = torch.randn(2, 1, 1, 1).requires_grad_()
     force = dispatch.forced(regime, block_m=16, split=2) if regime else _nothing()
     with force:
         kw = dict(num_groups=2, weight=w.detach(), bias=b.detach(), activation="silu")

@@ -115,7 +115,9 @@ class _Call:
     def __init__(self, x, scope, num_groups, sample_groups, weight, bias, eps, center, activation, residual,
                  running_mean, running_var, momentum, training, backend):
         # Broadcast (adaptive) affine: a weight or bias that is not (C,) but broadcastable to x.
-        self.param_full = _broadcast_params(x, weight, bias)
+        # ``expand``: the kernels read it expanded to x's shape (else, per (sample, channel), in
+        # place: see _nc_affine).
+        self.param_full = self.expand = _broadcast_params(x, weight, bias)
         self.args = (scope, num_groups, sample_groups, backend)
         pw, pb = (None, None) if self.param_full else (weight, bias)
         spec, act = check_norm_args(x, scope, num_groups, pw, pb, eps, center, activation, residual,
@@ -151,9 +153,11 @@ class _Call:
             self.plan = launch.forward_plan(x, spec, weight is not None, bias is not None, residual is not None,
                                             self.act, center, mode, level,
                                             (None if residual is None else residual.stride(),),
-                                            param_full=self.param_full)
+                                            param_full=self.param_full,
+                                            param_nc=_nc_affine(x, weight, bias) if self.param_full else None)
             if self.param_full and not self.plan.fusable_full:
                 self.plan = None
+            self.expand = self.param_full and self.plan is not None and self.plan.nc is None
 
     def __call__(self, x, weight, bias, residual, running_mean, running_var, eps, momentum, with_stats=True):
         plan = self.plan
@@ -206,8 +210,9 @@ class _NormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, residual, io):
         call, running_mean, running_var, eps, momentum, _ = io
-        # Broadcast weight/bias are expanded for the kernels here and saved unexpanded.
-        w, b = _expanded(call, weight, bias, x) if call.param_full else (weight, bias)
+        # Broadcast weight/bias are expanded for the kernels here (when they are not read in place)
+        # and saved unexpanded.
+        w, b = _expanded(call, weight, bias, x)
         y, stats = call.plan(x, w, b, residual, running_mean, running_var, eps, momentum)
         io[5] = stats
         ctx.set_materialize_grads(False)
@@ -231,7 +236,7 @@ class _NormFunction(torch.autograd.Function):
             given = (stats[4].view(call.stat_shape), stats[3].view(call.stat_shape)) if call.use_running else None
             grads = tuple(double_backward.grads(dy, x, weight, bias, residual, call.spec, call.eps, call.center,
                                                 call.act, given, list(needs), call.has_res))
-        elif call.param_full:
+        elif call.expand:
             # Per-element gradients of the expanded parameters, summed back to their shapes.
             dx, dw, db, dres = call.plan.backward(needs)(dy, x, *_expanded(call, weight, bias, x), residual, stats)
             grads = (dx, _reduced(dw, weight), _reduced(db, bias), dres)
@@ -241,9 +246,9 @@ class _NormFunction(torch.autograd.Function):
 
 
 def _expanded(call, weight, bias, x):
-    """The weight and bias the kernels read: as given, or (broadcast affine) expanded to x's shape
-    in y's layout."""
-    if not call.param_full:
+    """The weight and bias the kernels read: as given (per channel, or per (sample, channel) read
+    in place), or (other broadcast shapes) expanded to x's shape in y's layout."""
+    if not call.expand:
         return weight, bias
     c = call.plan.c
     return c.full_param(weight, x), c.full_param(bias, x)
@@ -277,6 +282,40 @@ def _broadcast_params(x, weight, bias) -> bool:
                              f"{tuple(x.shape)}, got {tuple(t.shape)}")
         full = True
     return full
+
+
+def _nc_kind(t, x) -> str | None:
+    """"nc": a per-(sample, channel) parameter (N, C, 1, ...); "c": a per-channel one, (C,) or
+    (1, C, 1, ...) (when N > 1); "": another broadcast shape; None: absent."""
+    if t is None:
+        return None
+    N, C = x.shape[0], x.shape[1]
+    if tuple(t.shape) == (C,):
+        return "c"
+    if t.dim() != x.dim() or any(s != 1 for s in t.shape[2:]) or t.shape[1] != C:
+        return ""
+    return "nc" if t.shape[0] == N else ("c" if t.shape[0] == 1 else "")
+
+
+def _nc_affine(x, weight, bias):
+    """Broadcast weight/bias that the GroupNorm/InstanceNorm kernels read in place, per (sample,
+    channel): (weight kind, bias kind, (weight's n and c strides, bias's)) when each present one is
+    (N, C, 1, ...) or per channel and at least one is per sample (kinds as ``_nc_kind``; a per-channel
+    one has n stride 0); else None. The launch plan decides whether the scope and layout allow it."""
+    if x.dim() < 3:  # (N, C) for a 2-D x: the parameter is x's shape, read as such
+        return None
+    kinds = (_nc_kind(weight, x), _nc_kind(bias, x))
+    if "" in kinds or "nc" not in kinds:
+        return None
+    strides = []
+    for t, kind in zip((weight, bias), kinds):
+        if t is None:
+            strides += [0, 0]
+        elif t.dim() == 1:
+            strides += [0, t.stride(0) if t.shape[0] > 1 else 0]
+        else:
+            strides += [t.stride(0) if kind == "nc" and t.shape[0] > 1 else 0, t.stride(1) if t.shape[1] > 1 else 0]
+    return (*kinds, tuple(strides))
 
 
 def _broadcast_composite(call, x, weight, bias, residual, running_mean, running_var, eps, momentum):

@@ -57,19 +57,24 @@ def forward_cost(plan: dispatch.Plan, problem: dispatch.Problem, profile: dispat
                  elem_bytes: int, channels: int, has_w: bool, has_b: bool, has_res: bool,
                  param_bytes: int, mode: str = "train", running: bool = False,
                  running_bytes: int = 4, pre_add: tuple[int, int] | None = None,
-                 param_full: int = 0) -> Cost:
+                 param_full: int = 0, param_nc: tuple[int, int] | None = None) -> Cost:
     """The forward as ``ForwardPlan`` runs it. ``mode``: "train", "given" (eval with running
     statistics) or "stats" (statistics only). ``pre_add``: add_norm's (residual bytes, h bytes)
     per element: every sweep reads x and the residual (h = x + residual is recomputed, not read
     back) and the last one also writes h; the torch regime adds h with torch ops first.
     ``param_full``: how many of weight/bias are broadcast (adaptive): each is first expanded to
-    x's shape by a torch copy (a launch, an x-sized write) and read x-sized by the kernel."""
+    x's shape by a torch copy (a launch, an x-sized write) and read x-sized by the kernel.
+    ``param_nc``: (their elements, the (C,) ones among them) for per-(sample, channel) weight/bias
+    read in place by the GroupNorm/InstanceNorm kernels: a plain call's launches and bytes, with
+    N*C parameters read instead of C."""
     P, M = problem.P, problem.M
     n = P * M * elem_bytes
     add_in = add_out = 0
     if pre_add is not None:
         add_in, add_out = P * M * pre_add[0], P * M * pre_add[1]
     params = (has_w + has_b) * channels * param_bytes
+    if param_nc is not None:
+        params = param_nc[0] * param_bytes
     if param_full:
         # ``channels`` is then the broadcast parameter's own element count: read once by the
         # copy, which writes the x-sized expansion the kernel reads (counted as params below).
@@ -118,7 +123,7 @@ def backward_cost(plan: dispatch.Plan, problem: dispatch.Problem, dwdb_plan: dis
                   profile: dispatch.DeviceProfile, *, elem_bytes: int, channels: int, has_w: bool, has_b: bool,
                   has_res: bool, act: bool, param_bytes: int, row_channel: bool, col_channel: bool,
                   given: bool = False, pre_add: tuple[int, int] | None = None, param_full: int = 0,
-                  segments: tuple[int, int] | None = None) -> Cost:
+                  segments: tuple[int, int] | None = None, param_nc: tuple[int, int] | None = None) -> Cost:
     """The backward as ``BackwardPlan`` runs it, every gradient asked for (dx, and dweight,
     dbias, dresidual where those inputs exist). ``pre_add``: add_norm's (residual bytes, h bytes)
     per element: the kernels read the saved h in place of x, the dx pass also reads dh, and dx
@@ -129,7 +134,11 @@ def backward_cost(plan: dispatch.Plan, problem: dispatch.Problem, dwdb_plan: dis
     split) when dweight/dbias come from per-(sample, channel) partials of the dx pass
     (GroupNorm, InstanceNorm; layout.Segments): fused, [2, N*C] partials and a finish launch;
     looped/split, the sums kernel runs on the N*C segment rows and writes [4, N*C, split]
-    partials, which the apply kernel reads back (S1, S2 per statistic, and dweight/dbias)."""
+    partials, which the apply kernel reads back (S1, S2 per statistic, and dweight/dbias).
+    ``param_nc``: (elements of weight and bias, how many are (C,)) for per-(sample, channel) ones
+    (with ``segments``): each is read and its gradient written once, N*C elements; the fused
+    dx pass stores a per-sample gradient itself, so only a (C,) one beside it has fp32 partials
+    and a finish launch."""
     P, M = problem.P, problem.M
     n = P * M * elem_bytes
     C = channels
@@ -143,7 +152,9 @@ def backward_cost(plan: dispatch.Plan, problem: dispatch.Problem, dwdb_plan: dis
         if pre_add[0] != elem_bytes:
             dres_written = P * M * pre_add[0]
     params_in = (has_w + has_b) * C * param_bytes
-    params_out = (has_w + has_b) * C * param_bytes
+    if param_nc is not None:
+        params_in = param_nc[0] * param_bytes
+    params_out = params_in
     ideal_read = n + xin + dh_read + res_read + params_in
     ideal_written = n + dres_written + params_out
     stats = 3 * P * 4
@@ -167,9 +178,10 @@ def backward_cost(plan: dispatch.Plan, problem: dispatch.Problem, dwdb_plan: dis
             written += 2 * M * progs * 4 + params_out
             read += 2 * M * progs * 4
         if need_wb and segments is not None:
-            launches += 1
-            written += 2 * segments[0] * 4 + params_out
-            read += 2 * segments[0] * 4
+            planes = 2 if param_nc is None else param_nc[1]  # fp32 [N*C] partials added over N
+            launches += planes > 0
+            written += planes * segments[0] * 4 + params_out
+            read += planes * segments[0] * 4
     else:
         split = plan.config.get("split", 1)
         rows = P

@@ -95,7 +95,7 @@ def explain(x: torch.Tensor, scope: str = "group", *, num_groups: int | None = N
         pre_add = (add_residual.element_size(), torch.empty((), dtype=rd).element_size())
     if op not in OPS:
         raise ValueError(f"op={op!r}: expected one of {', '.join(OPS)}")
-    from .core import _broadcast_params
+    from .core import _broadcast_params, _nc_affine
 
     param_full = _broadcast_params(x, weight, bias)  # broadcast (adaptive) weight/bias
     spec, act = check_norm_args(x, scope, num_groups, None if param_full else weight, None if param_full else bias,
@@ -116,6 +116,15 @@ def explain(x: torch.Tensor, scope: str = "group", *, num_groups: int | None = N
         return dispatch.Plan("none", {}, "empty input: nothing runs")
     profile = _profile(device, x)
     given = running_var is not None and not training
+    # Per-(sample, channel) weight/bias read in place (as launch.ForwardPlan decides): then costed
+    # as a plain call with N*C parameters.
+    param_nc = None
+    nc = _nc_affine(x, weight, bias) if param_full else None
+    if nc is not None and not given and pre_add is None:
+        nseg = _segments(x, spec, weight, bias, False, given)
+        if nseg is not None and nseg.order:
+            param_full = False
+            param_nc = (sum(t.numel() for t in (weight, bias) if t is not None), nc[:2].count("c"))
     seg = _segments(x, spec, weight, bias, param_full, given) if op != "forward" else None
     view = _view(x, spec, channel_view if op == "dwdb" else stat_view)
     if op == "dwdb" and seg is not None:
@@ -133,7 +142,7 @@ def explain(x: torch.Tensor, scope: str = "group", *, num_groups: int | None = N
                                          fused_m=seg.fused_cols if seg is not None and op == "backward" else 0)
     plan = dispatch.plan_for(problem, profile)
     if op in ("forward", "backward") and plan.kernel != dispatch.NATIVE and running_var is None \
-            and running_mean is None and pre_add is None and not param_full:
+            and running_mean is None and pre_add is None and not param_full and param_nc is None:
         out_stride = torch.empty_like(x, memory_format=torch.preserve_format, device="meta").stride()
         if pixel_plan.applies(tuple(x.shape), x.stride(), out_stride, spec, x.element_size()):
             # channels_last GroupNorm with short groups: the whole-pixel kernels, as the launcher runs them
@@ -144,18 +153,19 @@ def explain(x: torch.Tensor, scope: str = "group", *, num_groups: int | None = N
     if op == "forward" and running_var is not None and not training and plan.kernel != dispatch.NATIVE:
         note += " (eval with running statistics: only the apply kernel runs, with these blocks)"
     call_cost = _cost(op, plan, problem, profile, x, spec, weight, bias, residual, act, running_var, training,
-                      flags, pre_add, param_full)
+                      flags, pre_add, param_full, param_nc)
     return dispatch.Plan(plan.kernel, dict(plan.config), plan.reason + note, cost=call_cost)
 
 
 def _cost(op, plan, problem, profile, x, spec, weight, bias, residual, act, running_var, training, flags,
-          pre_add=None, param_full=False):
+          pre_add=None, param_full=False, param_nc=None):
     """The cost model of the whole forward (op="forward") or backward (op="backward"/"dwdb")."""
     params = weight if weight is not None else bias
     common = dict(elem_bytes=x.element_size(), channels=x.shape[1], has_w=weight is not None,
                   has_b=bias is not None, has_res=residual is not None,
                   param_bytes=params.element_size() if params is not None else 4, pre_add=pre_add,
-                  param_full=sum(t is not None for t in (weight, bias)) if param_full else 0)
+                  param_full=sum(t is not None for t in (weight, bias)) if param_full else 0,
+                  param_nc=param_nc)
     if param_full:  # the cost model counts a broadcast parameter by its own element count
         common["channels"] = params.numel()
     given = running_var is not None and not training
@@ -172,6 +182,8 @@ def _cost(op, plan, problem, profile, x, spec, weight, bias, residual, act, runn
                                           dtype=problem.dtype, flags=flags,
                                           fused_m=seg.fused_cols if seg is not None else 0)
     bplan = dispatch.plan_for(bproblem, profile)
+    if param_nc is not None and bplan.kernel == dispatch.NATIVE:  # as the launcher
+        bplan = dispatch.choose(bproblem, profile)
     need_wb = weight is not None or bias is not None
     row_channel = need_wb and not given and not param_full and channel_per_row(spec)
     col_channel = (need_wb and bplan.kernel == "fused" and not param_full

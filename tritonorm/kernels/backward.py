@@ -67,13 +67,13 @@ def _seg_tile(rmask, M, HM_B: tl.constexpr, HD_B: tl.constexpr, ORDER: tl.conste
 @triton.jit
 def _seg_store(Part, rows, rmask, v, hm, plane, BLOCK_P: tl.constexpr, HM_B: tl.constexpr,
                HD_B: tl.constexpr, ORDER: tl.constexpr):
-    """Per-channel sums of a (j, h) tile, stored to Part[row*hm + j] (+ plane)."""
+    """Per-channel sums of a (j, h) tile, stored to Part[row*hm + j] (+ plane) in Part's dtype."""
     if ORDER == 2:
         per = tl.sum(tl.reshape(v, [BLOCK_P, HD_B, HM_B]), axis=1)
     else:
         per = tl.sum(tl.reshape(v, [BLOCK_P, HM_B, HD_B]), axis=2)
     jj = tl.arange(0, HM_B)
-    tl.store(Part + plane + rows[:, None] * hm + jj[None, :], per,
+    tl.store(Part + plane + rows[:, None] * hm + jj[None, :], per.to(Part.dtype.element_ty),
              mask=rmask[:, None] & (jj < hm)[None, :])
 
 
@@ -104,6 +104,9 @@ def _bwd_fused_kernel(
     PARAM_FULL: tl.constexpr = False,       # W, B laid out like y; DW, DB get per-element gradients
     SEG: tl.constexpr = 0,                  # segments: 0 off, else their ORDER (see _seg_tile);
     HM_B: tl.constexpr = 1, HD_B: tl.constexpr = 1,  # then DW: fp32 partials [2, P*hm]
+    PARAM_NC: tl.constexpr = False, PS=None,  # W, B per (sample, channel) (common.param_offsets);
+    W_NC: tl.constexpr = False, B_NC: tl.constexpr = False,  # with SEG: DW / DB is that gradient,
+    STORE_DX: tl.constexpr = True,          # (N, C) contiguous, stored whole here; STORE_DX: dx asked
 ):
     """Whole statistics in registers: S1, S2 and dx in one pass over x and dy.
 
@@ -120,16 +123,17 @@ def _bwd_fused_kernel(
             cmask, mask, cx, co, ct, ch, hm = _seg_tile(rmask, M, HM_B, HD_B, SEG, INT64, CG)
         else:
             cmask, mask, cx, co, ct, ch = col_tile(0, M, rmask, BLOCK_M, INT64, CG)
-        rh, ch = param_offsets(rh, ro, PARAM_FULL), param_offsets(ch, co, PARAM_FULL)
+        wr, wc, br, bc = param_offsets(rows, rh, ch, ro, co, PARAM_FULL, PARAM_NC, PS)
         k, mean, rstd = load_stats(Stats, P, rt, rmask)
         x = load2d(X, rx, cx, mask) - k[:, None]
         dy = load2d(DY, ro, co, mask)
         res = load_residual(Res, ro, co, mask, HAS_RES)
-        xhat, gz, g = grad_terms(x, dy, mean[:, None], rstd[:, None], rh, ch, rmask, cmask,
+        xhat, gz, g = grad_terms(x, dy, mean[:, None], rstd[:, None], wr, wc, br, bc, rmask, cmask,
                                  res, W, B, HAS_W, HAS_B, HAS_RES, ACT, CHAN)
-        dx = _dx(g, xhat, rstd, tl.sum(g, axis=1), tl.sum(g * xhat, axis=1), M, CENTER, GIVEN)
-        dx = add_incoming(dx, DH, ro, co, mask, ADD_DH)
-        store2d(DX, ro, co, dx, mask)
+        if STORE_DX:
+            dx = _dx(g, xhat, rstd, tl.sum(g, axis=1), tl.sum(g * xhat, axis=1), M, CENTER, GIVEN)
+            dx = add_incoming(dx, DH, ro, co, mask, ADD_DH)
+            store2d(DX, ro, co, dx, mask)
         if WRITE_DRES:
             store2d(DRes, ro, co, gz, mask)
         if DX_TWICE:
@@ -143,11 +147,11 @@ def _bwd_fused_kernel(
         if COL_CHANNEL:
             dw += tl.sum(tl.where(mask, gz * xhat, 0.0), axis=0)
             db += tl.sum(gz, axis=0)
-        if SEG:
+        if SEG:  # fp32 partials [2, N*C] (DW = DB), or (W_NC, B_NC) the gradient itself
             if NEED_DW:
                 _seg_store(DW, rows, rmask, tl.where(mask, gz * xhat, 0.0), hm, 0, BLOCK_P, HM_B, HD_B, SEG)
             if NEED_DB:
-                _seg_store(DW, rows, rmask, gz, hm, P * hm, BLOCK_P, HM_B, HD_B, SEG)
+                _seg_store(DB, rows, rmask, gz, hm, 0 if B_NC else P * hm, BLOCK_P, HM_B, HD_B, SEG)
     if COL_CHANNEL:  # partials [2, programs, M]: each program stores a contiguous row
         cols = tl.arange(0, BLOCK_M)
         progs = tl.num_programs(0)
@@ -165,6 +169,7 @@ def _bwd_sums_kernel(
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr,
     CHAN: tl.constexpr, INT64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr,
     ROW_CHANNEL: tl.constexpr, PARAM_FULL: tl.constexpr = False,
+    PARAM_NC: tl.constexpr = False, PS=None,
 ):
     """S1, S2 over one column chunk (looped regime: SPLIT = 1; split regime: stage 1); with
     ROW_CHANNEL also the dweight, dbias partials (sums of gz*xhat and gz). Also runs on the
@@ -182,11 +187,11 @@ def _bwd_sums_kernel(
     u2 = tl.zeros([BLOCK_P], dtype=tl.float32)
     for m in range(0, CHUNK, BLOCK_M):  # a fixed trip count: tiles past `end` are masked
         cmask, mask, cx, co, ct, ch = col_tile(start + m, end, rmask, BLOCK_M, INT64, CG)
-        rh, ch = param_offsets(rh, ro, PARAM_FULL), param_offsets(ch, co, PARAM_FULL)
+        wr, wc, br, bc = param_offsets(rows, rh, ch, ro, co, PARAM_FULL, PARAM_NC, PS)
         x = load2d(X, rx, cx, mask) - k[:, None]
         dy = load2d(DY, ro, co, mask)
         res = load_residual(Res, ro, co, mask, HAS_RES)
-        xhat, gz, g = grad_terms(x, dy, mean[:, None], rstd[:, None], rh, ch, rmask, cmask,
+        xhat, gz, g = grad_terms(x, dy, mean[:, None], rstd[:, None], wr, wc, br, bc, rmask, cmask,
                                  res, W, B, HAS_W, HAS_B, HAS_RES, ACT, CHAN)
         s1 += tl.sum(g, axis=1)
         s2 += tl.sum(g * xhat, axis=1)
@@ -204,9 +209,12 @@ def _bwd_sums_kernel(
 
 @triton.jit
 def _finish_segments(Part, DW, DB, N, C, S, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
-                     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+                     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, W_NC: tl.constexpr = False,
+                     B_NC: tl.constexpr = False):
     """dweight, dbias from the sums kernel's segment partials Part[2:4, N, C, S], a channel block
-    per program (programs over the whole grid, in a fixed order)."""
+    per program (programs over the whole grid, in a fixed order): the sums over n and s, or
+    (W_NC, B_NC: a per-(sample, channel) parameter) each sample's sum over s, stored to
+    DW[n*C + c]."""
     pid = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
     progs = tl.num_programs(0) * tl.num_programs(1)
     plane = N * C * S
@@ -216,6 +224,10 @@ def _finish_segments(Part, DW, DB, N, C, S, NEED_DW: tl.constexpr, NEED_DB: tl.c
         dw = tl.zeros([BLOCK_C], dtype=tl.float32)
         db = tl.zeros([BLOCK_C], dtype=tl.float32)
         for n in range(0, N):
+            if W_NC:
+                dw = tl.zeros([BLOCK_C], dtype=tl.float32)
+            if B_NC:
+                db = tl.zeros([BLOCK_C], dtype=tl.float32)
             for s0 in range(0, S, BLOCK_S):
                 ss = s0 + tl.arange(0, BLOCK_S)
                 mask = cmask[:, None] & (ss < S)[None, :]
@@ -224,10 +236,18 @@ def _finish_segments(Part, DW, DB, N, C, S, NEED_DW: tl.constexpr, NEED_DB: tl.c
                     dw += tl.sum(tl.load(Part + 2 * plane + idx, mask=mask, other=0.0), axis=1)
                 if NEED_DB:
                     db += tl.sum(tl.load(Part + 3 * plane + idx, mask=mask, other=0.0), axis=1)
+            if NEED_DW:
+                if W_NC:
+                    tl.store(DW + n * C + cs, dw.to(DW.dtype.element_ty), mask=cmask)
+            if NEED_DB:
+                if B_NC:
+                    tl.store(DB + n * C + cs, db.to(DB.dtype.element_ty), mask=cmask)
         if NEED_DW:
-            tl.store(DW + cs, dw.to(DW.dtype.element_ty), mask=cmask)
+            if not W_NC:
+                tl.store(DW + cs, dw.to(DW.dtype.element_ty), mask=cmask)
         if NEED_DB:
-            tl.store(DB + cs, db.to(DB.dtype.element_ty), mask=cmask)
+            if not B_NC:
+                tl.store(DB + cs, db.to(DB.dtype.element_ty), mask=cmask)
 
 
 @triton.jit(do_not_specialize=["SPLIT", "COL_PROGS", "TILES_PER_PROG", "FIN_N", "FIN_S"])
@@ -245,13 +265,15 @@ def _bwd_apply_kernel(
     PARAM_FULL: tl.constexpr = False,
     FIN_N=1, FIN_C=1, FIN_S=1,                # FINISH: Part holds [4, N, C, S] segment partials
     FINISH: tl.constexpr = False, BLOCK_C: tl.constexpr = 64,
+    PARAM_NC: tl.constexpr = False, PS=None,  # as the fused kernel
+    W_NC: tl.constexpr = False, B_NC: tl.constexpr = False,
 ):
     """dx (and dresidual) over a 2-D grid of (row block, column tiles); each program adds its
     rows' SPLIT partial sums itself, and with ROW_CHANNEL the programs of column 0 store dweight
     and dbias. FINISH (segments: SPLIT = hm * the sums kernel's split): the first programs also
     add the dweight/dbias partials of every channel."""
     if FINISH:
-        _finish_segments(Part, DW, DB, FIN_N, FIN_C, FIN_S, NEED_DW, NEED_DB, BLOCK_C, BLOCK_S)
+        _finish_segments(Part, DW, DB, FIN_N, FIN_C, FIN_S, NEED_DW, NEED_DB, BLOCK_C, BLOCK_S, W_NC, B_NC)
     rows, rmask, rx, ro, rt, rh = row_block(tl.program_id(0), P, BLOCK_P, INT64, RG)
     k, mean, rstd = load_stats(Stats, P, rt, rmask)
     s1 = tl.zeros([BLOCK_P], dtype=tl.float32)
@@ -278,11 +300,11 @@ def _bwd_apply_kernel(
     for i in range(0, TILES_PER_PROG):
         cmask, mask, cx, co, ct, ch = col_tile(strided_tile_start(i, COL_PROGS, BLOCK_M, INT64), M, rmask,
                                                BLOCK_M, INT64, CG)
-        rh, ch = param_offsets(rh, ro, PARAM_FULL), param_offsets(ch, co, PARAM_FULL)
+        wr, wc, br, bc = param_offsets(rows, rh, ch, ro, co, PARAM_FULL, PARAM_NC, PS)
         x = load2d(X, rx, cx, mask) - k[:, None]
         dy = load2d(DY, ro, co, mask)
         res = load_residual(Res, ro, co, mask, HAS_RES)
-        xhat, gz, g = grad_terms(x, dy, mean[:, None], rstd[:, None], rh, ch, rmask, cmask,
+        xhat, gz, g = grad_terms(x, dy, mean[:, None], rstd[:, None], wr, wc, br, bc, rmask, cmask,
                                  res, W, B, HAS_W, HAS_B, HAS_RES, ACT, CHAN)
         dx = add_incoming(_dx(g, xhat, rstd, s1, s2, M, CENTER, GIVEN), DH, ro, co, mask, ADD_DH)
         store2d(DX, ro, co, dx, mask)
@@ -321,7 +343,7 @@ def _dwdb_kernel(
         dy = load2d(DY, ro, co, mask)
         res = load_residual(Res, ro, co, mask, HAS_RES)
         xhat, gz, g = grad_terms(x, dy, load2d(Stats + NSTAT, rt, ct, mask),
-                                 load2d(Stats + 2 * NSTAT, rt, ct, mask), rh, ch,
+                                 load2d(Stats + 2 * NSTAT, rt, ct, mask), rh, ch, rh, ch,
                                  rmask, cmask, res, W, B, HAS_W, HAS_B, HAS_RES, ACT, CHAN)
         dw += tl.sum(gz * xhat, axis=1)
         db += tl.sum(gz, axis=1)

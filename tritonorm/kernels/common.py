@@ -263,23 +263,25 @@ def load_channel(W, rh, ch, rmask, cmask, CHAN: tl.constexpr):
 
 
 @triton.jit
-def epilogue(xhat, rh, ch, rmask, cmask, res, W, B, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+def epilogue(xhat, rh, ch, bh, bc, rmask, cmask, res, W, B, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
              HAS_RES: tl.constexpr, ACT: tl.constexpr, CHAN: tl.constexpr):
-    """act(w_c * xhat + b_c + residual), in fp32."""
+    """act(w_c * xhat + b_c + residual), in fp32. (rh, ch): the weight's row and column offsets,
+    (bh, bc) the bias's (the same but for per-(sample, channel) parameters: param_offsets)."""
     z = xhat
     if HAS_W:
         z = z * load_channel(W, rh, ch, rmask, cmask, CHAN)
     if HAS_B:
-        z = z + load_channel(B, rh, ch, rmask, cmask, CHAN)
+        z = z + load_channel(B, bh, bc, rmask, cmask, CHAN)
     if HAS_RES:
         z = z + res
     return activation(z, ACT)
 
 
 @triton.jit
-def grad_terms(x, dy, mean, rstd, rh, ch, rmask, cmask, res, W, B, HAS_W: tl.constexpr,
+def grad_terms(x, dy, mean, rstd, rh, ch, bh, bc, rmask, cmask, res, W, B, HAS_W: tl.constexpr,
                HAS_B: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr, CHAN: tl.constexpr):
-    """xhat, gz = dy * act'(pre) (the gradient at the affine output) and g = gz * w_c (at xhat)."""
+    """xhat, gz = dy * act'(pre) (the gradient at the affine output) and g = gz * w_c (at xhat).
+    Offsets as ``epilogue``'s."""
     xhat = (x - mean) * rstd
     w = 1.0
     if HAS_W:
@@ -288,7 +290,7 @@ def grad_terms(x, dy, mean, rstd, rh, ch, rmask, cmask, res, W, B, HAS_W: tl.con
     if ACT != 0:
         pre = xhat * w
         if HAS_B:
-            pre = pre + load_channel(B, rh, ch, rmask, cmask, CHAN)
+            pre = pre + load_channel(B, bh, bc, rmask, cmask, CHAN)
         if HAS_RES:
             pre = pre + res
         gz = dy * activation_grad(pre, ACT)
@@ -341,16 +343,29 @@ def add_incoming(dx, DH, ro, co, mask, ADD_DH: tl.constexpr):
     return dx
 
 
-# --- Broadcast (adaptive) affine: weight/bias expanded to x's shape, read with the output offsets -
+# --- Broadcast (adaptive) affine ------------------------------------------------------------------
+# PARAM_FULL: weight/bias expanded to x's shape (in the output's layout) and read at the output
+# offsets; the dx kernels store per-element gradients that autograd sums (any broadcast shape).
+# PARAM_NC: per-(sample, channel) weight/bias, (N, C, 1, ...) (or (C,) beside one), read in place
+# with their own strides: GroupNorm/InstanceNorm views whose row r = n * PG + g (PG rows a sample)
+# and whose channel is the row's channel digit plus the column's (layout.segments checks both).
 
 
 @triton.jit
-def param_offsets(h, o, PARAM_FULL: tl.constexpr):
-    """The offsets weight and bias are read at: the channel digit's, or (PARAM_FULL: per-sample
-    weight and bias, laid out like the output) the output's."""
+def param_offsets(rows, rh, ch, ro, co, PARAM_FULL: tl.constexpr, PARAM_NC: tl.constexpr, PS):
+    """(weight row, weight column, bias row, bias column) offsets of a tile: the channel digit's;
+    (PARAM_FULL) the output's; (PARAM_NC) n * stride_n + c * stride_c of each parameter, with
+    ``PS`` = (PG, weight's n and c strides, bias's), n = row // PG and c = rh + ch (a (C,)
+    parameter beside a per-sample one has stride_n = 0)."""
+    wr, wc, br, bc = rh, ch, rh, ch
     if PARAM_FULL:
-        h = o
-    return h
+        wr, wc, br, bc = ro, co, ro, co
+    if PARAM_NC:
+        pg, wsn, wsc, bsn, bsc = PS
+        n = rows // pg
+        wr, wc = n * wsn + rh * wsc, ch * wsc
+        br, bc = n * bsn + rh * bsc, ch * bsc
+    return wr, wc, br, bc
 
 
 @triton.jit

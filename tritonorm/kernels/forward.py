@@ -41,12 +41,13 @@ def _fwd_fused_kernel(
     BLOCK_M: tl.constexpr, STORE_Y: tl.constexpr, RUNNING: tl.constexpr,
     H=None, PRE_ADD: tl.constexpr = False,  # PRE_ADD: normalize h = x + Res, stored to H
     PARAM_FULL: tl.constexpr = False,       # W, B laid out like y (broadcast affine)
+    PARAM_NC: tl.constexpr = False, PS=None,  # W, B per (sample, channel) (common.param_offsets)
 ):
     """Whole statistic in registers: moments, epilogue and stats in one pass over x
     (STORE_Y=False: statistics only)."""
     rows, rmask, rx, ro, rt, rh = row_block(tl.program_id(0), P, BLOCK_P, INT64, RG)
     cmask, mask, cx, co, ct, ch = col_tile(0, M, rmask, BLOCK_M, INT64, CG)
-    rh, ch = param_offsets(rh, ro, PARAM_FULL), param_offsets(ch, co, PARAM_FULL)
+    wr, wc, br, bc = param_offsets(rows, rh, ch, ro, co, PARAM_FULL, PARAM_NC, PS)
     k = pivot_input(X, Res, H, rx, ro, rmask, CENTER, PRE_ADD)
     d = tl.where(mask, load_input(X, Res, H, rx, cx, ro, co, mask, PRE_ADD, STORE_Y) - k[:, None], 0.0)
     mean_d, m2 = tile_moments(d, mask, M, CENTER)
@@ -54,7 +55,7 @@ def _fwd_fused_kernel(
                        RUNNING)
     if STORE_Y:
         res = load_residual(Res, ro, co, mask, HAS_RES)
-        y = epilogue((d - mean_d[:, None]) * rstd[:, None], rh, ch, rmask, cmask, res,
+        y = epilogue((d - mean_d[:, None]) * rstd[:, None], wr, wc, br, bc, rmask, cmask, res,
                      W, B, HAS_W, HAS_B, HAS_RES, ACT, CHAN)
         store2d(Y, ro, co, y, mask)
 
@@ -68,7 +69,7 @@ def _fwd_looped_kernel(
     ACT: tl.constexpr, CHAN: tl.constexpr, INT64: tl.constexpr, BLOCK_P: tl.constexpr,
     BLOCK_M: tl.constexpr, STORE_Y: tl.constexpr, RUNNING: tl.constexpr,
     H=None, PRE_ADD: tl.constexpr = False,  # as the fused kernel; both sweeps re-add x + Res
-    PARAM_FULL: tl.constexpr = False,
+    PARAM_FULL: tl.constexpr = False, PARAM_NC: tl.constexpr = False, PS=None,
 ):
     """Moments by Chan-merging BLOCK_M tiles, then a second sweep applies the epilogue
     (STORE_Y=False: statistics only, one sweep)."""
@@ -87,11 +88,11 @@ def _fwd_looped_kernel(
     if STORE_Y:
         for m0 in range(0, M, BLOCK_M):
             cmask, mask, cx, co, ct, ch = col_tile(m0, M, rmask, BLOCK_M, INT64, CG)
-            rh, ch = param_offsets(rh, ro, PARAM_FULL), param_offsets(ch, co, PARAM_FULL)
+            wr, wc, br, bc = param_offsets(rows, rh, ch, ro, co, PARAM_FULL, PARAM_NC, PS)
             xin = load_input(X, Res, H, rx, cx, ro, co, mask, PRE_ADD, True)
             xhat = ((xin - k[:, None]) - mean_d[:, None]) * rstd[:, None]
             res = load_residual(Res, ro, co, mask, HAS_RES)
-            y = epilogue(xhat, rh, ch, rmask, cmask, res, W, B, HAS_W, HAS_B, HAS_RES, ACT, CHAN)
+            y = epilogue(xhat, wr, wc, br, bc, rmask, cmask, res, W, B, HAS_W, HAS_B, HAS_RES, ACT, CHAN)
             store2d(Y, ro, co, y, mask)
 
 
@@ -163,7 +164,7 @@ def _fwd_apply_kernel(
     ACT: tl.constexpr, CHAN: tl.constexpr, INT64: tl.constexpr, BLOCK_P: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, RUNNING: tl.constexpr,  # BLOCK_S: partials per step
     H=None, PRE_ADD: tl.constexpr = False,  # as the fused kernel; re-adds x + Res, stores H
-    PARAM_FULL: tl.constexpr = False,
+    PARAM_FULL: tl.constexpr = False, PARAM_NC: tl.constexpr = False, PS=None,
 ):
     """Epilogue over a 2-D grid of (row block, column tiles). Each program derives its rows'
     statistics itself (merging the split partials, or from the running buffers); the programs of
@@ -184,9 +185,9 @@ def _fwd_apply_kernel(
     for i in range(0, TILES_PER_PROG):
         cmask, mask, cx, co, ct, ch = col_tile(strided_tile_start(i, COL_PROGS, BLOCK_M, INT64), M, rmask,
                                                BLOCK_M, INT64, CG)
-        rh, ch = param_offsets(rh, ro, PARAM_FULL), param_offsets(ch, co, PARAM_FULL)
+        wr, wc, br, bc = param_offsets(rows, rh, ch, ro, co, PARAM_FULL, PARAM_NC, PS)
         xin = load_input(X, Res, H, rx, cx, ro, co, mask, PRE_ADD, True)
         xhat = ((xin - k[:, None]) - mean[:, None]) * rstd[:, None]
         res = load_residual(Res, ro, co, mask, HAS_RES)
-        y = epilogue(xhat, rh, ch, rmask, cmask, res, W, B, HAS_W, HAS_B, HAS_RES, ACT, CHAN)
+        y = epilogue(xhat, wr, wc, br, bc, rmask, cmask, res, W, B, HAS_W, HAS_B, HAS_RES, ACT, CHAN)
         store2d(Y, ro, co, y, mask)

@@ -141,6 +141,23 @@ class _Common:
         return x, residual
 
 
+def _nc_chan(view) -> int:
+    """The CHAN flag of per-(sample, channel) parameters: the rows always vary (the sample), the
+    columns when they span several channels (GroupNorm)."""
+    return 0 if view.cols.chan[2] != 0 else 2
+
+
+def _nc_segments(c: "_Common", spec: Spec):
+    """The per-(sample, channel) segments of the statistic view when per-sample weight/bias can be
+    read in place (rows (n, g) with g fastest, columns' channel digit one channel wide: see
+    common.param_offsets) and their gradients come from the dx pass in every regime (a
+    (channel, position) tile for the fused one): dense GroupNorm/InstanceNorm. Else None."""
+    if c.contiguous:
+        return None
+    seg = segments(c.view, c.shape, spec, c.out_stride if c.copy_x else c.x_stride, c.out_stride)
+    return seg if seg is not None and seg.order else None
+
+
 def _params(weight, bias, full: bool, x):
     """The weight and bias pointers the kernels take (x stands in for a missing one): per channel,
     unit stride; or (``full``) as given, already laid out like the output."""
@@ -172,7 +189,7 @@ class ForwardPlan:
 
     def __init__(self, x: torch.Tensor, spec: Spec, has_w: bool, has_b: bool, has_res: bool, act: int,
                  center: bool, mode: str, running: int, profile: dispatch.DeviceProfile, pre_add: bool = False,
-                 param_full: bool = False):
+                 param_full: bool = False, param_nc: tuple | None = None):
         self.c = c = _Common(x, spec, has_w, has_b, has_res, act, center,
                              channel=False)
         self.mode, self.running, self.profile = mode, running, profile
@@ -182,16 +199,28 @@ class ForwardPlan:
         pre = dict(PRE_ADD=True) if pre_add else {}
         # param_full (broadcast affine): weight and bias come expanded to x's shape in the output's
         # layout and are read at the output offsets (CHAN=0: both sides vary).
+        # param_nc (core._nc_affine: (weight kind, bias kind, (weight's n, c strides, bias's))):
+        # broadcast weight/bias that are per (sample, channel) — (N, C, 1, ...), or (C,) beside one
+        # — read in place by GroupNorm/InstanceNorm kernels (PARAM_NC), their gradients from the
+        # backward's per-(sample, channel) partials. ``self.nc`` is that tuple when it applies,
+        # else None and param_full's expansion runs.
+        self.nc = None
+        if param_nc is not None and mode == "train" and not pre_add and _nc_segments(c, spec) is not None:
+            self.nc = param_nc
+            param_full = False
         self.param_full = param_full
         if param_full:
             pre["PARAM_FULL"] = True
+        elif self.nc is not None:
+            pre.update(PARAM_NC=True, PS=(c.view.P // c.shape[0], *param_nc[2]))
         self.has_w, self.has_b, self.has_res, self.act = has_w, has_b, has_res, act
         self._backward: dict = {}
         self.pixels = None
         if c.contiguous:
             inner = x.contiguous()
             self.inner = ForwardPlan(inner, spec, has_w, has_b, has_res, act, center, mode, running, profile,
-                                     pre_add, param_full)
+                                     pre_add, param_full, param_nc)
+            self.nc, self.param_full = self.inner.nc, self.inner.param_full
             self.plan = self.inner.plan
             return
         self.inner = None
@@ -203,7 +232,7 @@ class ForwardPlan:
             return
         # channels_last GroupNorm/InstanceNorm with groups that are not 16-byte runs: whole-pixel
         # tiles (pixels.py) instead of the row/column kernels' element-wise reads.
-        if (mode == "train" and not running and not pre_add and not param_full and not c.copy_x
+        if (mode == "train" and not running and not pre_add and not param_full and self.nc is None and not c.copy_x
                 and pixel_plan.applies(c.shape, c.x_stride, c.out_stride, spec, x.element_size())):
             self.pixels = pixels.PixelsForward(c.shape, spec, x.element_size(), has_w, has_b, has_res, act,
                                                center, profile)
@@ -212,7 +241,8 @@ class ForwardPlan:
             return
         cfg = self.plan.config
         bp, bm, nw = cfg["block_p"], cfg["block_m"], cfg["num_warps"]
-        flags = dict(c.flags, CHAN=0 if param_full else _chan_mode(view), INT64=view.int64)
+        chan = 0 if param_full else (_nc_chan(view) if self.nc is not None else _chan_mode(view))
+        flags = dict(c.flags, CHAN=chan, INT64=view.int64)
         rg, cg = view.geometry()
         kernel = self.plan.kernel
         if mode == "given" or kernel == "split":
@@ -286,8 +316,8 @@ class ForwardPlan:
         y = x.new_empty(0) if self.mode == "stats" else c.out(x)
         stats = _empty((5, c.n_stats), x.device)
         # Kernels index weight and bias by channel with unit stride (param_full: the caller laid
-        # them out like y).
-        w, b = _params(weight, bias, self.param_full, x)
+        # them out like y; nc: read with their own strides).
+        w, b = _params(weight, bias, self.param_full or self.nc is not None, x)
         if self.pixels is not None:
             return self.pixels(x, y, residual, w, b, stats, float(eps), _empty)
         r = x if residual is None else residual
@@ -354,6 +384,7 @@ class BackwardPlan:
         self.needs = needs
         self.add_dh, self.dx_twice = add_dh, dx_twice
         self.param_full = fwd.param_full
+        nc = self.nc = fwd.nc
         addk = dict(ADD_DH=add_dh, DX_TWICE=dx_twice) if (add_dh or dx_twice) else {}
         if fwd.param_full:
             addk["PARAM_FULL"] = True
@@ -381,8 +412,9 @@ class BackwardPlan:
         x_meta = torch.empty_strided(c.shape, xs, dtype=c.dtype, device="meta")
         need_wb = need_dw or need_db
         self.param_full = param_full = fwd.param_full
-        # param_full: the dx kernels store the per-element weight/bias gradients themselves.
-        dx_pass = need_dx or self.write_dres or (param_full and need_wb)
+        # param_full: the dx kernels store the per-element weight/bias gradients themselves; nc:
+        # the dx pass's per-(sample, channel) partials are the gradients.
+        dx_pass = need_dx or self.write_dres or ((param_full or nc is not None) and need_wb)
         # Each statistic one channel (BatchNorm's scope): the dx kernels' row sums are dweight and
         # dbias, so the channel-view sweep is skipped.
         row_channel = need_wb and dx_pass and not self.given and not param_full and channel_per_row(spec)
@@ -391,8 +423,11 @@ class BackwardPlan:
         seg = None
         if need_wb and dx_pass and not row_channel and not param_full:
             seg = segments(view, c.shape, spec, xs, c.out_stride)
-        self.plan = plan = dispatch.plan_for(
-            _problem("backward", view, x_meta, spec, c.fkey, fused_m=seg.fused_cols if seg else 0), profile)
+        bproblem = _problem("backward", view, x_meta, spec, c.fkey, fused_m=seg.fused_cols if seg else 0)
+        self.plan = plan = dispatch.plan_for(bproblem, profile)
+        if nc is not None and plan.kernel == dispatch.NATIVE:
+            # The torch regime takes (C,) parameters only: the heuristic's kernels instead.
+            self.plan = plan = dispatch.choose(bproblem, profile)
         self.native = plan.kernel == dispatch.NATIVE
         if self.native:
             return
@@ -402,11 +437,25 @@ class BackwardPlan:
         self.seg = seg
         cfg = plan.config
         bp, bm, nw = cfg["block_p"], cfg["block_m"], cfg["num_warps"]
-        flags = dict(c.flags, CHAN=0 if fwd.param_full else _chan_mode(view), INT64=view.int64)
+        chan = 0 if fwd.param_full else (_nc_chan(view) if nc is not None else _chan_mode(view))
+        flags = dict(c.flags, CHAN=chan, INT64=view.int64)
         rg, cg = view.geometry()
+        # nc: which gradients the segment partials give directly (a per-(sample, channel)
+        # parameter: W_NC/B_NC) and which are summed over the samples (a (C,) one beside it);
+        # dx is stored only when asked for.
+        self.w_nc = self.b_nc = False
+        self.store_dx = True
+        nck = {}
+        if nc is not None:
+            self.w_nc, self.b_nc = need_dw and nc[0] == "nc", need_db and nc[1] == "nc"
+            self.store_dx = need_dx or self.write_dres
+            nck = dict(PARAM_NC=True, PS=(P // c.shape[0], *nc[2]))
+            addk.update(nck)
+            if seg is not None:
+                addk.update(W_NC=self.w_nc, B_NC=self.b_nc)
         # Each column one channel (LayerNorm rows, positional scope) in the fused regime: a
         # persistent grid accumulates dweight and dbias per program.
-        col_channel = (need_wb and dx_pass and plan.kernel == "fused" and not param_full
+        col_channel = (need_wb and dx_pass and plan.kernel == "fused" and not param_full and nc is None
                        and channel_per_col(view, c.shape[1]))
         self.row_channel, self.col_channel = row_channel, col_channel
         self.P, self.M = P, M
@@ -424,6 +473,8 @@ class BackwardPlan:
                 if seg is not None:
                     hm_b, hd_b = _pow2(seg.hm), _pow2(seg.H)
                     segk = dict(SEG=seg.order, HM_B=hm_b, HD_B=hd_b, BLOCK_M=hm_b * hd_b)
+                if not self.store_dx:
+                    segk["STORE_DX"] = False
                 self.dx = (bk._bwd_fused_kernel, (progs,), (P, M, row_blocks, rg, cg),
                            dict(common, **addk, **segk, CENTER=c.center, GIVEN=self.given,
                                 WRITE_DRES=self.write_dres, ROW_CHANNEL=row_channel, COL_CHANNEL=col_channel,
@@ -447,20 +498,26 @@ class BackwardPlan:
                     sbm = scfg["block_m"]
                     self.seg_split = sp = scfg.get("split", 1) if splan.kernel == "split" else 1
                     srg, scg = sv.geometry()
+                    snck = {}
+                    if nc is not None:  # segment rows n*C + c: C rows a sample
+                        snck = dict(PARAM_NC=True, PS=(c.shape[1], *nc[2]))
                     self.sums = (bk._bwd_sums_kernel, (triton.cdiv(sv.P, scfg["block_p"]), sp),
                                  (sv.P, sv.M, _chunk(sv.M, sbm, sp), sp, P, seg.hm, srg, scg),
-                                 dict(c.flags, CHAN=_chan_mode(sv), INT64=sv.int64, BLOCK_P=scfg["block_p"],
-                                      BLOCK_M=sbm, num_warps=scfg["num_warps"], ROW_CHANNEL=True))
+                                 dict(c.flags, CHAN=_nc_chan(sv) if nc is not None else _chan_mode(sv),
+                                      INT64=sv.int64, BLOCK_P=scfg["block_p"], BLOCK_M=sbm,
+                                      num_warps=scfg["num_warps"], ROW_CHANNEL=True, **snck))
                     split = seg.hm * sp
                     fin = dict(FINISH=True, FIN_N=c.shape[0], FIN_C=c.shape[1], FIN_S=sp)
                 elif not self.given:
                     self.sums = (bk._bwd_sums_kernel, (triton.cdiv(P, bp), split),
                                  (P, M, chunk, split, P, 1, rg, cg),
-                                 dict(common, ROW_CHANNEL=row_channel,
+                                 dict(common, ROW_CHANNEL=row_channel, **nck,
                                       **({"PARAM_FULL": True} if fwd.param_full else {})))
                 self.part_rows = seg.view.P if seg is not None else P
                 self.part_split = self.seg_split if seg is not None else split
                 grid, tiles = _apply_grid(P, M, bp, bm, one_program_per_row=plan.kernel == "looped")
+                if not self.store_dx:  # nc, dweight/dbias only: the finish, no sweep
+                    grid, tiles = (grid[0], 1), 0
                 self.apply = (bk._bwd_apply_kernel, grid, (P, M, split, grid[1], tiles, rg, cg),
                               dict(common, **addk, **fin, CENTER=c.center, GIVEN=self.given,
                                    WRITE_DRES=self.write_dres, BLOCK_S=MERGE_BLOCK, ROW_CHANNEL=row_channel,
@@ -469,7 +526,9 @@ class BackwardPlan:
         self.finish_cols = None
         if need_wb and col_channel:
             self.finish_cols = M
-        if need_wb and seg is not None and self.dx_kind == "fused":
+        # nc: only a (C,) parameter's partials are added over N (per-sample ones are stored whole)
+        fin_w, fin_b = need_dw and not self.w_nc, need_db and not self.b_nc
+        if need_wb and seg is not None and self.dx_kind == "fused" and (fin_w or fin_b):
             self.finish_cols = c.shape[1]  # [2, N, C] partials, added over N
         if need_wb and not (row_channel or col_channel or param_full or seg is not None):
             if c.cview is None:
@@ -503,7 +562,7 @@ class BackwardPlan:
                 setattr(self, name, (Launcher(kernel, grid, kw), fixed))
         reduced = self.finish_cols if self.finish_cols is not None else getattr(self, "C", 1)
         self.finish = Launcher(bk._finish_kernel, (triton.cdiv(reduced, 64),),
-                               dict(NEED_DW=need_dw, NEED_DB=need_db, BLOCK_C=64, BLOCK_S=MERGE_BLOCK))
+                               dict(NEED_DW=fin_w, NEED_DB=fin_b, BLOCK_C=64, BLOCK_S=MERGE_BLOCK))
 
     @property
     def launches(self) -> int:
@@ -549,11 +608,11 @@ class BackwardPlan:
             if fwd.pre_add:
                 dres = dx.to(dres_dtype) if self.dx_twice else dx
             return dx, dw, db, dres
-        w, b = _params(weight, bias, self.param_full, x)
+        w, b = _params(weight, bias, self.param_full or self.nc is not None, x)
         r = x if residual is None else residual
         if self.pixels is not None:
             return self._pixels(dy, x, w, b, r, weight, bias, stats)
-        dx = c.out(x) if self.dx_kind is not None else None
+        dx = c.out(x) if self.dx_kind is not None and self.store_dx else None
         dres = c.out(x) if self.write_dres else None
         if self.dx_twice:
             dres = torch.empty_strided(c.shape, c.out_stride, dtype=dres_dtype, device=x.device)
@@ -564,11 +623,12 @@ class BackwardPlan:
         if self.param_full:  # per-element gradients, laid out like y; autograd sums them
             dw = _empty_like_out(c, weight.dtype, x.device) if need_dw else None
             db = _empty_like_out(c, bias.dtype, x.device) if need_db else None
-        else:
+        else:  # per channel; nc: contiguous, element n*C + c of a per-sample one
             dw = _empty(weight.shape, x.device, weight.dtype) if need_dw else None
             db = _empty(bias.shape, x.device, bias.dtype) if need_db else None
         dwp = x if dw is None else dw
         dbp = x if db is None else db
+        dxp = x if dx is None else dx
         if self.dx_kind == "fused":
             run, fixed = self.dx
             if self.col_channel:
@@ -577,10 +637,11 @@ class BackwardPlan:
                 self.finish(part, dwp, dbp, self.M, self.progs)
             elif self.finish_cols is not None:  # segments: [2, N, C] partials
                 part = _empty((2, c.shape[0], c.shape[1]), x.device)
-                run(x, dy, r, w, b, stats, dx, dr, part, part, *fixed, **dhk)
+                run(x, dy, r, w, b, stats, dxp, dr, dwp if self.w_nc else part, dbp if self.b_nc else part,
+                    *fixed, **dhk)
                 self.finish(part, dwp, dbp, c.shape[1], c.shape[0])
             else:
-                run(x, dy, r, w, b, stats, dx, dr, dwp, dbp, *fixed, **dhk)
+                run(x, dy, r, w, b, stats, dxp, dr, dwp, dbp, *fixed, **dhk)
         elif self.dx_kind == "two-stage":
             part = x
             if self.sums is not None:
@@ -588,7 +649,7 @@ class BackwardPlan:
                 part = _empty((4, self.part_rows, self.part_split), x.device)
                 run(x, dy, r, w, b, stats, part, *fixed)
             run, fixed = self.apply
-            run(x, dy, r, w, b, stats, part, dx, dr, dwp, dbp, *fixed, **dhk)
+            run(x, dy, r, w, b, stats, part, dxp, dr, dwp, dbp, *fixed, **dhk)
         if self.dwdb is not None:
             run, fixed = self.dwdb
             if self.dwdb_split == 1:
@@ -631,17 +692,18 @@ dispatch.on_clear(clear)
 
 def forward_plan(x: torch.Tensor, spec: Spec, has_w: bool, has_b: bool, has_res: bool, act: int,
                  center: bool, mode: str, running: int, extra=(), pre_add: bool = False,
-                 param_full: bool = False) -> ForwardPlan:
+                 param_full: bool = False, param_nc: tuple | None = None) -> ForwardPlan:
     """The cached plan for this signature (``extra``: layout facts of the other tensors that
-    change the plan, e.g. the residual's strides; ``pre_add``: add_norm's plan)."""
+    change the plan, e.g. the residual's strides; ``pre_add``: add_norm's plan; ``param_full``,
+    ``param_nc``: broadcast weight/bias, see ForwardPlan)."""
     key = (tuple(x.shape), x.stride(), x.dtype, x.device, spec, has_w, has_b, has_res, act, center, mode,
-           running, extra, pre_add, param_full, dispatch.forced_state())
+           running, extra, pre_add, param_full, param_nc, dispatch.forced_state())
     plan = _PLANS.get(key)
     if plan is None:
         if len(_PLANS) > 4096:
             _PLANS.clear()
         plan = _PLANS[key] = ForwardPlan(x, spec, has_w, has_b, has_res, act, center, mode, running,
-                                         profile_for(x.device), pre_add, param_full)
+                                         profile_for(x.device), pre_add, param_full, param_nc)
     return plan
 
 
