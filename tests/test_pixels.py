@@ -127,3 +127,49 @@ def test_pixels_backward_gradient_subsets(regime, wants):
     assert len(grads) == len(ref) == len(asked)
     for ours, theirs in zip(grads, ref):
         assert (ours.double() - theirs).abs().max() <= 2e-5 * max(1.0, theirs.abs().max().item())
+
+
+@pytest.mark.parametrize("regime", list(REGIMES))
+@pytest.mark.parametrize("kinds", [("nc", "nc"), ("c", "nc"), ("nc", None), (None, "nc-strided")])
+def test_pixels_per_sample_weight_and_bias(monkeypatch, regime, kinds):
+    # AdaGroupNorm / scale_shift / AdaIN: (N, C, 1, 1) weight and bias (the bias possibly the
+    # strided half of a (N, 2C, 1, 1) chunk) read in place by the whole-pixel kernels; their
+    # gradients are the per-(sample, channel) sums, a (C,) one beside is summed over N.
+    from tritonorm import activations
+    x = torch.randn(2, 40, 3, 5, dtype=torch.float64).to(torch.float32).contiguous(memory_format=torch.channels_last)
+    N, C = 2, 40
+
+    def param(kind, scale):
+        if kind is None:
+            return None
+        if kind == "c":
+            return torch.randn(C) * scale + 1
+        if kind == "nc-strided":
+            return (torch.randn(N, 2 * C, 1, 1) * scale)[:, C:]
+        return torch.randn(N, C, 1, 1) * scale + 1
+    w, b = param(kinds[0], 0.5), param(kinds[1], 1.0)
+    dy = torch.randn(x.shape)
+    leaves = [t for t in (x, w, b) if t is not None]
+    ours = [t.detach().requires_grad_() for t in leaves]
+    it = iter(ours)
+    xo, wo, bo = next(it), (next(it) if w is not None else None), (next(it) if b is not None else None)
+    names = record_launches(monkeypatch)
+    with dispatch.forced(regime, **REGIMES[regime]):
+        y = tritonorm.norm(xo, "group", num_groups=4, weight=wo, bias=bo, activation="silu", backend="triton")
+        grads = torch.autograd.grad(y, ours, dy)
+    assert names[:len(KERNELS[regime])] == KERNELS[regime], names
+    assert all(n.startswith("_pixels") or n == "_finish_kernel" for n in names), names
+    ref_in = [t.detach().double().requires_grad_() for t in leaves]
+    it = iter(ref_in)
+    x64, w64, b64 = next(it), (next(it) if w is not None else None), (next(it) if b is not None else None)
+    z = tritonorm.norm(x64, "group", num_groups=4, backend="reference")
+    if w64 is not None:
+        z = z * (w64.view(1, C, 1, 1) if w64.dim() == 1 else w64)
+    if b64 is not None:
+        z = z + b64
+    y64 = activations.apply("silu", z)
+    ref = torch.autograd.grad(y64, ref_in, dy.double())
+    assert (y.double() - y64).abs().max() <= 2e-5 * y64.abs().max()
+    for g, r in zip(grads, ref):
+        assert g.shape == r.shape
+        assert (g.double() - r).abs().max() <= 2e-5 * max(1.0, r.abs().max().item())

@@ -15,7 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_mod
 
 import tritonorm
 from helpers import LOW, assert_close, record_launches
-from tritonorm import activations, core, dispatch
+from tritonorm import activations, core, dispatch, pixel_plan
 from tritonorm.kernels import forward as fk
 from tritonorm.kernels import launch
 
@@ -25,6 +25,10 @@ CL, CL3 = torch.channels_last, torch.channels_last_3d
 @pytest.fixture(autouse=True)
 def _poison(monkeypatch):
     monkeypatch.setattr(launch, "POISON", True)
+    # channels_last GroupNorm with short groups takes the whole-pixel kernels, per-sample
+    # parameters included (tests/test_pixels.py); here the row/column kernels' PARAM_NC path.
+    monkeypatch.setattr(pixel_plan, "ENABLED", False)
+    launch.clear()
 
 
 def _force(regime):

@@ -222,18 +222,23 @@ def backward_cost(plan: dispatch.Plan, problem: dispatch.Problem, dwdb_plan: dis
 
 def pixels_backward_cost(plan: dispatch.Plan, problem: dispatch.Problem, profile: dispatch.DeviceProfile, *,
                          samples: int, elem_bytes: int, channels: int, has_w: bool, has_b: bool, has_res: bool,
-                         act: bool, param_bytes: int, **_) -> Cost:
+                         act: bool, param_bytes: int, param_nc: tuple | None = None, **_) -> Cost:
     """The backward of channels_last GroupNorm/InstanceNorm on whole-pixel tiles
     (kernels/pixels_backward.py), every gradient asked for: the dweight/dbias partials come out
     of the pass over x and dy ([2, N, C] fp32, or [2, SPLIT, N, C]); fused/looped add them in a
     finish kernel, split in its apply kernel, whose programs each also re-read their block's
-    SPLIT partials for S1 and S2."""
+    SPLIT partials for S1 and S2. ``param_nc`` (explain's (parameter elements, per-channel ones among
+    them)): per-(sample, channel) weight/bias, whose gradients are the partials themselves (no
+    finish for them)."""
     P, M = problem.P, problem.M
     n = P * M * elem_bytes
     C, N = channels, samples
     need_wb = has_w or has_b
     res = n if has_res and act else 0
     params = (has_w + has_b) * C * param_bytes
+    if param_nc is not None:
+        params = param_nc[0] * param_bytes
+        need_wb = param_nc[1] > 0  # a per-channel one beside: summed over the samples
     ideal_read = 2 * n + res + params
     ideal_written = n + res + params
     split = plan.config.get("split", 1)
@@ -245,7 +250,7 @@ def pixels_backward_cost(plan: dispatch.Plan, problem: dispatch.Problem, profile
     if plan.kernel == "split":
         launches = 2
         read += partials * split  # each of a block's SPLIT apply programs adds all its partials
-        if need_wb:
+        if need_wb or param_nc is not None:  # the finishing programs read them once more
             read += partials
     else:
         launches = 1 + need_wb

@@ -142,7 +142,8 @@ def explain(x: torch.Tensor, scope: str = "group", *, num_groups: int | None = N
                                          fused_m=seg.fused_cols if seg is not None and op == "backward" else 0)
     plan = dispatch.plan_for(problem, profile)
     if op in ("forward", "backward") and plan.kernel != dispatch.NATIVE and running_var is None \
-            and running_mean is None and pre_add is None and not param_full and param_nc is None:
+            and running_mean is None and pre_add is None and not param_full \
+            and (param_nc is None or (nc[2][1] in (0, 1) and nc[2][3] in (0, 1))):
         out_stride = torch.empty_like(x, memory_format=torch.preserve_format, device="meta").stride()
         if pixel_plan.applies(tuple(x.shape), x.stride(), out_stride, spec, x.element_size()):
             # channels_last GroupNorm with short groups: the whole-pixel kernels, as the launcher runs them

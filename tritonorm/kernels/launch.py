@@ -232,10 +232,16 @@ class ForwardPlan:
             return
         # channels_last GroupNorm/InstanceNorm with groups that are not 16-byte runs: whole-pixel
         # tiles (pixels.py) instead of the row/column kernels' element-wise reads.
-        if (mode == "train" and not running and not pre_add and not param_full and self.nc is None and not c.copy_x
+        # Per-(sample, channel) weight/bias (``nc``) too, read with their n strides, when their
+        # channels are unit-stride.
+        pn = (0, 0)
+        if self.nc is not None:
+            w_sn, w_sc, b_sn, b_sc = self.nc[2]
+            pn = (w_sn, b_sn) if w_sc in (0, 1) and b_sc in (0, 1) else None
+        if (mode == "train" and not running and not pre_add and not param_full and pn is not None and not c.copy_x
                 and pixel_plan.applies(c.shape, c.x_stride, c.out_stride, spec, x.element_size())):
             self.pixels = pixels.PixelsForward(c.shape, spec, x.element_size(), has_w, has_b, has_res, act,
-                                               center, profile)
+                                               center, profile, pn)
             self.plan = self.pixels.plan
             self.launches = self.pixels.launches
             return
@@ -401,7 +407,8 @@ class BackwardPlan:
         self.pixels = None
         if fwd.pixels is not None:  # the whole-pixel kernels of the forward (pixels_backward.py)
             self.pixels = PixelsBackward(c.shape, c.spec, torch.empty((), dtype=c.dtype).element_size(), needs,
-                                         fwd.has_w, fwd.has_b, fwd.has_res, act, c.center, fwd.profile)
+                                         fwd.has_w, fwd.has_b, fwd.has_res, act, c.center, fwd.profile,
+                                         fwd.pixels.pn)
             self.native = False
             return
         spec = c.spec

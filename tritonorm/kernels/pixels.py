@@ -119,6 +119,16 @@ def _group_moments(mean_c, m2_c, count, CB: tl.constexpr, CG: tl.constexpr, CB_P
 
 
 @triton.jit
+def _param_bases(W, B, first, NCB, PN, INT64: tl.constexpr):
+    """Where this program's weight and bias channels start: its first channel, in its sample's row
+    for a per-(sample, channel) parameter (n stride PN[i] > 0; 0 for a per-channel one)."""
+    n = tl.program_id(0) // NCB
+    if INT64:
+        n = n.to(tl.int64)
+    return W + n * PN[0] + first, B + n * PN[1] + first
+
+
+@triton.jit
 def _affine(W, B, chans, cmask, rstd_c, HAS_W: tl.constexpr, HAS_B: tl.constexpr):
     """Per-channel scale rstd * w and shift b, loaded once per program (W, B start at the
     block's first channel): the epilogue then holds three channel vectors, not five."""
@@ -145,6 +155,7 @@ def _epilogue_tile(x, Y, Res, offs, mask, k_c, mean_c, scale_c, shift_c, HAS_RES
 def _pixels_fwd_kernel(
     X, Y, Res, W, B, Stats,   # Stats: [5, P] fp32 out (see forward.py)
     P, NCB, HW, C, G, eps,    # statistics, channel blocks per sample, pixels, channels, groups
+    PN,                       # n strides of weight and bias: 0 per channel, else per (sample, channel)
     CB: tl.constexpr, CG: tl.constexpr, CB_PAD: tl.constexpr, GB_PAD: tl.constexpr,
     BLOCK_HW: tl.constexpr, FUSED: tl.constexpr, CENTER: tl.constexpr, HAS_W: tl.constexpr,
     HAS_B: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr, INT64: tl.constexpr,
@@ -174,7 +185,8 @@ def _pixels_fwd_kernel(
     mean_g, m2_g = _group_moments(mean_c, m2_c, HW * 1.0, CB, CG, CB_PAD, GB_PAD)
     rstd_g = store_stats(Stats, P, rows, gmask, k_g, mean_g, m2_g / (HW * CG), eps, X, X, 0.0, 1.0, 0)
     mean_c = _spread(mean_g, CB, CG, CB_PAD, GB_PAD)
-    scale_c, shift_c = _affine(W + first, B + first, chans, cmask, _spread(rstd_g, CB, CG, CB_PAD, GB_PAD),
+    w0, b0 = _param_bases(W, B, first, NCB, PN, INT64)
+    scale_c, shift_c = _affine(w0, b0, chans, cmask, _spread(rstd_g, CB, CG, CB_PAD, GB_PAD),
                                HAS_W, HAS_B)
     if FUSED:
         _epilogue_tile(x, Y, Res, offs, mask, k_c, mean_c, scale_c, shift_c, HAS_RES, ACT)
@@ -212,7 +224,7 @@ def _pixels_partial_kernel(
 @triton.jit(do_not_specialize=["NCB", "SPLIT"])
 def _pixels_apply_kernel(
     X, Y, Res, W, B, Stats, Part,
-    P, NCB, HW, C, G, CHUNK, SPLIT, eps,
+    P, NCB, HW, C, G, CHUNK, SPLIT, eps, PN,
     CB: tl.constexpr, CG: tl.constexpr, CB_PAD: tl.constexpr, GB_PAD: tl.constexpr,
     BLOCK_HW: tl.constexpr, BLOCK_S: tl.constexpr, CENTER: tl.constexpr, HAS_W: tl.constexpr,
     HAS_B: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr, INT64: tl.constexpr,
@@ -228,7 +240,8 @@ def _pixels_apply_kernel(
     if sp == 0:
         store_stats(Stats, P, rows, gmask, k_g, mean_g, var_g, eps, X, X, 0.0, 1.0, 0)
     mean_c = _spread(mean_g, CB, CG, CB_PAD, GB_PAD)
-    scale_c, shift_c = _affine(W + first, B + first, chans, cmask, _spread(rstd_g, CB, CG, CB_PAD, GB_PAD),
+    w0, b0 = _param_bases(W, B, first, NCB, PN, INT64)
+    scale_c, shift_c = _affine(w0, b0, chans, cmask, _spread(rstd_g, CB, CG, CB_PAD, GB_PAD),
                                HAS_W, HAS_B)
     start = sp * CHUNK
     end = tl.minimum(start + CHUNK, HW)
@@ -249,7 +262,9 @@ class PixelsForward:
     """The forward launches of an ``applies`` signature (train mode, no running statistics)."""
 
     def __init__(self, shape, spec, elem_bytes: int, has_w: bool, has_b: bool, has_res: bool, act: int,
-                 center: bool, profile: dispatch.DeviceProfile):
+                 center: bool, profile: dispatch.DeviceProfile, pn: tuple = (0, 0)):
+        """``pn``: the n strides of weight and bias when they are per (sample, channel)
+        (launch.ForwardPlan's ``nc``), 0 for per-channel ones."""
         from .fastlaunch import Launcher
         self.plan = plan = choose(shape, spec, elem_bytes, profile)
         cfg = plan.config
@@ -261,6 +276,7 @@ class PixelsForward:
         cb = cfg["cb"]
         self.P = N * G
         self.N, self.C, self.HW, self.G = N, C, HW, G
+        self.pn = pn
         self.ncb = C // cb
         self.split = cfg["split"]
         self.chunk = cfg.get("chunk", HW)
@@ -284,7 +300,7 @@ class PixelsForward:
             part = empty((2, self.P, self.split), x.device)
             self.partial(x, part, self.P, self.ncb, self.HW, self.C, self.G, self.chunk, self.split)
             self.apply(x, y, r, w, b, stats, part, self.P, self.ncb, self.HW, self.C, self.G, self.chunk,
-                       self.split, eps)
+                       self.split, eps, self.pn)
         else:
-            self.apply(x, y, r, w, b, stats, self.P, self.ncb, self.HW, self.C, self.G, eps)
+            self.apply(x, y, r, w, b, stats, self.P, self.ncb, self.HW, self.C, self.G, eps, self.pn)
         return y, stats

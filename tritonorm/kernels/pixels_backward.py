@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from .common import activation_grad
-from .pixels import _block, _fold, _spread
+from .pixels import _block, _fold, _param_bases, _spread
 
 
 @triton.jit
@@ -95,17 +95,20 @@ def _group_sums(u1, u2, w_c, CB: tl.constexpr, CG: tl.constexpr, CB_PAD: tl.cons
 def _pixels_bwd_kernel(
     X, DY, Res, W, B, Stats,  # Stats: the forward's [5, P] statistics
     DX, DRes, Part,           # dx; dresidual (WRITE_DRES); fp32 partials [2, N, C] (dweight, dbias)
-    P, NCB, HW, C, G, N,
+    DW, DB,                   # per-(sample, channel) dweight / dbias (W_NC / B_NC), stored here
+    P, NCB, HW, C, G, N, PN,  # PN: n strides of weight and bias (0: per channel)
     CB: tl.constexpr, CG: tl.constexpr, CB_PAD: tl.constexpr, GB_PAD: tl.constexpr,
     BLOCK_HW: tl.constexpr, FUSED: tl.constexpr, CENTER: tl.constexpr, HAS_W: tl.constexpr,
     HAS_B: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr, NEED_DX: tl.constexpr,
     WRITE_DRES: tl.constexpr, NEED_WB: tl.constexpr, INT64: tl.constexpr,
+    W_NC: tl.constexpr = False, B_NC: tl.constexpr = False,
 ):
     """One program per (sample, channel block): the sums sweep, then dx (FUSED: BLOCK_HW >= HW,
     the tile stays in registers)."""
     base, first, chans, cmask, rows, gmask = _block(tl.program_id(0), NCB, HW, C, G, CB, CG, CB_PAD, GB_PAD, INT64)
     k_c, mean_c, rstd_c = _stats(Stats, P, rows, gmask, CB, CG, CB_PAD, GB_PAD)
-    w_c, b_c = _params(W + first, B + first, chans, cmask, HAS_W, HAS_B)
+    w0, b0 = _param_bases(W, B, first, NCB, PN, INT64)
+    w_c, b_c = _params(w0, b0, chans, cmask, HAS_W, HAS_B)
     u1 = tl.zeros([CB_PAD], dtype=tl.float32)
     u2 = tl.zeros([CB_PAD], dtype=tl.float32)
     if FUSED:
@@ -137,12 +140,18 @@ def _pixels_bwd_kernel(
             n = n.to(tl.int64)
         tl.store(Part + n * C + first + chans, u2, mask=cmask)
         tl.store(Part + N * C + n * C + first + chans, u1, mask=cmask)
+    # A per-(sample, channel) parameter's gradient is this program's sum itself (laid out [N, C]).
+    nc_row = (tl.program_id(0) // NCB) * C + first
+    if W_NC:
+        tl.store(DW + nc_row + chans, u2.to(DW.dtype.element_ty), mask=cmask)
+    if B_NC:
+        tl.store(DB + nc_row + chans, u1.to(DB.dtype.element_ty), mask=cmask)
 
 
 @triton.jit(do_not_specialize=["NCB", "SPLIT"])
 def _pixels_bwd_sums_kernel(
     X, DY, Res, W, B, Stats, Part,  # Part: fp32 [2, SPLIT, N, C] per-channel sums of gz*xhat, gz
-    P, NCB, HW, C, G, N, CHUNK, SPLIT,
+    P, NCB, HW, C, G, N, CHUNK, SPLIT, PN,
     CB: tl.constexpr, CG: tl.constexpr, CB_PAD: tl.constexpr, GB_PAD: tl.constexpr,
     BLOCK_HW: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_RES: tl.constexpr,
     ACT: tl.constexpr, INT64: tl.constexpr,
@@ -151,7 +160,8 @@ def _pixels_bwd_sums_kernel(
     base, first, chans, cmask, rows, gmask = _block(tl.program_id(0), NCB, HW, C, G, CB, CG, CB_PAD, GB_PAD, INT64)
     sp = tl.program_id(1)
     k_c, mean_c, rstd_c = _stats(Stats, P, rows, gmask, CB, CG, CB_PAD, GB_PAD)
-    w_c, b_c = _params(W + first, B + first, chans, cmask, HAS_W, HAS_B)
+    w0, b0 = _param_bases(W, B, first, NCB, PN, INT64)
+    w_c, b_c = _params(w0, b0, chans, cmask, HAS_W, HAS_B)
     start = sp * CHUNK
     end = tl.minimum(start + CHUNK, HW)
     u1 = tl.zeros([CB_PAD], dtype=tl.float32)
@@ -174,11 +184,12 @@ def _pixels_bwd_sums_kernel(
 def _pixels_bwd_apply_kernel(
     X, DY, Res, W, B, Stats, Part,
     DX, DRes, DW, DB,
-    P, NCB, HW, C, G, N, CHUNK, SPLIT,
+    P, NCB, HW, C, G, N, CHUNK, SPLIT, PN,
     CB: tl.constexpr, CG: tl.constexpr, CB_PAD: tl.constexpr, GB_PAD: tl.constexpr,
     BLOCK_HW: tl.constexpr, CENTER: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
     HAS_RES: tl.constexpr, ACT: tl.constexpr, NEED_DX: tl.constexpr, WRITE_DRES: tl.constexpr,
     NEED_DW: tl.constexpr, NEED_DB: tl.constexpr, INT64: tl.constexpr,
+    W_NC: tl.constexpr = False, B_NC: tl.constexpr = False,
 ):
     """Split regime, stage 2: the block's SPLIT partial sums added in a fixed order give S1, S2
     and dx over this program's chunk; the programs of sample 0, chunk 0 add every sample's and
@@ -189,7 +200,8 @@ def _pixels_bwd_apply_kernel(
     if INT64:
         n = n.to(tl.int64)
     k_c, mean_c, rstd_c = _stats(Stats, P, rows, gmask, CB, CG, CB_PAD, GB_PAD)
-    w_c, b_c = _params(W + first, B + first, chans, cmask, HAS_W, HAS_B)
+    w0, b0 = _param_bases(W, B, first, NCB, PN, INT64)
+    w_c, b_c = _params(w0, b0, chans, cmask, HAS_W, HAS_B)
     plane = SPLIT * N * C
     if NEED_DX:
         u1 = tl.zeros([CB_PAD], dtype=tl.float32)
@@ -212,23 +224,41 @@ def _pixels_bwd_apply_kernel(
             _dx_tile(DX, DRes, offs, mask, xhat, gz, w_c, rstd_c, s1_c, s2_c, HW * CG, CENTER, NEED_DX,
                      WRITE_DRES)
     if NEED_DW or NEED_DB:
-        if (n == 0) & (sp == 0):
+        # Per channel: the programs of sample 0 add every sample's and chunk's partials; per
+        # (sample, channel) (W_NC / B_NC): each sample's chunk-0 program adds its own chunks.
+        if sp == 0:
             dw = tl.zeros([CB_PAD], dtype=tl.float32)
             db = tl.zeros([CB_PAD], dtype=tl.float32)
-            for r in range(0, SPLIT * N):
-                dw += tl.load(Part + r * C + first + chans, mask=cmask, other=0.0)
-                db += tl.load(Part + plane + r * C + first + chans, mask=cmask, other=0.0)
+            dw_nc = tl.zeros([CB_PAD], dtype=tl.float32)
+            db_nc = tl.zeros([CB_PAD], dtype=tl.float32)
+            if n == 0:
+                for r in range(0, SPLIT * N):
+                    dw += tl.load(Part + r * C + first + chans, mask=cmask, other=0.0)
+                    db += tl.load(Part + plane + r * C + first + chans, mask=cmask, other=0.0)
+            if W_NC or B_NC:
+                for s in range(0, SPLIT):
+                    row = (s * N + n) * C + first + chans
+                    dw_nc += tl.load(Part + row, mask=cmask, other=0.0)
+                    db_nc += tl.load(Part + plane + row, mask=cmask, other=0.0)
             if NEED_DW:
-                tl.store(DW + first + chans, dw.to(DW.dtype.element_ty), mask=cmask)
+                if W_NC:
+                    tl.store(DW + n * C + first + chans, dw_nc.to(DW.dtype.element_ty), mask=cmask)
+                elif n == 0:
+                    tl.store(DW + first + chans, dw.to(DW.dtype.element_ty), mask=cmask)
             if NEED_DB:
-                tl.store(DB + first + chans, db.to(DB.dtype.element_ty), mask=cmask)
+                if B_NC:
+                    tl.store(DB + n * C + first + chans, db_nc.to(DB.dtype.element_ty), mask=cmask)
+                elif n == 0:
+                    tl.store(DB + first + chans, db.to(DB.dtype.element_ty), mask=cmask)
 
 
 class PixelsBackward:
     """The backward launches for a pixels.PixelsForward signature and the gradients asked for."""
 
     def __init__(self, shape, spec, elem_bytes: int, needs, has_w: bool, has_b: bool, has_res: bool, act: int,
-                 center: bool, profile):
+                 center: bool, profile, pn: tuple = (0, 0)):
+        """``pn``: as PixelsForward's (n strides of a per-(sample, channel) weight and bias); their
+        gradients, laid out [N, C], are the per-(sample, channel) sums themselves."""
         from .. import dispatch
         from .. import pixel_plan
         from .backward import _finish_kernel
@@ -248,8 +278,12 @@ class PixelsBackward:
         self.chunk = cfg.get("chunk", HW)
         self.write_dres = need_dres and act != 0
         self.need_dx = need_dx
-        self.need_wb = (need_dw and has_w) or (need_db and has_b)
         self.need_dw, self.need_db = need_dw and has_w, need_db and has_b
+        self.pn = pn
+        w_nc, b_nc = self.need_dw and pn[0] != 0, self.need_db and pn[1] != 0
+        # Per-channel gradients are summed over the samples (partials + finish); per-sample ones not.
+        self.need_wb = (self.need_dw and not w_nc) or (self.need_db and not b_nc)
+        nc = dict(W_NC=w_nc, B_NC=b_nc) if (w_nc or b_nc) else {}
         const = dict(CB=cb, CG=C // G, CB_PAD=dispatch._pow2(cb), GB_PAD=dispatch._pow2(cb // (C // G)),
                      BLOCK_HW=cfg["block_hw"], HAS_W=has_w, HAS_B=has_b, HAS_RES=has_res, ACT=act,
                      INT64=N * C * HW > 2**31 - 1, num_warps=cfg["num_warps"])
@@ -257,28 +291,30 @@ class PixelsBackward:
         if plan.kernel == "split":
             self.sums = Launcher(_pixels_bwd_sums_kernel, (grid, self.split), const)
             self.apply = Launcher(_pixels_bwd_apply_kernel, (grid, self.split),
-                                  dict(const, CENTER=center, NEED_DX=need_dx, WRITE_DRES=self.write_dres,
+                                  dict(const, **nc, CENTER=center, NEED_DX=need_dx, WRITE_DRES=self.write_dres,
                                        NEED_DW=self.need_dw, NEED_DB=self.need_db))
             self.finish = None
             self.launches = 2
         else:
             self.sums = None
             self.apply = Launcher(_pixels_bwd_kernel, (grid,),
-                                  dict(const, FUSED=plan.kernel == "fused", CENTER=center, NEED_DX=need_dx,
+                                  dict(const, **nc, FUSED=plan.kernel == "fused", CENTER=center, NEED_DX=need_dx,
                                        WRITE_DRES=self.write_dres, NEED_WB=self.need_wb))
             self.finish = Launcher(_finish_kernel, (triton.cdiv(C, 64),),
-                                   dict(NEED_DW=self.need_dw, NEED_DB=self.need_db, BLOCK_C=64, BLOCK_S=16))
+                                   dict(NEED_DW=self.need_dw and not w_nc, NEED_DB=self.need_db and not b_nc,
+                                        BLOCK_C=64, BLOCK_S=16))
             self.launches = 1 + self.need_wb
 
     def __call__(self, x, dy, r, w, b, stats, dx, dres, dw, db, empty):
         """Launch; ``dx``, ``dres``, ``dw``, ``db`` are the outputs (x where not asked for)."""
         if self.sums is not None:
             part = empty((2, self.split, self.N, self.C), x.device)
-            fixed = (self.P, self.ncb, self.HW, self.C, self.G, self.N, self.chunk, self.split)
+            fixed = (self.P, self.ncb, self.HW, self.C, self.G, self.N, self.chunk, self.split, self.pn)
             self.sums(x, dy, r, w, b, stats, part, *fixed)
             self.apply(x, dy, r, w, b, stats, part, dx, dres, dw, db, *fixed)
             return
         part = empty((2, self.N, self.C), x.device) if self.need_wb else x
-        self.apply(x, dy, r, w, b, stats, dx, dres, part, self.P, self.ncb, self.HW, self.C, self.G, self.N)
+        self.apply(x, dy, r, w, b, stats, dx, dres, part, dw, db, self.P, self.ncb, self.HW, self.C, self.G, self.N,
+                   self.pn)
         if self.need_wb:
             self.finish(part, dw, db, self.C, self.N)
