@@ -16,7 +16,7 @@ from tritonorm import core, cost, dispatch, reference, scope as scopes
 from tritonorm.kernels import launch, planes
 
 SHAPES = [((3, 16, 7, 7), torch.float32), ((3, 16, 7, 7), torch.bfloat16),
-          ((2, 8, 14, 14), torch.float32), ((2, 8, 14, 14), torch.bfloat16)]
+          ((3, 8, 14, 14), torch.float32), ((3, 8, 14, 14), torch.bfloat16)]
 
 
 @pytest.fixture(autouse=True)

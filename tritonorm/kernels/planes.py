@@ -302,19 +302,23 @@ def applies(shape, x_stride, out_stride, spec, elem_bytes: int, profile: dispatc
 
 def choose(shape, elem_bytes: int, profile: dispatch.DeviceProfile, op: str = "forward") -> dispatch.Plan:
     """The launch parameters of an ``applies`` case: fused when every sample of a block fits one
-    tile (the fused limit; the backward's holds x and dy), else looped over tiles of BLOCK_N
-    samples (the profile's tile; half in the backward), two sweeps."""
+    tile, else looped over tiles of BLOCK_N samples, two sweeps. BLOCK_N takes two values per
+    layer whatever the batch, so a new batch compiles no new variant beyond three per kernel:
+    the streaming tile's (the profile's tile, half in the backward, which holds x and dy), fused
+    when the batch fits it or looped; or the fused limit's, for batches between the two."""
     N, C, HW = shape[0], shape[1], _plane(shape)
     cb = block_channels(C, HW, elem_bytes)
     t_pad = dispatch._pow2(cb * HW)
-    n_pad = dispatch._pow2(N)
     base = dict(planes=cb, split=1)
-    if n_pad * t_pad <= profile.fused_limit(elem_bytes, op):
-        return dispatch.Plan("fused", dict(base, block_n=n_pad, num_warps=dispatch._warps(n_pad * t_pad, profile)),
-                             f"NCHW channel planes: {C // cb} blocks of {cb} channels x {N} samples in one tile")
-    block_n = max(1, (profile.tile // (1 if op == "forward" else 2)) // t_pad)
-    return dispatch.Plan("looped", dict(base, block_n=block_n, num_warps=dispatch._warps(block_n * t_pad, profile)),
-                         f"NCHW channel planes: {C // cb} blocks of {cb} channels, tiles of {block_n} samples, "
+    chans = f"{cb} channel{'s' if cb > 1 else ''}"
+    stream_n = max(1, (profile.tile // (1 if op == "forward" else 2)) // t_pad)
+    fused_n = profile.fused_limit(elem_bytes, op) // t_pad
+    block_n = stream_n if N <= stream_n else (fused_n if N <= fused_n else 0)
+    if block_n:
+        return dispatch.Plan("fused", dict(base, block_n=block_n, num_warps=dispatch._warps(block_n * t_pad, profile)),
+                             f"NCHW channel planes: {C // cb} blocks of {chans} x {N} samples in one tile")
+    return dispatch.Plan("looped", dict(base, block_n=stream_n, num_warps=dispatch._warps(stream_n * t_pad, profile)),
+                         f"NCHW channel planes: {C // cb} blocks of {chans}, tiles of {stream_n} samples, "
                          "two sweeps")
 
 
