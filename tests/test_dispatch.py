@@ -68,8 +68,9 @@ EXPECTED = [
 def test_suite_plans_on_h100(name, op, kernel):
     plan = _plan(_case(name), op=op)
     assert plan.kernel == kernel, plan
-    # channels_last GroupNorm with 10-40 channels a group: kernels/pixels.py's plan
-    assert plan.reason.startswith("heuristic") or plan.reason.startswith("channels_last pixel tiles")
+    # channels_last GroupNorm with 10-40 channels a group: kernels/pixels.py's plan; NCHW
+    # BatchNorm at 7^2/14^2: kernels/planes.py's
+    assert plan.reason.startswith(("heuristic", "channels_last pixel tiles", "NCHW channel planes"))
     assert "h100" in plan.reason
 
 
@@ -89,6 +90,16 @@ def test_every_suite_shape_gets_a_runnable_plan():
                         assert cfg[k] >= 1 and cfg[k] & (cfg[k] - 1) == 0, (case.name, plan)
                     assert (plan.kernel == "fused") == (cfg["block_hw"] >= hw)
                     assert (cfg["split"] > 1) == (plan.kernel == "split")
+                    continue
+                if "planes" in cfg:  # flat channel blocks (NCHW BatchNorm, H*W not 16k: kernels/planes.py)
+                    # (ghost BatchNorm too: _plan passes no sample_groups, so it plans plain BatchNorm)
+                    assert op != "dwdb" and not case.channels_last and case.kind.endswith("batch_norm")
+                    hw = case.shape[2] * case.shape[3]
+                    assert hw % 16 and (cfg["planes"] * hw * dtype.itemsize) % 16 == 0
+                    assert case.shape[1] % cfg["planes"] == 0
+                    for k in ("block_n", "num_warps"):
+                        assert cfg[k] >= 1 and cfg[k] & (cfg[k] - 1) == 0, (case.name, plan)
+                    assert (plan.kernel == "fused") == (cfg["block_n"] >= case.shape[0])
                     continue
                 for k in ("block_p", "block_m", "num_warps"):
                     assert cfg[k] >= 1 and cfg[k] & (cfg[k] - 1) == 0, (case.name, plan)

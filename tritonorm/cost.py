@@ -256,3 +256,22 @@ def pixels_backward_cost(plan: dispatch.Plan, problem: dispatch.Problem, profile
         launches = 1 + need_wb
         read += partials if need_wb else 0
     return Cost(launches, read, written, ideal_read, ideal_written, _time(profile, launches, read + written))
+
+
+def planes_backward_cost(plan: dispatch.Plan, problem: dispatch.Problem, profile: dispatch.DeviceProfile, *,
+                         elem_bytes: int, channels: int, has_w: bool, has_b: bool, has_res: bool, act: bool,
+                         param_bytes: int, given: bool = False, **_) -> Cost:
+    """The backward of NCHW BatchNorm on flat channel-block tiles (kernels/planes.py), every
+    gradient asked for: one launch; dweight and dbias come out of the sums sweep and are stored
+    directly (no partials). Looped, dx needs a second sweep over x and dy (and the residual
+    with an activation); fused, or with given statistics (dx needs no sums), one sweep."""
+    P, M = problem.P, problem.M
+    n = P * M * elem_bytes
+    res = n if has_res and act else 0
+    params = (has_w + has_b) * channels * param_bytes
+    ideal_read = 2 * n + res + params
+    ideal_written = n + res + params
+    sweeps = 1 if plan.kernel == "fused" or given else 2
+    read = sweeps * (2 * n + res) + 3 * P * 4 + params
+    written = n + res + params
+    return Cost(1, read, written, ideal_read, ideal_written, _time(profile, 1, read + written))

@@ -148,10 +148,17 @@ def explain(x: torch.Tensor, scope: str = "group", *, num_groups: int | None = N
         if pixel_plan.applies(tuple(x.shape), x.stride(), out_stride, spec, x.element_size()):
             # channels_last GroupNorm with short groups: the whole-pixel kernels, as the launcher runs them
             plan = pixel_plan.choose(tuple(x.shape), spec, x.element_size(), profile, op)
+    if op in ("forward", "backward") and plan.kernel != dispatch.NATIVE and pre_add is None and not param_full:
+        from .kernels import planes
+        from .kernels.launch import _dense_strides
+        if planes.applies(tuple(x.shape), x.stride(), _dense_strides(x), spec, x.element_size(), profile):
+            # NCHW BatchNorm with planes of other than 16k elements: flat channel-block tiles
+            plan = planes.choose(tuple(x.shape), x.element_size(), profile, op)
     groups = f", S={spec.sample_groups} sample groups" if spec.sample_groups > 1 else ""
     note = (f" [{profile.name}: P={problem.P} statistics x M={problem.M} elements{groups}, "
             f"{problem.layout}]")
-    if op == "forward" and running_var is not None and not training and plan.kernel != dispatch.NATIVE:
+    if (op == "forward" and running_var is not None and not training and plan.kernel != dispatch.NATIVE
+            and "planes" not in plan.config):
         note += " (eval with running statistics: only the apply kernel runs, with these blocks)"
     call_cost = _cost(op, plan, problem, profile, x, spec, weight, bias, residual, act, running_var, training,
                       flags, pre_add, param_full, param_nc)
@@ -175,6 +182,8 @@ def _cost(op, plan, problem, profile, x, spec, weight, bias, residual, act, runn
         return cost.forward_cost(plan, problem, profile, mode=mode, running=running_var is not None and training,
                                  running_bytes=running_var.element_size() if running_var is not None else 4,
                                  **common)
+    if "planes" in plan.config:  # the flat channel-block kernels (kernels/planes.py)
+        return cost.planes_backward_cost(plan, problem, profile, given=given, act=act is not None, **common)
     if "cb" in plan.config:  # the whole-pixel kernels (kernels/pixels_backward.py)
         return cost.pixels_backward_cost(plan, problem, profile, samples=x.shape[0], act=act is not None, **common)
     fwd_view = _view(x, spec, stat_view)

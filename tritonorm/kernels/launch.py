@@ -24,7 +24,7 @@ from .. import dispatch, pixel_plan, reference
 from ..scope import Spec
 from . import backward as bk
 from . import forward as fk
-from . import native, pixels
+from . import native, pixels, planes
 from .fastlaunch import Launcher
 from .pixels_backward import PixelsBackward
 from .layout import (TooManyDims, channel_per_col, channel_per_row, channel_view, match_strides, segments,
@@ -215,7 +215,7 @@ class ForwardPlan:
             pre.update(PARAM_NC=True, PS=(c.view.P // c.shape[0], *param_nc[2]))
         self.has_w, self.has_b, self.has_res, self.act = has_w, has_b, has_res, act
         self._backward: dict = {}
-        self.pixels = None
+        self.pixels = self.planes = None
         if c.contiguous:
             inner = x.contiguous()
             self.inner = ForwardPlan(inner, spec, has_w, has_b, has_res, act, center, mode, running, profile,
@@ -244,6 +244,15 @@ class ForwardPlan:
                                                center, profile, pn)
             self.plan = self.pixels.plan
             self.launches = self.pixels.launches
+            return
+        # Dense NCHW BatchNorm with planes of other than 16k elements: flat channel-block tiles
+        # (planes.py) instead of the row/column kernels' element-wise reads.
+        if (mode in ("train", "given") and not pre_add and not param_full and not c.copy_x
+                and planes.applies(c.shape, c.x_stride, c.out_stride, spec, x.element_size(), profile)):
+            self.planes = planes.PlanesForward(c.shape, x.element_size(), has_w, has_b, has_res, act, center, mode,
+                                               running, profile)
+            self.plan = self.planes.plan
+            self.launches = self.planes.launches
             return
         cfg = self.plan.config
         bp, bm, nw = cfg["block_p"], cfg["block_m"], cfg["num_warps"]
@@ -326,6 +335,8 @@ class ForwardPlan:
         w, b = _params(weight, bias, self.param_full or self.nc is not None, x)
         if self.pixels is not None:
             return self.pixels(x, y, residual, w, b, stats, float(eps), _empty)
+        if self.planes is not None:
+            return self.planes(x, y, residual, w, b, stats, run_mean, run_var, float(eps), momentum)
         r = x if residual is None else residual
         rm = x if run_mean is None else run_mean
         rv = x if run_var is None else run_var
@@ -404,7 +415,13 @@ class BackwardPlan:
             return
         if fwd.native:
             return
-        self.pixels = None
+        self.pixels = self.planes = None
+        if fwd.planes is not None:  # the flat channel-block kernels of the forward (planes.py)
+            self.planes = planes.PlanesBackward(c.shape, torch.empty((), dtype=c.dtype).element_size(), needs,
+                                                fwd.has_w, fwd.has_b, fwd.has_res, act, c.center, self.given,
+                                                fwd.profile)
+            self.native = False
+            return
         if fwd.pixels is not None:  # the whole-pixel kernels of the forward (pixels_backward.py)
             self.pixels = PixelsBackward(c.shape, c.spec, torch.empty((), dtype=c.dtype).element_size(), needs,
                                          fwd.has_w, fwd.has_b, fwd.has_res, act, c.center, fwd.profile,
@@ -579,6 +596,8 @@ class BackwardPlan:
             return 0
         if self.pixels is not None:
             return self.pixels.launches
+        if self.planes is not None:
+            return self.planes.launches
         n = 0
         if self.dx_kind == "fused":
             n += 1
@@ -619,6 +638,8 @@ class BackwardPlan:
         r = x if residual is None else residual
         if self.pixels is not None:
             return self._pixels(dy, x, w, b, r, weight, bias, stats)
+        if self.planes is not None:
+            return self._planes(dy, x, w, b, r, weight, bias, stats)
         dx = c.out(x) if self.dx_kind is not None and self.store_dx else None
         dres = c.out(x) if self.write_dres else None
         if self.dx_twice:
@@ -681,6 +702,20 @@ class BackwardPlan:
         db = _empty(bias.shape, x.device, bias.dtype) if px.need_db else None
         px(x, dy, r, w, b, stats, x if dx is None else dx, x if dres is None else dres,
            x if dw is None else dw, x if db is None else db, _empty)
+        if need_dres and dres is None:
+            dres = dy
+        return dx, dw, db, dres
+
+
+    def _planes(self, dy, x, w, b, r, weight, bias, stats):
+        need_dx, need_dw, need_db, need_dres = self.needs
+        pl = self.planes
+        dx = self.fwd.c.out(x) if need_dx else None
+        dres = self.fwd.c.out(x) if pl.write_dres else None
+        dw = _empty(weight.shape, x.device, weight.dtype) if pl.need_dw else None
+        db = _empty(bias.shape, x.device, bias.dtype) if pl.need_db else None
+        pl(x, dy, r, w, b, stats, x if dx is None else dx, x if dres is None else dres, x if dw is None else dw,
+           x if db is None else db)
         if need_dres and dres is None:
             dres = dy
         return dx, dw, db, dres

@@ -1,0 +1,383 @@
+"""BatchNorm on dense NCHW tensors whose planes (H*W elements) are not a multiple of 16: flat tiles.
+
+BatchNorm's statistic c is the plane (n, c) of every sample: N runs of HW elements, C*HW apart.
+With HW = 196 or 49 (ResNet's 14x14 and 7x7 stages) a run starts at an arbitrary 16-byte phase
+and the row/column kernels (forward.py), which split the column index by HW at run time, read
+it one element at a time. Here a program owns a *channel block*: CB consecutive channels with
+CB * HW * element size a multiple of 16 bytes, so for each sample the block is one contiguous,
+16-byte aligned run of T = CB * HW elements at (n * NCB + block) * T. A tile is BLOCK_N such runs,
+[BLOCK_N, T_PAD] (T_PAD = pow2(T)): every access a 16-byte vector. The channel of a position is
+``idx // HW`` with HW constexpr (a multiply, not a division).
+
+Statistics are gathered per *position* of the run first (sums over samples, on the [T_PAD]
+axis: no per-element channel work in the sweeps), then folded into channels once per program
+with a [T_PAD, CB_PAD] one-hot reduction; per-channel values are spread back to positions the
+same way, once. Forward, one launch: per-position (mean, M2) of x - K_c (pivot K_c = x[0, c, 0],
+as common.pivot_input), exact per tile and Chan-merged over the sample tiles, folded into channel
+moments (equal counts: M2_c = sum M2_p + N sum (mean_p - mean_c)^2); common.store_stats stores
+the [5, C] statistics and blends the running statistics; a second sweep writes y (FUSED: all
+samples in one tile, x read once). Eval (``GIVEN``): the running statistics, one sweep.
+Backward, one launch: the per-channel sums u1 = sum gz, u2 = sum gz * xhat are dbias and dweight
+(a statistic is one channel), stored directly, and with S1 = w u1, S2 = w u2 a second sweep
+writes dx = rstd (g - S1/M - xhat S2/M). Fixed-order fp32 sums, no atomics.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .. import dispatch
+from .common import activation, activation_grad, chan_merge, store_stats
+
+
+@triton.jit
+def _fold(v, ch, CB_PAD: tl.constexpr):
+    """[T_PAD] per-position values -> [CB_PAD] per-channel sums (ch: each position's channel)."""
+    onehot = ch[:, None] == tl.arange(0, CB_PAD)[None, :]
+    return tl.sum(tl.where(onehot, v[:, None], 0.0), axis=0)
+
+
+@triton.jit
+def _spread(v, ch, CB_PAD: tl.constexpr):
+    """[CB_PAD] per-channel values -> [T_PAD] per-position values."""
+    onehot = ch[:, None] == tl.arange(0, CB_PAD)[None, :]
+    return tl.sum(tl.where(onehot, v[None, :], 0.0), axis=1)
+
+
+@triton.jit
+def _positions(HW: tl.constexpr, CB: tl.constexpr, T_PAD: tl.constexpr):
+    """The run's positions, their mask and their channel within the block."""
+    idx = tl.arange(0, T_PAD)
+    return idx, idx < CB * HW, idx // HW
+
+
+@triton.jit
+def _tile(pid, n0, N, NCB, idx, pmask, HW: tl.constexpr, CB: tl.constexpr, BLOCK_N: tl.constexpr,
+          INT64: tl.constexpr):
+    """Offsets and mask of samples n0 .. n0 + BLOCK_N of the block: rows 16-byte aligned runs."""
+    rows = n0 + tl.arange(0, BLOCK_N)
+    rmask = rows < N
+    if INT64:
+        rows = rows.to(tl.int64)
+    offs = ((rows * NCB + pid) * (CB * HW))[:, None] + idx[None, :]
+    return offs, rmask[:, None] & pmask[None, :]
+
+
+@triton.jit
+def _params(W, B, first, cl, cmask, HAS_W: tl.constexpr, HAS_B: tl.constexpr):
+    w = tl.full(cl.shape, 1.0, tl.float32)
+    if HAS_W:
+        w = tl.load(W + first + cl, mask=cmask, other=0.0).to(tl.float32)
+    b = tl.zeros(cl.shape, dtype=tl.float32)
+    if HAS_B:
+        b = tl.load(B + first + cl, mask=cmask, other=0.0).to(tl.float32)
+    return w, b
+
+
+@triton.jit
+def _y_tile(d, Y, Res, offs, mask, mean_e, scale_e, shift_e, HAS_RES: tl.constexpr, ACT: tl.constexpr):
+    """y = act(((x - K) - mean) * rstd * w + b + residual) of one tile (d = x - K)."""
+    z = (d - mean_e[None, :]) * scale_e[None, :] + shift_e[None, :]
+    if HAS_RES:
+        z = z + tl.load(Res + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(Y + offs, activation(z, ACT).to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit(do_not_specialize=["N"])
+def _planes_fwd_kernel(
+    X, Y, Res, W, B, Stats,   # Stats: [5, C] fp32 out (see forward.py)
+    RunMean, RunVar,          # running statistics: blended (RUNNING) or read (GIVEN)
+    N, NCB, C, eps, momentum, unbias,
+    HW: tl.constexpr, CB: tl.constexpr, CB_PAD: tl.constexpr, T_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+    FUSED: tl.constexpr, GIVEN: tl.constexpr, CENTER: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+    HAS_RES: tl.constexpr, ACT: tl.constexpr, RUNNING: tl.constexpr, INT64: tl.constexpr,
+):
+    """One program per channel block, sweeping every sample: moments, statistics, then y."""
+    pid = tl.program_id(0)
+    idx, pmask, ch = _positions(HW, CB, T_PAD)
+    cl = tl.arange(0, CB_PAD)
+    cmask = cl < CB
+    first = pid * CB
+    k_c = tl.zeros([CB_PAD], dtype=tl.float32)
+    if GIVEN:
+        var_c = tl.load(RunVar + first + cl, mask=cmask, other=1.0).to(tl.float32)
+        mean_c = tl.zeros([CB_PAD], dtype=tl.float32)
+        if CENTER:
+            mean_c = tl.load(RunMean + first + cl, mask=cmask, other=0.0).to(tl.float32)
+    else:
+        if CENTER:  # each channel's first element, 0 if not finite (common.pivot_input)
+            k_c = tl.load(X + (first + cl) * HW, mask=cmask, other=0.0).to(tl.float32)
+            k_c = tl.where(k_c - k_c == 0.0, k_c, 0.0)
+    k_e = _spread(k_c, ch, CB_PAD)
+    if not GIVEN:
+        # Per-position (mean, M2) over the samples, exact per tile, Chan-merged across tiles.
+        mean_p = tl.zeros([T_PAD], dtype=tl.float32)
+        m2_p = tl.zeros([T_PAD], dtype=tl.float32)
+        if FUSED:
+            offs, mask = _tile(pid, 0, N, NCB, idx, pmask, HW, CB, BLOCK_N, INT64)
+            d = tl.where(mask, tl.load(X + offs, mask=mask, other=0.0).to(tl.float32) - k_e[None, :], 0.0)
+            if CENTER:
+                mean_p = tl.sum(d, axis=0) / N
+                dev = tl.where(mask, d - mean_p[None, :], 0.0)
+                m2_p = tl.sum(dev * dev, axis=0)
+            else:
+                m2_p = tl.sum(d * d, axis=0)
+        else:
+            for n0 in range(0, N, BLOCK_N):
+                offs, mask = _tile(pid, n0, N, NCB, idx, pmask, HW, CB, BLOCK_N, INT64)
+                d = tl.where(mask, tl.load(X + offs, mask=mask, other=0.0).to(tl.float32) - k_e[None, :], 0.0)
+                nt = tl.minimum(N - n0, BLOCK_N).to(tl.float32)
+                if CENTER:
+                    t_mean = tl.sum(d, axis=0) / nt
+                    dev = tl.where(mask, d - t_mean[None, :], 0.0)
+                    t_m2 = tl.sum(dev * dev, axis=0)
+                else:
+                    t_mean = tl.zeros([T_PAD], dtype=tl.float32)
+                    t_m2 = tl.sum(d * d, axis=0)
+                mean_p, m2_p = chan_merge(n0 * 1.0, mean_p, m2_p, nt, t_mean, t_m2)
+        # Positions -> channels: HW positions of N samples each.
+        if CENTER:
+            mean_c = _fold(mean_p, ch, CB_PAD) / HW
+            dev_p = tl.where(pmask, mean_p - _spread(mean_c, ch, CB_PAD), 0.0)
+            m2_c = _fold(m2_p + dev_p * (dev_p * N), ch, CB_PAD)
+        else:
+            mean_c = tl.zeros([CB_PAD], dtype=tl.float32)
+            m2_c = _fold(m2_p, ch, CB_PAD)
+        var_c = m2_c / (N * HW)
+    rstd_c = store_stats(Stats, C, first + cl, cmask, k_c, mean_c, var_c, eps, RunMean, RunVar, momentum, unbias,
+                         RUNNING)
+    w_c, b_c = _params(W, B, first, cl, cmask, HAS_W, HAS_B)
+    mean_e = _spread(mean_c, ch, CB_PAD)
+    scale_e = _spread(rstd_c * w_c, ch, CB_PAD)
+    shift_e = _spread(b_c, ch, CB_PAD)
+    if FUSED and not GIVEN:
+        _y_tile(d, Y, Res, offs, mask, mean_e, scale_e, shift_e, HAS_RES, ACT)
+    else:
+        for n0 in range(0, N, BLOCK_N):
+            offs, mask = _tile(pid, n0, N, NCB, idx, pmask, HW, CB, BLOCK_N, INT64)
+            d = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32) - k_e[None, :]
+            _y_tile(d, Y, Res, offs, mask, mean_e, scale_e, shift_e, HAS_RES, ACT)
+
+
+@triton.jit
+def _grad_tile(X, DY, Res, offs, mask, k_e, mean_e, rstd_e, w_e, b_e, HAS_RES: tl.constexpr, ACT: tl.constexpr):
+    """xhat and gz = dy * act'(pre) of one tile (0 where masked)."""
+    x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+    dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
+    xhat = tl.where(mask, ((x - k_e[None, :]) - mean_e[None, :]) * rstd_e[None, :], 0.0)
+    gz = dy
+    if ACT != 0:
+        pre = xhat * w_e[None, :] + b_e[None, :]
+        if HAS_RES:
+            pre = pre + tl.load(Res + offs, mask=mask, other=0.0).to(tl.float32)
+        gz = tl.where(mask, dy * activation_grad(pre, ACT), 0.0)
+    return xhat, gz
+
+
+@triton.jit
+def _dx_tile(DX, offs, mask, xhat, gz, w_e, rstd_e, s1_e, s2_e, GIVEN: tl.constexpr, CENTER: tl.constexpr):
+    """dx = rstd (g - S1/M - xhat S2/M) (S1, S2 already over M); with given statistics rstd g."""
+    g = gz * w_e[None, :]
+    if GIVEN:
+        dx = g * rstd_e[None, :]
+    elif CENTER:
+        dx = (g - s1_e[None, :] - xhat * s2_e[None, :]) * rstd_e[None, :]
+    else:
+        dx = (g - xhat * s2_e[None, :]) * rstd_e[None, :]
+    tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
+
+
+@triton.jit(do_not_specialize=["N"])
+def _planes_bwd_kernel(
+    X, DY, Res, W, B, Stats,  # Stats: the forward's [5, C] statistics
+    DX, DRes, DW, DB,         # outputs (x where not asked for)
+    N, NCB, C,
+    HW: tl.constexpr, CB: tl.constexpr, CB_PAD: tl.constexpr, T_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+    FUSED: tl.constexpr, GIVEN: tl.constexpr, CENTER: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+    HAS_RES: tl.constexpr, ACT: tl.constexpr, NEED_DX: tl.constexpr, WRITE_DRES: tl.constexpr,
+    NEED_DW: tl.constexpr, NEED_DB: tl.constexpr, INT64: tl.constexpr,
+):
+    """One program per channel block: the sums sweep (dweight, dbias, dresidual; with given
+    statistics dx too), then the dx sweep (FUSED: from registers)."""
+    pid = tl.program_id(0)
+    idx, pmask, ch = _positions(HW, CB, T_PAD)
+    cl = tl.arange(0, CB_PAD)
+    cmask = cl < CB
+    first = pid * CB
+    k_e = _spread(tl.load(Stats + first + cl, mask=cmask, other=0.0), ch, CB_PAD)
+    mean_e = _spread(tl.load(Stats + C + first + cl, mask=cmask, other=0.0), ch, CB_PAD)
+    rstd_c = tl.load(Stats + 2 * C + first + cl, mask=cmask, other=0.0)
+    rstd_e = _spread(rstd_c, ch, CB_PAD)
+    w_c, b_c = _params(W, B, first, cl, cmask, HAS_W, HAS_B)
+    w_e = _spread(w_c, ch, CB_PAD)
+    b_e = _spread(b_c, ch, CB_PAD)
+    zero_e = tl.zeros([T_PAD], dtype=tl.float32)
+    acc1 = tl.zeros([T_PAD], dtype=tl.float32)
+    acc2 = tl.zeros([T_PAD], dtype=tl.float32)
+    if NEED_DX or NEED_DW or NEED_DB or WRITE_DRES:  # with GIVEN, dx needs no sums: stored here
+        if FUSED:
+            offs, mask = _tile(pid, 0, N, NCB, idx, pmask, HW, CB, BLOCK_N, INT64)
+            xhat, gz = _grad_tile(X, DY, Res, offs, mask, k_e, mean_e, rstd_e, w_e, b_e, HAS_RES, ACT)
+            acc1 = tl.sum(gz, axis=0)
+            acc2 = tl.sum(gz * xhat, axis=0)
+            if WRITE_DRES:
+                tl.store(DRes + offs, gz.to(DRes.dtype.element_ty), mask=mask)
+            if NEED_DX and GIVEN:
+                _dx_tile(DX, offs, mask, xhat, gz, w_e, rstd_e, zero_e, zero_e, GIVEN, CENTER)
+        else:
+            for n0 in range(0, N, BLOCK_N):
+                offs, mask = _tile(pid, n0, N, NCB, idx, pmask, HW, CB, BLOCK_N, INT64)
+                xhat, gz = _grad_tile(X, DY, Res, offs, mask, k_e, mean_e, rstd_e, w_e, b_e, HAS_RES, ACT)
+                acc1 += tl.sum(gz, axis=0)
+                acc2 += tl.sum(gz * xhat, axis=0)
+                if WRITE_DRES:
+                    tl.store(DRes + offs, gz.to(DRes.dtype.element_ty), mask=mask)
+                if NEED_DX and GIVEN:
+                    _dx_tile(DX, offs, mask, xhat, gz, w_e, rstd_e, zero_e, zero_e, GIVEN, CENTER)
+    u1 = _fold(acc1, ch, CB_PAD)  # dbias: each statistic is one channel
+    u2 = _fold(acc2, ch, CB_PAD)  # dweight
+    if NEED_DW:
+        tl.store(DW + first + cl, u2.to(DW.dtype.element_ty), mask=cmask)
+    if NEED_DB:
+        tl.store(DB + first + cl, u1.to(DB.dtype.element_ty), mask=cmask)
+    if NEED_DX and not GIVEN:
+        m = (N * HW) * 1.0
+        s1_e = _spread(w_c * u1, ch, CB_PAD) / m
+        s2_e = _spread(w_c * u2, ch, CB_PAD) / m
+        if FUSED:
+            _dx_tile(DX, offs, mask, xhat, gz, w_e, rstd_e, s1_e, s2_e, GIVEN, CENTER)
+        else:
+            for n0 in range(0, N, BLOCK_N):
+                offs, mask = _tile(pid, n0, N, NCB, idx, pmask, HW, CB, BLOCK_N, INT64)
+                xhat, gz = _grad_tile(X, DY, Res, offs, mask, k_e, mean_e, rstd_e, w_e, b_e, HAS_RES, ACT)
+                _dx_tile(DX, offs, mask, xhat, gz, w_e, rstd_e, s1_e, s2_e, GIVEN, CENTER)
+
+
+# --- Planning -------------------------------------------------------------------------------
+
+# Off: BatchNorm NCHW at any H*W runs the row/column kernels (for comparisons).
+ENABLED = True
+
+
+def _plane(shape) -> int:
+    hw = 1
+    for s in shape[2:]:
+        hw *= s
+    return hw
+
+
+def block_channels(C: int, HW: int, elem_bytes: int) -> int | None:
+    """The fewest channels (dividing C) whose planes together are a multiple of 16 bytes, so every
+    sample's block is a 16-byte aligned run; None if no divisor of C gives one."""
+    for cb in range(1, C + 1):
+        if C % cb == 0 and (cb * HW * elem_bytes) % 16 == 0:
+            return cb
+    return None
+
+
+def applies(shape, x_stride, out_stride, spec, elem_bytes: int, profile: dispatch.DeviceProfile) -> bool:
+    """Dense NCHW BatchNorm (one sample group) whose plane H*W is not a multiple of 16: the case
+    the row/column kernels read one element at a time (docs/compiled.md). Not under a forced
+    regime (tests and tuning force the row/column kernels' regimes), and only with enough
+    channel blocks to fill half the SMs (one program a block)."""
+    if not ENABLED or dispatch.forced_state() is not None or len(shape) < 3:
+        return False
+    if not spec.allows_running_stats or spec.reduces_c or spec.sample_groups != 1:
+        return False
+    HW = _plane(shape)
+    if HW < 2 or HW % 16 == 0:
+        return False  # a multiple of 16: Triton knows each plane is a contiguous run, rows are wide
+    dense, step = [0] * len(shape), 1
+    for axis in range(len(shape) - 1, -1, -1):
+        dense[axis] = step
+        step *= shape[axis]
+    if not all(n == 1 or (s == d and t == d) for n, s, t, d in zip(shape, x_stride, out_stride, dense)):
+        return False
+    cb = block_channels(shape[1], HW, elem_bytes)
+    if cb is None or dispatch._pow2(cb * HW) > profile.tile:
+        return False
+    return shape[1] // cb >= max(1, profile.sm_count // 2)
+
+
+def choose(shape, elem_bytes: int, profile: dispatch.DeviceProfile, op: str = "forward") -> dispatch.Plan:
+    """The launch parameters of an ``applies`` case: fused when every sample of a block fits one
+    tile, else looped over tiles of BLOCK_N samples, two sweeps. BLOCK_N takes two values per
+    layer whatever the batch, so a new batch compiles no new variant beyond three per kernel:
+    the streaming tile's (the profile's tile, half in the backward, which holds x and dy), fused
+    when the batch fits it or looped; or the fused limit's, for batches between the two."""
+    N, C, HW = shape[0], shape[1], _plane(shape)
+    cb = block_channels(C, HW, elem_bytes)
+    t_pad = dispatch._pow2(cb * HW)
+    base = dict(planes=cb, split=1)
+    chans = f"{cb} channel{'s' if cb > 1 else ''}"
+    stream_n = max(1, (profile.tile // (1 if op == "forward" else 2)) // t_pad)
+    fused_n = profile.fused_limit(elem_bytes, op) // t_pad
+    block_n = stream_n if N <= stream_n else (fused_n if N <= fused_n else 0)
+    if block_n:
+        return dispatch.Plan("fused", dict(base, block_n=block_n, num_warps=dispatch._warps(block_n * t_pad, profile)),
+                             f"NCHW channel planes: {C // cb} blocks of {chans} x {N} samples in one tile")
+    return dispatch.Plan("looped", dict(base, block_n=stream_n, num_warps=dispatch._warps(stream_n * t_pad, profile)),
+                         f"NCHW channel planes: {C // cb} blocks of {chans}, tiles of {stream_n} samples, "
+                         "two sweeps")
+
+
+def _const(shape, elem_bytes, plan):
+    N, C, HW = shape[0], shape[1], _plane(shape)
+    cb = plan.config["planes"]
+    return dict(HW=HW, CB=cb, CB_PAD=dispatch._pow2(cb), T_PAD=dispatch._pow2(cb * HW),
+                BLOCK_N=plan.config["block_n"], FUSED=plan.kernel == "fused", INT64=N * C * HW > 2**31 - 1,
+                num_warps=plan.config["num_warps"])
+
+
+class PlanesForward:
+    """The forward launch of an ``applies`` signature: mode "train" (``running``: launch.py's
+    RUNNING level) or "given" (normalize with the running statistics)."""
+
+    def __init__(self, shape, elem_bytes: int, has_w: bool, has_b: bool, has_res: bool, act: int, center: bool,
+                 mode: str, running: int, profile: dispatch.DeviceProfile):
+        from .fastlaunch import Launcher
+        self.plan = choose(shape, elem_bytes, profile)
+        N, C, HW = shape[0], shape[1], _plane(shape)
+        self.N, self.C = N, C
+        self.ncb = C // self.plan.config["planes"]
+        given = mode == "given"
+        self.blends = bool(running) and not given  # whether the kernel reads momentum
+        M = N * HW
+        self.unbias = M / (M - 1) if M > 1 and center else 1.0
+        self.launch = Launcher(_planes_fwd_kernel, (self.ncb,),
+                               dict(_const(shape, elem_bytes, self.plan), GIVEN=given, CENTER=center, HAS_W=has_w,
+                                    HAS_B=has_b, HAS_RES=has_res, ACT=act, RUNNING=0 if given else running))
+        self.launches = 1
+
+    def __call__(self, x, y, residual, w, b, stats, run_mean, run_var, eps: float, momentum: float):
+        r = x if residual is None else residual
+        rm = x if run_mean is None else run_mean
+        rv = x if run_var is None else run_var
+        momentum = float(momentum) if self.blends else 0.0
+        self.launch(x, y, r, w, b, stats, rm, rv, self.N, self.ncb, self.C, eps, momentum, self.unbias)
+        return y, stats
+
+
+class PlanesBackward:
+    """The backward launch for a PlanesForward signature and the gradients asked for."""
+
+    def __init__(self, shape, elem_bytes: int, needs, has_w: bool, has_b: bool, has_res: bool, act: int,
+                 center: bool, given: bool, profile: dispatch.DeviceProfile):
+        from .fastlaunch import Launcher
+        need_dx, need_dw, need_db, need_dres = needs
+        self.plan = choose(shape, elem_bytes, profile, op="backward")
+        self.N, self.C = shape[0], shape[1]
+        self.ncb = self.C // self.plan.config["planes"]
+        self.need_dx = need_dx
+        self.write_dres = need_dres and act != 0
+        self.need_dw, self.need_db = need_dw and has_w, need_db and has_b
+        self.launch = Launcher(_planes_bwd_kernel, (self.ncb,),
+                               dict(_const(shape, elem_bytes, self.plan), GIVEN=given, CENTER=center, HAS_W=has_w,
+                                    HAS_B=has_b, HAS_RES=has_res, ACT=act, NEED_DX=need_dx,
+                                    WRITE_DRES=self.write_dres, NEED_DW=self.need_dw, NEED_DB=self.need_db))
+        self.launches = 1
+
+    def __call__(self, x, dy, r, w, b, stats, dx, dres, dw, db):
+        """Launch; ``dx``, ``dres``, ``dw``, ``db`` are the outputs (x where not asked for)."""
+        self.launch(x, dy, r, w, b, stats, dx, dres, dw, db, self.N, self.ncb, self.C)
