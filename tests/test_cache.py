@@ -10,6 +10,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+import torch
 
 from tritonorm import dispatch
 from tritonorm.tuning import cache
@@ -325,3 +326,16 @@ def test_a_put_forgets_the_dispatchers_memoized_plans():
         assert calls == [1, 1]
     finally:
         cache._listeners.remove(listener)
+
+
+def test_clearing_plans_also_forgets_cached_calls():
+    # A call signature seen before keeps its launch plan in core's call cache; when the tuning
+    # cache changes (dispatch.clear_memo), the next call must plan anew, not reuse the old plan.
+    import tritonorm
+    from tritonorm import core, dispatch as dp
+
+    x = torch.randn(2, 8, 4, 4)
+    tritonorm.norm(x, "group", num_groups=2, backend="triton")
+    assert core._CALLS
+    dp.clear_memo()
+    assert not core._CALLS

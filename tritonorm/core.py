@@ -20,6 +20,9 @@ from .scope import Spec
 from .validation import broadcasts_to, check_norm_args, check_number
 
 _CALLS: dict = {}
+# A cached call holds its launch plan: when the tuning cache or a shipped table changes, the
+# calls go with the plans (dispatch.clear_memo), so the next call plans anew.
+dispatch.on_clear(_CALLS.clear)
 
 
 def norm(x: torch.Tensor, scope: str = "group", *, num_groups: int | None = None,

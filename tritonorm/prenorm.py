@@ -25,6 +25,7 @@ from .validation import _dtype_name, check_norm_args, check_number
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _CALLS: dict = {}
+core.dispatch.on_clear(_CALLS.clear)  # as core._CALLS: cached calls hold launch plans
 
 
 def add_norm(x: torch.Tensor, residual: torch.Tensor, scope: str = "group", *, num_groups: int | None = None,
