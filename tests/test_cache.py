@@ -339,3 +339,16 @@ def test_clearing_plans_also_forgets_cached_calls():
     assert core._CALLS
     dp.clear_memo()
     assert not core._CALLS
+
+
+def test_launch_clear_forgets_cached_calls_too():
+    # Tests and the host benchmark switch profiles or kernel paths and call launch.clear(): a
+    # signature cached by core before must not keep its old plan.
+    import tritonorm
+    from tritonorm import core
+    from tritonorm.kernels import launch
+
+    tritonorm.norm(torch.randn(2, 8, 4, 4), "group", num_groups=2, backend="triton")
+    assert core._CALLS and launch._PLANS
+    launch.clear()
+    assert not core._CALLS and not launch._PLANS

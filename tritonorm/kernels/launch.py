@@ -725,11 +725,13 @@ _PLANS: dict = {}
 
 
 def clear() -> None:
-    """Forget every cached plan (the tuning cache or a shipped table changed)."""
-    _PLANS.clear()
+    """Forget every cached plan (the tuning cache, a shipped table, a switch or the profile
+    changed), with the memoized dispatch plans and the call caches that hold launch plans
+    (core, prenorm): everything registered with ``dispatch.on_clear``."""
+    dispatch.clear_memo()
 
 
-dispatch.on_clear(clear)
+dispatch.on_clear(_PLANS.clear)
 
 
 def forward_plan(x: torch.Tensor, spec: Spec, has_w: bool, has_b: bool, has_res: bool, act: int,
