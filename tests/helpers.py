@@ -67,3 +67,22 @@ def record_launches(monkeypatch) -> list:
         return original(kernel, *args, **kwargs)
     monkeypatch.setattr(cls, "run", run)
     return names
+
+
+def row_kernels_only(monkeypatch) -> None:
+    """Poisoned outputs, and the row/column kernels for every layout: channels_last GroupNorm
+    with short groups would otherwise take the whole-pixel kernels (tests/test_pixels.py)."""
+    from tritonorm import pixel_plan
+    from tritonorm.kernels import launch
+
+    monkeypatch.setattr(launch, "POISON", True)
+    monkeypatch.setattr(pixel_plan, "ENABLED", False)
+    launch.clear()
+
+
+def small_tiles(regime):
+    """Force ``regime`` with small tiles, so looped/split really loop and split (and the segment
+    sums kernel splits too)."""
+    from tritonorm import dispatch
+
+    return dispatch.forced(regime, block_p=4, block_m=16, split=2) if regime != "fused" else dispatch.forced("fused")

@@ -11,9 +11,8 @@ import torch
 
 import tritonorm
 from cases import check_case, make_inputs
-from helpers import assert_close, record_launches
-from tritonorm import dispatch, pixel_plan, reference, scope as scopes
-from tritonorm.kernels import launch
+from helpers import assert_close, record_launches, row_kernels_only, small_tiles
+from tritonorm import reference, scope as scopes
 
 CL, CL3 = torch.channels_last, torch.channels_last_3d
 
@@ -34,16 +33,11 @@ REGIMES = ("fused", "looped", "split")
 
 @pytest.fixture(autouse=True)
 def _poison(monkeypatch):
-    monkeypatch.setattr(launch, "POISON", True)
-    # channels_last GroupNorm with short groups runs the whole-pixel kernels (tests/test_pixels.py);
-    # here the segment path is tested in every layout.
-    monkeypatch.setattr(pixel_plan, "ENABLED", False)
-    launch.clear()
+    row_kernels_only(monkeypatch)  # here the row/column kernels' segment path, in every layout
 
 
 def _force(regime):
-    # Small tiles so looped/split really loop and split (segments of 24 and 30 positions span two).
-    return dispatch.forced(regime, block_p=4, block_m=16, split=2) if regime != "fused" else dispatch.forced("fused")
+    return small_tiles(regime)
 
 
 def _expected(regime):

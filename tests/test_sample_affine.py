@@ -14,8 +14,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
 import tritonorm
-from helpers import LOW, assert_close, record_launches
-from tritonorm import activations, core, dispatch, pixel_plan
+from helpers import LOW, assert_close, record_launches, row_kernels_only, small_tiles
+from tritonorm import activations, core
 from tritonorm.kernels import forward as fk
 from tritonorm.kernels import launch
 
@@ -24,16 +24,11 @@ CL, CL3 = torch.channels_last, torch.channels_last_3d
 
 @pytest.fixture(autouse=True)
 def _poison(monkeypatch):
-    monkeypatch.setattr(launch, "POISON", True)
-    # channels_last GroupNorm with short groups takes the whole-pixel kernels, per-sample
-    # parameters included (tests/test_pixels.py); here the row/column kernels' PARAM_NC path.
-    monkeypatch.setattr(pixel_plan, "ENABLED", False)
-    launch.clear()
+    row_kernels_only(monkeypatch)  # here the row/column kernels' PARAM_NC path, in every layout
 
 
 def _force(regime):
-    # Small tiles so looped/split really loop and split, and the segment sums kernel splits too.
-    return dispatch.forced(regime, block_p=4, block_m=16, split=2) if regime != "fused" else dispatch.forced("fused")
+    return small_tiles(regime)
 
 
 def _param(kind, x, scale, dtype, strided=False):

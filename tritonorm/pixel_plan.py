@@ -27,6 +27,15 @@ def _same_strides(shape, a, b) -> bool:
     return all(n == 1 or s == t for n, s, t in zip(shape, a, b))
 
 
+def geometry(shape, spec) -> tuple[int, int, int, int]:
+    """(N, C, pixels, groups) of a channels_last GroupNorm/InstanceNorm input (InstanceNorm: a
+    group per channel)."""
+    hw = 1
+    for s in shape[2:]:
+        hw *= s
+    return shape[0], shape[1], hw, (spec.num_groups if spec.reduces_c else shape[1])
+
+
 def block_channels(C: int, G: int, elem_bytes: int) -> int | None:
     """Channels a program takes: the fewest whole groups whose bytes are a multiple of 16 (so
     every pixel's run is 16-byte aligned) and at least _MIN_RUN_BYTES; None if no group count
@@ -71,11 +80,7 @@ def choose(shape, spec, elem_bytes: int, profile: dispatch.DeviceProfile, op: st
     a split over pixel chunks. A forced regime (dispatch.forced) is honoured where it can run.
     ``op="backward"`` (pixels_backward.py): the backward's fused limit and half the tile (it
     holds x, dy and their products)."""
-    N, C = shape[0], shape[1]
-    HW = 1
-    for s in shape[2:]:
-        HW *= s
-    G = spec.num_groups if spec.reduces_c else C
+    N, C, HW, G = geometry(shape, spec)
     cb = block_channels(C, G, elem_bytes)
     cb_pad = dispatch._pow2(cb)
     blocks = N * (C // cb)

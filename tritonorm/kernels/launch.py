@@ -694,28 +694,22 @@ class BackwardPlan:
 
 
     def _pixels(self, dy, x, w, b, r, weight, bias, stats):
-        need_dx, need_dw, need_db, need_dres = self.needs
-        px = self.pixels
-        dx = self.fwd.c.out(x) if need_dx else None
-        dres = self.fwd.c.out(x) if px.write_dres else None
-        dw = _empty(weight.shape, x.device, weight.dtype) if px.need_dw else None
-        db = _empty(bias.shape, x.device, bias.dtype) if px.need_db else None
-        px(x, dy, r, w, b, stats, x if dx is None else dx, x if dres is None else dres,
-           x if dw is None else dw, x if db is None else db, _empty)
-        if need_dres and dres is None:
-            dres = dy
-        return dx, dw, db, dres
+        return self._own_kernels(self.pixels, dy, x, w, b, r, weight, bias, stats, _empty)
 
 
     def _planes(self, dy, x, w, b, r, weight, bias, stats):
-        need_dx, need_dw, need_db, need_dres = self.needs
-        pl = self.planes
-        dx = self.fwd.c.out(x) if need_dx else None
-        dres = self.fwd.c.out(x) if pl.write_dres else None
-        dw = _empty(weight.shape, x.device, weight.dtype) if pl.need_dw else None
-        db = _empty(bias.shape, x.device, bias.dtype) if pl.need_db else None
-        pl(x, dy, r, w, b, stats, x if dx is None else dx, x if dres is None else dres, x if dw is None else dw,
-           x if db is None else db)
+        return self._own_kernels(self.planes, dy, x, w, b, r, weight, bias, stats)
+
+    def _own_kernels(self, impl, dy, x, w, b, r, weight, bias, stats, *extra):
+        """A backward of the whole-pixel or planes kernels (``impl``): outputs allocated here,
+        x standing in for the ones not asked for."""
+        need_dres = self.needs[3]
+        dx = self.fwd.c.out(x) if self.needs[0] else None
+        dres = self.fwd.c.out(x) if impl.write_dres else None
+        dw = _empty(weight.shape, x.device, weight.dtype) if impl.need_dw else None
+        db = _empty(bias.shape, x.device, bias.dtype) if impl.need_db else None
+        impl(x, dy, r, w, b, stats, x if dx is None else dx, x if dres is None else dres,
+             x if dw is None else dw, x if db is None else db, *extra)
         if need_dres and dres is None:
             dres = dy
         return dx, dw, db, dres

@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from .. import dispatch
-from ..pixel_plan import choose
+from ..pixel_plan import choose, geometry
 from .common import activation, chan_merge, store_stats
 from .forward import _merge_partials
 
@@ -151,6 +151,21 @@ def _epilogue_tile(x, Y, Res, offs, mask, k_c, mean_c, scale_c, shift_c, HAS_RES
     tl.store(Y + offs, activation(z, ACT).to(Y.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _epilogue_sweep(X, Y, Res, base, chans, cmask, C, start, end, SPAN, k_c, mean_c, scale_c, shift_c,
+                    HAS_RES: tl.constexpr, ACT: tl.constexpr, BLOCK_HW: tl.constexpr, INT64: tl.constexpr):
+    """The epilogue over pixels [start, end), BLOCK_HW a tile (SPAN: a fixed trip count)."""
+    for t in range(0, SPAN, BLOCK_HW):
+        hw = start + t + tl.arange(0, BLOCK_HW)
+        hmask = hw < end
+        mask = hmask[:, None] & cmask[None, :]
+        if INT64:
+            hw = hw.to(tl.int64)
+        offs = base + hw[:, None] * C + chans[None, :]
+        x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+        _epilogue_tile(x, Y, Res, offs, mask, k_c, mean_c, scale_c, shift_c, HAS_RES, ACT)
+
+
 @triton.jit(do_not_specialize=["NCB"])
 def _pixels_fwd_kernel(
     X, Y, Res, W, B, Stats,   # Stats: [5, P] fp32 out (see forward.py)
@@ -191,15 +206,8 @@ def _pixels_fwd_kernel(
     if FUSED:
         _epilogue_tile(x, Y, Res, offs, mask, k_c, mean_c, scale_c, shift_c, HAS_RES, ACT)
     else:
-        for t in range(0, HW, BLOCK_HW):
-            hw = t + tl.arange(0, BLOCK_HW)
-            hmask = hw < HW
-            mask = hmask[:, None] & cmask[None, :]
-            if INT64:
-                hw = hw.to(tl.int64)
-            offs = base + hw[:, None] * C + chans[None, :]
-            x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
-            _epilogue_tile(x, Y, Res, offs, mask, k_c, mean_c, scale_c, shift_c, HAS_RES, ACT)
+        _epilogue_sweep(X, Y, Res, base, chans, cmask, C, 0, HW, HW, k_c, mean_c, scale_c, shift_c,
+                        HAS_RES, ACT, BLOCK_HW, INT64)
 
 
 @triton.jit(do_not_specialize=["NCB", "SPLIT"])
@@ -244,16 +252,8 @@ def _pixels_apply_kernel(
     scale_c, shift_c = _affine(w0, b0, chans, cmask, _spread(rstd_g, CB, CG, CB_PAD, GB_PAD),
                                HAS_W, HAS_B)
     start = sp * CHUNK
-    end = tl.minimum(start + CHUNK, HW)
-    for t in range(0, CHUNK, BLOCK_HW):
-        hw = start + t + tl.arange(0, BLOCK_HW)
-        hmask = hw < end
-        mask = hmask[:, None] & cmask[None, :]
-        if INT64:
-            hw = hw.to(tl.int64)
-        offs = base + hw[:, None] * C + chans[None, :]
-        x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
-        _epilogue_tile(x, Y, Res, offs, mask, k_c, mean_c, scale_c, shift_c, HAS_RES, ACT)
+    _epilogue_sweep(X, Y, Res, base, chans, cmask, C, start, tl.minimum(start + CHUNK, HW), CHUNK, k_c, mean_c,
+                    scale_c, shift_c, HAS_RES, ACT, BLOCK_HW, INT64)
 
 
 # --- Planning: tritonorm/pixel_plan.py (no Triton import: explain() plans without it) -----------
@@ -268,11 +268,7 @@ class PixelsForward:
         from .fastlaunch import Launcher
         self.plan = plan = choose(shape, spec, elem_bytes, profile)
         cfg = plan.config
-        N, C = shape[0], shape[1]
-        HW = 1
-        for s in shape[2:]:
-            HW *= s
-        G = spec.num_groups if spec.reduces_c else C
+        N, C, HW, G = geometry(shape, spec)
         cb = cfg["cb"]
         self.P = N * G
         self.N, self.C, self.HW, self.G = N, C, HW, G

@@ -266,11 +266,7 @@ class PixelsBackward:
         need_dx, need_dw, need_db, need_dres = needs
         self.plan = plan = pixel_plan.choose(shape, spec, elem_bytes, profile, op="backward")
         cfg = plan.config
-        N, C = shape[0], shape[1]
-        HW = 1
-        for s in shape[2:]:
-            HW *= s
-        G = spec.num_groups if spec.reduces_c else C
+        N, C, HW, G = pixel_plan.geometry(shape, spec)
         cb = cfg["cb"]
         self.N, self.C, self.HW, self.G, self.P = N, C, HW, G, N * G
         self.ncb = C // cb
