@@ -12,7 +12,7 @@ import torch
 import tritonorm
 from cases import check_case, make_inputs
 from helpers import assert_close, record_launches
-from tritonorm import core, cost, dispatch, reference, scope as scopes
+from tritonorm import core, cost, dispatch, planes_plan, reference, scope as scopes
 from tritonorm.kernels import launch, planes
 
 SHAPES = [((3, 16, 7, 7), torch.float32), ((3, 16, 7, 7), torch.bfloat16),
@@ -43,7 +43,7 @@ def regime(request, monkeypatch):
 
 def _applies(x):
     spec = scopes.parse("batch", x.dim(), None, x.shape[1])
-    return planes.applies(tuple(x.shape), x.stride(), x.stride(), spec, x.element_size(),
+    return planes_plan.applies(tuple(x.shape), x.stride(), x.stride(), spec, x.element_size(),
                           dispatch.profile_for_device(x.device))
 
 
@@ -145,18 +145,18 @@ def test_planes_not_taken_elsewhere():
     # planes (C = 6, 25 fp32 elements), fewer blocks than half the SMs, GroupNorm, a forced regime.
     spec = scopes.parse("batch", 4, None, 16)
     prof = dispatch.PROFILES["interpreter"]
-    assert planes.applies((2, 16, 7, 7), (784, 49, 7, 1), (784, 49, 7, 1), spec, 4, prof)
-    assert not planes.applies((2, 16, 4, 4), (256, 16, 4, 1), (256, 16, 4, 1), spec, 4, prof)
+    assert planes_plan.applies((2, 16, 7, 7), (784, 49, 7, 1), (784, 49, 7, 1), spec, 4, prof)
+    assert not planes_plan.applies((2, 16, 4, 4), (256, 16, 4, 1), (256, 16, 4, 1), spec, 4, prof)
     cl = torch.empty(2, 16, 7, 7).to(memory_format=torch.channels_last).stride()
-    assert not planes.applies((2, 16, 7, 7), cl, cl, spec, 4, prof)
-    assert not planes.applies((2, 6, 5, 5), (150, 25, 5, 1), (150, 25, 5, 1), scopes.parse("batch", 4, None, 6), 4,
+    assert not planes_plan.applies((2, 16, 7, 7), cl, cl, spec, 4, prof)
+    assert not planes_plan.applies((2, 6, 5, 5), (150, 25, 5, 1), (150, 25, 5, 1), scopes.parse("batch", 4, None, 6), 4,
                               prof)
-    assert not planes.applies((2, 8, 7, 7), (392, 49, 7, 1), (392, 49, 7, 1), scopes.parse("batch", 4, None, 8), 2,
+    assert not planes_plan.applies((2, 8, 7, 7), (392, 49, 7, 1), (392, 49, 7, 1), scopes.parse("batch", 4, None, 8), 2,
                               prof)  # bf16: 8-channel blocks, one program
-    assert not planes.applies((2, 16, 7, 7), (784, 49, 7, 1), (784, 49, 7, 1), scopes.parse("group", 4, 4, 16), 4,
+    assert not planes_plan.applies((2, 16, 7, 7), (784, 49, 7, 1), (784, 49, 7, 1), scopes.parse("group", 4, 4, 16), 4,
                               prof)
     with dispatch.forced("split"):
-        assert not planes.applies((2, 16, 7, 7), (784, 49, 7, 1), (784, 49, 7, 1), spec, 4, prof)
+        assert not planes_plan.applies((2, 16, 7, 7), (784, 49, 7, 1), (784, 49, 7, 1), spec, 4, prof)
 
 
 def test_planes_blocks_for_resnet_are_16_byte_runs():
@@ -164,12 +164,12 @@ def test_planes_blocks_for_resnet_are_16_byte_runs():
     # sample's block a 16-byte multiple, and enough blocks to fill the SMs.
     prof = dispatch.PROFILES["h200"]
     for C, hw, eb, cb in [(1024, 14, 2, 2), (2048, 7, 2, 8), (1024, 14, 4, 1), (2048, 7, 4, 4)]:
-        assert planes.block_channels(C, hw * hw, eb) == cb
+        assert planes_plan.block_channels(C, hw * hw, eb) == cb
         shape = (32, C, hw, hw)
         stride = (C * hw * hw, hw * hw, hw, 1)
-        assert planes.applies(shape, stride, stride, scopes.parse("batch", 4, None, C), eb, prof)
+        assert planes_plan.applies(shape, stride, stride, scopes.parse("batch", 4, None, C), eb, prof)
         for op in ("forward", "backward"):
-            plan = planes.choose(shape, eb, prof, op)
+            plan = planes_plan.choose(shape, eb, prof, op)
             tile = plan.config["block_n"] * dispatch._pow2(cb * hw * hw)
             assert tile <= max(prof.tile, prof.fused_limit(eb, op)) and C // cb >= prof.sm_count
 

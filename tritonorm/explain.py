@@ -12,7 +12,7 @@ import dataclasses
 
 import torch
 
-from . import activations, backend as backends, cost, dispatch, pixel_plan
+from . import activations, backend as backends, cost, dispatch, pixel_plan, planes_plan
 from .kernels.layout import (MAX_DIMS, TooManyDims, alloc_out, channel_per_col, channel_per_row, channel_view,
                              segments, stat_view)
 from .validation import check_norm_args
@@ -141,19 +141,17 @@ def explain(x: torch.Tensor, scope: str = "group", *, num_groups: int | None = N
                                          dtype=str(x.dtype).replace("torch.", ""), flags=flags,
                                          fused_m=seg.fused_cols if seg is not None and op == "backward" else 0)
     plan = dispatch.plan_for(problem, profile)
+    out_stride = torch.empty_like(x, memory_format=torch.preserve_format, device="meta").stride()
     if op in ("forward", "backward") and plan.kernel != dispatch.NATIVE and running_var is None \
             and running_mean is None and pre_add is None and not param_full \
             and (param_nc is None or (nc[2][1] in (0, 1) and nc[2][3] in (0, 1))):
-        out_stride = torch.empty_like(x, memory_format=torch.preserve_format, device="meta").stride()
         if pixel_plan.applies(tuple(x.shape), x.stride(), out_stride, spec, x.element_size()):
             # channels_last GroupNorm with short groups: the whole-pixel kernels, as the launcher runs them
             plan = pixel_plan.choose(tuple(x.shape), spec, x.element_size(), profile, op)
     if op in ("forward", "backward") and plan.kernel != dispatch.NATIVE and pre_add is None and not param_full:
-        from .kernels import planes
-        from .kernels.launch import _dense_strides
-        if planes.applies(tuple(x.shape), x.stride(), _dense_strides(x), spec, x.element_size(), profile):
+        if planes_plan.applies(tuple(x.shape), x.stride(), out_stride, spec, x.element_size(), profile):
             # NCHW BatchNorm with planes of other than 16k elements: flat channel-block tiles
-            plan = planes.choose(tuple(x.shape), x.element_size(), profile, op)
+            plan = planes_plan.choose(tuple(x.shape), x.element_size(), profile, op)
     groups = f", S={spec.sample_groups} sample groups" if spec.sample_groups > 1 else ""
     note = (f" [{profile.name}: P={problem.P} statistics x M={problem.M} elements{groups}, "
             f"{problem.layout}]")

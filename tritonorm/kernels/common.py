@@ -213,21 +213,29 @@ def activation_grad(z, ACT: tl.constexpr):
 
 
 @triton.jit
-def tile_moments(x, mask, n, CENTER: tl.constexpr):
-    """Per-row (mean, M2) of a [rows, cols] tile over its ``n`` valid columns (x is 0 where masked).
+def tile_moments(x, mask, n, CENTER: tl.constexpr, AXIS: tl.constexpr = 1):
+    """Per-row (mean, M2) of a [rows, cols] tile over its ``n`` valid columns (x is 0 where masked);
+    ``AXIS=0``: per column, over ``n`` valid rows (the whole-pixel and plane kernels).
 
     Two passes over registers (mean, then squared deviations): exact, no E[x^2]-E[x]^2.
     Without centering the mean is 0 (not 0 * M2: an inf M2 must not make it NaN) and M2 is the
     sum of squares.
     """
     if CENTER:
-        mean = tl.sum(x, axis=1) / n
-        d = tl.where(mask, x - mean[:, None], 0.0)
-        m2 = tl.sum(d * d, axis=1)
+        mean = tl.sum(x, axis=AXIS) / n
+        d = tl.where(mask, x - tl.expand_dims(mean, AXIS), 0.0)
+        m2 = tl.sum(d * d, axis=AXIS)
     else:
-        m2 = tl.sum(x * x, axis=1)
+        m2 = tl.sum(x * x, axis=AXIS)
         mean = tl.zeros_like(m2)
     return mean, m2
+
+
+@triton.jit
+def finite_pivot(k):
+    """A pivot that is not finite becomes 0: x - inf would turn every deviation into +-inf or
+    NaN, where the exact mean is +-inf (running statistics need it)."""
+    return tl.where(k - k == 0.0, k, 0.0)  # k - k is NaN exactly when k is +-inf or NaN
 
 
 @triton.jit
@@ -328,7 +336,7 @@ def pivot_input(X, Res, H, rx, ro, rmask, CENTER: tl.constexpr, PRE_ADD: tl.cons
         if PRE_ADD:
             k = (k + tl.load(Res + ro, mask=rmask, other=0.0).to(tl.float32)).to(H.dtype.element_ty)
             k = k.to(tl.float32)
-        k = tl.where(k - k == 0.0, k, 0.0)  # k - k is NaN exactly when k is +-inf or NaN
+        k = finite_pivot(k)
     else:
         k = (rx * 0).to(tl.float32)
     return k

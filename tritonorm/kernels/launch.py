@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 import triton
 
-from .. import dispatch, pixel_plan, reference
+from .. import dispatch, pixel_plan, planes_plan, reference
 from ..scope import Spec
 from . import backward as bk
 from . import forward as fk
@@ -248,7 +248,7 @@ class ForwardPlan:
         # Dense NCHW BatchNorm with planes of other than 16k elements: flat channel-block tiles
         # (planes.py) instead of the row/column kernels' element-wise reads.
         if (mode in ("train", "given") and not pre_add and not param_full and not c.copy_x
-                and planes.applies(c.shape, c.x_stride, c.out_stride, spec, x.element_size(), profile)):
+                and planes_plan.applies(c.shape, c.x_stride, c.out_stride, spec, x.element_size(), profile)):
             self.planes = planes.PlanesForward(c.shape, x.element_size(), has_w, has_b, has_res, act, center, mode,
                                                running, profile)
             self.plan = self.planes.plan

@@ -26,7 +26,7 @@ import triton.language as tl
 
 from .. import dispatch
 from ..pixel_plan import choose, geometry
-from .common import activation, chan_merge, store_stats
+from .common import activation, chan_merge, finite_pivot, store_stats, tile_moments
 from .forward import _merge_partials
 
 
@@ -75,8 +75,7 @@ def _pivot(X, base, chans, gmask, CB: tl.constexpr, CG: tl.constexpr, CB_PAD: tl
     common.pivot_input) per group and spread to its channels."""
     k = tl.zeros([GB_PAD], dtype=tl.float32)
     if CENTER:
-        k = tl.load(X + base + tl.arange(0, GB_PAD) * CG, mask=gmask, other=0.0).to(tl.float32)
-        k = tl.where(k - k == 0.0, k, 0.0)
+        k = finite_pivot(tl.load(X + base + tl.arange(0, GB_PAD) * CG, mask=gmask, other=0.0).to(tl.float32))
     return k, _spread(k, CB, CG, CB_PAD, GB_PAD)
 
 
@@ -95,13 +94,7 @@ def _channel_moments(X, base, chans, cmask, k_c, C, start, end, SPAN, CENTER: tl
         x = tl.load(X + base + hw[:, None] * C + chans[None, :], mask=mask, other=0.0).to(tl.float32)
         d = tl.where(mask, x - k_c[None, :], 0.0)
         nt = tl.maximum(tl.minimum(end - start - t, BLOCK_HW), 0).to(tl.float32)
-        if CENTER:
-            t_mean = tl.sum(d, axis=0) / tl.maximum(nt, 1.0)
-            dev = tl.where(mask, d - t_mean[None, :], 0.0)
-            t_m2 = tl.sum(dev * dev, axis=0)
-        else:
-            t_mean = tl.zeros_like(mean)
-            t_m2 = tl.sum(d * d, axis=0)
+        t_mean, t_m2 = tile_moments(d, mask, tl.maximum(nt, 1.0), CENTER, 0)
         n_before = tl.minimum(end - start, t).to(tl.float32)
         mean, m2 = chan_merge(n_before, mean, m2, nt, t_mean, t_m2)
     return mean, m2
@@ -187,14 +180,7 @@ def _pixels_fwd_kernel(
             hw = hw.to(tl.int64)
         offs = base + hw[:, None] * C + chans[None, :]
         x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
-        d = tl.where(mask, x - k_c[None, :], 0.0)
-        if CENTER:
-            mean_c = tl.sum(d, axis=0) / HW
-            dev = tl.where(mask, d - mean_c[None, :], 0.0)
-            m2_c = tl.sum(dev * dev, axis=0)
-        else:
-            mean_c = tl.zeros([CB_PAD], dtype=tl.float32)
-            m2_c = tl.sum(d * d, axis=0)
+        mean_c, m2_c = tile_moments(tl.where(mask, x - k_c[None, :], 0.0), mask, HW, CENTER, 0)
     else:
         mean_c, m2_c = _channel_moments(X, base, chans, cmask, k_c, C, 0, HW, HW, CENTER, BLOCK_HW, INT64)
     mean_g, m2_g = _group_moments(mean_c, m2_c, HW * 1.0, CB, CG, CB_PAD, GB_PAD)
