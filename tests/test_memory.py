@@ -38,14 +38,22 @@ def test_norm_with_activation_saves_at_most_055_of_eager(case, dtype):
     _case("add_layer_norm", (16, 64), "C"),
 ], ids=lambda c: c.kind)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_plain_norms_save_at_most_four_fp32_words_per_statistic_more_than_eager(case, dtype):
+def test_plain_norms_save_no_more_than_eager(case, dtype):
     ours, eager = memory.measure(case, dtype)
     n_stats = {"group_norm": 2 * 4, "batch_norm": 4}.get(case.kind, 16)
-    # The same x (add_norm: h) as eager; the statistics are the [5, P] fp32 buffer (pivot, shifted
-    # mean, rstd, var, mean) where eager's fused kernels keep mean and rstd (rstd only for RMS):
-    # at most 5 - 1 = 4 more fp32 words per statistic, a fraction of x that vanishes for real
-    # rows. (Eager's composite rms_norm saves x twice more: there tritonorm saves about half.)
-    assert ours <= eager + 4 * 4 * n_stats, (ours, eager)
+    if case.kind in ("group_norm", "batch_norm"):
+        # The segment view and the plane kernels keep the [5, P] fp32 buffer (pivot, shifted mean,
+        # rstd, var, mean) where eager keeps mean and rstd: at most 5 - 1 = 4 more fp32 words a
+        # statistic, a few bytes beside x for these scopes.
+        assert ours <= eager + 4 * 4 * n_stats, (ours, eager)
+        return
+    # Rows (LayerNorm, RMSNorm, add_norm) keep lean statistics: fp32 rstd and shifted mean (rstd
+    # alone without centring), what eager's CUDA kernels keep. Eager on CPU keeps them in x's dtype
+    # for bf16: 2 bytes a word less, the only slack allowed. (Eager's composite rms_norm saves x
+    # twice more: there tritonorm saves about half.)
+    words = 2 if case.center else 1
+    slack = 0 if dtype == torch.float32 else words * 2 * n_stats
+    assert ours <= eager + slack, (ours, eager)
 
 
 def test_extrapolation_from_batch_one_and_two_is_exact():

@@ -172,8 +172,9 @@ class _Call:
         if torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)
                                         or (bias is not None and bias.requires_grad)
                                         or (residual is not None and residual.requires_grad)):
-            io = [self, running_mean, running_var, eps, momentum, None]
-            y = _NormFunction.apply(x, weight, bias, residual, io)
+            # io[5] in: whether the statistics may be lean (read by the backward only)
+            io = [self, running_mean, running_var, eps, momentum, not (with_stats or self.torch_update)]
+            y = _apply_norm(x, weight, bias, residual, io)
             stats = io[5]
         elif self.param_full:
             y, stats = plan(x, *_expanded(self, weight, bias, x), residual, running_mean, running_var, eps, momentum)
@@ -208,15 +209,20 @@ class _NormFunction(torch.autograd.Function):
     Differentiable inputs x, weight, bias, residual; everything else travels in ``io``
     ([call, running_mean, running_var, eps, momentum, stats out]): the fewer inputs and outputs
     an autograd.Function has, the less ``apply`` and the engine spend on each call. The
-    statistics come back in ``io[5]`` (not differentiable, so not an output)."""
+    statistics come back in ``io[5]`` (not differentiable, so not an output); io[5] comes in
+    True when the caller does not read them: then, where the kernels allow, they are lean
+    (rstd and the shifted mean only: what eager saves; launch.ForwardPlan.lean_for)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, residual, io):
-        call, running_mean, running_var, eps, momentum, _ = io
+        call, running_mean, running_var, eps, momentum, lean = io
+        if lean:
+            need = ctx.needs_input_grad
+            lean = call.plan.lean_for(_needs(call, need, weight, bias))
         # Broadcast weight/bias are expanded for the kernels here (when they are not read in place)
         # and saved unexpanded.
         w, b = _expanded(call, weight, bias, x)
-        y, stats = call.plan(x, w, b, residual, running_mean, running_var, eps, momentum)
+        y, stats = call.plan(x, w, b, residual, running_mean, running_var, eps, momentum, lean)
         io[5] = stats
         ctx.set_materialize_grads(False)
         ctx.call = call
@@ -229,9 +235,8 @@ class _NormFunction(torch.autograd.Function):
             return None, None, None, None, None
         x, weight, bias, residual, stats = ctx.saved_tensors
         call = ctx.call
-        need = ctx.needs_input_grad
-        needs = (need[0], weight is not None and need[1], bias is not None and need[2],
-                 call.has_res and need[3])
+        needs = _needs(call, ctx.needs_input_grad, weight, bias)
+        lean = stats.shape[0] != 5
         if torch.is_grad_enabled():
             # create_graph=True (gradient penalties): a differentiable recomputation.
             from . import double_backward
@@ -241,11 +246,43 @@ class _NormFunction(torch.autograd.Function):
                                                 call.act, given, list(needs), call.has_res))
         elif call.expand:
             # Per-element gradients of the expanded parameters, summed back to their shapes.
-            dx, dw, db, dres = call.plan.backward(needs)(dy, x, *_expanded(call, weight, bias, x), residual, stats)
+            dx, dw, db, dres = call.plan.backward(needs, lean=lean)(dy, x, *_expanded(call, weight, bias, x),
+                                                                   residual, stats)
             grads = (dx, _reduced(dw, weight), _reduced(db, bias), dres)
         else:
-            grads = call.plan.backward(needs)(dy, x, weight, bias, residual, stats)
+            grads = call.plan.backward(needs, lean=lean)(dy, x, weight, bias, residual, stats)
         return (*grads, None)
+
+
+def direct_apply(cls):
+    """``cls.apply`` for an autograd.Function without ``setup_context``, calling the C apply
+    directly when no functorch transform is active. There ``Function.apply``'s Python wrapper
+    only unwraps dead functorch wrappers (done here too) before that same call, and costs ~6 us
+    a call (`tritonorm bench --host`); under a transform the wrapper runs as usual."""
+    slow = cls.apply
+    try:
+        raw = torch._C._FunctionBase.__dict__["apply"].__get__(None, cls)
+        active = torch._C._are_functorch_transforms_active
+        unwrap = torch._C._functorch.unwrap_if_dead
+    except (AttributeError, KeyError, TypeError):  # another torch: its own wrapper
+        return slow
+    if "setup_context" in vars(cls):
+        return slow
+    tensor = torch.Tensor
+
+    def apply(*args):
+        if active():
+            return slow(*args)
+        return raw(*[unwrap(a) if isinstance(a, tensor) else a for a in args])
+    return apply
+
+
+_apply_norm = direct_apply(_NormFunction)
+
+
+def _needs(call, need, weight, bias):
+    """The gradients a backward computes (dx, dweight, dbias, dresidual)."""
+    return (need[0], weight is not None and need[1], bias is not None and need[2], call.has_res and need[3])
 
 
 def _expanded(call, weight, bias, x):

@@ -130,7 +130,7 @@ class _AddCall:
 
     def __call__(self, x, residual, weight, bias, running_mean, running_var, eps, momentum):
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, residual, weight, bias)):
-            y, h, stats = _AddNormFunction.apply(x, residual, weight, bias, running_mean, running_var, eps,
+            y, h, stats = _apply_add_norm(x, residual, weight, bias, running_mean, running_var, eps,
                                                  momentum, self)
         else:
             y, stats, h = self.plan.add(x, residual, weight, bias, running_mean, running_var, eps, momentum,
@@ -145,7 +145,15 @@ class _AddNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, residual, weight, bias, running_mean, running_var, eps, momentum, call):
-        y, stats, h = call.plan.add(x, residual, weight, bias, running_mean, running_var, eps, momentum, call.rd)
+        # Lean statistics (rstd and the shifted mean: what eager keeps) when nothing but the
+        # backward reads them (launch.ForwardPlan.lean_for).
+        lean = False
+        if not call.torch_update:
+            need = ctx.needs_input_grad
+            lean = call.plan.lean_for((need[0] or need[1], weight is not None and need[2],
+                                       bias is not None and need[3], False))
+        y, stats, h = call.plan.add(x, residual, weight, bias, running_mean, running_var, eps, momentum, call.rd,
+                                    lean)
         ctx.set_materialize_grads(False)
         ctx.call = call
         ctx.x_dtype, ctx.res_dtype = x.dtype, residual.dtype
@@ -171,7 +179,7 @@ class _AddNormFunction(torch.autograd.Function):
             return (*_differentiable(ctx, dy, dh, h, weight, bias, stats, (need_x, need_w, need_b)), *nothing)
         twice = ctx.res_dtype != ctx.x_dtype and need[1]
         plan = call.plan.backward((need_x, need_w, need_b, False), add_dh=dh is not None and need_x,
-                                  dx_twice=twice)
+                                  dx_twice=twice, lean=stats.shape[0] != 5)
         dx, dw, db, dres = plan(dy, h, weight, bias, None, stats, dh, ctx.res_dtype)
         if not need_x:  # only weight/bias: the plan still ran the dx pass only if it needed it
             dx = dres = None
@@ -200,3 +208,6 @@ def _differentiable(ctx, dy, dh, h, weight, bias, stats, needs):
     db = grads.pop(0) if needs[2] else None
     need = ctx.needs_input_grad
     return (dhx.to(ctx.x_dtype) if need[0] else None, dhx.to(ctx.res_dtype) if need[1] else None, dw, db)
+
+
+_apply_add_norm = core.direct_apply(_AddNormFunction)

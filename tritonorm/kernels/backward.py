@@ -107,6 +107,7 @@ def _bwd_fused_kernel(
     PARAM_NC: tl.constexpr = False, PS=None,  # W, B per (sample, channel) (common.param_offsets);
     W_NC: tl.constexpr = False, B_NC: tl.constexpr = False,  # with SEG: DW / DB is that gradient,
     STORE_DX: tl.constexpr = True,          # (N, C) contiguous, stored whole here; STORE_DX: dx asked
+    LEAN: tl.constexpr = 0,                 # Stats is [LEAN, P] (common.load_stats)
 ):
     """Whole statistics in registers: S1, S2 and dx in one pass over x and dy.
 
@@ -124,7 +125,7 @@ def _bwd_fused_kernel(
         else:
             cmask, mask, cx, co, ct, ch = col_tile(0, M, rmask, BLOCK_M, INT64, CG)
         wr, wc, br, bc = param_offsets(rows, rh, ch, ro, co, PARAM_FULL, PARAM_NC, PS)
-        k, mean, rstd = load_stats(Stats, P, rt, rmask)
+        k, mean, rstd = load_stats(Stats, P, rt, rmask, X, rx, LEAN)
         x = load2d(X, rx, cx, mask) - k[:, None]
         dy = load2d(DY, ro, co, mask)
         res = load_residual(Res, ro, co, mask, HAS_RES)
@@ -169,7 +170,7 @@ def _bwd_sums_kernel(
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr,
     CHAN: tl.constexpr, INT64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr,
     ROW_CHANNEL: tl.constexpr, PARAM_FULL: tl.constexpr = False,
-    PARAM_NC: tl.constexpr = False, PS=None,
+    PARAM_NC: tl.constexpr = False, PS=None, LEAN: tl.constexpr = 0,  # LEAN: as the fused kernel
 ):
     """S1, S2 over one column chunk (looped regime: SPLIT = 1; split regime: stage 1); with
     ROW_CHANNEL also the dweight, dbias partials (sums of gz*xhat and gz). Also runs on the
@@ -178,7 +179,7 @@ def _bwd_sums_kernel(
     sp = tl.program_id(1)
     if INT64:
         sp = sp.to(tl.int64)
-    k, mean, rstd = load_stats(Stats, NSTAT, rt // SEG_HM, rmask)
+    k, mean, rstd = load_stats(Stats, NSTAT, rt // SEG_HM, rmask, X, rx, LEAN)
     start = sp * CHUNK
     end = tl.minimum(start + CHUNK, M)
     s1 = tl.zeros([BLOCK_P], dtype=tl.float32)
@@ -267,6 +268,7 @@ def _bwd_apply_kernel(
     FINISH: tl.constexpr = False, BLOCK_C: tl.constexpr = 64,
     PARAM_NC: tl.constexpr = False, PS=None,  # as the fused kernel
     W_NC: tl.constexpr = False, B_NC: tl.constexpr = False,
+    LEAN: tl.constexpr = 0,                   # as the fused kernel
 ):
     """dx (and dresidual) over a 2-D grid of (row block, column tiles); each program adds its
     rows' SPLIT partial sums itself, and with ROW_CHANNEL the programs of column 0 store dweight
@@ -275,7 +277,7 @@ def _bwd_apply_kernel(
     if FINISH:
         _finish_segments(Part, DW, DB, FIN_N, FIN_C, FIN_S, NEED_DW, NEED_DB, BLOCK_C, BLOCK_S, W_NC, B_NC)
     rows, rmask, rx, ro, rt, rh = row_block(tl.program_id(0), P, BLOCK_P, INT64, RG)
-    k, mean, rstd = load_stats(Stats, P, rt, rmask)
+    k, mean, rstd = load_stats(Stats, P, rt, rmask, X, rx, LEAN)
     s1 = tl.zeros([BLOCK_P], dtype=tl.float32)
     s2 = tl.zeros([BLOCK_P], dtype=tl.float32)
     if not GIVEN:

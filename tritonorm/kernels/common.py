@@ -70,19 +70,28 @@ def strided_tile_start(i, COL_PROGS, BLOCK_M: tl.constexpr, INT64: tl.constexpr)
 
 @triton.jit
 def store_stats(Stats, P, rt, rmask, k, mean_shifted, var, eps, RunMean, RunVar, momentum, unbias,
-                RUNNING: tl.constexpr):
+                RUNNING: tl.constexpr, LEAN: tl.constexpr = 0):
     """Store a row block's statistics into the [5, P] fp32 buffer (pivot, shifted mean, rstd,
     variance, mean) and, with RUNNING (1: running_var only, 2: running_mean too), blend them into
     the running statistics in fp32 and round once to the buffers' dtype (PyTorch's rule:
     r <- (1 - momentum) r + momentum batch, with the variance times ``unbias`` = M / (M - 1)).
-    Each row belongs to one program, so the read-modify-write is race-free. Returns rstd."""
+    Each row belongs to one program, so the read-modify-write is race-free. Returns rstd.
+
+    LEAN (a training call whose statistics only its backward reads, see ``load_stats``): the
+    buffer is [LEAN, P], rstd (and with LEAN = 2, centring, the shifted mean): what eager
+    PyTorch saves per statistic, no more."""
     rstd = tl.rsqrt(var + eps)
     mean = k + mean_shifted
-    tl.store(Stats + rt, k, mask=rmask)
-    tl.store(Stats + P + rt, mean_shifted, mask=rmask)
-    tl.store(Stats + 2 * P + rt, rstd, mask=rmask)
-    tl.store(Stats + 3 * P + rt, var, mask=rmask)
-    tl.store(Stats + 4 * P + rt, mean, mask=rmask)
+    if LEAN == 0:
+        tl.store(Stats + rt, k, mask=rmask)
+        tl.store(Stats + P + rt, mean_shifted, mask=rmask)
+        tl.store(Stats + 2 * P + rt, rstd, mask=rmask)
+        tl.store(Stats + 3 * P + rt, var, mask=rmask)
+        tl.store(Stats + 4 * P + rt, mean, mask=rmask)
+    else:
+        tl.store(Stats + rt, rstd, mask=rmask)
+        if LEAN == 2:
+            tl.store(Stats + P + rt, mean_shifted, mask=rmask)
     if RUNNING >= 1:
         rv = tl.load(RunVar + rt, mask=rmask, other=0.0).to(tl.float32)
         rv = (1.0 - momentum) * rv + momentum * (var * unbias)
@@ -95,11 +104,23 @@ def store_stats(Stats, P, rt, rmask, k, mean_shifted, var, eps, RunMean, RunVar,
 
 
 @triton.jit
-def load_stats(Stats, P, rt, rmask):
-    """A row block's pivot, shifted mean and rstd from the [5, P] statistics buffer."""
-    k = tl.load(Stats + rt, mask=rmask, other=0.0)
-    mean = tl.load(Stats + P + rt, mask=rmask, other=0.0)
-    rstd = tl.load(Stats + 2 * P + rt, mask=rmask, other=0.0)
+def load_stats(Stats, P, rt, rmask, X, rx, LEAN: tl.constexpr = 0):
+    """A row block's pivot, shifted mean and rstd from the [5, P] statistics buffer; LEAN
+    (``store_stats``) from the [LEAN, P] one, the pivot read again from the row's first element
+    of x (the same rule as ``pivot_input``: rows of the plain row view, whose column 0 has
+    offset 0; the backward's x is the forward's normalized input, h for add_norm)."""
+    if LEAN == 0:
+        k = tl.load(Stats + rt, mask=rmask, other=0.0)
+        mean = tl.load(Stats + P + rt, mask=rmask, other=0.0)
+        rstd = tl.load(Stats + 2 * P + rt, mask=rmask, other=0.0)
+    else:
+        rstd = tl.load(Stats + rt, mask=rmask, other=0.0)
+        if LEAN == 2:
+            k = finite_pivot(tl.load(X + rx, mask=rmask, other=0.0).to(tl.float32))
+            mean = tl.load(Stats + P + rt, mask=rmask, other=0.0)
+        else:
+            k = tl.zeros_like(rstd)
+            mean = tl.zeros_like(rstd)
     return k, mean, rstd
 
 

@@ -42,6 +42,7 @@ def _fwd_fused_kernel(
     H=None, PRE_ADD: tl.constexpr = False,  # PRE_ADD: normalize h = x + Res, stored to H
     PARAM_FULL: tl.constexpr = False,       # W, B laid out like y (broadcast affine)
     PARAM_NC: tl.constexpr = False, PS=None,  # W, B per (sample, channel) (common.param_offsets)
+    LEAN: tl.constexpr = 0,                 # Stats is [LEAN, P] (common.store_stats)
 ):
     """Whole statistic in registers: moments, epilogue and stats in one pass over x
     (STORE_Y=False: statistics only)."""
@@ -52,7 +53,7 @@ def _fwd_fused_kernel(
     d = tl.where(mask, load_input(X, Res, H, rx, cx, ro, co, mask, PRE_ADD, STORE_Y) - k[:, None], 0.0)
     mean_d, m2 = tile_moments(d, mask, M, CENTER)
     rstd = store_stats(Stats, P, rt, rmask, k, mean_d, m2 / M, eps, RunMean, RunVar, momentum, unbias,
-                       RUNNING)
+                       RUNNING, LEAN)
     if STORE_Y:
         res = load_residual(Res, ro, co, mask, HAS_RES)
         y = epilogue((d - mean_d[:, None]) * rstd[:, None], wr, wc, br, bc, rmask, cmask, res,
@@ -69,7 +70,7 @@ def _fwd_looped_kernel(
     ACT: tl.constexpr, CHAN: tl.constexpr, INT64: tl.constexpr, BLOCK_P: tl.constexpr,
     BLOCK_M: tl.constexpr, STORE_Y: tl.constexpr, RUNNING: tl.constexpr,
     H=None, PRE_ADD: tl.constexpr = False,  # as the fused kernel; both sweeps re-add x + Res
-    PARAM_FULL: tl.constexpr = False, PARAM_NC: tl.constexpr = False, PS=None,
+    PARAM_FULL: tl.constexpr = False, PARAM_NC: tl.constexpr = False, PS=None, LEAN: tl.constexpr = 0,
 ):
     """Moments by Chan-merging BLOCK_M tiles, then a second sweep applies the epilogue
     (STORE_Y=False: statistics only, one sweep)."""
@@ -84,7 +85,7 @@ def _fwd_looped_kernel(
         t_mean, t_m2 = tile_moments(d, mask, nt, CENTER)
         mean_d, m2 = chan_merge(m0 * 1.0, mean_d, m2, nt, t_mean, t_m2)
     rstd = store_stats(Stats, P, rt, rmask, k, mean_d, m2 / M, eps, RunMean, RunVar, momentum, unbias,
-                       RUNNING)
+                       RUNNING, LEAN)
     if STORE_Y:
         for m0 in range(0, M, BLOCK_M):
             cmask, mask, cx, co, ct, ch = col_tile(m0, M, rmask, BLOCK_M, INT64, CG)
@@ -164,7 +165,7 @@ def _fwd_apply_kernel(
     ACT: tl.constexpr, CHAN: tl.constexpr, INT64: tl.constexpr, BLOCK_P: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, RUNNING: tl.constexpr,  # BLOCK_S: partials per step
     H=None, PRE_ADD: tl.constexpr = False,  # as the fused kernel; re-adds x + Res, stores H
-    PARAM_FULL: tl.constexpr = False, PARAM_NC: tl.constexpr = False, PS=None,
+    PARAM_FULL: tl.constexpr = False, PARAM_NC: tl.constexpr = False, PS=None, LEAN: tl.constexpr = 0,
 ):
     """Epilogue over a 2-D grid of (row block, column tiles). Each program derives its rows'
     statistics itself (merging the split partials, or from the running buffers); the programs of
@@ -180,7 +181,7 @@ def _fwd_apply_kernel(
         if CENTER:
             mean = tl.load(RunMean + rt, mask=rmask, other=0.0).to(tl.float32)
     if tl.program_id(1) == 0:
-        store_stats(Stats, P, rt, rmask, k, mean, var, eps, RunMean, RunVar, momentum, unbias, RUNNING)
+        store_stats(Stats, P, rt, rmask, k, mean, var, eps, RunMean, RunVar, momentum, unbias, RUNNING, LEAN)
     rstd = tl.rsqrt(var + eps)
     for i in range(0, TILES_PER_PROG):
         cmask, mask, cx, co, ct, ch = col_tile(strided_tile_start(i, COL_PROGS, BLOCK_M, INT64), M, rmask,

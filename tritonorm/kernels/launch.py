@@ -215,13 +215,18 @@ class ForwardPlan:
             pre.update(PARAM_NC=True, PS=(c.view.P // c.shape[0], *param_nc[2]))
         self.has_w, self.has_b, self.has_res, self.act = has_w, has_b, has_res, act
         self._backward: dict = {}
+        self._lean: dict = {}
         self.pixels = self.planes = None
+        # lean_ok: the kernels can keep only what a backward reads (common.store_stats LEAN):
+        # the row/column kernels of a training call.
+        self.lean_ok = False
         if c.contiguous:
             inner = x.contiguous()
             self.inner = ForwardPlan(inner, spec, has_w, has_b, has_res, act, center, mode, running, profile,
                                      pre_add, param_full, param_nc)
             self.nc, self.param_full = self.inner.nc, self.inner.param_full
             self.plan = self.inner.plan
+            self.lean_ok = self.inner.lean_ok
             return
         self.inner = None
         view = c.view
@@ -290,22 +295,39 @@ class ForwardPlan:
                                    RUNNING=running if mode == "train" else NO_RUNNING, num_warps=nw)
             self.mid = (rg, cg)
         self.launch = Launcher(self.kernel, self.grid, self.constexprs)
+        self.lean_ok = mode == "train"
+        self.lean_rows = 1 + bool(center)  # rstd (and the shifted mean)
+        self.lean_launch = Launcher(self.kernel, self.grid, dict(self.constexprs, LEAN=self.lean_rows)) \
+            if self.lean_ok else None
         self.launches = 1 + (self.partial is not None)
         # The unbiased variance for the running estimate; without centring it tracks the mean square.
         self.unbias = self.M / (self.M - 1) if self.M > 1 and center else 1.0
         self.blends = bool(running) and mode == "train"  # whether the kernel reads momentum
 
-    def __call__(self, x, weight, bias, residual, run_mean, run_var, eps: float, momentum: float = 0.0):
-        return self._launch(x, weight, bias, residual, run_mean, run_var, eps, momentum, None)
+    def __call__(self, x, weight, bias, residual, run_mean, run_var, eps: float, momentum: float = 0.0,
+                 lean: bool = False):
+        """``lean`` (only where ``lean_for`` said so): the statistics come back as the [1 or 2, P]
+        buffer that only the backward reads (common.store_stats), not the [5, P] one."""
+        return self._launch(x, weight, bias, residual, run_mean, run_var, eps, momentum, None, lean)
 
-    def add(self, x, residual, weight, bias, run_mean, run_var, eps: float, momentum: float, h_dtype):
+    def lean_for(self, needs) -> bool:
+        """Whether a training call whose backward asks for ``needs`` can keep lean statistics:
+        the forward's and that backward's kernels all read the plain row view (no segment view,
+        no channel-view sweep, no torch regime)."""
+        ok = self._lean.get(needs)
+        if ok is None:
+            ok = self._lean[needs] = self.lean_ok and self.backward(needs).lean_ok
+        return ok
+
+    def add(self, x, residual, weight, bias, run_mean, run_var, eps: float, momentum: float, h_dtype,
+            lean: bool = False):
         """The pre_add forward: (y, stats, h) with h = x + residual in ``h_dtype`` (output layout).
         The caller falls back to torch ops where ``fusable_add`` is False."""
         c = self.c
         h = torch.empty_strided(c.shape, c.out_stride, dtype=h_dtype, device=x.device)
         if POISON:
             h.fill_(float("nan"))
-        y, stats = self._launch(x, weight, bias, residual, run_mean, run_var, eps, momentum, h)
+        y, stats = self._launch(x, weight, bias, residual, run_mean, run_var, eps, momentum, h, lean)
         return y, stats, h
 
     @property
@@ -318,18 +340,18 @@ class ForwardPlan:
         """Whether ``add`` runs in the kernels (not the torch regime, not a restrided copy)."""
         return self.inner is None and not self.native and not self.c.copy_x
 
-    def _launch(self, x, weight, bias, residual, run_mean, run_var, eps, momentum, h):
+    def _launch(self, x, weight, bias, residual, run_mean, run_var, eps, momentum, h, lean=False):
         c = self.c
         if self.inner is not None:
             y, stats = self.inner(x.contiguous(), weight, bias,
                                   None if residual is None else residual.contiguous(), run_mean, run_var,
-                                  eps, momentum)
+                                  eps, momentum, lean)
             return _restride(y, c.shape, c.out_stride), stats
         x, residual = c.prepare(x, residual)
         if self.native:
             return self._native(x, weight, bias, residual, run_mean, run_var, eps, momentum)
         y = x.new_empty(0) if self.mode == "stats" else c.out(x)
-        stats = _empty((5, c.n_stats), x.device)
+        stats = _empty((self.lean_rows if lean else 5, c.n_stats), x.device)
         # Kernels index weight and bias by channel with unit stride (param_full: the caller laid
         # them out like y; nc: read with their own strides).
         w, b = _params(weight, bias, self.param_full or self.nc is not None, x)
@@ -351,11 +373,13 @@ class ForwardPlan:
             part = _empty((2, self.P, self.split), x.device)
             partial_kw = {} if h is None else dict(Res=r, H=h)
             self.partial(x, part, *self.tail, *self.mid[2:], **partial_kw)
-            self.launch(x, yp, r, w, b, stats, rm, rv, part, *self.tail, eps, momentum, unbias, *self.mid, **hk)
+            launch = self.lean_launch if lean else self.launch
+            launch(x, yp, r, w, b, stats, rm, rv, part, *self.tail, eps, momentum, unbias, *self.mid, **hk)
         elif self.mode == "given":
             self.launch(x, y, r, w, b, stats, rm, rv, x, *self.tail, eps, momentum, unbias, *self.mid, **hk)
         else:
-            self.launch(x, yp, r, w, b, stats, rm, rv, self.P, self.M, eps, momentum, unbias, *self.mid, **hk)
+            launch = self.lean_launch if lean else self.launch
+            launch(x, yp, r, w, b, stats, rm, rv, self.P, self.M, eps, momentum, unbias, *self.mid, **hk)
         return y, stats
 
     def _native(self, x, weight, bias, residual, run_mean, run_var, eps, momentum):
@@ -379,20 +403,50 @@ class ForwardPlan:
         return y, stats
 
     def backward(self, needs: tuple[bool, bool, bool, bool], add_dh: bool = False,
-                 dx_twice: bool = False) -> "BackwardPlan":
-        """``add_dh``, ``dx_twice``: add_norm's backward (see BackwardPlan)."""
-        key = (needs, add_dh, dx_twice, dispatch.forced_state())
+                 dx_twice: bool = False, lean: bool = False) -> "BackwardPlan":
+        """``add_dh``, ``dx_twice``: add_norm's backward (see BackwardPlan); ``lean``: the
+        forward kept lean statistics (``lean_for``)."""
+        key = (needs, add_dh, dx_twice, lean, dispatch.forced_state())
         plan = self._backward.get(key)
         if plan is None:
-            plan = self._backward[key] = BackwardPlan(self, needs, add_dh, dx_twice)
+            if lean and not self.backward(needs, add_dh, dx_twice).lean_ok:
+                # The plan changed since the forward chose lean statistics (a regime forced or
+                # tuned in between): rebuild the [5, P] buffer first.
+                plan = _Relean(self, self.backward(needs, add_dh, dx_twice))
+            else:
+                plan = BackwardPlan(self, needs, add_dh, dx_twice, lean)
+            self._backward[key] = plan
         return plan
+
+
+class _Relean:
+    """A backward plan that reads the [5, P] statistics, given lean ones: the pivot and shifted
+    mean are taken again from x by a statistics-only launch (the same pivot rule, so the same
+    pivot) and the forward's rstd is copied in. Only when the plan changed between a forward and
+    its backward."""
+
+    def __init__(self, fwd: ForwardPlan, plan: "BackwardPlan"):
+        self.fwd, self.plan = fwd, plan
+        self.lean_ok = False
+
+    @property
+    def launches(self) -> int:
+        return self.plan.launches + 2
+
+    def __call__(self, dy, x, weight, bias, residual, stats, dh=None, dres_dtype=None):
+        c = self.fwd.c
+        moments = forward_plan(x, c.spec, False, False, False, 0, c.center, "stats", NO_RUNNING)
+        _, full = moments(x, None, None, None, None, None, 1.0)
+        full[2].copy_(stats[0])
+        return self.plan(dy, x, weight, bias, residual, full, dh, dres_dtype)
 
 
 class BackwardPlan:
     """The backward launches for a forward plan and the gradients asked for
     (dx, dweight, dbias, dresidual)."""
 
-    def __init__(self, fwd: ForwardPlan, needs, add_dh: bool = False, dx_twice: bool = False):
+    def __init__(self, fwd: ForwardPlan, needs, add_dh: bool = False, dx_twice: bool = False,
+                 lean: bool = False):
         # add_norm (a pre_add forward): ``x`` is the saved h, dx gets the incoming gradient of h
         # added (add_dh) and, when the residual's dtype differs from x's, is stored a second time
         # in the residual's dtype (dx_twice).
@@ -410,8 +464,10 @@ class BackwardPlan:
         self.write_dres = need_dres and act != 0
         self.given = fwd.mode == "given"
         self.inner = None
+        self.lean_ok = False  # see ForwardPlan.lean_for; set below where it holds
         if c.contiguous:
-            self.inner = fwd.inner.backward(needs)
+            self.inner = fwd.inner.backward(needs, lean=lean)
+            self.lean_ok = self.inner.lean_ok
             return
         if fwd.native:
             return
@@ -578,6 +634,16 @@ class BackwardPlan:
                               DIRECT=split == 1, NEED_DW=need_dw, NEED_DB=need_db,
                               num_warps=cplan.config["num_warps"]))
             self.C = C
+        # Lean statistics (ForwardPlan.lean_for): every kernel here reads the plain row view, whose
+        # rows' first elements are the pivots.
+        self.lean_ok = fwd.lean_ok and self.dx_kind is not None and seg is None and self.dwdb is None
+        if lean:
+            if not self.lean_ok:
+                raise RuntimeError("tritonorm internal: lean statistics for a backward that cannot read them")
+            for name in ("dx", "sums", "apply"):
+                step = getattr(self, name, None)
+                if step is not None:
+                    step[3]["LEAN"] = 1 + bool(c.center)
         # Launchers bound to this plan's grids and constexprs (fastlaunch.py).
         for name in ("dx", "sums", "apply", "dwdb"):
             step = getattr(self, name, None)
