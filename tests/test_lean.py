@@ -11,7 +11,7 @@ import torch
 
 import tritonorm
 from helpers import LOW, assert_close, small_tiles
-from tritonorm import reference, scope as scopes
+from tritonorm import dispatch, reference, scope as scopes
 from tritonorm.kernels import launch
 
 
@@ -81,10 +81,9 @@ def test_rows_keep_lean_statistics_and_match_the_reference(regime, center, affin
         y, kept = _saved_stats(lambda: tritonorm.norm(leaves[0], "layer", weight=leaves[1], bias=leaves[2],
                                                       center=center, backend="triton"), shape[0])
         grads = torch.autograd.grad(y, [t for t in leaves if t is not None], dy)
-    # Every backward regime reads lean statistics except the channel-view sweep that dweight and
-    # dbias take outside the fused regime (rows of LayerNorm: one channel a column).
-    lean = regime == "fused" or not affine
-    assert kept == [((2 if center else 1) if lean else 5, shape[0])], kept
+    # Every regime of rows reads lean statistics: outside the fused one, dweight and dbias come
+    # from the first stage's per-column sums (_bwd_col_sums_kernel), not the channel-view sweep.
+    assert kept == [(2 if center else 1, shape[0])], kept
     spec = scopes.parse("layer", 2, None, shape[1])
     _compare(x, w, b, dy, y, grads, spec, center, dtype)
 
@@ -165,8 +164,8 @@ def test_add_norm_keeps_lean_statistics_and_reads_the_pivot_from_h(dtype):
 
 
 def test_a_plan_that_changes_between_forward_and_backward_rebuilds_the_statistics():
-    # The forward (fused) keeps lean statistics; the backward then runs under a regime whose
-    # channel-view sweep needs the [5, P] buffer: it is rebuilt from x, and the answer is exact.
+    # The forward (fused) keeps lean statistics; the backward then runs in the torch regime,
+    # which reads the [5, P] buffer: it is rebuilt from x, and the answer is exact.
     shape = (6, 48)
     x, w, b = _inputs(shape, torch.float32, shape[1], 30.0)
     leaves = [t.clone().requires_grad_() for t in (x, w, b)]
@@ -175,6 +174,29 @@ def test_a_plan_that_changes_between_forward_and_backward_rebuilds_the_statistic
         y, kept = _saved_stats(lambda: tritonorm.norm(leaves[0], "layer", weight=leaves[1], bias=leaves[2],
                                                       backend="triton"), shape[0])
     assert kept == [(2, shape[0])], kept
-    with small_tiles("looped"):
+    with dispatch.forced(dispatch.NATIVE, op="backward"):
         grads = torch.autograd.grad(y, leaves, dy)
     _compare(x, w, b, dy, y, grads, scopes.parse("layer", 2, None, shape[1]), True, torch.float32)
+
+
+@pytest.mark.parametrize("regime", ["looped", "split"])
+def test_rows_first_stage_programs_take_several_row_blocks(regime, monkeypatch):
+    # Fewer first-stage programs than row blocks (as on a GPU with long inputs): each program
+    # carries its column tile's dweight/dbias sums over several row blocks.
+    monkeypatch.setattr(dispatch, "col_tile_programs", lambda row_blocks, tiles, warps, profile: 2)
+    launch.clear()
+    shape = (13, 40)
+    x, w, b = _inputs(shape, torch.float32, shape[1], -12.0)
+    leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+    dy = torch.randn(shape)
+    with small_tiles(regime):
+        y = tritonorm.norm(leaves[0], "layer", weight=leaves[1], bias=leaves[2], activation="silu",
+                           backend="triton")
+        grads = torch.autograd.grad(y, leaves, dy)
+    spec = scopes.parse("layer", 2, None, shape[1])
+    p64 = [t.double().requires_grad_() for t in (x, w, b)]
+    y64 = reference.norm(p64[0], spec, p64[1], p64[2], 1e-5, True, "silu")
+    g64 = torch.autograd.grad(y64, p64, dy.double())
+    assert_close(y, y64, torch.float32, what="y")
+    for i, (g, r) in enumerate(zip(grads, g64)):
+        assert_close(g, r, torch.float32, what=f"grad {i}", term_scale=10.0 if i == 0 else 0.0)

@@ -98,7 +98,8 @@ class _Counter:
     the compiled launcher go through) and how many sweeps over x they make."""
 
     READS_X = {"_fwd_fused_kernel", "_fwd_looped_kernel", "_fwd_partial_kernel", "_fwd_apply_kernel",
-               "_bwd_fused_kernel", "_bwd_sums_kernel", "_bwd_apply_kernel", "_dwdb_kernel"}
+               "_bwd_fused_kernel", "_bwd_sums_kernel", "_bwd_col_sums_kernel", "_bwd_apply_kernel",
+               "_dwdb_kernel"}
     # Sweeps over x inside one kernel (the looped kernel sweeps twice).
     SWEEPS = {"_fwd_looped_kernel": 2}
 
@@ -112,11 +113,12 @@ class _Counter:
 # (launches, sweeps over x) of the backward per scope and regime, with weight, bias, residual and
 # an activation. BatchNorm's dweight/dbias come from the dx kernels' row sums; the positional
 # scope's (each column a channel) from per-program sums of the fused kernel plus a tiny finish
-# (looped/split: a channel-view sweep, plus a finish when split); GroupNorm's from per-(sample,
+# (looped/split: of the first stage's per-column sums, then the apply kernel, then the finish:
+# x read twice, as for dx alone); GroupNorm's from per-(sample,
 # channel) partials of the dx pass, added by a finish (fused) or by the apply kernel.
 BWD = {"group": {"fused": (2, 1), "looped": (2, 2), "split": (2, 2)},
        "batch": {"fused": (1, 1), "looped": (2, 2), "split": (2, 2)},
-       "positional": {"fused": (2, 1), "looped": (3, 3), "split": (4, 3)}}
+       "positional": {"fused": (2, 1), "looped": (3, 2), "split": (3, 2)}}
 
 
 @pytest.mark.parametrize("scope", ["group", "batch", "positional"])

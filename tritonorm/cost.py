@@ -182,6 +182,20 @@ def backward_cost(plan: dispatch.Plan, problem: dispatch.Problem, dwdb_plan: dis
             launches += planes > 0
             written += planes * segments[0] * 4 + params_out
             read += planes * segments[0] * 4
+    elif need_wb and col_channel and not given:
+        # Columns are channels (LayerNorm rows), looped/split: the first stage stores each row's
+        # S1, S2 per column tile and each program's per-column dweight/dbias sums; the apply
+        # kernel adds a row's tiles; a finish adds the programs' sums.
+        bp, bm = plan.config["block_p"], plan.config["block_m"]
+        tiles = math.ceil(M / bm)
+        progs = dispatch.col_tile_programs(math.ceil(P / bp), tiles, plan.config["num_warps"], profile)
+        launches += 3
+        read += n + xin + res_read + 3 * P * 4 + params_in
+        written += 2 * P * tiles * 4 + 2 * M * progs * 4
+        read += n + xin + dh_read + res_read + stats + params_in + 2 * P * tiles * 4
+        written += n + dres_written
+        read += 2 * M * progs * 4
+        written += params_out
     else:
         split = plan.config.get("split", 1)
         rows = P

@@ -351,6 +351,15 @@ def col_channel_programs(row_blocks: int, sm_count: int) -> int:
     return max(1, min(sm_count, -(-row_blocks // ROWS_PER_PROGRAM)))
 
 
+def col_tile_programs(row_blocks: int, tiles: int, warps: int, profile: DeviceProfile) -> int:
+    """Programs along the rows of the looped/split LayerNorm-row backward's first stage (one per
+    column tile on the other axis): enough to fill half the device's warp slots with the tiles
+    (as the split heuristic: the rest of the occupancy is worth less than the partials), never
+    more than the row blocks. Each writes its tile's fp32 dweight/dbias sums, which the finish
+    reads back: at 4096 x 16384 on an H200, 132 programs a tile, 17 MB against x's 134 MB."""
+    return max(1, min(row_blocks, -(-_fill(warps, profile) // (2 * max(1, tiles)))))
+
+
 def fit(plan: Plan, problem: Problem, profile: DeviceProfile) -> Plan | None:
     """A stored plan adapted to this problem (split clamped to the tiles), or None when it cannot
     run it (a fused block narrower than the statistic, a malformed config)."""

@@ -198,6 +198,9 @@ def _cost(op, plan, problem, profile, x, spec, weight, bias, residual, act, runn
                    and channel_per_col(fwd_view, x.shape[1]))
     if seg is not None and ((bplan.kernel == "fused" and not seg.order) or (bplan.kernel != "fused" and given)):
         seg = None  # as the launcher: the channel-view sweep runs instead
+    if (need_wb and bplan.kernel != "fused" and not given and not param_full and param_nc is None and seg is None
+            and channel_per_col(fwd_view, x.shape[1])):
+        col_channel = True  # as the launcher: the first stage keeps per-column sums (_bwd_col_sums_kernel)
     segs = None
     if seg is not None and bplan.kernel != dispatch.NATIVE:
         split = 1

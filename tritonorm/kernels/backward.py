@@ -12,6 +12,8 @@ over every element of channel c. Where they come from:
   each statistic one channel (BatchNorm): the dx kernels' row sums, written by the dx kernels;
   each column one channel (LayerNorm rows, positional scope), fused regime: a persistent grid
       keeps per-channel sums per program; ``_finish_kernel`` adds the programs' partials;
+      Looped/split: ``_bwd_col_sums_kernel`` keeps the per-column sums of each column tile over
+      the rows its program takes, beside the rows' S1, S2; ``_finish_kernel`` adds them;
   each statistic a run of per-(sample, channel) segments (GroupNorm, InstanceNorm, LayerNorm over
       C and space; layout.Segments): the dx pass stores one fp32 partial per segment (and
       chunk), segment n*C + c. Fused: the tile is (channel digit j, position h), reshaped to
@@ -206,6 +208,50 @@ def _bwd_sums_kernel(
     if ROW_CHANNEL:
         tl.store(Part + 2 * plane + idx, u2, mask=rmask)
         tl.store(Part + 3 * plane + idx, u1, mask=rmask)
+
+
+@triton.jit(do_not_specialize=["TILES", "ROW_BLOCKS"])
+def _bwd_col_sums_kernel(
+    X, DY, Res, W, B, Stats,
+    Part,                       # [2, P, TILES] fp32 out: S1, S2 of each row over each column tile
+    DWP,                        # [2, programs on axis 0, M] fp32 out: dweight, dbias sums per column
+    P, M, TILES, ROW_BLOCKS,
+    RG, CG,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr,
+    CHAN: tl.constexpr, INT64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr,
+    LEAN: tl.constexpr = 0,     # as the fused kernel
+):
+    """Stage 1 of the looped/split backward when each column is one channel (LayerNorm rows too
+    long to fuse). Program (r, t) takes column tile t of row blocks r, r + R, ...: it stores each
+    row's S1, S2 over the tile (the apply kernel adds a row's TILES of them, as a split's) and
+    keeps the tile's per-column dweight, dbias sums over all its rows in registers, stored once
+    (``_finish_kernel`` adds the R programs'). One read of x and dy serves both, where the
+    channel-view sweep read them a third time."""
+    t = tl.program_id(1)
+    r = tl.program_id(0)
+    if INT64:
+        t = t.to(tl.int64)
+        r = r.to(tl.int64)
+    dw = tl.zeros([BLOCK_M], dtype=tl.float32)
+    db = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for rb in range(tl.program_id(0), ROW_BLOCKS, tl.num_programs(0)):
+        rows, rmask, rx, ro, rt, rh = row_block(rb, P, BLOCK_P, INT64, RG)
+        k, mean, rstd = load_stats(Stats, P, rt, rmask, X, rx, LEAN)
+        cmask, mask, cx, co, ct, ch = col_tile(t * BLOCK_M, M, rmask, BLOCK_M, INT64, CG)
+        x = load2d(X, rx, cx, mask) - k[:, None]
+        dy = load2d(DY, ro, co, mask)
+        res = load_residual(Res, ro, co, mask, HAS_RES)
+        xhat, gz, g = grad_terms(x, dy, mean[:, None], rstd[:, None], rh, ch, rh, ch, rmask, cmask,
+                                 res, W, B, HAS_W, HAS_B, HAS_RES, ACT, CHAN)
+        idx = rows * TILES + t
+        tl.store(Part + idx, tl.sum(g, axis=1), mask=rmask)
+        tl.store(Part + P * TILES + idx, tl.sum(g * xhat, axis=1), mask=rmask)
+        dw += tl.sum(tl.where(mask, gz * xhat, 0.0), axis=0)
+        db += tl.sum(gz, axis=0)
+    cols = t * BLOCK_M + tl.arange(0, BLOCK_M)
+    progs = tl.num_programs(0)
+    tl.store(DWP + r * M + cols, dw, mask=cols < M)
+    tl.store(DWP + (progs + r) * M + cols, db, mask=cols < M)
 
 
 @triton.jit

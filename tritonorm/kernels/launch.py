@@ -566,7 +566,19 @@ class BackwardPlan:
                 self.dx_kind = "two-stage"
                 self.sums = None
                 fin = {}
-                if seg is not None:
+                # Each column one channel (LayerNorm rows) outside the fused regime: the first
+                # stage keeps per-column dweight/dbias sums of its column tile over its rows
+                # (_bwd_col_sums_kernel), each row's S1, S2 split over the column tiles.
+                self.col_two = (need_wb and not self.given and seg is None and not param_full and nc is None
+                                and channel_per_col(view, c.shape[1]))
+                if self.col_two:
+                    tiles_m = triton.cdiv(M, bm)
+                    row_blocks = triton.cdiv(P, bp)
+                    self.progs = dispatch.col_tile_programs(row_blocks, tiles_m, nw, profile)
+                    self.split = split = tiles_m
+                    self.sums = (bk._bwd_col_sums_kernel, (self.progs, tiles_m), (P, M, tiles_m, row_blocks, rg, cg),
+                                 dict(common))
+                elif seg is not None:
                     # The sums kernel on the segment view (its own plan: N*C rows of H), storing
                     # S1, S2, dweight, dbias partials [4, N*C, split]; the apply kernel adds a
                     # statistic's hm*split of S1, S2 and finishes dweight/dbias.
@@ -604,13 +616,14 @@ class BackwardPlan:
                                    NEED_DW=need_dw, NEED_DB=need_db))
         self.dwdb = None
         self.finish_cols = None
-        if need_wb and col_channel:
+        col_two = self.dx_kind == "two-stage" and self.col_two
+        if need_wb and (col_channel or col_two):
             self.finish_cols = M
         # nc: only a (C,) parameter's partials are added over N (per-sample ones are stored whole)
         fin_w, fin_b = need_dw and not self.w_nc, need_db and not self.b_nc
         if need_wb and seg is not None and self.dx_kind == "fused" and (fin_w or fin_b):
             self.finish_cols = c.shape[1]  # [2, N, C] partials, added over N
-        if need_wb and not (row_channel or col_channel or param_full or seg is not None):
+        if need_wb and not (row_channel or col_channel or col_two or param_full or seg is not None):
             if c.cview is None:
                 try:
                     c.cview = channel_view(c.shape, spec, c.out_stride if c.copy_x else c.x_stride, c.out_stride)
@@ -738,12 +751,19 @@ class BackwardPlan:
                 run(x, dy, r, w, b, stats, dxp, dr, dwp, dbp, *fixed, **dhk)
         elif self.dx_kind == "two-stage":
             part = x
-            if self.sums is not None:
+            if self.col_two:  # S1, S2 [2, P, tiles]; dweight/dbias sums [2, programs, M]
+                run, fixed = self.sums
+                part = _empty((2, self.P, self.split), x.device)
+                cols = _empty((2, self.progs, self.M), x.device)
+                run(x, dy, r, w, b, stats, part, cols, *fixed)
+            elif self.sums is not None:
                 run, fixed = self.sums
                 part = _empty((4, self.part_rows, self.part_split), x.device)
                 run(x, dy, r, w, b, stats, part, *fixed)
             run, fixed = self.apply
             run(x, dy, r, w, b, stats, part, dxp, dr, dwp, dbp, *fixed, **dhk)
+            if self.col_two:
+                self.finish(cols, dwp, dbp, self.M, self.progs)
         if self.dwdb is not None:
             run, fixed = self.dwdb
             if self.dwdb_split == 1:
