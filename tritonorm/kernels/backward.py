@@ -114,14 +114,14 @@ def _bwd_fused_kernel(
     one channel: BatchNorm): the row sums of gz*xhat and gz are dweight and dbias, stored here.
     COL_CHANNEL (each column is one channel: LayerNorm rows, positional scope; launched on a
     persistent grid): each program keeps per-channel sums over the rows it saw.
-    PARAM_NC == 2 (adaLN's per-(sample, column) weight/bias, with COL_CHANNEL): a (J, N) grid,
-    program (j, n) walks row blocks j, j+J, ... (ROW_BLOCKS of them) of sample n only, so its
-    per-column sums are partials of that sample's gradient ([2, N*J, M]).
+    PARAM_NC == 2 with COL_CHANNEL (adaLN's per-(sample, column) weight/bias, their gradients
+    asked for): a (J, N) grid, program (j, n) walking row blocks j, j+J, ... (ROW_BLOCKS of them)
+    of sample n only, so its per-column sums are partials of that sample's gradient ([2, N*J, M]).
     """
     dw = tl.zeros([BLOCK_M], dtype=tl.float32)
     db = tl.zeros([BLOCK_M], dtype=tl.float32)
     for rb in range(tl.program_id(0), ROW_BLOCKS, tl.num_programs(0)):
-        if PARAM_NC == 2:
+        if PARAM_NC == 2 and COL_CHANNEL:
             rows, rmask, rx, ro, rt, rh = sample_row_block(rb, tl.program_id(1), P, BLOCK_P, INT64, RG, PS)
         else:
             rows, rmask, rx, ro, rt, rh = row_block(rb, P, BLOCK_P, INT64, RG)

@@ -17,8 +17,6 @@ Launchers return tensors only. Plans are cached by ``tritonorm.core``; ``clear()
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 
@@ -29,8 +27,8 @@ from . import forward as fk
 from . import native, pixels, planes
 from .fastlaunch import Launcher
 from .pixels_backward import PixelsBackward
-from .layout import (TooManyDims, channel_per_col, channel_per_row, channel_view, match_strides, segments,
-                     stat_view)
+from .layout import (TooManyDims, channel_per_col, channel_per_row, channel_view, match_strides, sample_rows,
+                     segments, stat_view)
 
 _MAX_GRID_1 = 65535  # CUDA's limit on the second grid dimension
 
@@ -168,27 +166,14 @@ def row_samples(nc) -> bool:
 
 def _row_samples_plan(c: "_Common", spec: Spec, profile):
     """The backward plan under which adaLN's (N, 1, D) weight/bias are read in place (PARAM_NC
-    == 2), or None (then they are expanded): the statistic rows must be (sample, position) in
-    logical order (row r is sample r // T: the rows' statistic offset is the row itself), the
-    columns the normalized axis with unit output stride (column d's output offset is d), and the
-    backward fused, whose dx pass sums each sample's rows per program (a (J, N) grid). The
+    == 2), or None (then they are expanded): the view must allow it (layout.sample_rows) and the
+    backward be fused, whose dx pass sums each sample's rows per program (a (J, N) grid). The
     looped/split backward has no per-sample partials: those regimes keep the expansion."""
-    if c.contiguous:
-        return None
-    view = c.view
-    N, M = c.shape[0], view.M
-    if N > _MAX_GRID_1 or M != c.shape[-1] or view.P % N:
-        return None
-    rows = view.rows
-    for i, (size, st) in enumerate(zip(rows.sizes, rows.strides[2])):
-        if size > 1 and st != math.prod(rows.sizes[i + 1:]):
-            return None
-    cols = view.cols
-    if M > 1 and (any(sz != 1 for sz in cols.sizes[1:]) or cols.strides[1][0] != 1):
+    if c.contiguous or not sample_rows(c.view, c.shape):
         return None
     xs = c.out_stride if c.copy_x else c.x_stride
     x_meta = torch.empty_strided(c.shape, xs, dtype=c.dtype, device="meta")
-    bproblem = _problem("backward", view, x_meta, spec, c.fkey)
+    bproblem = _problem("backward", c.view, x_meta, spec, c.fkey)
     plan = dispatch.plan_for(bproblem, profile)
     if plan.kernel == dispatch.NATIVE:  # the torch regime takes (C,) parameters only
         plan = dispatch.choose(bproblem, profile)
@@ -547,8 +532,7 @@ class BackwardPlan:
                 if self.rows_nc:  # J programs a sample, each over that sample's blocks j, j+J, ...
                     N = c.shape[0]
                     row_blocks = triton.cdiv(P // N, bp)
-                    J = max(1, min(row_blocks, triton.cdiv(
-                        dispatch.col_channel_programs(N * row_blocks, profile.sm_count), N)))
+                    J = dispatch.sample_programs(N, P // N, bp, profile.sm_count)
                     progs, grid = N * J, (J, N)
                 elif col_channel:
                     progs = dispatch.col_channel_programs(row_blocks, profile.sm_count)
