@@ -185,12 +185,12 @@ def add_rms_norm(input, residual, normalized_shape, weight=None, eps=None, *, ac
 
 
 def _per_sample_rows(input, shape, lead, d, weight, bias):
-    """adaLN: (weight, bias) as (n, 1, D) tensors when at least one is per sample, (N, 1, ..., 1,
-    *normalized_shape) for leading dims (N, ...), and each other one such, per row
-    (1, ..., 1, *normalized_shape) or ``normalized_shape`` itself (then (1, 1, D)); else None
-    (the expansion of ``_broadcast_rows`` handles every other broadcast shape). The normalized
-    input is then viewed as (N, T, D) and normalized over its last axis, the parameters read in
-    place by the kernels (core._row_affine)."""
+    """adaLN: (weight, bias) as (N, 1, D) or (1, 1, D) tensors when at least one is per sample,
+    (N, 1, ..., 1, *normalized_shape) for leading dims (N, ...), and each other one is such, per
+    row (1, ..., 1, *normalized_shape) or ``normalized_shape`` itself; else None (the expansion
+    of ``_broadcast_rows`` handles every other broadcast shape). The input is then viewed as
+    (N, T, D) and normalized over its last axis, the parameters read in place by the kernels
+    where the plan allows (core._row_affine)."""
     if len(lead) < 2 or input.numel() == 0:
         return None
     k, N = len(shape), lead[0]
@@ -215,6 +215,8 @@ def _per_sample_rows(input, shape, lead, d, weight, bias):
 
 
 def _sample_rows_norm(input, shape, lead, d, weight, bias, eps, center, activation, residual, backend):
+    """``norm`` of the input viewed as (N, T, D) over its last axis ("L") with ``_per_sample_rows``'
+    parameters, in the input's shape."""
     N = lead[0]
     x3 = input.reshape(N, -1, d)
     r3 = residual.reshape(x3.shape) if residual is not None else None
