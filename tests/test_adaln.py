@@ -138,17 +138,10 @@ def test_per_sample_weight_and_bias(si, center, monkeypatch):
     _in_place(fwd, bwd)
     plan = list(core._CALLS.values())[-1].plan
     assert plan.nc[:2] == ("nd", "nd") and plan.row_bplan is not None
-
-
-def test_several_programs_a_sample():
-    # The (J, N) grid of the dx pass with J > 1 (the case above with T = 37): checked on the plan.
-    x = torch.randn(2, 37, 20)
-    w = torch.rand(2, 1, 20).requires_grad_()
-    with dispatch.forced("fused", block_p=2):
-        y = tritonorm.norm(x, "L", weight=w, backend="triton")
-        bplan = list(core._CALLS.values())[-1].plan.backward((False, True, False, False))
-    assert bplan.rows_nc and bplan.progs == 2 * 2
-    assert torch.isfinite(torch.autograd.grad(y, w, torch.randn_like(y))[0]).all()
+    with dispatch.forced("fused", block_p=bp):  # the backward plan just run (cached)
+        bplan = plan.backward((True, True, True, False))
+    # Programs a sample: J = 2 where T = 37 (a sample's 19 blocks walked j, j + 2, ...), else 1.
+    assert bplan.rows_nc and bplan.progs == shape[0] * (2 if si == 2 else 1)
 
 
 # (weight kind, bias kind): one per sample beside a per-column one, alone, the other absent.
