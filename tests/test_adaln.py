@@ -157,6 +157,14 @@ def test_mixed_and_single_parameters(wk, bk, monkeypatch):
     _in_place(fwd, bwd)
 
 
+def test_per_row_parameters_alone_are_plain_ones(monkeypatch):
+    # (1, 1, D) weight and bias through the functional: the normalized shape's, a plain LayerNorm.
+    calls = _record(monkeypatch)
+    fwd, bwd = _run((2, 7, 16), "d", "d", entry="functional", calls=calls)
+    assert fwd == [("_fwd_fused_kernel", False, False)], fwd
+    assert bwd == [("_bwd_fused_kernel", False, False), ("_finish_kernel", False, False)], bwd
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("center", [True, False], ids=["ln", "rms"])
 def test_low_precision(dtype, center, monkeypatch):

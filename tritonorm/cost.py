@@ -65,8 +65,9 @@ def forward_cost(plan: dispatch.Plan, problem: dispatch.Problem, profile: dispat
     ``param_full``: how many of weight/bias are broadcast (adaptive): each is first expanded to
     x's shape by a torch copy (a launch, an x-sized write) and read x-sized by the kernel.
     ``param_nc``: (their elements, the (C,) ones among them) for per-(sample, channel) weight/bias
-    read in place by the GroupNorm/InstanceNorm kernels: a plain call's launches and bytes, with
-    N*C parameters read instead of C."""
+    read in place by the GroupNorm/InstanceNorm kernels (or adaLN's per-(sample, column) ones by
+    the row kernels): a plain call's launches and bytes, with N*C (N*D) parameters read instead
+    of C (D)."""
     P, M = problem.P, problem.M
     n = P * M * elem_bytes
     add_in = add_out = 0

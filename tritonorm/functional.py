@@ -233,16 +233,22 @@ def _row_param(t, shape, d):
 
 
 def _broadcast_rows(input, shape, rows, d, weight, bias):
-    """A weight or bias that is not ``normalized_shape`` but broadcastable to the input (adaLN's
-    (N, 1, D) scale and shift for a (N, T, D) input) as a (rows, D) tensor, one row per
-    normalized row; ``normalized_shape``-shaped ones are returned as they are."""
+    """A weight or bias that is not ``normalized_shape`` but broadcastable to the input (a
+    per-position (1, T, D) one for a (N, T, D) input; adaLN's (N, 1, D) where _per_sample_rows
+    does not take it) as a (rows, D) tensor, one row per normalized row; a (1, ..., 1,
+    *normalized_shape) one as ``normalized_shape`` (a view: the same for every row);
+    ``normalized_shape``-shaped ones are returned as they are."""
     out = []
+    k = len(shape)
     for name, t in (("weight", weight), ("bias", bias)):
         if isinstance(t, torch.Tensor) and tuple(t.shape) != shape and t.dim() == input.dim():
             if not broadcasts_to(t, input.shape):
                 raise ValueError(f"{name} must have the normalized shape {list(shape)} or be broadcastable "
                                  f"to the input's shape {tuple(input.shape)}, got {tuple(t.shape)}")
             check_tensor(name, t, input)
-            t = t.expand(input.shape).reshape(rows, d)
+            if tuple(t.shape[t.dim() - k:]) == shape and all(s == 1 for s in t.shape[:t.dim() - k]):
+                t = t.reshape(shape)
+            else:
+                t = t.expand(input.shape).reshape(rows, d)
         out.append(t)
     return out
