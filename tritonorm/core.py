@@ -157,7 +157,7 @@ class _Call:
                                             self.act, center, mode, level,
                                             (None if residual is None else residual.stride(),),
                                             param_full=self.param_full,
-                                            param_nc=_nc_affine(x, weight, bias) if self.param_full else None)
+                                            param_nc=_param_nc(x, spec, weight, bias) if self.param_full else None)
             if self.param_full and not self.plan.fusable_full:
                 self.plan = None
             self.expand = self.param_full and self.plan is not None and self.plan.nc is None
@@ -356,6 +356,42 @@ def _nc_affine(x, weight, bias):
         else:
             strides += [t.stride(0) if kind == "nc" and t.shape[0] > 1 else 0, t.stride(1) if t.shape[1] > 1 else 0]
     return (*kinds, tuple(strides))
+
+
+def _row_kind(t, x) -> str | None:
+    """adaLN's kinds for a norm over x's last axis: "nd" a per-(sample, column) parameter
+    (N, 1, ..., 1, D) (N > 1), "d" a per-column one (1, ..., 1, D); "": another shape; None: absent."""
+    if t is None:
+        return None
+    D = x.shape[-1]
+    if t.dim() != x.dim() or t.shape[-1] != D or any(s != 1 for s in t.shape[1:-1]):
+        return ""
+    return "nd" if t.shape[0] == x.shape[0] and x.shape[0] > 1 else ("d" if t.shape[0] == 1 else "")
+
+
+def _row_affine(x, spec, weight, bias):
+    """Broadcast weight/bias that the row kernels read in place for a norm over x's last axis
+    alone (adaLN: x (N, T, D), scope "L", or what the row functionals pass): (weight kind, bias
+    kind, (weight's n and d strides, bias's)) when each present one is of a ``_row_kind``; else
+    None. The launch plan decides whether the layout and regime allow it (launch.row_samples)."""
+    if x.dim() < 3 or spec.letters != spec.layout[-1] or spec.sample_groups != 1:
+        return None
+    kinds = (_row_kind(weight, x), _row_kind(bias, x))
+    if "" in kinds:
+        return None
+    strides = []
+    for t, kind in zip((weight, bias), kinds):
+        if t is None:
+            strides += [0, 0]
+        else:
+            strides += [t.stride(0) if kind == "nd" else 0, t.stride(-1) if t.shape[-1] > 1 else 0]
+    return (*kinds, tuple(strides))
+
+
+def _param_nc(x, spec, weight, bias):
+    """The broadcast weight/bias the kernels may read in place: per (sample, channel)
+    (_nc_affine) or per (sample, column) (_row_affine); None: expanded."""
+    return _nc_affine(x, weight, bias) or _row_affine(x, spec, weight, bias)
 
 
 def _broadcast_composite(call, x, weight, bias, residual, running_mean, running_var, eps, momentum):

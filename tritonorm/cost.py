@@ -65,8 +65,9 @@ def forward_cost(plan: dispatch.Plan, problem: dispatch.Problem, profile: dispat
     ``param_full``: how many of weight/bias are broadcast (adaptive): each is first expanded to
     x's shape by a torch copy (a launch, an x-sized write) and read x-sized by the kernel.
     ``param_nc``: (their elements, the (C,) ones among them) for per-(sample, channel) weight/bias
-    read in place by the GroupNorm/InstanceNorm kernels: a plain call's launches and bytes, with
-    N*C parameters read instead of C."""
+    read in place by the GroupNorm/InstanceNorm kernels (or adaLN's per-(sample, column) ones by
+    the row kernels): a plain call's launches and bytes, with N*C (N*D) parameters read instead
+    of C (D)."""
     P, M = problem.P, problem.M
     n = P * M * elem_bytes
     add_in = add_out = 0
@@ -123,7 +124,8 @@ def backward_cost(plan: dispatch.Plan, problem: dispatch.Problem, dwdb_plan: dis
                   profile: dispatch.DeviceProfile, *, elem_bytes: int, channels: int, has_w: bool, has_b: bool,
                   has_res: bool, act: bool, param_bytes: int, row_channel: bool, col_channel: bool,
                   given: bool = False, pre_add: tuple[int, int] | None = None, param_full: int = 0,
-                  segments: tuple[int, int] | None = None, param_nc: tuple[int, int] | None = None) -> Cost:
+                  segments: tuple[int, int] | None = None, param_nc: tuple[int, int] | None = None,
+                  sample_programs: int = 0) -> Cost:
     """The backward as ``BackwardPlan`` runs it, every gradient asked for (dx, and dweight,
     dbias, dresidual where those inputs exist). ``pre_add``: add_norm's (residual bytes, h bytes)
     per element: the kernels read the saved h in place of x, the dx pass also reads dh, and dx
@@ -138,7 +140,10 @@ def backward_cost(plan: dispatch.Plan, problem: dispatch.Problem, dwdb_plan: dis
     ``param_nc``: (elements of weight and bias, how many are (C,)) for per-(sample, channel) ones
     (with ``segments``): each is read and its gradient written once, N*C elements; the fused
     dx pass stores a per-sample gradient itself, so only a (C,) one beside it has fp32 partials
-    and a finish launch."""
+    and a finish launch. ``sample_programs``: the programs of the fused dx pass for adaLN's
+    per-(sample, column) weight/bias (with ``param_nc``: (their elements, the (1, 1, D) ones)):
+    as ``col_channel`` (an fp32 [2, programs, M] partial, a finish launch), each sample's rows
+    summed by its own programs."""
     P, M = problem.P, problem.M
     n = P * M * elem_bytes
     C = channels
@@ -172,8 +177,9 @@ def backward_cost(plan: dispatch.Plan, problem: dispatch.Problem, dwdb_plan: dis
         written += n + dres_written
         if need_wb and row_channel:
             written += params_out
-        if need_wb and col_channel:
-            progs = dispatch.col_channel_programs(math.ceil(P / plan.config["block_p"]), profile.sm_count)
+        if need_wb and (col_channel or sample_programs):
+            progs = sample_programs or dispatch.col_channel_programs(math.ceil(P / plan.config["block_p"]),
+                                                                     profile.sm_count)
             launches += 1
             written += 2 * M * progs * 4 + params_out
             read += 2 * M * progs * 4
@@ -212,7 +218,7 @@ def backward_cost(plan: dispatch.Plan, problem: dispatch.Problem, dwdb_plan: dis
         written += n + dres_written
         if need_wb and row_channel:
             written += params_out
-    if need_wb and not (row_channel or col_channel or param_full or segments is not None):
+    if need_wb and not (row_channel or col_channel or param_full or segments is not None or sample_programs):
         split = max(1, dwdb_plan.config.get("split", 1)) if dwdb_plan is not None else 1
         launches += 1 + (split > 1)
         # The channel-view sweep re-reads x and dy and gathers the statistics per element.

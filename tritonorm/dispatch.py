@@ -360,6 +360,15 @@ def col_tile_programs(row_blocks: int, tiles: int, warps: int, profile: DevicePr
     return max(1, min(row_blocks, -(-_fill(warps, profile) // (2 * max(1, tiles)))))
 
 
+def sample_programs(samples: int, rows_per_sample: int, block_p: int, sm_count: int) -> int:
+    """Programs a sample of the adaLN-row backward (per-sample weight/bias read in place): the
+    persistent grid's programs shared out over the samples, each over that sample's row blocks
+    only (at most one program a block)."""
+    blocks = -(-rows_per_sample // block_p)
+    total = col_channel_programs(samples * blocks, sm_count)
+    return max(1, min(blocks, -(-total // samples)))
+
+
 def fit(plan: Plan, problem: Problem, profile: DeviceProfile) -> Plan | None:
     """A stored plan adapted to this problem (split clamped to the tiles), or None when it cannot
     run it (a fused block narrower than the statistic, a malformed config)."""

@@ -14,7 +14,7 @@ import torch
 
 from . import activations, backend as backends, cost, dispatch, pixel_plan, planes_plan
 from .kernels.layout import (MAX_DIMS, TooManyDims, alloc_out, channel_per_col, channel_per_row, channel_view,
-                             segments, stat_view)
+                             sample_rows, segments, stat_view)
 from .validation import check_norm_args
 
 OPS = ("forward", "backward", "dwdb")
@@ -67,6 +67,33 @@ def _segments(x, spec, weight, bias, param_full, given):
         return None
     view, xs, ys = _view_strides(x, spec, stat_view)
     return None if view is None else segments(view, x.shape, spec, xs, ys)
+
+
+def flags_of(weight, bias, residual, act, center) -> str:
+    return dispatch.flags_key(weight is not None, bias is not None, residual is not None, activations.code(act),
+                              center)
+
+
+def _sample_rows(x, spec, weight, bias, profile, flags):
+    """(param_nc tuple, programs of the backward's dx pass) when adaLN's per-(sample, column)
+    weight/bias are read in place (as launch._row_samples_plan decides), else None."""
+    from .core import _row_affine
+
+    rows = _row_affine(x, spec, weight, bias)
+    if rows is None:
+        return None
+    view = _view(x, spec, stat_view)
+    if view is None or not sample_rows(view, x.shape):
+        return None
+    bproblem = dispatch.problem_from_view("backward", view, x.element_size(), spec=spec,
+                                          dtype=str(x.dtype).replace("torch.", ""), flags=flags)
+    bplan = dispatch.plan_for(bproblem, profile)
+    if bplan.kernel == dispatch.NATIVE:
+        bplan = dispatch.choose(bproblem, profile)
+    if bplan.kernel != "fused":
+        return None
+    N = x.shape[0]
+    return rows, N * dispatch.sample_programs(N, view.P // N, bplan.config["block_p"], profile.sm_count)
 
 
 def explain(x: torch.Tensor, scope: str = "group", *, num_groups: int | None = None,
@@ -125,7 +152,14 @@ def explain(x: torch.Tensor, scope: str = "group", *, num_groups: int | None = N
         if nseg is not None and nseg.order:
             param_full = False
             param_nc = (sum(t.numel() for t in (weight, bias) if t is not None), nc[:2].count("c"))
-    seg = _segments(x, spec, weight, bias, param_full, given) if op != "forward" else None
+    # adaLN's per-(sample, column) weight/bias read in place (launch._row_samples_plan): a plain
+    # row norm's forward; backward, the fused dx pass with J programs a sample, then the finish.
+    rows = _sample_rows(x, spec, weight, bias, profile, flags_of(weight, bias, residual, act, center)) \
+        if param_full and nc is None and not given and pre_add is None else None
+    if rows is not None:
+        param_full = False
+        param_nc = (sum(t.numel() for t in (weight, bias) if t is not None), rows[0][:2].count("d"))
+    seg = _segments(x, spec, weight, bias, param_full or rows is not None, given) if op != "forward" else None
     view = _view(x, spec, channel_view if op == "dwdb" else stat_view)
     if op == "dwdb" and seg is not None:
         view = seg.view
@@ -135,8 +169,7 @@ def explain(x: torch.Tensor, scope: str = "group", *, num_groups: int | None = N
     if view is None:
         return dispatch.Plan(dispatch.NATIVE, {}, "the channel view needs more than "
                              f"{MAX_DIMS} dims a side even contiguous: the torch regime runs backward")
-    flags = dispatch.flags_key(weight is not None, bias is not None, residual is not None,
-                               activations.code(act), center)
+    flags = flags_of(weight, bias, residual, act, center)
     problem = dispatch.problem_from_view(op, view, x.element_size(), spec=spec,
                                          dtype=str(x.dtype).replace("torch.", ""), flags=flags,
                                          fused_m=seg.fused_cols if seg is not None and op == "backward" else 0)
@@ -144,7 +177,7 @@ def explain(x: torch.Tensor, scope: str = "group", *, num_groups: int | None = N
     out_stride = torch.empty_like(x, memory_format=torch.preserve_format, device="meta").stride()
     if op in ("forward", "backward") and plan.kernel != dispatch.NATIVE and running_var is None \
             and running_mean is None and pre_add is None and not param_full \
-            and (param_nc is None or (nc[2][1] in (0, 1) and nc[2][3] in (0, 1))):
+            and (param_nc is None or (rows is None and nc[2][1] in (0, 1) and nc[2][3] in (0, 1))):
         if pixel_plan.applies(tuple(x.shape), x.stride(), out_stride, spec, x.element_size()):
             # channels_last GroupNorm with short groups: the whole-pixel kernels, as the launcher runs them
             plan = pixel_plan.choose(tuple(x.shape), spec, x.element_size(), profile, op)
@@ -159,12 +192,12 @@ def explain(x: torch.Tensor, scope: str = "group", *, num_groups: int | None = N
             and "planes" not in plan.config):
         note += " (eval with running statistics: only the apply kernel runs, with these blocks)"
     call_cost = _cost(op, plan, problem, profile, x, spec, weight, bias, residual, act, running_var, training,
-                      flags, pre_add, param_full, param_nc)
+                      flags, pre_add, param_full, param_nc, rows[1] if rows is not None else 0)
     return dispatch.Plan(plan.kernel, dict(plan.config), plan.reason + note, cost=call_cost)
 
 
 def _cost(op, plan, problem, profile, x, spec, weight, bias, residual, act, running_var, training, flags,
-          pre_add=None, param_full=False, param_nc=None):
+          pre_add=None, param_full=False, param_nc=None, sample_programs=0):
     """The cost model of the whole forward (op="forward") or backward (op="backward"/"dwdb")."""
     params = weight if weight is not None else bias
     common = dict(elem_bytes=x.element_size(), channels=x.shape[1], has_w=weight is not None,
@@ -185,7 +218,7 @@ def _cost(op, plan, problem, profile, x, spec, weight, bias, residual, act, runn
     if "cb" in plan.config:  # the whole-pixel kernels (kernels/pixels_backward.py)
         return cost.pixels_backward_cost(plan, problem, profile, samples=x.shape[0], act=act is not None, **common)
     fwd_view = _view(x, spec, stat_view)
-    seg = _segments(x, spec, weight, bias, param_full, given)
+    seg = _segments(x, spec, weight, bias, param_full or sample_programs > 0, given)
     bproblem = dispatch.problem_from_view("backward", fwd_view, x.element_size(), spec=spec,
                                           dtype=problem.dtype, flags=flags,
                                           fused_m=seg.fused_cols if seg is not None else 0)
@@ -213,9 +246,10 @@ def _cost(op, plan, problem, profile, x, spec, weight, bias, residual, act, runn
             split = splan.config.get("split", 1) if splan.kernel == "split" else 1
         segs = (seg.view.P, split)
     dwdb = None
-    if need_wb and not (row_channel or col_channel or param_full or segs is not None):
+    if need_wb and not (row_channel or col_channel or param_full or segs is not None or sample_programs):
         cview = _view(x, spec, channel_view)
         dwdb = dispatch.plan_for(dispatch.problem_from_view("dwdb", cview, x.element_size(), spec=spec,
                                                             dtype=problem.dtype, flags=flags), profile)
     return cost.backward_cost(bplan, bproblem, dwdb, profile, act=act is not None, row_channel=row_channel,
-                              col_channel=col_channel, given=given, segments=segs, **common)
+                              col_channel=col_channel, given=given, segments=segs, sample_programs=sample_programs,
+                              **common)

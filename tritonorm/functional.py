@@ -99,6 +99,10 @@ def _last_dims(input, normalized_shape, weight, bias, eps, center, activation, r
     shape, d = _rows(input, normalized_shape, name)
     lead = input.shape[: input.dim() - len(shape)]
     rows = math.prod(lead)
+    per_sample = _per_sample_rows(input, shape, lead, d, weight, bias)
+    if per_sample is not None:
+        check_tensor("residual", residual, input, tuple(input.shape), same_dtype=True)
+        return _sample_rows_norm(input, shape, lead, d, *per_sample, eps, center, activation, residual, backend)
     weight, bias = _broadcast_rows(input, shape, rows, d, weight, bias)
     for arg, t in (("weight", weight), ("bias", bias)):
         if t is not None and tuple(t.shape) != (rows, d):
@@ -180,22 +184,71 @@ def add_rms_norm(input, residual, normalized_shape, weight=None, eps=None, *, ac
 # --- Broadcast (adaptive) affine for the row norms ----------------------------------------------
 
 
+def _per_sample_rows(input, shape, lead, d, weight, bias):
+    """adaLN: (weight, bias) as (N, 1, D) or (1, 1, D) tensors when at least one is per sample,
+    (N, 1, ..., 1, *normalized_shape) for leading dims (N, ...), and each other one is such, per
+    row (1, ..., 1, *normalized_shape) or ``normalized_shape`` itself; else None (the expansion
+    of ``_broadcast_rows`` handles every other broadcast shape). The input is then viewed as
+    (N, T, D) and normalized over its last axis, the parameters read in place by the kernels
+    where the plan allows (core._row_affine)."""
+    if len(lead) < 2 or input.numel() == 0:
+        return None
+    k, N = len(shape), lead[0]
+    out, sample = [], False
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is None:
+            out.append(None)
+            continue
+        if not isinstance(t, torch.Tensor):
+            return None
+        if tuple(t.shape) == shape:
+            out.append(t.reshape(1, 1, d))
+            continue
+        if t.dim() != input.dim() or tuple(t.shape[t.dim() - k:]) != shape or any(s != 1 for s in t.shape[1:-k]):
+            return None
+        if t.shape[0] != 1 and (t.shape[0] != N or N == 1):
+            return None
+        check_tensor(name, t, input)  # floating point, x's device (the norm checks the rest)
+        sample = sample or t.shape[0] != 1
+        out.append(t.reshape(t.shape[0], 1, d))
+    return out if sample else None
+
+
+def _sample_rows_norm(input, shape, lead, d, weight, bias, eps, center, activation, residual, backend):
+    """``norm`` of the input viewed as (N, T, D) over its last axis ("L") with ``_per_sample_rows``'
+    parameters, in the input's shape."""
+    N = lead[0]
+    x3 = input.reshape(N, -1, d)
+    r3 = residual.reshape(x3.shape) if residual is not None else None
+    y = norm(x3, "L", weight=weight, bias=bias, eps=eps, center=center, activation=activation, residual=r3,
+             training=False, backend=backend).reshape(input.shape)
+    if not center and not input.is_contiguous():
+        y = torch.empty_like(input).copy_(y)  # as _last_dims: torch's rms_norm keeps the layout
+    return y
+
+
 def _row_param(t, shape, d):
     """A normalized-shape parameter flattened to (D,); a broadcast one, (rows, D), as it is."""
     return t.reshape(d) if t is not None and tuple(t.shape) == shape else t
 
 
 def _broadcast_rows(input, shape, rows, d, weight, bias):
-    """A weight or bias that is not ``normalized_shape`` but broadcastable to the input (adaLN's
-    (N, 1, D) scale and shift for a (N, T, D) input) as a (rows, D) tensor, one row per
-    normalized row; ``normalized_shape``-shaped ones are returned as they are."""
+    """A weight or bias that is not ``normalized_shape`` but broadcastable to the input (a
+    per-position (1, T, D) one for a (N, T, D) input; adaLN's (N, 1, D) where _per_sample_rows
+    does not take it) as a (rows, D) tensor, one row per normalized row; a (1, ..., 1,
+    *normalized_shape) one as ``normalized_shape`` (a view: the same for every row);
+    ``normalized_shape``-shaped ones are returned as they are."""
     out = []
+    k = len(shape)
     for name, t in (("weight", weight), ("bias", bias)):
         if isinstance(t, torch.Tensor) and tuple(t.shape) != shape and t.dim() == input.dim():
             if not broadcasts_to(t, input.shape):
                 raise ValueError(f"{name} must have the normalized shape {list(shape)} or be broadcastable "
                                  f"to the input's shape {tuple(input.shape)}, got {tuple(t.shape)}")
             check_tensor(name, t, input)
-            t = t.expand(input.shape).reshape(rows, d)
+            if tuple(t.shape[t.dim() - k:]) == shape and all(s == 1 for s in t.shape[:t.dim() - k]):
+                t = t.reshape(shape)
+            else:
+                t = t.expand(input.shape).reshape(rows, d)
         out.append(t)
     return out

@@ -127,6 +127,10 @@ def empty_inputs(case: suites.Case, dtype: torch.dtype, channels_last: bool):
         kw["weight"] = torch.ones(c, dtype=dtype, device="cpu", requires_grad=True)
         if case.center:
             kw["bias"] = torch.zeros(c, dtype=dtype, device="cpu", requires_grad=True)
+    if case.kind in suites.ADAPTIVE_KINDS:  # per-sample modulation, as make_inputs: read in place
+        shape = suites.ada_param_shape(case)
+        kw["weight"] = torch.ones(shape, dtype=dtype, device="cpu", requires_grad=True)
+        kw["bias"] = torch.zeros(shape, dtype=dtype, device="cpu", requires_grad=True)
     return x, kw
 
 

@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from .common import (add_incoming, col_tile, grad_terms, load2d, load_residual, load_stats, param_offsets,
-                     row_block, side_offsets, store2d, store_param_grads, strided_tile_start)
+                     row_block, sample_row_block, side_offsets, store2d, store_param_grads, strided_tile_start)
 
 
 @triton.jit
@@ -117,11 +117,17 @@ def _bwd_fused_kernel(
     one channel: BatchNorm): the row sums of gz*xhat and gz are dweight and dbias, stored here.
     COL_CHANNEL (each column is one channel: LayerNorm rows, positional scope; launched on a
     persistent grid): each program keeps per-channel sums over the rows it saw.
+    PARAM_NC == 2 with COL_CHANNEL (adaLN's per-(sample, column) weight/bias, their gradients
+    asked for): a (J, N) grid, program (j, n) walking row blocks j, j+J, ... (ROW_BLOCKS of them)
+    of sample n only, so its per-column sums are partials of that sample's gradient ([2, N*J, M]).
     """
     dw = tl.zeros([BLOCK_M], dtype=tl.float32)
     db = tl.zeros([BLOCK_M], dtype=tl.float32)
     for rb in range(tl.program_id(0), ROW_BLOCKS, tl.num_programs(0)):
-        rows, rmask, rx, ro, rt, rh = row_block(rb, P, BLOCK_P, INT64, RG)
+        if PARAM_NC == 2 and COL_CHANNEL:
+            rows, rmask, rx, ro, rt, rh = sample_row_block(rb, tl.program_id(1), P, BLOCK_P, INT64, RG, PS)
+        else:
+            rows, rmask, rx, ro, rt, rh = row_block(rb, P, BLOCK_P, INT64, RG)
         if SEG:
             cmask, mask, cx, co, ct, ch, hm = _seg_tile(rmask, M, HM_B, HD_B, SEG, INT64, CG)
         else:
@@ -157,9 +163,10 @@ def _bwd_fused_kernel(
                 _seg_store(DB, rows, rmask, gz, hm, 0 if B_NC else P * hm, BLOCK_P, HM_B, HD_B, SEG)
     if COL_CHANNEL:  # partials [2, programs, M]: each program stores a contiguous row
         cols = tl.arange(0, BLOCK_M)
-        progs = tl.num_programs(0)
-        tl.store(DW + tl.program_id(0) * M + cols, dw, mask=cols < M)
-        tl.store(DW + M * progs + tl.program_id(0) * M + cols, db, mask=cols < M)
+        prog = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)  # PARAM_NC == 2: n*J + j
+        progs = tl.num_programs(0) * tl.num_programs(1)
+        tl.store(DW + prog * M + cols, dw, mask=cols < M)
+        tl.store(DW + M * progs + prog * M + cols, db, mask=cols < M)
 
 
 @triton.jit(do_not_specialize=["SPLIT"])
@@ -429,3 +436,48 @@ def _finish_kernel(
         tl.store(DW + cs, dw.to(DW.dtype.element_ty), mask=cmask)
     if NEED_DB:
         tl.store(DB + cs, db.to(DB.dtype.element_ty), mask=cmask)
+
+
+@triton.jit(do_not_specialize=["N", "J"])
+def _finish_samples_kernel(
+    Part, DW, DB,                     # fp32 partials [2, N*J, M] (program n*J + j of the dx pass)
+    M, N, J,
+    NEED_DW: tl.constexpr, NEED_DB: tl.constexpr, W_SAMPLE: tl.constexpr, B_SAMPLE: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    """adaLN's dweight, dbias from the per-sample partials of the fused dx pass: a per-sample
+    parameter (W_SAMPLE, B_SAMPLE; (N, 1, D) stored contiguous) gets each sample's sum of its J
+    partials at n*M + d, a per-column one ((1, 1, D) beside it) the sum of all N*J, by the
+    programs of sample 0 (the grid is then (column blocks, 1)). Fixed order, cast once."""
+    cs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cs < M
+    plane = N * J * M
+    for n in range(tl.program_id(1), N, tl.num_programs(1)):
+        if NEED_DW:
+            if W_SAMPLE:
+                dw = _sum_rows(Part, n * J, n * J + J, cs, cmask, M, BLOCK_C, BLOCK_S)
+                tl.store(DW + n * M + cs, dw.to(DW.dtype.element_ty), mask=cmask)
+        if NEED_DB:
+            if B_SAMPLE:
+                db = _sum_rows(Part + plane, n * J, n * J + J, cs, cmask, M, BLOCK_C, BLOCK_S)
+                tl.store(DB + n * M + cs, db.to(DB.dtype.element_ty), mask=cmask)
+    if tl.program_id(1) == 0:
+        if NEED_DW:
+            if not W_SAMPLE:
+                dw = _sum_rows(Part, 0, N * J, cs, cmask, M, BLOCK_C, BLOCK_S)
+                tl.store(DW + cs, dw.to(DW.dtype.element_ty), mask=cmask)
+        if NEED_DB:
+            if not B_SAMPLE:
+                db = _sum_rows(Part + plane, 0, N * J, cs, cmask, M, BLOCK_C, BLOCK_S)
+                tl.store(DB + cs, db.to(DB.dtype.element_ty), mask=cmask)
+
+
+@triton.jit
+def _sum_rows(Part, lo, hi, cs, cmask, M, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    """The sum of rows lo ... hi-1 of a [rows, M] fp32 buffer at columns ``cs``, BLOCK_S rows a step."""
+    acc = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for s0 in range(lo, hi, BLOCK_S):
+        ss = s0 + tl.arange(0, BLOCK_S)
+        mask = (ss < hi)[:, None] & cmask[None, :]
+        acc += tl.sum(tl.load(Part + ss[:, None] * M + cs[None, :], mask=mask, other=0.0), axis=0)
+    return acc

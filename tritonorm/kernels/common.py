@@ -378,6 +378,10 @@ def add_incoming(dx, DH, ro, co, mask, ADD_DH: tl.constexpr):
 # PARAM_NC: per-(sample, channel) weight/bias, (N, C, 1, ...) (or (C,) beside one), read in place
 # with their own strides: GroupNorm/InstanceNorm views whose row r = n * PG + g (PG rows a sample)
 # and whose channel is the row's channel digit plus the column's (layout.segments checks both).
+# PARAM_NC == 2: per-(sample, column) weight/bias, adaLN's (N, 1, D) (or (1, 1, D) beside one),
+# read in place: row-norm views over x's last axis whose row r = n * PG + t (PG rows a sample)
+# and whose column offset in the output is the column itself (launch.py checks both), so the
+# parameter's offset is n * stride_n + d * stride_d.
 
 
 @triton.jit
@@ -385,16 +389,37 @@ def param_offsets(rows, rh, ch, ro, co, PARAM_FULL: tl.constexpr, PARAM_NC: tl.c
     """(weight row, weight column, bias row, bias column) offsets of a tile: the channel digit's;
     (PARAM_FULL) the output's; (PARAM_NC) n * stride_n + c * stride_c of each parameter, with
     ``PS`` = (PG, weight's n and c strides, bias's), n = row // PG and c = rh + ch (a (C,)
-    parameter beside a per-sample one has stride_n = 0)."""
+    parameter beside a per-sample one has stride_n = 0); (PARAM_NC == 2) n * stride_n +
+    d * stride_d with d the column (= co: the launcher checks the output's column stride is 1)."""
     wr, wc, br, bc = rh, ch, rh, ch
     if PARAM_FULL:
         wr, wc, br, bc = ro, co, ro, co
-    if PARAM_NC:
+    if PARAM_NC == 2:
+        pg, wsn, wsd, bsn, bsd = PS
+        n = rows // pg
+        wr, wc = n * wsn, co * wsd
+        br, bc = n * bsn, co * bsd
+    elif PARAM_NC:
         pg, wsn, wsc, bsn, bsc = PS
         n = rows // pg
         wr, wc = n * wsn + rh * wsc, ch * wsc
         br, bc = n * bsn + rh * bsc, ch * bsc
     return wr, wc, br, bc
+
+
+@triton.jit
+def sample_row_block(tb, n, P, BLOCK_P: tl.constexpr, INT64: tl.constexpr, RG, PS):
+    """Row block ``tb`` of sample ``n`` (PARAM_NC == 2's backward): rows n*PG + tb*BLOCK_P ...,
+    masked at the sample's end, so a block never spans two samples; as row_block returns."""
+    pg, wsn, wsd, bsn, bsd = PS
+    if INT64:
+        tb = tl.cast(tb, tl.int64)
+        n = tl.cast(n, tl.int64)
+    t = tb * BLOCK_P + tl.arange(0, BLOCK_P)
+    rows = n * pg + t
+    rmask = (t < pg) & (rows < P)
+    rx, ro, rt, rh = side_offsets(rows, RG)
+    return rows, rmask, rx, ro, rt, rh
 
 
 @triton.jit

@@ -27,8 +27,8 @@ from . import forward as fk
 from . import native, pixels, planes
 from .fastlaunch import Launcher
 from .pixels_backward import PixelsBackward
-from .layout import (TooManyDims, channel_per_col, channel_per_row, channel_view, match_strides, segments,
-                     stat_view)
+from .layout import (TooManyDims, channel_per_col, channel_per_row, channel_view, match_strides, sample_rows,
+                     segments, stat_view)
 
 _MAX_GRID_1 = 65535  # CUDA's limit on the second grid dimension
 
@@ -158,6 +158,28 @@ def _nc_segments(c: "_Common", spec: Spec):
     return seg if seg is not None and seg.order else None
 
 
+def row_samples(nc) -> bool:
+    """Whether a param_nc tuple is adaLN's per-(sample, column) kind (core._row_affine: kinds
+    "nd" (N, 1, ..., D) and "d" (1, ..., 1, D)) rather than per (sample, channel)."""
+    return nc is not None and ("nd" in nc[:2] or "d" in nc[:2])
+
+
+def _row_samples_plan(c: "_Common", spec: Spec, profile):
+    """The backward plan under which adaLN's (N, 1, D) weight/bias are read in place (PARAM_NC
+    == 2), or None (then they are expanded): the view must allow it (layout.sample_rows) and the
+    backward be fused, whose dx pass sums each sample's rows per program (a (J, N) grid). The
+    looped/split backward has no per-sample partials: those regimes keep the expansion."""
+    if c.contiguous or not sample_rows(c.view, c.shape):
+        return None
+    xs = c.out_stride if c.copy_x else c.x_stride
+    x_meta = torch.empty_strided(c.shape, xs, dtype=c.dtype, device="meta")
+    bproblem = _problem("backward", c.view, x_meta, spec, c.fkey)
+    plan = dispatch.plan_for(bproblem, profile)
+    if plan.kernel == dispatch.NATIVE:  # the torch regime takes (C,) parameters only
+        plan = dispatch.choose(bproblem, profile)
+    return plan if plan.kernel == "fused" else None
+
+
 def _params(weight, bias, full: bool, x):
     """The weight and bias pointers the kernels take (x stands in for a missing one): per channel,
     unit stride; or (``full``) as given, already laid out like the output."""
@@ -204,15 +226,24 @@ class ForwardPlan:
         # — read in place by GroupNorm/InstanceNorm kernels (PARAM_NC), their gradients from the
         # backward's per-(sample, channel) partials. ``self.nc`` is that tuple when it applies,
         # else None and param_full's expansion runs.
-        self.nc = None
-        if param_nc is not None and mode == "train" and not pre_add and _nc_segments(c, spec) is not None:
-            self.nc = param_nc
+        # Row kind (row_samples: adaLN's (N, 1, D)): ``row_bplan`` is the fused backward plan
+        # that reads them in place too (_row_samples_plan), else they are expanded.
+        self.nc = self.row_bplan = None
+        if param_nc is not None and mode == "train" and not pre_add:
+            if row_samples(param_nc):
+                self.row_bplan = _row_samples_plan(c, spec, profile)
+                if self.row_bplan is not None:
+                    self.nc = param_nc
+            elif _nc_segments(c, spec) is not None:
+                self.nc = param_nc
+        if self.nc is not None:
             param_full = False
         self.param_full = param_full
         if param_full:
             pre["PARAM_FULL"] = True
         elif self.nc is not None:
-            pre.update(PARAM_NC=True, PS=(c.view.P // c.shape[0], *param_nc[2]))
+            pre.update(PARAM_NC=2 if self.row_bplan is not None else True,
+                       PS=(c.view.P // c.shape[0], *param_nc[2]))
         self.has_w, self.has_b, self.has_res, self.act = has_w, has_b, has_res, act
         self._backward: dict = {}
         self._lean: dict = {}
@@ -225,6 +256,7 @@ class ForwardPlan:
             self.inner = ForwardPlan(inner, spec, has_w, has_b, has_res, act, center, mode, running, profile,
                                      pre_add, param_full, param_nc)
             self.nc, self.param_full = self.inner.nc, self.inner.param_full
+            self.row_bplan = self.inner.row_bplan
             self.plan = self.inner.plan
             self.lean_ok = self.inner.lean_ok
             return
@@ -242,7 +274,7 @@ class ForwardPlan:
         pn = (0, 0)
         if self.nc is not None:
             w_sn, w_sc, b_sn, b_sc = self.nc[2]
-            pn = (w_sn, b_sn) if w_sc in (0, 1) and b_sc in (0, 1) else None
+            pn = (w_sn, b_sn) if w_sc in (0, 1) and b_sc in (0, 1) and self.row_bplan is None else None
         if (mode == "train" and not running and not pre_add and not param_full and pn is not None and not c.copy_x
                 and pixel_plan.applies(c.shape, c.x_stride, c.out_stride, spec, x.element_size())):
             self.pixels = pixels.PixelsForward(c.shape, spec, x.element_size(), has_w, has_b, has_res, act,
@@ -261,7 +293,8 @@ class ForwardPlan:
             return
         cfg = self.plan.config
         bp, bm, nw = cfg["block_p"], cfg["block_m"], cfg["num_warps"]
-        chan = 0 if param_full else (_nc_chan(view) if self.nc is not None else _chan_mode(view))
+        chan = 0 if param_full or self.row_bplan is not None else (
+            _nc_chan(view) if self.nc is not None else _chan_mode(view))
         flags = dict(c.flags, CHAN=chan, INT64=view.int64)
         rg, cg = view.geometry()
         kernel = self.plan.kernel
@@ -500,11 +533,15 @@ class BackwardPlan:
         row_channel = need_wb and dx_pass and not self.given and not param_full and channel_per_row(spec)
         # Each statistic a run of (sample, channel) segments (GroupNorm, InstanceNorm): the dx
         # pass stores per-segment partials (its fused tile is then (channel, position), padded).
+        # adaLN's per-(sample, column) weight/bias (row_samples): the forward plan's fused backward
+        # plan (it decided the parameters are read in place under it), its dx pass summing each
+        # sample's rows per program ([2, N*J, M] partials) and _finish_samples_kernel adding them.
+        rows_nc = fwd.row_bplan is not None
         seg = None
-        if need_wb and dx_pass and not row_channel and not param_full:
+        if need_wb and dx_pass and not row_channel and not param_full and not rows_nc:
             seg = segments(view, c.shape, spec, xs, c.out_stride)
         bproblem = _problem("backward", view, x_meta, spec, c.fkey, fused_m=seg.fused_cols if seg else 0)
-        self.plan = plan = dispatch.plan_for(bproblem, profile)
+        self.plan = plan = fwd.row_bplan if rows_nc else dispatch.plan_for(bproblem, profile)
         if nc is not None and plan.kernel == dispatch.NATIVE:
             # The torch regime takes (C,) parameters only: the heuristic's kernels instead.
             self.plan = plan = dispatch.choose(bproblem, profile)
@@ -517,7 +554,7 @@ class BackwardPlan:
         self.seg = seg
         cfg = plan.config
         bp, bm, nw = cfg["block_p"], cfg["block_m"], cfg["num_warps"]
-        chan = 0 if fwd.param_full else (_nc_chan(view) if nc is not None else _chan_mode(view))
+        chan = 0 if fwd.param_full or rows_nc else (_nc_chan(view) if nc is not None else _chan_mode(view))
         flags = dict(c.flags, CHAN=chan, INT64=view.int64)
         rg, cg = view.geometry()
         # nc: which gradients the segment partials give directly (a per-(sample, channel)
@@ -526,17 +563,19 @@ class BackwardPlan:
         self.w_nc = self.b_nc = False
         self.store_dx = True
         nck = {}
+        self.rows_nc = rows_nc and need_wb
         if nc is not None:
             self.w_nc, self.b_nc = need_dw and nc[0] == "nc", need_db and nc[1] == "nc"
             self.store_dx = need_dx or self.write_dres
-            nck = dict(PARAM_NC=True, PS=(P // c.shape[0], *nc[2]))
+            nck = dict(PARAM_NC=2 if rows_nc else True, PS=(P // c.shape[0], *nc[2]))
             addk.update(nck)
             if seg is not None:
                 addk.update(W_NC=self.w_nc, B_NC=self.b_nc)
         # Each column one channel (LayerNorm rows, positional scope) in the fused regime: a
         # persistent grid accumulates dweight and dbias per program.
-        col_channel = (need_wb and dx_pass and plan.kernel == "fused" and not param_full and nc is None
-                       and channel_per_col(view, c.shape[1]))
+        # adaLN's per-sample weight/bias (rows_nc): the same per-program column sums, per sample.
+        col_channel = self.rows_nc or (need_wb and dx_pass and plan.kernel == "fused" and not param_full
+                                       and nc is None and channel_per_col(view, c.shape[1]))
         self.row_channel, self.col_channel = row_channel, col_channel
         self.P, self.M = P, M
         common = dict(flags, BLOCK_P=bp, BLOCK_M=bm, num_warps=nw)
@@ -545,7 +584,13 @@ class BackwardPlan:
             if plan.kernel == "fused":
                 row_blocks = triton.cdiv(P, bp)
                 progs = row_blocks
-                if col_channel:
+                grid = None
+                if self.rows_nc:  # J programs a sample, each over that sample's blocks j, j+J, ...
+                    N = c.shape[0]
+                    row_blocks = triton.cdiv(P // N, bp)
+                    J = dispatch.sample_programs(N, P // N, bp, profile.sm_count)
+                    progs, grid = N * J, (J, N)
+                elif col_channel:
                     progs = dispatch.col_channel_programs(row_blocks, profile.sm_count)
                 self.progs = progs
                 self.dx_kind = "fused"
@@ -555,7 +600,7 @@ class BackwardPlan:
                     segk = dict(SEG=seg.order, HM_B=hm_b, HD_B=hd_b, BLOCK_M=hm_b * hd_b)
                 if not self.store_dx:
                     segk["STORE_DX"] = False
-                self.dx = (bk._bwd_fused_kernel, (progs,), (P, M, row_blocks, rg, cg),
+                self.dx = (bk._bwd_fused_kernel, grid or (progs,), (P, M, row_blocks, rg, cg),
                            dict(common, **addk, **segk, CENTER=c.center, GIVEN=self.given,
                                 WRITE_DRES=self.write_dres, ROW_CHANNEL=row_channel, COL_CHANNEL=col_channel,
                                 NEED_DW=need_dw, NEED_DB=need_db))
@@ -666,6 +711,15 @@ class BackwardPlan:
         reduced = self.finish_cols if self.finish_cols is not None else getattr(self, "C", 1)
         self.finish = Launcher(bk._finish_kernel, (triton.cdiv(reduced, 64),),
                                dict(NEED_DW=fin_w, NEED_DB=fin_b, BLOCK_C=64, BLOCK_S=MERGE_BLOCK))
+        if self.rows_nc:
+            # Per-sample sums of the [2, N*J, M] partials (a (1, ..., D) parameter beside: all of
+            # them, by the programs of sample 0 on a (column blocks, 1) grid).
+            ws, bs = nc[0] == "nd", nc[1] == "nd"
+            per_sample_only = (ws or not need_dw) and (bs or not need_db)
+            self.finish = Launcher(bk._finish_samples_kernel,
+                                   (triton.cdiv(M, 64), c.shape[0] if per_sample_only else 1),
+                                   dict(NEED_DW=need_dw, NEED_DB=need_db, W_SAMPLE=ws, B_SAMPLE=bs, BLOCK_C=64,
+                                        BLOCK_S=MERGE_BLOCK))
 
     @property
     def launches(self) -> int:
@@ -738,7 +792,12 @@ class BackwardPlan:
         dxp = x if dx is None else dx
         if self.dx_kind == "fused":
             run, fixed = self.dx
-            if self.col_channel:
+            if self.rows_nc:  # adaLN: [2, N*J, M] per-sample partials
+                N = c.shape[0]
+                part = _empty((2, self.progs, self.M), x.device)
+                run(x, dy, r, w, b, stats, dxp, dr, part, part, *fixed, **dhk)
+                self.finish(part, dwp, dbp, self.M, N, self.progs // N)
+            elif self.col_channel:
                 part = _empty((2, self.progs, self.M), x.device)
                 run(x, dy, r, w, b, stats, dx, dr, part, part, *fixed, **dhk)
                 self.finish(part, dwp, dbp, self.M, self.progs)

@@ -17,6 +17,7 @@ channels.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 import torch
@@ -190,6 +191,23 @@ def channel_per_row(spec: Spec) -> bool:
 def channel_per_col(view: View, channels: int) -> bool:
     """Each column of the statistic view is one channel (LayerNorm rows, positional scope)."""
     return view.cols.chan == (1, view.M, 1) and view.M == channels
+
+
+def sample_rows(view: View, shape) -> bool:
+    """Whether adaLN's per-(sample, column) weight/bias can be read in place on this statistic
+    view of a norm over x's last axis (common.param_offsets, PARAM_NC == 2): the rows in logical
+    (sample, position) order — the rows' statistic offset is the row itself, so row r is sample
+    r // (P / N) — and the columns the last axis with unit output stride (column d's output
+    offset is d). The grid's second axis holds the samples."""
+    N, M = shape[0], view.M
+    if N > 65535 or M != shape[-1] or view.P % N:
+        return False
+    rows = view.rows
+    for i, (size, st) in enumerate(zip(rows.sizes, rows.strides[2])):
+        if size > 1 and st != math.prod(rows.sizes[i + 1:]):
+            return False
+    cols = view.cols
+    return M <= 1 or (all(sz == 1 for sz in cols.sizes[1:]) and cols.strides[1][0] == 1)
 
 
 def alloc_out(x: torch.Tensor) -> torch.Tensor:
