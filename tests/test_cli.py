@@ -30,7 +30,8 @@ def test_help_lists_every_command(capsys):
 
 @pytest.mark.parametrize("command,words", [
     ("tune", ["--suite", "--dry-run", "resnet50", "sd-unet", "llm", "all", "local"]),
-    ("bench", ["--suite", "--dtype", "--mode", "--providers", "--no-plots", "--out", "--json", "--quiet"]),
+    ("bench", ["--suite", "--dtype", "--mode", "--providers", "--no-plots", "--out", "--json", "--quiet",
+               "--model", "--memory", "--host"]),
     ("explain", ["--shape", "--scope", "--device", "--groups"]),
 ])
 def test_subcommand_help(capsys, command, words):
@@ -119,6 +120,27 @@ def test_bench_output_paths_of_the_wrong_kind(capsys, tmp_path, flag):
         target.mkdir()
     assert cli.main(["bench", flag, str(target)]) == 2
     assert flag in capsys.readouterr().err
+
+
+def test_bench_model_prints_the_cost_model_of_each_case(capsys, tmp_path):
+    out_json = tmp_path / "model.json"
+    assert cli.main(["bench", "--model", "h100", "--suite", "llm", "--filter", "ln 4096x16384",
+                     "--dtype", "bf16,fp32", "--json", str(out_json)]) == 0
+    out = capsys.readouterr().out
+    assert "h100 profile" in out and "forward: " in out and "backward: " in out
+    import json
+
+    rows = json.loads(out_json.read_text())
+    assert [r["dtype"] for r in rows] == ["bfloat16", "float32"]
+    for r in rows:
+        for op in ("forward", "backward"):
+            c = r[op]
+            assert c["bytes"] >= c["ideal"] > 0 and c["ratio"] == c["bytes"] / c["ideal"] and c["us"] > 0
+        # 16384 wide rows are not fused in the backward: the first stage's per-column sums, the
+        # apply kernel and the finish (no channel-view sweep).
+        assert (r["backward"]["kernel"], r["backward"]["launches"]) in {("looped", 3), ("split", 3)}, r
+    assert cli.main(["bench", "--model", "h300"]) == 2
+    assert "--model" in capsys.readouterr().err
 
 
 def test_explain_command(capsys):

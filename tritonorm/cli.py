@@ -4,6 +4,7 @@
     tritonorm bench [--suite S] [--dtype fp32,bf16] [--mode fwd,bwd] [--providers ...] [--out DIR] [--json PATH]
     tritonorm bench --memory [--suite S] [--dtype ...] [--filter TEXT] [--providers compile] [--json PATH]
     tritonorm bench --host [--json PATH]
+    tritonorm bench --model [h100|h200] [--suite S] [--dtype ...] [--filter TEXT] [--json PATH]
     tritonorm tune  [--suite S] [--dtype ...] [--op forward,backward] [--dry-run] [--limit N] [--budget-s S] [--output FILE]
     tritonorm explain --shape 1,320,64,64 --scope group --groups 32 [--device h100]
 
@@ -141,6 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--memory", action="store_true",
                    help="instead of timing: bytes saved for backward per call, tritonorm beside eager "
                    "(measured on CPU with saved_tensors_hooks; no GPU needed)")
+    b.add_argument("--model", nargs="?", const="h200", choices=PROFILE_NAMES[:2], default=None, metavar="PROFILE",
+                   help="instead: the cost model of every case on a GPU profile (h100 or h200, default "
+                   "h200), forward and backward: regime, launches, bytes against the ideal, predicted us; "
+                   "plans on meta tensors, runs nothing (any machine)")
 
     t = sub.add_parser("tune", help="measure candidate plans on this GPU and store the fastest "
                        "in the tuning cache", description="Sweeps launch plans for the suite shapes on "
@@ -202,6 +207,8 @@ def cmd_bench(args) -> int:
 
     if args.memory:
         return _bench_memory(args)
+    if args.model is not None:
+        return _bench_model(args)
     for flag, path in (("--out", args.out), ("--json", args.json)):
         if path is not None and path.exists() and (path.is_dir() if flag == "--json" else not path.is_dir()):
             raise UsageError(flag, f"{str(path)!r} exists and is a {'folder' if path.is_dir() else 'file'}")
@@ -211,6 +218,33 @@ def cmd_bench(args) -> int:
                    name_filter=args.filter, progress=not args.quiet)
     except runner.NoCases as exc:
         raise UsageError("--filter", str(exc)) from None
+    return 0
+
+
+def _bench_model(args) -> int:
+    """``bench --model``: the cost model of every selected case (bench/model.py)."""
+    import json
+
+    from .bench import model, shapes
+    from .bench.table import format_table
+
+    if args.json is not None and args.json.is_dir():
+        raise UsageError("--json", f"{str(args.json)!r} exists and is a folder")
+    case_list = shapes.select(args.suite, args.filter)
+    if not case_list:
+        raise UsageError("--filter", f"no case of suite {args.suite!r} matches {args.filter!r}")
+    rows = [model.report(case, shapes.DTYPES[dt], args.model) for dt in (args.dtype or ["bf16"])
+            for case in case_list]
+    head = ("suite", "case", "dtype", "fwd regime", "fwd launches", "fwd bytes/ideal", "fwd us",
+            "bwd regime", "bwd launches", "bwd bytes/ideal", "bwd us")
+    print(f"Cost model on the {args.model} profile (tritonorm/cost.py; predicted, not measured)")
+    print(format_table(head, [(r["suite"], r["case"], r["dtype"], r["forward"]["kernel"], r["forward"]["launches"],
+                               r["forward"]["ratio"], r["forward"]["us"], r["backward"]["kernel"],
+                               r["backward"]["launches"], r["backward"]["ratio"], r["backward"]["us"])
+                              for r in rows]))
+    print(model.summary(rows))
+    if args.json is not None:
+        args.json.write_text(json.dumps(rows, indent=1))
     return 0
 
 
