@@ -21,8 +21,17 @@ SUBSET = (
      "(kernels/pixels.py, pixels_backward.py), every regime, forward and backward"),
     ("tests/test_gn_backward.py", "GroupNorm/InstanceNorm backward with dweight/dbias from the dx "
      "pass (segment view), every regime and layout"),
+    ("tests/test_planes.py", "BatchNorm NCHW at 7x7/14x14 on flat channel-block tiles (kernels/planes.py), "
+     "forward and backward, running statistics"),
+    ("tests/test_lean.py", "lean statistics (rstd and shifted mean kept, the pivot read again from x) in "
+     "every regime; LayerNorm rows' looped/split backward with per-column sums (_bwd_col_sums_kernel)"),
     ("tests/test_functional.py", "batch/group/instance/layer/rms norm entry points"),
     ("tests/test_sample_groups.py", "Ghost BatchNorm (sample groups)"),
+    ("tests/test_add_norm.py", "add_norm (pre-norm residual): h and y in one kernel, one kernel back"),
+    ("tests/test_sample_affine.py", "per-(sample, channel) weight/bias read in place (GroupNorm, "
+     "InstanceNorm; NCHW rows and channels_last whole pixels)"),
+    ("tests/test_adaln.py", "adaLN's (N, 1, D) weight/bias read in place by the row kernels, the "
+     "per-sample backward and its finish"),
     ("tests/test_dispatch.py::test_explain_matches_what_the_launcher_runs",
      "explain() plans what the launcher runs, on the device"),
     ("tests/test_dispatch.py::test_explain_matches_the_whole_pixel_plans",
