@@ -299,3 +299,17 @@ def test_profile_from_properties_uses_real_sm_count():
     assert prof.table == "h100" and prof.sm_count == 114 and prof.live
     other = dispatch.profile_from_properties("NVIDIA A100-SXM4-80GB", 108, (8, 0))
     assert other.table is None and other.sm_count == 108
+
+
+def test_explain_dwdb_says_when_the_call_runs_no_sweep_of_its_own():
+    w = torch.empty(4096, dtype=torch.bfloat16, device="meta")
+    rows = torch.empty(4096, 4096, dtype=torch.bfloat16, device="meta")
+    # LayerNorm rows: dweight/dbias come out of the dx pass (fused: per-program column sums).
+    assert "not run by this call" in explain(rows, "layer", weight=w, bias=w, device="h200",
+                                                       op="dwdb").reason
+    assert "no weight or bias" in explain(rows, "layer", device="h200", op="dwdb").reason
+    # GroupNorm at SD's 320x64^2: the looped/split backward's sums kernel on the segment view runs.
+    x = torch.empty(2, 320, 64, 64, dtype=torch.bfloat16, device="meta")
+    wc = torch.empty(320, dtype=torch.bfloat16, device="meta")
+    plan = explain(x, "group", num_groups=32, weight=wc, bias=wc, device="h200", op="dwdb")
+    assert "not run" not in plan.reason

@@ -191,13 +191,17 @@ def explain(x: torch.Tensor, scope: str = "group", *, num_groups: int | None = N
     if (op == "forward" and running_var is not None and not training and plan.kernel != dispatch.NATIVE
             and "planes" not in plan.config):
         note += " (eval with running statistics: only the apply kernel runs, with these blocks)"
+    sweeps = []
     call_cost = _cost(op, plan, problem, profile, x, spec, weight, bias, residual, act, running_var, training,
-                      flags, pre_add, param_full, param_nc, rows[1] if rows is not None else 0)
+                      flags, pre_add, param_full, param_nc, rows[1] if rows is not None else 0, sweeps)
+    if op == "dwdb" and not (sweeps and sweeps[0]):
+        note += (" (not run by this call: no weight or bias)" if weight is None and bias is None else
+                 " (not run by this call: the backward's dx pass gives dweight/dbias)")
     return dispatch.Plan(plan.kernel, dict(plan.config), plan.reason + note, cost=call_cost)
 
 
 def _cost(op, plan, problem, profile, x, spec, weight, bias, residual, act, running_var, training, flags,
-          pre_add=None, param_full=False, param_nc=None, sample_programs=0):
+          pre_add=None, param_full=False, param_nc=None, sample_programs=0, sweeps=None):
     """The cost model of the whole forward (op="forward") or backward (op="backward"/"dwdb")."""
     params = weight if weight is not None else bias
     common = dict(elem_bytes=x.element_size(), channels=x.shape[1], has_w=weight is not None,
@@ -250,6 +254,8 @@ def _cost(op, plan, problem, profile, x, spec, weight, bias, residual, act, runn
         cview = _view(x, spec, channel_view)
         dwdb = dispatch.plan_for(dispatch.problem_from_view("dwdb", cview, x.element_size(), spec=spec,
                                                             dtype=problem.dtype, flags=flags), profile)
+    if sweeps is not None:  # whether a dweight/dbias sweep of its own runs (op "dwdb" plans it)
+        sweeps.append(dwdb is not None or (segs is not None and bplan.kernel not in ("fused", dispatch.NATIVE)))
     return cost.backward_cost(bplan, bproblem, dwdb, profile, act=act is not None, row_channel=row_channel,
                               col_channel=col_channel, given=given, segments=segs, sample_programs=sample_programs,
                               **common)
