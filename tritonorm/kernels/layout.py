@@ -219,7 +219,8 @@ class Segments:
 
     Each statistic row r spans ``hm`` channels of ``H`` elements each; segment ``r*hm + j`` is
     sample n, channel c with ``r*hm + j == n*C + c`` (checked), so fp32 partials laid out
-    [.., N*C] sum to dweight/dbias over N. ``order``: how a column index splits in the statistic
+    [.., N*C] sum to dweight/dbias over N (``sample_group_segments``: sample group s, channel c,
+    segment s*C + c, summed over the S groups; in general over ``view.P // C`` blocks). ``order``: how a column index splits in the statistic
     view, 1: col = j*H + h (NCHW; InstanceNorm), 2: col = h*hm + j (channels_last GroupNorm),
     0: neither (no fused factorization; the segment view still serves the two-stage regimes).
     """
@@ -278,3 +279,20 @@ def segments(view: View, shape, spec: Spec, x_strides, out_strides) -> Segments 
     if sview.P != N * C or sview.M != H or sview.rows.chan != ((1, C, 1) if C > 1 else (1, 1, 0)):
         return None
     return Segments(hm=hm, H=H, order=order, view=sview)
+
+
+def sample_group_segments(view: View, shape, spec: Spec) -> Segments | None:
+    """Ghost BatchNorm (BatchNorm's scope with sample groups S > 1) as segments of one channel:
+    each statistic is the (sample group s, channel c) segment, so the dx pass's per-statistic sums
+    are dweight/dbias partials summed over the S groups (as GroupNorm's over the N samples). The
+    segment view is the statistic view itself (hm = 1, plain columns). Its rows must be s*C + c
+    (the channel the rows' fastest digit, checked), the order the partials are summed in; else
+    None (then the channel-view sweep runs: x permuted so that C is outside N)."""
+    if spec.sample_groups == 1 or not spec.allows_running_stats or spec.reduces_c or len(shape) < 2:
+        return None
+    C = shape[1]
+    if view.P != spec.sample_groups * C or view.M < MIN_SEGMENT:
+        return None
+    if view.rows.chan != ((1, C, 1) if C > 1 else (1, 1, 0)):
+        return None
+    return Segments(hm=1, H=view.M, order=1, view=view)
