@@ -1,8 +1,10 @@
-"""Ghost BatchNorm's backward (``scope="batch", sample_groups=S``) in two launches.
+"""Ghost BatchNorm's backward (``scope="batch", sample_groups=S``) in two launches, and
+batch_group's (channel groups, any S).
 
 Each statistic is one (sample group, channel) segment: the dx pass's per-statistic sums of gz and
-gz * xhat are dweight/dbias partials [2, S, C] (layout.sample_group_segments), added over the S
-groups by ``_finish_kernel`` (fused) or by the apply kernel's first programs (looped, split).
+gz * xhat are dweight/dbias partials [2, S, C] (layout.batch_segments), added over the S
+groups by ``_finish_kernel`` (fused) or by the apply kernel's first programs (looped, split);
+batch_group's statistic (s, g) is Cg such segments.
 Every regime, layout, dtype and affine combination is checked against the float64 reference run
 on each group of samples, with the launches recorded and compared to explain()'s count.
 """
@@ -31,17 +33,17 @@ TWO = {"fused": ["_bwd_fused_kernel", "_finish_kernel"],
        "split": ["_bwd_sums_kernel", "_bwd_apply_kernel"]}
 
 
-def _chunked(leaves, s, activation, compute_dtype=None):
-    """The oracle: the reference (BatchNorm's scope, no sample groups) on each group of samples."""
+def _chunked(leaves, s, activation, compute_dtype=None, scope="batch", groups=None):
+    """The oracle: the reference (the scope without sample groups) on each group of samples."""
     x, w, b, r = leaves
-    spec = scopes.parse("batch", x.dim())
+    spec = scopes.parse(scope, x.dim(), groups, x.shape[1])
     res = [None] * s if r is None else r.chunk(s)
     return torch.cat([reference.norm(xc, spec, w, b, 1e-5, True, activation, rc, compute_dtype=compute_dtype)
                       for xc, rc in zip(x.chunk(s), res)])
 
 
 def _check(shape, s, monkeypatch, *, dtype=torch.float32, fmt=None, regime=None, affine="wb",
-           residual=False, activation=None, want="xwbr", x=None):
+           residual=False, activation=None, want="xwbr", x=None, scope="batch", groups=None):
     """Forward and the gradients named in ``want`` (of x, weight, bias, residual that exist)
     against the chunked float64 reference; returns the backward's recorded launches."""
     if x is None:
@@ -54,24 +56,25 @@ def _check(shape, s, monkeypatch, *, dtype=torch.float32, fmt=None, regime=None,
     ref = [None if t is None else t.detach().double().requires_grad_(g) for t, g in zip(leaves, grad)]
     names = record_launches(monkeypatch)
     with small_tiles(regime) if regime else _null():
-        y = tritonorm.norm(ours[0], "batch", sample_groups=s, weight=ours[1], bias=ours[2], residual=ours[3],
-                           activation=activation, backend="triton")
+        y = tritonorm.norm(ours[0], scope, num_groups=groups, sample_groups=s, weight=ours[1], bias=ours[2],
+                           residual=ours[3], activation=activation, backend="triton")
         plain = [None if t is None else t.detach() for t in ours]
-        predicted = tritonorm.explain(plain[0], "batch", sample_groups=s, weight=plain[1], bias=plain[2],
-                                      residual=plain[3], activation=activation, op="backward").cost.launches
+        predicted = tritonorm.explain(plain[0], scope, num_groups=groups, sample_groups=s, weight=plain[1],
+                                      bias=plain[2], residual=plain[3], activation=activation,
+                                      op="backward").cost.launches
         names.clear()
         live = [t for t, g in zip(ours, grad) if g]
         got = torch.autograd.grad(y, live, dy)
-    y64 = _chunked(ref, s, activation)
+    y64 = _chunked(ref, s, activation, scope=scope, groups=groups)
     exp = torch.autograd.grad(y64, [t for t, g in zip(ref, grad) if g], dy.double())
     eager_y = eager_g = None
     if dtype in LOW:
         low = [None if t is None else t.detach().clone().requires_grad_(g) for t, g in zip(leaves, grad)]
-        eager_y = _chunked(low, s, activation, compute_dtype=dtype)
+        eager_y = _chunked(low, s, activation, compute_dtype=dtype, scope=scope, groups=groups)
         eager_g = torch.autograd.grad(eager_y, [t for t, g in zip(low, grad) if g], dy)
     # Rounding scales with the terms y and dx are made of (as tests/cases.py): dx is a
     # difference of terms of size rstd * |dy| * |w|.
-    spec = scopes.parse("batch", x.dim(), sample_groups=s)
+    spec = scopes.parse(scope, x.dim(), groups, x.shape[1], sample_groups=s)
     x64 = x.detach().double()
     _, var = reference.moments(x64, spec)
     amax = (lambda t: 0.0 if t is None else t.double().abs().max().item())
@@ -129,6 +132,22 @@ def test_dispatchers_own_plan_2d_and_3d(monkeypatch):
     for shape, s, fmt in (((8, 5), 4, None), ((4, 3, 2, 3, 2), 2, torch.channels_last_3d)):
         names = _check(shape, s, monkeypatch, fmt=fmt, residual=True, activation="relu")
         assert len(names) == 2 and "_dwdb_kernel" not in names, names
+
+
+@pytest.mark.parametrize("regime", ["fused", "looped", "split"])
+@pytest.mark.parametrize("fmt", [None, torch.channels_last])
+@pytest.mark.parametrize("s", [1, 2])
+def test_batch_group(s, fmt, regime, monkeypatch):
+    # Statistic (s, g) spans Cg channels: segments s*C + c of the same partials, on the segment
+    # view (rows (s, c)) in the looped/split sums kernel, on a (position, channel) tile when fused
+    # in channels_last. NCHW has no such fused tile (the channel digit is inside N): the fused dx
+    # kernel plus the channel-view sweep.
+    names = _check((4, 6, 3, 2), s, monkeypatch, fmt=fmt, regime=regime, scope="batch_group", groups=3,
+                   residual=True, activation="gelu")
+    if fmt is None and regime == "fused":
+        assert names[:2] == ["_bwd_fused_kernel", "_dwdb_kernel"], names
+    else:
+        assert names == TWO[regime], names
 
 
 def test_weight_gradient_alone_sweeps_the_channel_view(monkeypatch):

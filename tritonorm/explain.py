@@ -14,7 +14,7 @@ import torch
 
 from . import activations, backend as backends, cost, dispatch, pixel_plan, planes_plan
 from .kernels.layout import (MAX_DIMS, TooManyDims, alloc_out, channel_per_col, channel_per_row, channel_view,
-                             sample_group_segments, segments, stat_view)
+                             batch_segments, segments, stat_view)
 from .validation import check_norm_args
 
 OPS = ("forward", "backward", "dwdb")
@@ -60,19 +60,19 @@ def _view_strides(x: torch.Tensor, spec, make):
     return None, None, None
 
 
-def _segments(x, spec, weight, bias, param_full, given, sample_groups=False):
+def _segments(x, spec, weight, bias, param_full, given, batch=False):
     """The launcher's per-(sample, channel) segments of the backward (layout.segments), or None
-    (as BackwardPlan decides with every gradient asked for). ``sample_groups``: Ghost BatchNorm's
-    (sample group, channel) segments too (layout.sample_group_segments; the backward's, not the
-    per-sample affine's)."""
+    (as BackwardPlan decides with every gradient asked for). ``batch``: the (sample group,
+    channel) segments of Ghost BatchNorm and batch_group too (layout.batch_segments; the
+    backward's, not the per-sample affine's)."""
     if (weight is None and bias is None) or param_full or (not given and channel_per_row(spec)):
         return None
     view, xs, ys = _view_strides(x, spec, stat_view)
     if view is None:
         return None
     seg = segments(view, x.shape, spec, xs, ys)
-    if seg is None and sample_groups and not given:
-        seg = sample_group_segments(view, x.shape, spec)
+    if seg is None and batch and not given:
+        seg = batch_segments(view, x.shape, spec, xs, ys)
     return seg
 
 

@@ -28,7 +28,7 @@ from . import native, pixels, planes
 from .fastlaunch import Launcher
 from .pixels_backward import PixelsBackward
 from .layout import (TooManyDims, channel_per_col, channel_per_row, channel_view, match_strides,
-                     sample_group_segments, segments, stat_view)
+                     batch_segments, segments, stat_view)
 
 _MAX_GRID_1 = 65535  # CUDA's limit on the second grid dimension
 
@@ -444,12 +444,12 @@ class BackwardPlan:
         row_channel = need_wb and dx_pass and not self.given and not param_full and channel_per_row(spec)
         # Each statistic a run of (sample, channel) segments (GroupNorm, InstanceNorm): the dx
         # pass stores per-segment partials (its fused tile is then (channel, position), padded).
-        # Ghost BatchNorm: each statistic one (sample group, channel) segment, the same partials.
+        # Ghost BatchNorm and batch_group: (sample group, channel) segments, the same partials.
         seg = None
         if need_wb and dx_pass and not row_channel and not param_full:
             seg = segments(view, c.shape, spec, xs, c.out_stride)
             if seg is None and not self.given:
-                seg = sample_group_segments(view, c.shape, spec)
+                seg = batch_segments(view, c.shape, spec, xs, c.out_stride)
         bproblem = _problem("backward", view, x_meta, spec, c.fkey, fused_m=seg.fused_cols if seg else 0)
         self.plan = plan = dispatch.plan_for(bproblem, profile)
         if nc is not None and plan.kernel == dispatch.NATIVE:
