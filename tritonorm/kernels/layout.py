@@ -220,7 +220,8 @@ class Segments:
     Each statistic row r spans ``hm`` channels of ``H`` elements each; segment ``r*hm + j`` is
     sample n, channel c with ``r*hm + j == n*C + c`` (checked), so fp32 partials laid out
     [.., N*C] sum to dweight/dbias over N (``batch_segments``: sample group s, channel c,
-    segment s*C + c, summed over the S groups; in general over ``view.P // C`` blocks). ``order``: how a column index splits in the statistic
+    segment s*C + c, summed over the S groups; in general over ``view.P // C`` blocks).
+    ``order``: how a column index splits in the statistic
     view, 1: col = j*H + h (NCHW; InstanceNorm), 2: col = h*hm + j (channels_last GroupNorm),
     0: neither (no fused factorization; the segment view still serves the two-stage regimes).
     """
