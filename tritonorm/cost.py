@@ -134,9 +134,11 @@ def backward_cost(plan: dispatch.Plan, problem: dispatch.Problem, dwdb_plan: dis
     copy, read x-sized by the kernels, which write x-sized per-element gradients that a torch
     reduction per parameter sums over the broadcast axes. ``segments``: (N*C, the sums kernel's
     split) when dweight/dbias come from per-(sample, channel) partials of the dx pass
-    (GroupNorm, InstanceNorm; layout.Segments): fused, [2, N*C] partials and a finish launch;
-    looped/split, the sums kernel runs on the N*C segment rows and writes [4, N*C, split]
-    partials, which the apply kernel reads back (S1, S2 per statistic, and dweight/dbias).
+    (GroupNorm, InstanceNorm; layout.Segments), or (S*C, split) from per-(sample group,
+    channel) ones (Ghost BatchNorm, batch_group; layout.batch_segments): fused, [2, N*C] partials and a
+    finish launch; looped/split, the sums kernel runs on the N*C segment rows and writes
+    [4, N*C, split] partials, which the apply kernel reads back (S1, S2 per statistic, and
+    dweight/dbias). Two launches either way.
     ``param_nc``: (elements of weight and bias, how many are (C,)) for per-(sample, channel) ones
     (with ``segments``): each is read and its gradient written once, N*C elements; the fused
     dx pass stores a per-sample gradient itself, so only a (C,) one beside it has fp32 partials

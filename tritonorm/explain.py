@@ -14,7 +14,7 @@ import torch
 
 from . import activations, backend as backends, cost, dispatch, pixel_plan, planes_plan
 from .kernels.layout import (MAX_DIMS, TooManyDims, alloc_out, channel_per_col, channel_per_row, channel_view,
-                             sample_rows, segments, stat_view)
+                             batch_segments, sample_rows, segments, stat_view)
 from .validation import check_norm_args
 
 OPS = ("forward", "backward", "dwdb")
@@ -60,13 +60,20 @@ def _view_strides(x: torch.Tensor, spec, make):
     return None, None, None
 
 
-def _segments(x, spec, weight, bias, param_full, given):
+def _segments(x, spec, weight, bias, param_full, given, batch=False):
     """The launcher's per-(sample, channel) segments of the backward (layout.segments), or None
-    (as BackwardPlan decides with every gradient asked for)."""
+    (as BackwardPlan decides with every gradient asked for). ``batch``: the (sample group,
+    channel) segments of Ghost BatchNorm and batch_group too (layout.batch_segments; the
+    backward's, not the per-sample affine's)."""
     if (weight is None and bias is None) or param_full or (not given and channel_per_row(spec)):
         return None
     view, xs, ys = _view_strides(x, spec, stat_view)
-    return None if view is None else segments(view, x.shape, spec, xs, ys)
+    if view is None:
+        return None
+    seg = segments(view, x.shape, spec, xs, ys)
+    if seg is None and batch and not given:
+        seg = batch_segments(view, x.shape, spec, xs, ys)
+    return seg
 
 
 def flags_of(weight, bias, residual, act, center) -> str:
@@ -159,7 +166,7 @@ def explain(x: torch.Tensor, scope: str = "group", *, num_groups: int | None = N
     if rows is not None:
         param_full = False
         param_nc = (sum(t.numel() for t in (weight, bias) if t is not None), rows[0][:2].count("d"))
-    seg = _segments(x, spec, weight, bias, param_full or rows is not None, given) if op != "forward" else None
+    seg = _segments(x, spec, weight, bias, param_full or rows is not None, given, True) if op != "forward" else None
     view = _view(x, spec, channel_view if op == "dwdb" else stat_view)
     if op == "dwdb" and seg is not None:
         view = seg.view
@@ -222,7 +229,7 @@ def _cost(op, plan, problem, profile, x, spec, weight, bias, residual, act, runn
     if "cb" in plan.config:  # the whole-pixel kernels (kernels/pixels_backward.py)
         return cost.pixels_backward_cost(plan, problem, profile, samples=x.shape[0], act=act is not None, **common)
     fwd_view = _view(x, spec, stat_view)
-    seg = _segments(x, spec, weight, bias, param_full or sample_programs > 0, given)
+    seg = _segments(x, spec, weight, bias, param_full or sample_programs > 0, given, True)
     bproblem = dispatch.problem_from_view("backward", fwd_view, x.element_size(), spec=spec,
                                           dtype=problem.dtype, flags=flags,
                                           fused_m=seg.fused_cols if seg is not None else 0)

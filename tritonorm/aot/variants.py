@@ -123,6 +123,8 @@ def empty_inputs(case: suites.Case, dtype: torch.dtype, channels_last: bool):
     x.requires_grad_(True)
     c = case.shape[1]
     kw = dict(num_groups=case.num_groups, center=case.center, activation=case.activation)
+    if case.sample_groups > 1:  # Ghost BatchNorm: else the suite would compile plain BatchNorm's
+        kw["sample_groups"] = case.sample_groups
     if case.affine:
         kw["weight"] = torch.ones(c, dtype=dtype, device="cpu", requires_grad=True)
         if case.center:
@@ -169,8 +171,8 @@ def record_suites(suite_names=("all",), dtypes=tuple(DTYPES), layouts: str = "bo
             for case in suites.cases(suite):
                 for cl in layouts_of(case, layouts):
                     for dname in dtypes:
-                        key = (case.kind, case.shape, case.scope, case.num_groups, cl, case.activation,
-                               case.center, dname)
+                        key = (case.kind, case.shape, case.scope, case.num_groups, case.sample_groups, cl,
+                               case.activation, case.center, dname)
                         if key in seen:  # "both" makes some suite cases twice
                             continue
                         seen.add(key)

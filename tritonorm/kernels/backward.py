@@ -21,7 +21,11 @@ over every element of channel c. Where they come from:
       runs on the segment view (rows = the N*C segments) and also stores each segment's S1, S2;
       ``_bwd_apply_kernel`` adds a statistic's hm*SPLIT of those and its first programs add the
       dweight/dbias partials (FINISH). Two launches either way, x and dy read as often as for dx;
-  otherwise (sample groups, kept spatial axes, only dweight/dbias asked for): ``_dwdb_kernel``
+  each statistic a run of (sample group, channel) segments (Ghost BatchNorm: one channel, the
+      segment view the statistic view; batch_group: Cg channels; layout.batch_segments): the
+      same, segment s*C + c, partials [2, S, C] added over the S groups;
+  otherwise (e.g. NCHW batch_group fused, sample groups with kept spatial axes or C outside N
+      in memory, LayerNorm rows looped or split, only dweight/dbias asked for): ``_dwdb_kernel``
       sweeps the channel view; with one chunk per channel it writes the result itself, else
       ``_finish_kernel`` adds its chunks.
 Partials are fp32 and summed in a fixed order (deterministic, no atomics). Every kernel

@@ -27,8 +27,8 @@ from . import forward as fk
 from . import native, pixels, planes
 from .fastlaunch import Launcher
 from .pixels_backward import PixelsBackward
-from .layout import (TooManyDims, channel_per_col, channel_per_row, channel_view, match_strides, sample_rows,
-                     segments, stat_view)
+from .layout import (TooManyDims, batch_segments, channel_per_col, channel_per_row, channel_view, match_strides,
+                     sample_rows, segments, stat_view)
 
 _MAX_GRID_1 = 65535  # CUDA's limit on the second grid dimension
 
@@ -537,9 +537,12 @@ class BackwardPlan:
         # plan (it decided the parameters are read in place under it), its dx pass summing each
         # sample's rows per program ([2, N*J, M] partials) and _finish_samples_kernel adding them.
         rows_nc = fwd.row_bplan is not None
+        # Ghost BatchNorm and batch_group: (sample group, channel) segments, the same partials.
         seg = None
         if need_wb and dx_pass and not row_channel and not param_full and not rows_nc:
             seg = segments(view, c.shape, spec, xs, c.out_stride)
+            if seg is None and not self.given:
+                seg = batch_segments(view, c.shape, spec, xs, c.out_stride)
         bproblem = _problem("backward", view, x_meta, spec, c.fkey, fused_m=seg.fused_cols if seg else 0)
         self.plan = plan = fwd.row_bplan if rows_nc else dispatch.plan_for(bproblem, profile)
         if nc is not None and plan.kernel == dispatch.NATIVE:
@@ -644,7 +647,7 @@ class BackwardPlan:
                                       INT64=sv.int64, BLOCK_P=scfg["block_p"], BLOCK_M=sbm,
                                       num_warps=scfg["num_warps"], ROW_CHANNEL=True, **snck))
                     split = seg.hm * sp
-                    fin = dict(FINISH=True, FIN_N=c.shape[0], FIN_C=c.shape[1], FIN_S=sp)
+                    fin = dict(FINISH=True, FIN_N=sv.P // c.shape[1], FIN_C=c.shape[1], FIN_S=sp)
                 elif not self.given:
                     self.sums = (bk._bwd_sums_kernel, (triton.cdiv(P, bp), split),
                                  (P, M, chunk, split, P, 1, rg, cg),
@@ -667,7 +670,8 @@ class BackwardPlan:
         # nc: only a (C,) parameter's partials are added over N (per-sample ones are stored whole)
         fin_w, fin_b = need_dw and not self.w_nc, need_db and not self.b_nc
         if need_wb and seg is not None and self.dx_kind == "fused" and (fin_w or fin_b):
-            self.finish_cols = c.shape[1]  # [2, N, C] partials, added over N
+            self.finish_cols = c.shape[1]  # [2, N, C] partials, added over N (Ghost BN: [2, S, C])
+            self.seg_blocks = seg.view.P // c.shape[1]
         if need_wb and not (row_channel or col_channel or col_two or param_full or seg is not None):
             if c.cview is None:
                 try:
@@ -801,11 +805,11 @@ class BackwardPlan:
                 part = _empty((2, self.progs, self.M), x.device)
                 run(x, dy, r, w, b, stats, dx, dr, part, part, *fixed, **dhk)
                 self.finish(part, dwp, dbp, self.M, self.progs)
-            elif self.finish_cols is not None:  # segments: [2, N, C] partials
-                part = _empty((2, c.shape[0], c.shape[1]), x.device)
+            elif self.finish_cols is not None:  # segments: [2, N, C] partials (Ghost BN: [2, S, C])
+                part = _empty((2, self.seg_blocks, c.shape[1]), x.device)
                 run(x, dy, r, w, b, stats, dxp, dr, dwp if self.w_nc else part, dbp if self.b_nc else part,
                     *fixed, **dhk)
-                self.finish(part, dwp, dbp, c.shape[1], c.shape[0])
+                self.finish(part, dwp, dbp, c.shape[1], self.seg_blocks)
             else:
                 run(x, dy, r, w, b, stats, dxp, dr, dwp, dbp, *fixed, **dhk)
         elif self.dx_kind == "two-stage":

@@ -237,7 +237,9 @@ class Segments:
 
     Each statistic row r spans ``hm`` channels of ``H`` elements each; segment ``r*hm + j`` is
     sample n, channel c with ``r*hm + j == n*C + c`` (checked), so fp32 partials laid out
-    [.., N*C] sum to dweight/dbias over N. ``order``: how a column index splits in the statistic
+    [.., N*C] sum to dweight/dbias over N (``batch_segments``: sample group s, channel c,
+    segment s*C + c, summed over the S groups; in general over ``view.P // C`` blocks).
+    ``order``: how a column index splits in the statistic
     view, 1: col = j*H + h (NCHW; InstanceNorm), 2: col = h*hm + j (channels_last GroupNorm),
     0: neither (no fused factorization; the segment view still serves the two-stage regimes).
     """
@@ -296,3 +298,34 @@ def segments(view: View, shape, spec: Spec, x_strides, out_strides) -> Segments 
     if sview.P != N * C or sview.M != H or sview.rows.chan != ((1, C, 1) if C > 1 else (1, 1, 0)):
         return None
     return Segments(hm=hm, H=H, order=order, view=sview)
+
+
+def batch_segments(view: View, shape, spec: Spec, x_strides, out_strides) -> Segments | None:
+    """The (sample group s, channel c) segments of a scope over N and every spatial axis, other
+    than plain BatchNorm's (whose rows are channels): Ghost BatchNorm (sample groups S > 1) and
+    batch_group (channel groups, any S). Statistic row r = s*G + g spans hm = C/G channels
+    (1 without channel groups: the segment view is then the statistic view itself), segment
+    s*C + c, so dweight/dbias partials [2, S, C] are added over the S groups as GroupNorm's are
+    over N. Checked: the rows' channel digit is their fastest (rows s*G + g) and the segment
+    view's rows are s*C + c; else None (x with C outside N in memory: the channel-view sweep)."""
+    if not spec.allows_running_stats:
+        return None
+    S, C = spec.sample_groups, shape[1]
+    G = spec.num_groups if spec.reduces_c else C
+    hm = C // G
+    P, M = view.P, view.M
+    if (S == 1 and hm == 1) or P != S * G or P * M == 0 or M % hm or M // hm < MIN_SEGMENT:
+        return None
+    if view.rows.chan != ((1, G, hm) if G > 1 else (1, 1, 0)):
+        return None
+    div, mod, mul = view.cols.chan
+    if hm > 1 and (mod != hm or mul != 1):
+        return None
+    order = 1 if (hm == 1 or div * hm == M) else (2 if div == 1 else 0)
+    try:
+        sview = view if hm == 1 else segment_view(shape, spec, x_strides, out_strides)
+    except TooManyDims:
+        return None
+    if sview.P != S * C or sview.M != M // hm or sview.rows.chan != ((1, C, 1) if C > 1 else (1, 1, 0)):
+        return None
+    return Segments(hm=hm, H=M // hm, order=order, view=sview)
