@@ -162,7 +162,8 @@ def test_per_row_parameters_alone_are_plain_ones(monkeypatch):
     calls = _record(monkeypatch)
     fwd, bwd = _run((2, 7, 16), "d", "d", entry="functional", calls=calls)
     assert fwd == [("_fwd_fused_kernel", False, False)], fwd
-    assert bwd == [("_bwd_fused_kernel", False, False), ("_finish_kernel", False, False)], bwd
+    # (a plain row backward: the dx kernel, and a finish only when several programs share the rows)
+    assert bwd[0] == ("_bwd_fused_kernel", False, False) and all(not f and not n for _, f, n in bwd), bwd
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

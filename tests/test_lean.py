@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import tritonorm
-from helpers import LOW, assert_close, small_tiles
+from helpers import LOW, assert_close, record_launches, small_tiles
 from tritonorm import dispatch, reference, scope as scopes
 from tritonorm.kernels import launch
 
@@ -200,3 +200,20 @@ def test_rows_first_stage_programs_take_several_row_blocks(regime, monkeypatch):
     assert_close(y, y64, torch.float32, what="y")
     for i, (g, r) in enumerate(zip(grads, g64)):
         assert_close(g, r, torch.float32, what=f"grad {i}", term_scale=10.0 if i == 0 else 0.0)
+
+
+@pytest.mark.parametrize("rows,launches", [(3, 1), (40, 2)])
+def test_fused_rows_dweight_from_one_program_or_partials(rows, launches, monkeypatch):
+    # A few rows: one program sees them all and stores dweight/dbias itself (1 launch); many:
+    # per-program partials and the finish (2 launches). Both against the reference.
+    names = record_launches(monkeypatch)
+    shape = (rows, 24)
+    x, w, b = _inputs(shape, torch.float32, shape[1], 7.0)
+    leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+    dy = torch.randn(shape)
+    with dispatch.forced("fused", block_p=1):
+        y = tritonorm.norm(leaves[0], "layer", weight=leaves[1], bias=leaves[2], backend="triton")
+        names.clear()
+        grads = torch.autograd.grad(y, leaves, dy)
+    assert len(names) == launches, names
+    _compare(x, w, b, dy, y, grads, scopes.parse("layer", 2, None, shape[1]), True, torch.float32)

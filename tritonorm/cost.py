@@ -182,9 +182,12 @@ def backward_cost(plan: dispatch.Plan, problem: dispatch.Problem, dwdb_plan: dis
         if need_wb and (col_channel or sample_programs):
             progs = sample_programs or dispatch.col_channel_programs(math.ceil(P / plan.config["block_p"]),
                                                                      profile.sm_count)
-            launches += 1
-            written += 2 * M * progs * 4 + params_out
-            read += 2 * M * progs * 4
+            if progs == 1 and not sample_programs:  # the dx kernel stores dweight/dbias itself
+                written += params_out
+            else:
+                launches += 1
+                written += 2 * M * progs * 4 + params_out
+                read += 2 * M * progs * 4
         if need_wb and segments is not None:
             planes = 2 if param_nc is None else param_nc[1]  # fp32 [N*C] partials added over N
             launches += planes > 0

@@ -114,6 +114,7 @@ def _bwd_fused_kernel(
     W_NC: tl.constexpr = False, B_NC: tl.constexpr = False,  # with SEG: DW / DB is that gradient,
     STORE_DX: tl.constexpr = True,          # (N, C) contiguous, stored whole here; STORE_DX: dx asked
     LEAN: tl.constexpr = 0,                 # Stats is [LEAN, P] (common.load_stats)
+    COL_DIRECT: tl.constexpr = False,       # COL_CHANNEL on one program: DW, DB are the gradients
 ):
     """Whole statistics in registers: S1, S2 and dx in one pass over x and dy.
 
@@ -165,12 +166,18 @@ def _bwd_fused_kernel(
                 _seg_store(DW, rows, rmask, tl.where(mask, gz * xhat, 0.0), hm, 0, BLOCK_P, HM_B, HD_B, SEG)
             if NEED_DB:
                 _seg_store(DB, rows, rmask, gz, hm, 0 if B_NC else P * hm, BLOCK_P, HM_B, HD_B, SEG)
-    if COL_CHANNEL:  # partials [2, programs, M]: each program stores a contiguous row
+    if COL_CHANNEL:
         cols = tl.arange(0, BLOCK_M)
-        prog = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)  # PARAM_NC == 2: n*J + j
-        progs = tl.num_programs(0) * tl.num_programs(1)
-        tl.store(DW + prog * M + cols, dw, mask=cols < M)
-        tl.store(DW + M * progs + prog * M + cols, db, mask=cols < M)
+        if COL_DIRECT:  # one program saw every row: its sums are dweight and dbias (no finish)
+            if NEED_DW:
+                tl.store(DW + cols, dw.to(DW.dtype.element_ty), mask=cols < M)
+            if NEED_DB:
+                tl.store(DB + cols, db.to(DB.dtype.element_ty), mask=cols < M)
+        else:  # partials [2, programs, M]: each program stores a contiguous row
+            prog = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)  # PARAM_NC == 2: n*J + j
+            progs = tl.num_programs(0) * tl.num_programs(1)
+            tl.store(DW + prog * M + cols, dw, mask=cols < M)
+            tl.store(DW + M * progs + prog * M + cols, db, mask=cols < M)
 
 
 @triton.jit(do_not_specialize=["SPLIT"])

@@ -595,6 +595,11 @@ class BackwardPlan:
                     progs, grid = N * J, (J, N)
                 elif col_channel:
                     progs = dispatch.col_channel_programs(row_blocks, profile.sm_count)
+                # One program over every row (a few rows: decoding, small batches): its column
+                # sums are dweight and dbias, stored by the dx kernel itself, no finish launch.
+                self.col_direct = col_channel and not self.rows_nc and progs == 1
+                if self.col_direct:
+                    addk["COL_DIRECT"] = True
                 self.progs = progs
                 self.dx_kind = "fused"
                 segk = {}
@@ -665,7 +670,7 @@ class BackwardPlan:
         self.dwdb = None
         self.finish_cols = None
         col_two = self.dx_kind == "two-stage" and self.col_two
-        if need_wb and (col_channel or col_two):
+        if need_wb and (col_channel or col_two) and not getattr(self, "col_direct", False):
             self.finish_cols = M
         # nc: only a (C,) parameter's partials are added over N (per-sample ones are stored whole)
         fin_w, fin_b = need_dw and not self.w_nc, need_db and not self.b_nc
@@ -801,6 +806,8 @@ class BackwardPlan:
                 part = _empty((2, self.progs, self.M), x.device)
                 run(x, dy, r, w, b, stats, dxp, dr, part, part, *fixed, **dhk)
                 self.finish(part, dwp, dbp, self.M, N, self.progs // N)
+            elif self.col_direct:
+                run(x, dy, r, w, b, stats, dxp, dr, dwp, dbp, *fixed, **dhk)
             elif self.col_channel:
                 part = _empty((2, self.progs, self.M), x.device)
                 run(x, dy, r, w, b, stats, dx, dr, part, part, *fixed, **dhk)
