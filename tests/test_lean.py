@@ -202,10 +202,10 @@ def test_rows_first_stage_programs_take_several_row_blocks(regime, monkeypatch):
         assert_close(g, r, torch.float32, what=f"grad {i}", term_scale=10.0 if i == 0 else 0.0)
 
 
-@pytest.mark.parametrize("rows,launches", [(3, 1), (40, 2)])
+@pytest.mark.parametrize("rows,launches", [(1, 1), (3, 2), (40, 2)])
 def test_fused_rows_dweight_from_one_program_or_partials(rows, launches, monkeypatch):
-    # A few rows: one program sees them all and stores dweight/dbias itself (1 launch); many:
-    # per-program partials and the finish (2 launches). Both against the reference.
+    # One row: its program stores dweight/dbias itself (1 launch); more: per-program partials
+    # and the finish (2 launches; 40 rows take several programs). All against the reference.
     names = record_launches(monkeypatch)
     shape = (rows, 24)
     x, w, b = _inputs(shape, torch.float32, shape[1], 7.0)

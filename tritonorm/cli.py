@@ -221,6 +221,19 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def _selected_cases(args) -> list:
+    """The cases of ``--suite``/``--filter`` for the modes that run no timing (a usage error when
+    none matches or ``--json`` names a folder)."""
+    from .bench import shapes
+
+    if args.json is not None and args.json.is_dir():
+        raise UsageError("--json", f"{str(args.json)!r} exists and is a folder")
+    case_list = shapes.select(args.suite, args.filter)
+    if not case_list:
+        raise UsageError("--filter", f"no case of suite {args.suite!r} matches {args.filter!r}")
+    return case_list
+
+
 def _bench_model(args) -> int:
     """``bench --model``: the cost model of every selected case (bench/model.py)."""
     import json
@@ -228,11 +241,7 @@ def _bench_model(args) -> int:
     from .bench import model, shapes
     from .bench.table import format_table
 
-    if args.json is not None and args.json.is_dir():
-        raise UsageError("--json", f"{str(args.json)!r} exists and is a folder")
-    case_list = shapes.select(args.suite, args.filter)
-    if not case_list:
-        raise UsageError("--filter", f"no case of suite {args.suite!r} matches {args.filter!r}")
+    case_list = _selected_cases(args)
     rows = [model.report(case, shapes.DTYPES[dt], args.model) for dt in (args.dtype or ["bf16"])
             for case in case_list]
     head = ("suite", "case", "dtype", "fwd regime", "fwd launches", "fwd bytes/ideal", "fwd us",
@@ -255,11 +264,7 @@ def _bench_memory(args) -> int:
     from .bench import memory, shapes
     from .bench.table import format_table
 
-    if args.json is not None and args.json.is_dir():
-        raise UsageError("--json", f"{str(args.json)!r} exists and is a folder")
-    case_list = shapes.select(args.suite, args.filter)
-    if not case_list:
-        raise UsageError("--filter", f"no case of suite {args.suite!r} matches {args.filter!r}")
+    case_list = _selected_cases(args)
     compiled = "compile" in (args.providers or ())
     rows = [memory.report(case, shapes.DTYPES[dt], compiled) for dt in (args.dtype or ["fp32", "bf16"])
             for case in case_list]

@@ -182,7 +182,7 @@ def backward_cost(plan: dispatch.Plan, problem: dispatch.Problem, dwdb_plan: dis
         if need_wb and (col_channel or sample_programs):
             progs = sample_programs or dispatch.col_channel_programs(math.ceil(P / plan.config["block_p"]),
                                                                      profile.sm_count)
-            if progs == 1 and not sample_programs:  # the dx kernel stores dweight/dbias itself
+            if P == 1 and not sample_programs:  # the dx kernel stores dweight/dbias itself
                 written += params_out
             else:
                 launches += 1

@@ -239,7 +239,9 @@ def recompiles(suite: str, batches=range(1, 65), dtype: str = "bf16", profile: s
 
 
 def _spec_label(launch: Launch, name: str) -> str:
-    a = launch.args[name]
+    a = launch.args.get(name)
+    if a is None:  # a keyword some launches of the kernel pass and others leave at its default
+        return "(default)"
     s = _spec(launch, name)
     if s[0] == "constexpr":
         return f"={s[1]}" if a.kind == "int" else str(s[1])

@@ -595,9 +595,11 @@ class BackwardPlan:
                     progs, grid = N * J, (J, N)
                 elif col_channel:
                     progs = dispatch.col_channel_programs(row_blocks, profile.sm_count)
-                # One program over every row (a few rows: decoding, small batches): its column
-                # sums are dweight and dbias, stored by the dx kernel itself, no finish launch.
-                self.col_direct = col_channel and not self.rows_nc and progs == 1
+                # One row (decoding, a batch of one): the one program's column sums are dweight
+                # and dbias, stored by the dx kernel itself, no finish launch. Only at P == 1,
+                # which Triton compiles as its own variant anyway (P specialized as == 1): a
+                # few rows more would add a variant per layer as the batch changes.
+                self.col_direct = col_channel and not self.rows_nc and P == 1
                 if self.col_direct:
                     addk["COL_DIRECT"] = True
                 self.progs = progs

@@ -284,12 +284,9 @@ def segments(view: View, shape, spec: Spec, x_strides, out_strides) -> Segments 
         return None
     groups = C // hm
     # Stat row r = n*G + g (the group digit fastest) and the columns' channel digit spans hm.
-    if view.rows.chan != ((1, groups, hm) if groups > 1 else (1, 1, 0)):
+    order = _segment_order(view, groups, hm, M)
+    if order is None:
         return None
-    div, mod, mul = view.cols.chan
-    if hm > 1 and (mod != hm or mul != 1):
-        return None
-    order = 1 if (hm == 1 or div * hm == M) else (2 if div == 1 else 0)
     try:
         sview = segment_view(shape, spec, x_strides, out_strides)
     except TooManyDims:
@@ -298,6 +295,18 @@ def segments(view: View, shape, spec: Spec, x_strides, out_strides) -> Segments 
     if sview.P != N * C or sview.M != H or sview.rows.chan != ((1, C, 1) if C > 1 else (1, 1, 0)):
         return None
     return Segments(hm=hm, H=H, order=order, view=sview)
+
+
+def _segment_order(view: View, groups: int, hm: int, M: int) -> int | None:
+    """The fused tile order of segments of hm channels (Segments.order), or None when the view's
+    digits do not give them: statistic rows must have the group digit fastest (r = n*G + g) and
+    the columns' channel digit must span hm channels with unit multiplier."""
+    if view.rows.chan != ((1, groups, hm) if groups > 1 else (1, 1, 0)):
+        return None
+    div, mod, mul = view.cols.chan
+    if hm > 1 and (mod != hm or mul != 1):
+        return None
+    return 1 if (hm == 1 or div * hm == M) else (2 if div == 1 else 0)
 
 
 def batch_segments(view: View, shape, spec: Spec, x_strides, out_strides) -> Segments | None:
@@ -316,12 +325,9 @@ def batch_segments(view: View, shape, spec: Spec, x_strides, out_strides) -> Seg
     P, M = view.P, view.M
     if (S == 1 and hm == 1) or P != S * G or P * M == 0 or M % hm or M // hm < MIN_SEGMENT:
         return None
-    if view.rows.chan != ((1, G, hm) if G > 1 else (1, 1, 0)):
+    order = _segment_order(view, G, hm, M)
+    if order is None:
         return None
-    div, mod, mul = view.cols.chan
-    if hm > 1 and (mod != hm or mul != 1):
-        return None
-    order = 1 if (hm == 1 or div * hm == M) else (2 if div == 1 else 0)
     try:
         sview = view if hm == 1 else segment_view(shape, spec, x_strides, out_strides)
     except TooManyDims:
