@@ -20,6 +20,12 @@ samples in one tile, x read once). Eval (``GIVEN``): the running statistics, one
 Backward, one launch: the per-channel sums u1 = sum gz, u2 = sum gz * xhat are dbias and dweight
 (a statistic is one channel), stored directly, and with S1 = w u1, S2 = w u2 a second sweep
 writes dx = rstd (g - S1/M - xhat S2/M). Fixed-order fp32 sums, no atomics.
+Ghost BatchNorm (S sample groups, statistic s*C + c over the group's N/S samples): the grid is
+(blocks, S), a program sweeps its group's samples only (pivot: the group's first sample's
+element) and stores its statistics at s*C + c of the [5, S*C] buffer (no running blend: the
+caller blends the S*C statistics into C running values).
+Backward, dbias and dweight are sums over every group: the programs store their (s, c) sums as
+fp32 partials [2, S, C] and backward._finish_kernel adds them over S (two launches).
 """
 
 from __future__ import annotations
