@@ -15,7 +15,8 @@ from tritonorm.tuning import cache, suites
 
 
 def _meta_kwargs(case, dtype):
-    kw = {"num_groups": case.num_groups, "center": case.center, "activation": case.activation}
+    kw = {"num_groups": case.num_groups, "center": case.center, "activation": case.activation,
+          "sample_groups": case.sample_groups}
     if case.affine:
         kw["weight"] = torch.empty(case.shape[1], dtype=dtype, device="meta")
         if case.center:
@@ -92,14 +93,14 @@ def test_every_suite_shape_gets_a_runnable_plan():
                     assert (cfg["split"] > 1) == (plan.kernel == "split")
                     continue
                 if "planes" in cfg:  # flat channel blocks (NCHW BatchNorm, H*W not 16k: kernels/planes.py)
-                    # (ghost BatchNorm too: _plan passes no sample_groups, so it plans plain BatchNorm)
+                    # (Ghost BatchNorm too: a program per channel block and sample group)
                     assert op != "dwdb" and not case.channels_last and case.kind.endswith("batch_norm")
                     hw = case.shape[2] * case.shape[3]
                     assert hw % 16 and (cfg["planes"] * hw * dtype.itemsize) % 16 == 0
                     assert case.shape[1] % cfg["planes"] == 0
                     for k in ("block_n", "num_warps"):
                         assert cfg[k] >= 1 and cfg[k] & (cfg[k] - 1) == 0, (case.name, plan)
-                    assert (plan.kernel == "fused") == (cfg["block_n"] >= case.shape[0])
+                    assert (plan.kernel == "fused") == (cfg["block_n"] >= case.shape[0] // case.sample_groups)
                     continue
                 for k in ("block_p", "block_m", "num_warps"):
                     assert cfg[k] >= 1 and cfg[k] & (cfg[k] - 1) == 0, (case.name, plan)
@@ -204,6 +205,32 @@ def test_explain_matches_the_whole_pixel_plans(device):
     for op, ran in (("forward", plan.plan), ("backward", next(iter(plan._backward.values())).pixels.plan)):
         expected = explain(x, "group", num_groups=4, weight=w, activation="silu", op=op)
         assert (ran.kernel, ran.config) == (expected.kernel, expected.config), op
+
+
+def test_explain_matches_the_planes_plans_with_sample_groups(device):
+    """Ghost BatchNorm in NCHW at 7^2 runs kernels/planes.py with a program per (channel block,
+    sample group): explain shows the plans the launcher's forward and backward plans hold, and
+    counts their launches (the backward's second: the finish adding the [2, S, C] partials)."""
+    if device.type != "cuda":
+        pytest.importorskip("triton")
+    import tritonorm
+    from tritonorm.kernels import launch
+
+    # 2 blocks of 4 channels x S groups of 2 samples: S enough for half the device's SMs.
+    s = max(2, -(-dispatch.profile_for_device(device).sm_count // 4))
+    x = torch.randn(2 * s, 8, 7, 7, device=device, requires_grad=True)
+    w = torch.randn(8, device=device, requires_grad=True)
+    rm, rv = torch.zeros(8, device=device), torch.ones(8, device=device)
+    kw = dict(sample_groups=s, weight=w, activation="relu", running_mean=rm, running_var=rv)
+    launch.clear()
+    tritonorm.norm(x, "batch", **kw).sum().backward()
+    (plan,) = [p for p in launch._PLANS.values() if isinstance(p, launch.ForwardPlan)]
+    assert plan.planes is not None
+    bplan = next(iter(plan._backward.values()))
+    for op, ran, launches in (("forward", plan.plan, plan.launches), ("backward", bplan.planes.plan, bplan.launches)):
+        expected = explain(x, "batch", op=op, **kw)
+        assert (ran.kernel, ran.config) == (expected.kernel, expected.config), op
+        assert expected.cost.launches == launches == (1 if op == "forward" else 2), op
 
 
 def test_explain_reference_and_errors():

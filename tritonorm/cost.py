@@ -285,11 +285,13 @@ def pixels_backward_cost(plan: dispatch.Plan, problem: dispatch.Problem, profile
 
 def planes_backward_cost(plan: dispatch.Plan, problem: dispatch.Problem, profile: dispatch.DeviceProfile, *,
                          elem_bytes: int, channels: int, has_w: bool, has_b: bool, has_res: bool, act: bool,
-                         param_bytes: int, given: bool = False, **_) -> Cost:
+                         param_bytes: int, given: bool = False, groups: int = 1, **_) -> Cost:
     """The backward of NCHW BatchNorm on flat channel-block tiles (kernels/planes.py), every
     gradient asked for: one launch; dweight and dbias come out of the sums sweep and are stored
     directly (no partials). Looped, dx needs a second sweep over x and dy (and the residual
-    with an activation); fused, or with given statistics (dx needs no sums), one sweep."""
+    with an activation); fused, or with given statistics (dx needs no sums), one sweep. Ghost
+    BatchNorm (``groups`` S > 1 sample groups) with weight or bias: the sums are fp32 partials
+    [2, S, C] (written, then read back by a finish launch that writes dweight/dbias)."""
     P, M = problem.P, problem.M
     n = P * M * elem_bytes
     res = n if has_res and act else 0
@@ -299,4 +301,8 @@ def planes_backward_cost(plan: dispatch.Plan, problem: dispatch.Problem, profile
     sweeps = 1 if plan.kernel == "fused" or given else 2
     read = sweeps * (2 * n + res) + 3 * P * 4 + params
     written = n + res + params
-    return Cost(1, read, written, ideal_read, ideal_written, _time(profile, 1, read + written))
+    launches = 1
+    if groups > 1 and (has_w or has_b):
+        partials = (has_w + has_b) * groups * channels * 4
+        launches, read, written = 2, read + partials, written + partials
+    return Cost(launches, read, written, ideal_read, ideal_written, _time(profile, launches, read + written))

@@ -190,8 +190,9 @@ def explain(x: torch.Tensor, scope: str = "group", *, num_groups: int | None = N
             plan = pixel_plan.choose(tuple(x.shape), spec, x.element_size(), profile, op)
     if op in ("forward", "backward") and plan.kernel != dispatch.NATIVE and pre_add is None and not param_full:
         if planes_plan.applies(tuple(x.shape), x.stride(), out_stride, spec, x.element_size(), profile):
-            # NCHW BatchNorm with planes of other than 16k elements: flat channel-block tiles
-            plan = planes_plan.choose(tuple(x.shape), x.element_size(), profile, op)
+            # NCHW BatchNorm (Ghost BatchNorm too: a program per sample group) with planes of
+            # other than 16k elements: flat channel-block tiles
+            plan = planes_plan.choose(tuple(x.shape), x.element_size(), profile, op, spec.sample_groups)
     groups = f", S={spec.sample_groups} sample groups" if spec.sample_groups > 1 else ""
     note = (f" [{profile.name}: P={problem.P} statistics x M={problem.M} elements{groups}, "
             f"{problem.layout}]")
@@ -225,7 +226,8 @@ def _cost(op, plan, problem, profile, x, spec, weight, bias, residual, act, runn
                                  running_bytes=running_var.element_size() if running_var is not None else 4,
                                  **common)
     if "planes" in plan.config:  # the flat channel-block kernels (kernels/planes.py)
-        return cost.planes_backward_cost(plan, problem, profile, given=given, act=act is not None, **common)
+        return cost.planes_backward_cost(plan, problem, profile, given=given, act=act is not None,
+                                         groups=spec.sample_groups, **common)
     if "cb" in plan.config:  # the whole-pixel kernels (kernels/pixels_backward.py)
         return cost.pixels_backward_cost(plan, problem, profile, samples=x.shape[0], act=act is not None, **common)
     fwd_view = _view(x, spec, stat_view)

@@ -27,13 +27,14 @@ def block_channels(C: int, HW: int, elem_bytes: int) -> int | None:
 
 
 def applies(shape, x_stride, out_stride, spec, elem_bytes: int, profile: dispatch.DeviceProfile) -> bool:
-    """Dense NCHW BatchNorm (one sample group) whose plane H*W is not a multiple of 16: the case
-    the row/column kernels read one element at a time (docs/compiled.md). Not under a forced
-    regime (tests and tuning force the row/column kernels' regimes), and only with enough
-    channel blocks to fill half the SMs (one program a block)."""
+    """Dense NCHW BatchNorm, or Ghost BatchNorm (S sample groups), whose plane H*W is not a
+    multiple of 16: the case the row/column kernels read one element at a time
+    (docs/compiled.md). Not under a forced regime (tests and tuning force the row/column
+    kernels' regimes), and only with enough programs to fill half the SMs (one program a
+    channel block and sample group)."""
     if not ENABLED or dispatch.forced_state() is not None or len(shape) < 3:
         return False
-    if not spec.allows_running_stats or spec.reduces_c or spec.sample_groups != 1:
+    if not spec.allows_running_stats or spec.reduces_c or shape[0] % spec.sample_groups:
         return False
     HW = _plane(shape)
     if HW < 2 or HW % 16 == 0:
@@ -47,20 +48,24 @@ def applies(shape, x_stride, out_stride, spec, elem_bytes: int, profile: dispatc
     cb = block_channels(shape[1], HW, elem_bytes)
     if cb is None or dispatch._pow2(cb * HW) > profile.tile:
         return False
-    return shape[1] // cb >= max(1, profile.sm_count // 2)
+    return (shape[1] // cb) * spec.sample_groups >= max(1, profile.sm_count // 2)
 
 
-def choose(shape, elem_bytes: int, profile: dispatch.DeviceProfile, op: str = "forward") -> dispatch.Plan:
-    """The launch parameters of an ``applies`` case: fused when every sample of a block fits one
-    tile, else looped over tiles of BLOCK_N samples, two sweeps. BLOCK_N takes two values per
-    layer whatever the batch, so a new batch compiles no new variant beyond three per kernel:
-    the streaming tile's (the profile's tile, half in the backward, which holds x and dy), fused
-    when the batch fits it or looped; or the fused limit's, for batches between the two."""
-    N, C, HW = shape[0], shape[1], _plane(shape)
+def choose(shape, elem_bytes: int, profile: dispatch.DeviceProfile, op: str = "forward",
+           groups: int = 1) -> dispatch.Plan:
+    """The launch parameters of an ``applies`` case: fused when every sample of a block (of its
+    sample group, with ``groups`` S > 1) fits one tile, else looped over tiles of BLOCK_N
+    samples, two sweeps. BLOCK_N takes two values per layer whatever the batch, so a new batch
+    compiles no new variant beyond three per kernel: the streaming tile's (the profile's tile,
+    half in the backward, which holds x and dy), fused when the batch fits it or looped; or the
+    fused limit's, for batches between the two."""
+    N, C, HW = shape[0] // groups, shape[1], _plane(shape)
     cb = block_channels(C, HW, elem_bytes)
     t_pad = dispatch._pow2(cb * HW)
     base = dict(planes=cb, split=1)
     chans = f"{cb} channel{'s' if cb > 1 else ''}"
+    if groups > 1:  # Ghost BatchNorm: a program per (channel block, sample group)
+        chans += f" x {groups} sample groups"
     stream_n = max(1, (profile.tile // (1 if op == "forward" else 2)) // t_pad)
     fused_n = profile.fused_limit(elem_bytes, op) // t_pad
     block_n = stream_n if N <= stream_n else (fused_n if N <= fused_n else 0)

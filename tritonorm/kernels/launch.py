@@ -283,11 +283,14 @@ class ForwardPlan:
             self.launches = self.pixels.launches
             return
         # Dense NCHW BatchNorm with planes of other than 16k elements: flat channel-block tiles
-        # (planes.py) instead of the row/column kernels' element-wise reads.
+        # (planes.py) instead of the row/column kernels' element-wise reads. Ghost BatchNorm (S
+        # sample groups) too, training: its running statistics are blended by the caller (core).
+        groups = spec.sample_groups
         if (mode in ("train", "given") and not pre_add and not param_full and not c.copy_x
+                and (groups == 1 or (mode == "train" and not running))
                 and planes_plan.applies(c.shape, c.x_stride, c.out_stride, spec, x.element_size(), profile)):
             self.planes = planes.PlanesForward(c.shape, x.element_size(), has_w, has_b, has_res, act, center, mode,
-                                               running, profile)
+                                               running, profile, groups)
             self.plan = self.planes.plan
             self.launches = self.planes.launches
             return
@@ -508,7 +511,7 @@ class BackwardPlan:
         if fwd.planes is not None:  # the flat channel-block kernels of the forward (planes.py)
             self.planes = planes.PlanesBackward(c.shape, torch.empty((), dtype=c.dtype).element_size(), needs,
                                                 fwd.has_w, fwd.has_b, fwd.has_res, act, c.center, self.given,
-                                                fwd.profile)
+                                                fwd.profile, c.spec.sample_groups, MERGE_BLOCK)
             self.native = False
             return
         if fwd.pixels is not None:  # the whole-pixel kernels of the forward (pixels_backward.py)
@@ -856,7 +859,7 @@ class BackwardPlan:
 
 
     def _planes(self, dy, x, w, b, r, weight, bias, stats):
-        return self._own_kernels(self.planes, dy, x, w, b, r, weight, bias, stats)
+        return self._own_kernels(self.planes, dy, x, w, b, r, weight, bias, stats, _empty)
 
     def _own_kernels(self, impl, dy, x, w, b, r, weight, bias, stats, *extra):
         """A backward of the whole-pixel or planes kernels (``impl``): outputs allocated here,

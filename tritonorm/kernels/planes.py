@@ -20,6 +20,12 @@ samples in one tile, x read once). Eval (``GIVEN``): the running statistics, one
 Backward, one launch: the per-channel sums u1 = sum gz, u2 = sum gz * xhat are dbias and dweight
 (a statistic is one channel), stored directly, and with S1 = w u1, S2 = w u2 a second sweep
 writes dx = rstd (g - S1/M - xhat S2/M). Fixed-order fp32 sums, no atomics.
+Ghost BatchNorm (S sample groups, statistic s*C + c over the group's N/S samples): the grid is
+(blocks, S), a program sweeps its group's samples only (pivot: the group's first sample's
+element) and stores its statistics at s*C + c of the [5, S*C] buffer (no running blend: the
+caller blends the S*C statistics into C running values).
+Backward, dbias and dweight are sums over every group: the programs store their (s, c) sums as
+fp32 partials [2, S, C] and backward._finish_kernel adds them over S (two launches).
 """
 
 from __future__ import annotations
@@ -54,11 +60,13 @@ def _positions(HW: tl.constexpr, CB: tl.constexpr, T_PAD: tl.constexpr):
 
 
 @triton.jit
-def _tile(pid, n0, N, NCB, idx, pmask, HW: tl.constexpr, CB: tl.constexpr, BLOCK_N: tl.constexpr,
+def _tile(pid, n_lo, n0, N, NCB, idx, pmask, HW: tl.constexpr, CB: tl.constexpr, BLOCK_N: tl.constexpr,
           INT64: tl.constexpr):
-    """Offsets and mask of samples n0 .. n0 + BLOCK_N of the block: rows 16-byte aligned runs."""
-    rows = n0 + tl.arange(0, BLOCK_N)
-    rmask = rows < N
+    """Offsets and mask of samples n_lo + n0 .. n_lo + n0 + BLOCK_N of the block (its sample
+    group's first sample n_lo, N samples in the group): rows 16-byte aligned runs."""
+    local = n0 + tl.arange(0, BLOCK_N)
+    rmask = local < N
+    rows = n_lo + local
     if INT64:
         rows = rows.to(tl.int64)
     offs = ((rows * NCB + pid) * (CB * HW))[:, None] + idx[None, :]
@@ -87,19 +95,22 @@ def _y_tile(d, Y, Res, offs, mask, mean_e, scale_e, shift_e, HAS_RES: tl.constex
 
 @triton.jit(do_not_specialize=["N"])
 def _planes_fwd_kernel(
-    X, Y, Res, W, B, Stats,   # Stats: [5, C] fp32 out (see forward.py)
-    RunMean, RunVar,          # running statistics: blended (RUNNING) or read (GIVEN)
-    N, NCB, C, eps, momentum, unbias,
+    X, Y, Res, W, B, Stats,   # Stats: [5, P] fp32 out (see forward.py), P = S*C, statistic s*C + c
+    RunMean, RunVar,          # running statistics: blended (RUNNING) or read (GIVEN); S = 1 only
+    N, NCB, C, P, eps, momentum, unbias,  # N: samples a sample group
     HW: tl.constexpr, CB: tl.constexpr, CB_PAD: tl.constexpr, T_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
     FUSED: tl.constexpr, GIVEN: tl.constexpr, CENTER: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
     HAS_RES: tl.constexpr, ACT: tl.constexpr, RUNNING: tl.constexpr, INT64: tl.constexpr,
 ):
-    """One program per channel block, sweeping every sample: moments, statistics, then y."""
+    """One program per (channel block, sample group), sweeping the group's N samples: moments,
+    statistics, then y."""
     pid = tl.program_id(0)
+    n_lo = tl.program_id(1) * N  # the sample group's first sample
     idx, pmask, ch = _positions(HW, CB, T_PAD)
     cl = tl.arange(0, CB_PAD)
     cmask = cl < CB
     first = pid * CB
+    stat = tl.program_id(1) * C + first  # the block's first statistic
     k_c = tl.zeros([CB_PAD], dtype=tl.float32)
     if GIVEN:
         var_c = tl.load(RunVar + first + cl, mask=cmask, other=1.0).to(tl.float32)
@@ -107,20 +118,24 @@ def _planes_fwd_kernel(
         if CENTER:
             mean_c = tl.load(RunMean + first + cl, mask=cmask, other=0.0).to(tl.float32)
     else:
-        if CENTER:  # each channel's first element, 0 if not finite (common.pivot_input)
-            k_c = finite_pivot(tl.load(X + (first + cl) * HW, mask=cmask, other=0.0).to(tl.float32))
+        if CENTER:  # each statistic's first element, 0 if not finite (common.pivot_input)
+            base = n_lo
+            if INT64:
+                base = base.to(tl.int64)
+            k_c = finite_pivot(tl.load(X + base * NCB * (CB * HW) + (first + cl) * HW, mask=cmask,
+                                       other=0.0).to(tl.float32))
     k_e = _spread(k_c, ch, CB_PAD)
     if not GIVEN:
         # Per-position (mean, M2) over the samples, exact per tile, Chan-merged across tiles.
         mean_p = tl.zeros([T_PAD], dtype=tl.float32)
         m2_p = tl.zeros([T_PAD], dtype=tl.float32)
         if FUSED:
-            offs, mask = _tile(pid, 0, N, NCB, idx, pmask, HW, CB, BLOCK_N, INT64)
+            offs, mask = _tile(pid, n_lo, 0, N, NCB, idx, pmask, HW, CB, BLOCK_N, INT64)
             d = tl.where(mask, tl.load(X + offs, mask=mask, other=0.0).to(tl.float32) - k_e[None, :], 0.0)
             mean_p, m2_p = tile_moments(d, mask, N, CENTER, 0)
         else:
             for n0 in range(0, N, BLOCK_N):
-                offs, mask = _tile(pid, n0, N, NCB, idx, pmask, HW, CB, BLOCK_N, INT64)
+                offs, mask = _tile(pid, n_lo, n0, N, NCB, idx, pmask, HW, CB, BLOCK_N, INT64)
                 d = tl.where(mask, tl.load(X + offs, mask=mask, other=0.0).to(tl.float32) - k_e[None, :], 0.0)
                 nt = tl.minimum(N - n0, BLOCK_N).to(tl.float32)
                 t_mean, t_m2 = tile_moments(d, mask, nt, CENTER, 0)
@@ -134,7 +149,7 @@ def _planes_fwd_kernel(
             mean_c = tl.zeros([CB_PAD], dtype=tl.float32)
             m2_c = _fold(m2_p, ch, CB_PAD)
         var_c = m2_c / (N * HW)
-    rstd_c = store_stats(Stats, C, first + cl, cmask, k_c, mean_c, var_c, eps, RunMean, RunVar, momentum, unbias,
+    rstd_c = store_stats(Stats, P, stat + cl, cmask, k_c, mean_c, var_c, eps, RunMean, RunVar, momentum, unbias,
                          RUNNING)
     w_c, b_c = _params(W, B, first, cl, cmask, HAS_W, HAS_B)
     mean_e = _spread(mean_c, ch, CB_PAD)
@@ -144,7 +159,7 @@ def _planes_fwd_kernel(
         _y_tile(d, Y, Res, offs, mask, mean_e, scale_e, shift_e, HAS_RES, ACT)
     else:
         for n0 in range(0, N, BLOCK_N):
-            offs, mask = _tile(pid, n0, N, NCB, idx, pmask, HW, CB, BLOCK_N, INT64)
+            offs, mask = _tile(pid, n_lo, n0, N, NCB, idx, pmask, HW, CB, BLOCK_N, INT64)
             d = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32) - k_e[None, :]
             _y_tile(d, Y, Res, offs, mask, mean_e, scale_e, shift_e, HAS_RES, ACT)
 
@@ -179,24 +194,27 @@ def _dx_tile(DX, offs, mask, xhat, gz, w_e, rstd_e, s1_e, s2_e, GIVEN: tl.conste
 
 @triton.jit(do_not_specialize=["N"])
 def _planes_bwd_kernel(
-    X, DY, Res, W, B, Stats,  # Stats: the forward's [5, C] statistics
-    DX, DRes, DW, DB,         # outputs (x where not asked for)
-    N, NCB, C,
+    X, DY, Res, W, B, Stats,  # Stats: the forward's [5, P] statistics, P = S*C
+    DX, DRes, DW, DB,         # outputs (x where not asked for); S > 1: DW, DB the fp32 [S, C] partials
+    N, NCB, C, P,             # N: samples a sample group
     HW: tl.constexpr, CB: tl.constexpr, CB_PAD: tl.constexpr, T_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
     FUSED: tl.constexpr, GIVEN: tl.constexpr, CENTER: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
     HAS_RES: tl.constexpr, ACT: tl.constexpr, NEED_DX: tl.constexpr, WRITE_DRES: tl.constexpr,
     NEED_DW: tl.constexpr, NEED_DB: tl.constexpr, INT64: tl.constexpr,
 ):
-    """One program per channel block: the sums sweep (dweight, dbias, dresidual; with given
-    statistics dx too), then the dx sweep (FUSED: from registers)."""
+    """One program per (channel block, sample group): the sums sweep (dweight, dbias,
+    dresidual; with given statistics dx too), then the dx sweep (FUSED: from registers). The
+    sums are stored at s*C + c: the gradients themselves with one group, else fp32 partials."""
     pid = tl.program_id(0)
+    n_lo = tl.program_id(1) * N  # the sample group's first sample
     idx, pmask, ch = _positions(HW, CB, T_PAD)
     cl = tl.arange(0, CB_PAD)
     cmask = cl < CB
     first = pid * CB
-    k_e = _spread(tl.load(Stats + first + cl, mask=cmask, other=0.0), ch, CB_PAD)
-    mean_e = _spread(tl.load(Stats + C + first + cl, mask=cmask, other=0.0), ch, CB_PAD)
-    rstd_c = tl.load(Stats + 2 * C + first + cl, mask=cmask, other=0.0)
+    stat = tl.program_id(1) * C + first  # the block's first statistic
+    k_e = _spread(tl.load(Stats + stat + cl, mask=cmask, other=0.0), ch, CB_PAD)
+    mean_e = _spread(tl.load(Stats + P + stat + cl, mask=cmask, other=0.0), ch, CB_PAD)
+    rstd_c = tl.load(Stats + 2 * P + stat + cl, mask=cmask, other=0.0)
     rstd_e = _spread(rstd_c, ch, CB_PAD)
     w_c, b_c = _params(W, B, first, cl, cmask, HAS_W, HAS_B)
     w_e = _spread(w_c, ch, CB_PAD)
@@ -206,7 +224,7 @@ def _planes_bwd_kernel(
     acc2 = tl.zeros([T_PAD], dtype=tl.float32)
     if NEED_DX or NEED_DW or NEED_DB or WRITE_DRES:  # with GIVEN, dx needs no sums: stored here
         if FUSED:
-            offs, mask = _tile(pid, 0, N, NCB, idx, pmask, HW, CB, BLOCK_N, INT64)
+            offs, mask = _tile(pid, n_lo, 0, N, NCB, idx, pmask, HW, CB, BLOCK_N, INT64)
             xhat, gz = _grad_tile(X, DY, Res, offs, mask, k_e, mean_e, rstd_e, w_e, b_e, HAS_RES, ACT)
             acc1 = tl.sum(gz, axis=0)
             acc2 = tl.sum(gz * xhat, axis=0)
@@ -216,7 +234,7 @@ def _planes_bwd_kernel(
                 _dx_tile(DX, offs, mask, xhat, gz, w_e, rstd_e, zero_e, zero_e, GIVEN, CENTER)
         else:
             for n0 in range(0, N, BLOCK_N):
-                offs, mask = _tile(pid, n0, N, NCB, idx, pmask, HW, CB, BLOCK_N, INT64)
+                offs, mask = _tile(pid, n_lo, n0, N, NCB, idx, pmask, HW, CB, BLOCK_N, INT64)
                 xhat, gz = _grad_tile(X, DY, Res, offs, mask, k_e, mean_e, rstd_e, w_e, b_e, HAS_RES, ACT)
                 acc1 += tl.sum(gz, axis=0)
                 acc2 += tl.sum(gz * xhat, axis=0)
@@ -224,12 +242,12 @@ def _planes_bwd_kernel(
                     tl.store(DRes + offs, gz.to(DRes.dtype.element_ty), mask=mask)
                 if NEED_DX and GIVEN:
                     _dx_tile(DX, offs, mask, xhat, gz, w_e, rstd_e, zero_e, zero_e, GIVEN, CENTER)
-    u1 = _fold(acc1, ch, CB_PAD)  # dbias: each statistic is one channel
+    u1 = _fold(acc1, ch, CB_PAD)  # dbias (of the group's samples): each statistic is one channel
     u2 = _fold(acc2, ch, CB_PAD)  # dweight
     if NEED_DW:
-        tl.store(DW + first + cl, u2.to(DW.dtype.element_ty), mask=cmask)
+        tl.store(DW + stat + cl, u2.to(DW.dtype.element_ty), mask=cmask)
     if NEED_DB:
-        tl.store(DB + first + cl, u1.to(DB.dtype.element_ty), mask=cmask)
+        tl.store(DB + stat + cl, u1.to(DB.dtype.element_ty), mask=cmask)
     if NEED_DX and not GIVEN:
         m = (N * HW) * 1.0
         s1_e = _spread(w_c * u1, ch, CB_PAD) / m
@@ -238,7 +256,7 @@ def _planes_bwd_kernel(
             _dx_tile(DX, offs, mask, xhat, gz, w_e, rstd_e, s1_e, s2_e, GIVEN, CENTER)
         else:
             for n0 in range(0, N, BLOCK_N):
-                offs, mask = _tile(pid, n0, N, NCB, idx, pmask, HW, CB, BLOCK_N, INT64)
+                offs, mask = _tile(pid, n_lo, n0, N, NCB, idx, pmask, HW, CB, BLOCK_N, INT64)
                 xhat, gz = _grad_tile(X, DY, Res, offs, mask, k_e, mean_e, rstd_e, w_e, b_e, HAS_RES, ACT)
                 _dx_tile(DX, offs, mask, xhat, gz, w_e, rstd_e, s1_e, s2_e, GIVEN, CENTER)
 
@@ -256,20 +274,25 @@ def _const(shape, elem_bytes, plan):
 
 class PlanesForward:
     """The forward launch of an ``applies`` signature: mode "train" (``running``: launch.py's
-    RUNNING level) or "given" (normalize with the running statistics)."""
+    RUNNING level) or "given" (normalize with the running statistics). ``groups``: the sample
+    groups S (Ghost BatchNorm; training without an in-kernel running blend only: the caller
+    blends S*C statistics into C running values with torch ops)."""
 
     def __init__(self, shape, elem_bytes: int, has_w: bool, has_b: bool, has_res: bool, act: int, center: bool,
-                 mode: str, running: int, profile: dispatch.DeviceProfile):
+                 mode: str, running: int, profile: dispatch.DeviceProfile, groups: int = 1):
         from .fastlaunch import Launcher
-        self.plan = choose(shape, elem_bytes, profile)
-        N, C, HW = shape[0], shape[1], _plane(shape)
-        self.N, self.C = N, C
-        self.ncb = C // self.plan.config["planes"]
         given = mode == "given"
+        if groups > 1 and (given or running):
+            raise RuntimeError("tritonorm internal: the planes kernels blend or read running statistics "
+                               "for one sample group only")
+        self.plan = choose(shape, elem_bytes, profile, groups=groups)
+        N, C, HW = shape[0], shape[1], _plane(shape)
+        self.N, self.C, self.S = N // groups, C, groups
+        self.ncb = C // self.plan.config["planes"]
         self.blends = bool(running) and not given  # whether the kernel reads momentum
-        M = N * HW
+        M = self.N * HW
         self.unbias = M / (M - 1) if M > 1 and center else 1.0
-        self.launch = Launcher(_planes_fwd_kernel, (self.ncb,),
+        self.launch = Launcher(_planes_fwd_kernel, (self.ncb, groups),
                                dict(_const(shape, elem_bytes, self.plan), GIVEN=given, CENTER=center, HAS_W=has_w,
                                     HAS_B=has_b, HAS_RES=has_res, ACT=act, RUNNING=0 if given else running))
         self.launches = 1
@@ -279,29 +302,49 @@ class PlanesForward:
         rm = x if run_mean is None else run_mean
         rv = x if run_var is None else run_var
         momentum = float(momentum) if self.blends else 0.0
-        self.launch(x, y, r, w, b, stats, rm, rv, self.N, self.ncb, self.C, eps, momentum, self.unbias)
+        self.launch(x, y, r, w, b, stats, rm, rv, self.N, self.ncb, self.C, self.S * self.C, eps, momentum,
+                    self.unbias)
         return y, stats
 
 
 class PlanesBackward:
-    """The backward launch for a PlanesForward signature and the gradients asked for."""
+    """The backward launches for a PlanesForward signature and the gradients asked for: one,
+    storing dweight/dbias directly; with S > 1 sample groups and dweight or dbias asked for, the
+    kernel stores per-(group, channel) fp32 partials [2, S, C] and backward._finish_kernel adds
+    them over the groups (a second launch)."""
 
     def __init__(self, shape, elem_bytes: int, needs, has_w: bool, has_b: bool, has_res: bool, act: int,
-                 center: bool, given: bool, profile: dispatch.DeviceProfile):
+                 center: bool, given: bool, profile: dispatch.DeviceProfile, groups: int = 1,
+                 merge_block: int = 16):
+        from .backward import _finish_kernel
         from .fastlaunch import Launcher
+        if groups > 1 and given:
+            raise RuntimeError("tritonorm internal: the planes kernels read running statistics "
+                               "for one sample group only")
         need_dx, need_dw, need_db, need_dres = needs
-        self.plan = choose(shape, elem_bytes, profile, op="backward")
-        self.N, self.C = shape[0], shape[1]
+        self.plan = choose(shape, elem_bytes, profile, op="backward", groups=groups)
+        self.N, self.C, self.S = shape[0] // groups, shape[1], groups
         self.ncb = self.C // self.plan.config["planes"]
         self.need_dx = need_dx
         self.write_dres = need_dres and act != 0
         self.need_dw, self.need_db = need_dw and has_w, need_db and has_b
-        self.launch = Launcher(_planes_bwd_kernel, (self.ncb,),
+        self.launch = Launcher(_planes_bwd_kernel, (self.ncb, groups),
                                dict(_const(shape, elem_bytes, self.plan), GIVEN=given, CENTER=center, HAS_W=has_w,
                                     HAS_B=has_b, HAS_RES=has_res, ACT=act, NEED_DX=need_dx,
                                     WRITE_DRES=self.write_dres, NEED_DW=self.need_dw, NEED_DB=self.need_db))
-        self.launches = 1
+        self.finish = None
+        if groups > 1 and (self.need_dw or self.need_db):
+            self.finish = Launcher(_finish_kernel, (triton.cdiv(self.C, 64),),
+                                   dict(NEED_DW=self.need_dw, NEED_DB=self.need_db, BLOCK_C=64, BLOCK_S=merge_block))
+        self.launches = 1 + (self.finish is not None)
 
-    def __call__(self, x, dy, r, w, b, stats, dx, dres, dw, db):
-        """Launch; ``dx``, ``dres``, ``dw``, ``db`` are the outputs (x where not asked for)."""
-        self.launch(x, dy, r, w, b, stats, dx, dres, dw, db, self.N, self.ncb, self.C)
+    def __call__(self, x, dy, r, w, b, stats, dx, dres, dw, db, empty):
+        """Launch; ``dx``, ``dres``, ``dw``, ``db`` are the outputs (x where not asked for);
+        ``empty(shape, device)`` allocates the fp32 partials (launch._empty: poisoned in tests)."""
+        P = self.S * self.C
+        if self.finish is None:
+            self.launch(x, dy, r, w, b, stats, dx, dres, dw, db, self.N, self.ncb, self.C, P)
+            return
+        part = empty((2, self.S, self.C), x.device)
+        self.launch(x, dy, r, w, b, stats, dx, dres, part[0], part[1], self.N, self.ncb, self.C, P)
+        self.finish(part, dw, db, self.C, self.S)
