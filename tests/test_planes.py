@@ -171,7 +171,10 @@ def test_planes_blocks_for_resnet_are_16_byte_runs():
         for op in ("forward", "backward"):
             plan = planes_plan.choose(shape, eb, prof, op)
             tile = plan.config["block_n"] * dispatch._pow2(cb * hw * hw)
-            assert tile <= max(prof.tile, prof.fused_limit(eb, op)) and C // cb >= prof.sm_count
+            # (a 16-bit backward may take the forward's fused limit: planes_plan.choose, checked
+            # spill-free at sm_90a by tests/test_sm90.py and `make check-sm90`)
+            limit = prof.fused_limit(eb, "forward" if eb == 2 else op)
+            assert tile <= max(prof.tile, limit) and C // cb >= prof.sm_count
 
 
 def test_explain_matches_the_planes_plans_and_counts_one_launch_each():

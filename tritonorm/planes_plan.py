@@ -67,7 +67,10 @@ def choose(shape, elem_bytes: int, profile: dispatch.DeviceProfile, op: str = "f
     if groups > 1:  # Ghost BatchNorm: a program per (channel block, sample group)
         chans += f" x {groups} sample groups"
     stream_n = max(1, (profile.tile // (1 if op == "forward" else 2)) // t_pad)
-    fused_n = profile.fused_limit(elem_bytes, op) // t_pad
+    # The backward holds x and dy; in 16 bits the forward's limit fits it here (sm_90a: the planes
+    # backward at 32 x 512 padded positions, 16 warps, 128 registers and no spill at 14^2 and 7^2),
+    # and one sweep beats two (Ghost BatchNorm 2048x7^2: the looped planes backward read x twice).
+    fused_n = profile.fused_limit(elem_bytes, "forward" if elem_bytes == 2 else op) // t_pad
     block_n = stream_n if N <= stream_n else (fused_n if N <= fused_n else 0)
     if block_n:
         return dispatch.Plan("fused", dict(base, block_n=block_n, num_warps=dispatch._warps(block_n * t_pad, profile)),
