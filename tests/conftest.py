@@ -45,3 +45,35 @@ def _fresh_seed(request):
     seed = zlib.crc32(request.node.nodeid.encode())
     torch.manual_seed(seed)
     yield
+
+
+@pytest.fixture
+def planes_profile(monkeypatch):
+    """For the planes kernels' tests (test_planes.py, test_planes_groups.py): poisoned outputs,
+    fresh call and plan caches (a plan made under another test's profile must not be reused),
+    and the device's own profile with a few SMs, so small shapes have channel blocks enough for
+    planes_plan.applies on a GPU too. Yields the overrides (helpers.device_profile_overrides)."""
+    from helpers import device_profile_overrides
+
+    from tritonorm import core
+    from tritonorm.kernels import launch
+
+    monkeypatch.setattr(launch, "POISON", True)
+    monkeypatch.setattr(core, "_CALLS", {})
+    overrides: dict = {}
+    device_profile_overrides(monkeypatch, overrides)
+    yield overrides
+    launch.clear()
+
+
+@pytest.fixture(params=["fused", "looped"])
+def planes_regime(request, planes_profile):
+    """fused: the device's limits (every sample, or a group's, in one tile); looped:
+    256-element fused limits and 512-element tiles, so the samples take several tiles, the last
+    one partial."""
+    from tritonorm.kernels import launch
+
+    if request.param == "looped":
+        planes_profile.update(fused_max={4: 256, 2: 256}, fused_max_backward={4: 256, 2: 256}, tile=512)
+    launch.clear()
+    return request.param

@@ -86,3 +86,77 @@ def small_tiles(regime):
     from tritonorm import dispatch
 
     return dispatch.forced(regime, block_p=4, block_m=16, split=2) if regime != "fused" else dispatch.forced("fused")
+
+
+def device_profile_overrides(monkeypatch, overrides: dict) -> None:
+    """While ``monkeypatch`` is active, the device's own profile with the fields of ``overrides``
+    replaced (tests whose small shapes must take a plan on a GPU too: a few SMs, small tiles).
+    ``overrides`` is reset to ``sm_count=4``; a test adds to it before its first call (and calls
+    ``launch.clear()`` when it does after a call)."""
+    import dataclasses
+
+    from tritonorm import dispatch
+    from tritonorm.kernels import launch
+
+    overrides.clear()
+    overrides["sm_count"] = 4
+    real = dispatch.profile_for_device
+    monkeypatch.setattr(dispatch, "profile_for_device", lambda d: dataclasses.replace(real(d), **overrides))
+    launch.clear()
+
+
+def assert_sample_group_grads(x, spec, leaves, residual, dy, y, y64, got, exp, live, labels, dtype, eager_y,
+                              eager_g) -> None:
+    """y and the gradients ``labels`` (of dx, dweight, dbias, dresidual) of a sample-group call
+    against the float64 reference, rounding scaled by the terms they are made of (as
+    tests/cases.py): dx is a difference of terms of size rstd * |dy| * |w|."""
+    from tritonorm import reference
+
+    x64 = x.detach().double()
+    _, var = reference.moments(x64, spec)
+    amax = (lambda t: 0.0 if t is None else t.double().abs().max().item())
+    w_max = amax(leaves[1]) if leaves[1] is not None else 1.0
+    y_terms = amax(reference.norm(x64, spec)) * w_max + amax(leaves[2]) + amax(residual)
+    terms = (var + 1e-5).rsqrt().max().item() * amax(dy) * w_max * 1.2
+    assert_close(y, y64, dtype, eager_y, "y", term_scale=y_terms)
+    for i, name in enumerate(labels):
+        assert got[i].dtype == live[i].dtype, name
+        assert_close(got[i], exp[i], live[i].dtype, None if eager_g is None else eager_g[i], name,
+                     term_scale=terms if name in ("dx", "dresidual") else 0.0)
+
+
+def aten_ops_mode():
+    """A TorchDispatchMode recording the aten ops run on real (not meta) tensors, each with its
+    largest output's element count, in ``.ops``."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class AtenOps(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            outs = [o for o in (out if isinstance(out, (tuple, list)) else [out]) if isinstance(o, torch.Tensor)]
+            if outs and all(o.device.type != "meta" for o in outs):
+                self.ops.append((func.__name__.split(".")[0], max(o.numel() for o in outs)))
+            return out
+
+    return AtenOps()
+
+
+def kernels_outside_dispatch_modes(monkeypatch) -> None:
+    """Run every Triton launch with the active TorchDispatchModes disabled, so an aten-op
+    recorder (``aten_ops_mode``) sees the call's own torch ops, not the interpreter's host copies
+    inside a launch."""
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    from tritonorm.kernels import forward as fk
+
+    cls = type(fk._fwd_fused_kernel)
+    original = cls.run
+
+    def run(kernel, *args, **kwargs):
+        with _disable_current_modes():
+            return original(kernel, *args, **kwargs)
+    monkeypatch.setattr(cls, "run", run)

@@ -12,11 +12,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
 import tritonorm
 import tritonorm.functional as TF
-from helpers import LOW, assert_close
+from helpers import LOW, assert_close, aten_ops_mode, kernels_outside_dispatch_modes
 from tritonorm import activations, core, dispatch
 from tritonorm.kernels import forward as fk
 from tritonorm.kernels import launch
@@ -223,32 +222,11 @@ def test_rows_out_of_sample_order_keep_the_expansion(monkeypatch):
     assert_close(y, _ref(x.double(), w.double(), b.double(), None, True, 1e-5), torch.float32)
 
 
-class _Ops(TorchDispatchMode):
-    """The aten ops run on real (not meta) tensors, with their largest output's size."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        outs = [o for o in (out if isinstance(out, (tuple, list)) else [out]) if isinstance(o, torch.Tensor)]
-        if outs and all(o.device.type != "meta" for o in outs):
-            self.ops.append((func.__name__.split(".")[0], max(o.numel() for o in outs)))
-        return out
-
-
 @pytest.mark.parametrize("want", ["xwb", "wb"])
 def test_no_x_sized_temporaries(want, monkeypatch):
     # DiT's modulation through the functional: the only x-sized tensors made are y and (when
     # asked for) dx — no expansion of a parameter, no per-element gradients, no reduction.
-    cls = type(fk._fwd_fused_kernel)
-    original = cls.run
-
-    def run(kernel, *args, **kwargs):
-        with _disable_current_modes():
-            return original(kernel, *args, **kwargs)
-    monkeypatch.setattr(cls, "run", run)
+    kernels_outside_dispatch_modes(monkeypatch)
     monkeypatch.setattr(launch, "POISON", False)
     x = torch.randn(2, 12, 16).requires_grad_("x" in want)
     emb = torch.randn(2, 1, 32)
@@ -256,10 +234,10 @@ def test_no_x_sized_temporaries(want, monkeypatch):
     inputs = [t for t in (x, scale, shift) if t.requires_grad]
     with dispatch.forced("fused"):
         TF.layer_norm(x, (16,), weight=1 + scale, bias=shift)  # plans built
-        with _Ops() as fwd:
+        with aten_ops_mode() as fwd:
             y = TF.layer_norm(x, (16,), weight=1 + scale, bias=shift)
         dy = torch.randn_like(y)
-        with _Ops() as bwd:
+        with aten_ops_mode() as bwd:
             torch.autograd.grad(y, inputs, dy)
     big = x.numel()
     views = ("view", "_unsafe_view", "reshape", "alias", "detach")  # no memory of their own

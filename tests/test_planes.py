@@ -4,49 +4,25 @@ running statistics against torch's, eval mode, and where the kernels are (not) t
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 
 import tritonorm
 from cases import check_case, make_inputs
 from helpers import assert_close, record_launches
-from tritonorm import core, cost, dispatch, planes_plan, reference, scope as scopes
-from tritonorm.kernels import launch, planes
+from tritonorm import cost, dispatch, planes_plan, reference, scope as scopes
+from tritonorm.kernels import launch
 
 SHAPES = [((3, 16, 7, 7), torch.float32), ((3, 16, 7, 7), torch.bfloat16),
           ((3, 8, 14, 14), torch.float32), ((3, 8, 14, 14), torch.bfloat16)]
 
 
-# Overrides of the device's own profile (so the tests hold on a GPU too): a few SMs, so these
-# small shapes have channel blocks enough for the planes kernels (planes_plan.applies); and the
-# looped regime's small tiles.
-_OVERRIDES: dict = {}
+pytestmark = pytest.mark.usefixtures("planes_profile")
 
 
-@pytest.fixture(autouse=True)
-def _poison(monkeypatch):
-    monkeypatch.setattr(launch, "POISON", True)
-    # Fresh call and plan caches: a plan made under another test's profile must not be reused.
-    monkeypatch.setattr(core, "_CALLS", {})
-    real = dispatch.profile_for_device
-    _OVERRIDES.clear()
-    _OVERRIDES["sm_count"] = 4
-    monkeypatch.setattr(dispatch, "profile_for_device", lambda d: dataclasses.replace(real(d), **_OVERRIDES))
-    launch.clear()
-    yield
-    launch.clear()
-
-
-@pytest.fixture(params=["fused", "looped"])
-def regime(request):
-    """fused: the device's limits (every sample in one tile); looped: 256-element fused limits
-    and 512-element tiles, so the samples take several tiles, the last one partial."""
-    if request.param == "looped":
-        _OVERRIDES.update(fused_max={4: 256, 2: 256}, fused_max_backward={4: 256, 2: 256}, tile=512)
-    launch.clear()
-    return request.param
+@pytest.fixture
+def regime(planes_regime):
+    return planes_regime
 
 
 def _applies(x):

@@ -7,15 +7,14 @@ statistics (blended by the caller with torch ops) against the chunked reference.
 
 from __future__ import annotations
 
-import dataclasses
 
 import pytest
 import torch
 
 import tritonorm
 from cases import make_inputs
-from helpers import LOW, assert_close, record_launches
-from tritonorm import core, cost, dispatch, planes_plan, reference, scope as scopes
+from helpers import LOW, assert_close, assert_sample_group_grads, record_launches
+from tritonorm import cost, dispatch, planes_plan, reference, scope as scopes
 from tritonorm.kernels import launch
 from tritonorm.nn import GhostBatchNorm2d
 
@@ -26,31 +25,12 @@ CASES = [((6, 8, 7, 7), torch.float32, 2), ((12, 8, 7, 7), torch.float32, 4),
          ((4, 8, 7, 7), torch.bfloat16, 2), ((8, 8, 7, 7), torch.bfloat16, 4)]
 
 
-# Profile overrides of the device's own (tests on a GPU too): a few SMs, so these small
-# shapes have programs enough for the planes kernels; and the looped regime's small tiles.
-_OVERRIDES: dict = {}
+pytestmark = pytest.mark.usefixtures("planes_profile")
 
 
-@pytest.fixture(autouse=True)
-def _poison(monkeypatch):
-    monkeypatch.setattr(launch, "POISON", True)
-    monkeypatch.setattr(core, "_CALLS", {})
-    real = dispatch.profile_for_device
-    _OVERRIDES.clear()
-    _OVERRIDES["sm_count"] = 4
-    monkeypatch.setattr(dispatch, "profile_for_device", lambda d: dataclasses.replace(real(d), **_OVERRIDES))
-    launch.clear()
-    yield
-    launch.clear()
-
-
-@pytest.fixture(params=["fused", "looped"])
-def regime(request):
-    """fused: the device's limits (a group's samples in one tile); looped: 256-element fused
-    limits and 512-element tiles, so a group's samples take several tiles."""
-    if request.param == "looped":
-        _OVERRIDES.update(fused_max={4: 256, 2: 256}, fused_max_backward={4: 256, 2: 256}, tile=512)
-    return request.param
+@pytest.fixture
+def regime(planes_regime):
+    return planes_regime
 
 
 def _chunked(leaves, s, activation, compute_dtype=None):
@@ -90,20 +70,9 @@ def _check(shape, dtype, s, monkeypatch, *, affine="wb", residual=False, activat
         low = [None if t is None else t.detach().clone().requires_grad_(g) for t, g in zip(leaves, grad)]
         eager_y = _chunked(low, s, activation, compute_dtype=dtype)
         eager_g = torch.autograd.grad(eager_y, [t for t, g in zip(low, grad) if g], dy)
-    # Rounding scales with the terms y and dx are made of (as tests/cases.py).
     spec = scopes.parse("batch", x.dim(), None, x.shape[1], sample_groups=s)
-    x64 = x.double()
-    _, var = reference.moments(x64, spec)
-    amax = (lambda t: 0.0 if t is None else t.double().abs().max().item())
-    w_max = amax(leaves[1]) if leaves[1] is not None else 1.0
-    y_terms = amax(reference.norm(x64, spec)) * w_max + amax(leaves[2]) + amax(r)
-    terms = (var + 1e-5).rsqrt().max().item() * amax(dy) * w_max * 1.2
-    assert_close(y, y64, dtype, eager_y, "y", term_scale=y_terms)
     labels = [n for n, g in zip(("dx", "dweight", "dbias", "dresidual"), grad) if g]
-    for i, name in enumerate(labels):
-        assert got[i].dtype == live[i].dtype, name
-        assert_close(got[i], exp[i], live[i].dtype, None if eager_g is None else eager_g[i], name,
-                     term_scale=terms if name in ("dx", "dresidual") else 0.0)
+    assert_sample_group_grads(x, spec, leaves, r, dy, y, y64, got, exp, live, labels, dtype, eager_y, eager_g)
     return fwd, list(names), predicted
 
 

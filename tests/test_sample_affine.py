@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
 import tritonorm
-from helpers import LOW, assert_close, record_launches, row_kernels_only, small_tiles
+from helpers import (LOW, assert_close, aten_ops_mode, kernels_outside_dispatch_modes, record_launches,
+                     row_kernels_only, small_tiles)
 from tritonorm import activations, core
-from tritonorm.kernels import forward as fk
 from tritonorm.kernels import launch
 
 CL, CL3 = torch.channels_last, torch.channels_last_3d
@@ -160,34 +159,13 @@ def test_low_precision(dtype, case, regime):
     _run(*CASES[case], regime, "nc", "nc", dtype=dtype, act=None, strided=True)
 
 
-class _Ops(TorchDispatchMode):
-    """The aten ops run on real (not meta) tensors, with their largest output's size."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        outs = [o for o in (out if isinstance(out, (tuple, list)) else [out]) if isinstance(o, torch.Tensor)]
-        if outs and all(o.device.type != "meta" for o in outs):
-            self.ops.append((func.__name__.split(".")[0], max(o.numel() for o in outs)))
-        return out
-
-
 @pytest.mark.parametrize("want", ["xwb", "wb"])
 @pytest.mark.parametrize("regime", ["fused", "split"])
 def test_no_x_sized_temporaries(want, regime, monkeypatch):
     # The only x-sized tensors made are y and (when asked for) dx: no expansion of a parameter, no
     # per-element gradients, no reduction; the kernels' own host copies (the interpreter's) are
     # not counted.
-    cls = type(fk._fwd_fused_kernel)
-    original = cls.run
-
-    def run(kernel, *args, **kwargs):
-        with _disable_current_modes():
-            return original(kernel, *args, **kwargs)
-    monkeypatch.setattr(cls, "run", run)
+    kernels_outside_dispatch_modes(monkeypatch)
     monkeypatch.setattr(launch, "POISON", False)
     x = torch.randn(2, 8, 4, 4).contiguous(memory_format=CL).requires_grad_("x" in want)
     emb = torch.randn(2, 16, 1, 1)
@@ -195,10 +173,10 @@ def test_no_x_sized_temporaries(want, regime, monkeypatch):
     inputs = [t for t in (x, w, b) if t.requires_grad]
     with _force(regime):
         tritonorm.norm(x, "group", num_groups=2, weight=w, bias=b, backend="triton")  # plans built
-        with _Ops() as fwd:
+        with aten_ops_mode() as fwd:
             y = tritonorm.norm(x, "group", num_groups=2, weight=w, bias=b, backend="triton")
         dy = torch.randn_like(y)
-        with _Ops() as bwd:
+        with aten_ops_mode() as bwd:
             torch.autograd.grad(y, inputs, dy)
     big = x.numel()
     assert [op for op, n in fwd.ops if n >= big] == ["empty_strided"], fwd.ops  # y
