@@ -136,6 +136,10 @@ class _Call:
         self.has_res = residual is not None
         self.empty = x.numel() == 0
         self.plan = None
+        # Per autograd.Function input mask (ctx.needs_input_grad): whether the forward keeps lean
+        # statistics; and per (mask, statistics rows, forced regime) the backward plan.
+        self.lean_by_need: dict = {}
+        self.bplans: dict = {}
         self.copy_running = self.torch_update = False
         self.count = spec.count(x.shape)
         self.stat_shape = spec.stat_shape(x.shape)
@@ -218,7 +222,9 @@ class _NormFunction(torch.autograd.Function):
         call, running_mean, running_var, eps, momentum, lean = io
         if lean:
             need = ctx.needs_input_grad
-            lean = call.plan.lean_for(_needs(call, need, weight, bias))
+            lean = call.lean_by_need.get(need)
+            if lean is None:
+                lean = call.lean_by_need[need] = call.plan.lean_for(_needs(call, need, weight, bias))
         # Broadcast weight/bias are expanded for the kernels here (when they are not read in place)
         # and saved unexpanded.
         w, b = _expanded(call, weight, bias, x)
@@ -235,22 +241,26 @@ class _NormFunction(torch.autograd.Function):
             return None, None, None, None, None
         x, weight, bias, residual, stats = ctx.saved_tensors
         call = ctx.call
-        needs = _needs(call, ctx.needs_input_grad, weight, bias)
-        lean = stats.shape[0] != 5
         if torch.is_grad_enabled():
+            needs = _needs(call, ctx.needs_input_grad, weight, bias)
             # create_graph=True (gradient penalties): a differentiable recomputation.
             from . import double_backward
 
             given = (stats[4].view(call.stat_shape), stats[3].view(call.stat_shape)) if call.use_running else None
             grads = tuple(double_backward.grads(dy, x, weight, bias, residual, call.spec, call.eps, call.center,
                                                 call.act, given, list(needs), call.has_res))
-        elif call.expand:
-            # Per-element gradients of the expanded parameters, summed back to their shapes.
-            dx, dw, db, dres = call.plan.backward(needs, lean=lean)(dy, x, *_expanded(call, weight, bias, x),
-                                                                   residual, stats)
-            grads = (dx, _reduced(dw, weight), _reduced(db, bias), dres)
         else:
-            grads = call.plan.backward(needs, lean=lean)(dy, x, weight, bias, residual, stats)
+            key = (ctx.needs_input_grad, stats.shape[0], dispatch.forced_state())
+            plan = call.bplans.get(key)
+            if plan is None:
+                plan = call.bplans[key] = call.plan.backward(_needs(call, ctx.needs_input_grad, weight, bias),
+                                                             lean=stats.shape[0] != 5)
+            if call.expand:
+                # Per-element gradients of the expanded parameters, summed back to their shapes.
+                dx, dw, db, dres = plan(dy, x, *_expanded(call, weight, bias, x), residual, stats)
+                grads = (dx, _reduced(dw, weight), _reduced(db, bias), dres)
+            else:
+                grads = plan(dy, x, weight, bias, residual, stats)
         return (*grads, None)
 
 
