@@ -125,6 +125,23 @@ def load_stats(Stats, P, rt, rmask, X, rx, LEAN: tl.constexpr = 0):
 
 
 @triton.jit
+def tile_grads(X, DY, Res, offs, mask, k, mean, rstd, w, b, HAS_RES: tl.constexpr, ACT: tl.constexpr):
+    """xhat and gz = dy * act'(pre) of a tile at ``offs`` whose columns are channels (the
+    whole-pixel and plane kernels), from per-column pivot, shifted mean, rstd, weight and bias
+    vectors; 0 where masked."""
+    x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+    dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
+    xhat = tl.where(mask, ((x - k[None, :]) - mean[None, :]) * rstd[None, :], 0.0)
+    gz = dy
+    if ACT != 0:
+        pre = xhat * w[None, :] + b[None, :]
+        if HAS_RES:
+            pre = pre + tl.load(Res + offs, mask=mask, other=0.0).to(tl.float32)
+        gz = tl.where(mask, dy * activation_grad(pre, ACT), 0.0)
+    return xhat, gz
+
+
+@triton.jit
 def load2d(Ptr, roff, coff, mask):
     """A [rows, cols] tile upcast to fp32 (0 where masked)."""
     return tl.load(Ptr + (roff[:, None] + coff[None, :]), mask=mask, other=0.0).to(tl.float32)

@@ -80,6 +80,15 @@ def _pivot(X, base, chans, gmask, CB: tl.constexpr, CG: tl.constexpr, CB_PAD: tl
 
 
 @triton.jit
+def _pixel_tile(base, hw, hmask, chans, cmask, C, INT64: tl.constexpr):
+    """Offsets and mask of a [pixels, CB_PAD] tile of the block at ``base`` (pixel stride C)."""
+    mask = hmask[:, None] & cmask[None, :]
+    if INT64:
+        hw = hw.to(tl.int64)
+    return base + hw[:, None] * C + chans[None, :], mask
+
+
+@triton.jit
 def _channel_moments(X, base, chans, cmask, k_c, C, start, end, SPAN, CENTER: tl.constexpr,
                      BLOCK_HW: tl.constexpr, INT64: tl.constexpr):
     """Per-channel (mean, M2) of x - K over pixels [start, end), BLOCK_HW pixels a tile, Chan-merged
@@ -150,11 +159,7 @@ def _epilogue_sweep(X, Y, Res, base, chans, cmask, C, start, end, SPAN, k_c, mea
     """The epilogue over pixels [start, end), BLOCK_HW a tile (SPAN: a fixed trip count)."""
     for t in range(0, SPAN, BLOCK_HW):
         hw = start + t + tl.arange(0, BLOCK_HW)
-        hmask = hw < end
-        mask = hmask[:, None] & cmask[None, :]
-        if INT64:
-            hw = hw.to(tl.int64)
-        offs = base + hw[:, None] * C + chans[None, :]
+        offs, mask = _pixel_tile(base, hw, hw < end, chans, cmask, C, INT64)
         x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
         _epilogue_tile(x, Y, Res, offs, mask, k_c, mean_c, scale_c, shift_c, HAS_RES, ACT)
 
@@ -174,11 +179,7 @@ def _pixels_fwd_kernel(
     k_g, k_c = _pivot(X, base, chans, gmask, CB, CG, CB_PAD, GB_PAD, CENTER)
     if FUSED:
         hw = tl.arange(0, BLOCK_HW)
-        hmask = hw < HW
-        mask = hmask[:, None] & cmask[None, :]
-        if INT64:
-            hw = hw.to(tl.int64)
-        offs = base + hw[:, None] * C + chans[None, :]
+        offs, mask = _pixel_tile(base, hw, hw < HW, chans, cmask, C, INT64)
         x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
         mean_c, m2_c = tile_moments(tl.where(mask, x - k_c[None, :], 0.0), mask, HW, CENTER, 0)
     else:

@@ -23,8 +23,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import activation_grad
-from .pixels import _block, _fold, _param_bases, _spread
+from .common import tile_grads
+from .pixels import _block, _fold, _param_bases, _pixel_tile, _spread
 
 
 @triton.jit
@@ -53,19 +53,8 @@ def _params(W, B, chans, cmask, HAS_W: tl.constexpr, HAS_B: tl.constexpr):
 def _tile(X, DY, Res, base, hw, hmask, chans, cmask, C, k_c, mean_c, rstd_c, w_c, b_c,
           HAS_RES: tl.constexpr, ACT: tl.constexpr, INT64: tl.constexpr):
     """Offsets, mask, xhat and gz = dy * act'(pre) of one [BLOCK_HW, CB_PAD] tile (0 where masked)."""
-    if INT64:
-        hw = hw.to(tl.int64)
-    mask = hmask[:, None] & cmask[None, :]
-    offs = base + hw[:, None] * C + chans[None, :]
-    x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
-    dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
-    xhat = tl.where(mask, ((x - k_c[None, :]) - mean_c[None, :]) * rstd_c[None, :], 0.0)
-    gz = dy
-    if ACT != 0:
-        pre = xhat * w_c[None, :] + b_c[None, :]
-        if HAS_RES:
-            pre = pre + tl.load(Res + offs, mask=mask, other=0.0).to(tl.float32)
-        gz = tl.where(mask, dy * activation_grad(pre, ACT), 0.0)
+    offs, mask = _pixel_tile(base, hw, hmask, chans, cmask, C, INT64)
+    xhat, gz = tile_grads(X, DY, Res, offs, mask, k_c, mean_c, rstd_c, w_c, b_c, HAS_RES, ACT)
     return offs, mask, xhat, gz
 
 

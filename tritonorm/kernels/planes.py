@@ -35,7 +35,7 @@ import triton.language as tl
 
 from .. import dispatch
 from ..planes_plan import _plane, choose
-from .common import activation, activation_grad, chan_merge, finite_pivot, store_stats, tile_moments
+from .common import activation, chan_merge, finite_pivot, store_stats, tile_grads, tile_moments
 
 
 @triton.jit
@@ -57,6 +57,21 @@ def _positions(HW: tl.constexpr, CB: tl.constexpr, T_PAD: tl.constexpr):
     """The run's positions, their mask and their channel within the block."""
     idx = tl.arange(0, T_PAD)
     return idx, idx < CB * HW, idx // HW
+
+
+@triton.jit
+def _program(N, C, HW: tl.constexpr, CB: tl.constexpr, CB_PAD: tl.constexpr, T_PAD: tl.constexpr):
+    """Program (channel block, sample group): its block index, the group's first sample, the
+    run's positions (offsets, mask, channel of each), the block's channels (and mask), its first
+    channel and first statistic (s*C + c)."""
+    pid = tl.program_id(0)
+    n_lo = tl.program_id(1) * N
+    idx, pmask, ch = _positions(HW, CB, T_PAD)
+    cl = tl.arange(0, CB_PAD)
+    cmask = cl < CB
+    first = pid * CB
+    stat = tl.program_id(1) * C + first
+    return pid, n_lo, idx, pmask, ch, cl, cmask, first, stat
 
 
 @triton.jit
@@ -104,13 +119,7 @@ def _planes_fwd_kernel(
 ):
     """One program per (channel block, sample group), sweeping the group's N samples: moments,
     statistics, then y."""
-    pid = tl.program_id(0)
-    n_lo = tl.program_id(1) * N  # the sample group's first sample
-    idx, pmask, ch = _positions(HW, CB, T_PAD)
-    cl = tl.arange(0, CB_PAD)
-    cmask = cl < CB
-    first = pid * CB
-    stat = tl.program_id(1) * C + first  # the block's first statistic
+    pid, n_lo, idx, pmask, ch, cl, cmask, first, stat = _program(N, C, HW, CB, CB_PAD, T_PAD)
     k_c = tl.zeros([CB_PAD], dtype=tl.float32)
     if GIVEN:
         var_c = tl.load(RunVar + first + cl, mask=cmask, other=1.0).to(tl.float32)
@@ -165,21 +174,6 @@ def _planes_fwd_kernel(
 
 
 @triton.jit
-def _grad_tile(X, DY, Res, offs, mask, k_e, mean_e, rstd_e, w_e, b_e, HAS_RES: tl.constexpr, ACT: tl.constexpr):
-    """xhat and gz = dy * act'(pre) of one tile (0 where masked)."""
-    x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
-    dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
-    xhat = tl.where(mask, ((x - k_e[None, :]) - mean_e[None, :]) * rstd_e[None, :], 0.0)
-    gz = dy
-    if ACT != 0:
-        pre = xhat * w_e[None, :] + b_e[None, :]
-        if HAS_RES:
-            pre = pre + tl.load(Res + offs, mask=mask, other=0.0).to(tl.float32)
-        gz = tl.where(mask, dy * activation_grad(pre, ACT), 0.0)
-    return xhat, gz
-
-
-@triton.jit
 def _dx_tile(DX, offs, mask, xhat, gz, w_e, rstd_e, s1_e, s2_e, GIVEN: tl.constexpr, CENTER: tl.constexpr):
     """dx = rstd (g - S1/M - xhat S2/M) (S1, S2 already over M); with given statistics rstd g."""
     g = gz * w_e[None, :]
@@ -205,13 +199,7 @@ def _planes_bwd_kernel(
     """One program per (channel block, sample group): the sums sweep (dweight, dbias,
     dresidual; with given statistics dx too), then the dx sweep (FUSED: from registers). The
     sums are stored at s*C + c: the gradients themselves with one group, else fp32 partials."""
-    pid = tl.program_id(0)
-    n_lo = tl.program_id(1) * N  # the sample group's first sample
-    idx, pmask, ch = _positions(HW, CB, T_PAD)
-    cl = tl.arange(0, CB_PAD)
-    cmask = cl < CB
-    first = pid * CB
-    stat = tl.program_id(1) * C + first  # the block's first statistic
+    pid, n_lo, idx, pmask, ch, cl, cmask, first, stat = _program(N, C, HW, CB, CB_PAD, T_PAD)
     k_e = _spread(tl.load(Stats + stat + cl, mask=cmask, other=0.0), ch, CB_PAD)
     mean_e = _spread(tl.load(Stats + P + stat + cl, mask=cmask, other=0.0), ch, CB_PAD)
     rstd_c = tl.load(Stats + 2 * P + stat + cl, mask=cmask, other=0.0)
@@ -225,7 +213,7 @@ def _planes_bwd_kernel(
     if NEED_DX or NEED_DW or NEED_DB or WRITE_DRES:  # with GIVEN, dx needs no sums: stored here
         if FUSED:
             offs, mask = _tile(pid, n_lo, 0, N, NCB, idx, pmask, HW, CB, BLOCK_N, INT64)
-            xhat, gz = _grad_tile(X, DY, Res, offs, mask, k_e, mean_e, rstd_e, w_e, b_e, HAS_RES, ACT)
+            xhat, gz = tile_grads(X, DY, Res, offs, mask, k_e, mean_e, rstd_e, w_e, b_e, HAS_RES, ACT)
             acc1 = tl.sum(gz, axis=0)
             acc2 = tl.sum(gz * xhat, axis=0)
             if WRITE_DRES:
@@ -235,7 +223,7 @@ def _planes_bwd_kernel(
         else:
             for n0 in range(0, N, BLOCK_N):
                 offs, mask = _tile(pid, n_lo, n0, N, NCB, idx, pmask, HW, CB, BLOCK_N, INT64)
-                xhat, gz = _grad_tile(X, DY, Res, offs, mask, k_e, mean_e, rstd_e, w_e, b_e, HAS_RES, ACT)
+                xhat, gz = tile_grads(X, DY, Res, offs, mask, k_e, mean_e, rstd_e, w_e, b_e, HAS_RES, ACT)
                 acc1 += tl.sum(gz, axis=0)
                 acc2 += tl.sum(gz * xhat, axis=0)
                 if WRITE_DRES:
@@ -257,7 +245,7 @@ def _planes_bwd_kernel(
         else:
             for n0 in range(0, N, BLOCK_N):
                 offs, mask = _tile(pid, n_lo, n0, N, NCB, idx, pmask, HW, CB, BLOCK_N, INT64)
-                xhat, gz = _grad_tile(X, DY, Res, offs, mask, k_e, mean_e, rstd_e, w_e, b_e, HAS_RES, ACT)
+                xhat, gz = tile_grads(X, DY, Res, offs, mask, k_e, mean_e, rstd_e, w_e, b_e, HAS_RES, ACT)
                 _dx_tile(DX, offs, mask, xhat, gz, w_e, rstd_e, s1_e, s2_e, GIVEN, CENTER)
 
 
