@@ -186,14 +186,50 @@ def test_bias_keyword_mirrors_torch(cls):
         theirs = getattr(nn, ours.__name__)
         p_ours = inspect.signature(ours.__init__).parameters
         p_theirs = inspect.signature(theirs.__init__).parameters
-        # Same parameters, in the same order and kinds, with the same defaults; plus activation.
+        # Same parameters, in the same order and kinds, with the same defaults; plus activation
+        # (and bias, which an older torch's class lacks: init_base below).
+        extra = {"activation"} | ({"bias"} if "bias" not in p_theirs else set())
         assert [(k, v.kind, v.default) for k, v in p_theirs.items()] == \
-            [(k, v.kind, v.default) for k, v in p_ours.items() if k != "activation"]
+            [(k, v.kind, v.default) for k, v in p_ours.items() if k not in extra]
     args = (2, 4) if cls is GroupNorm else (4,)
     kw = {"affine": True} if "Instance" in cls.__name__ else {}
     m = cls(*args, bias=False, **kw)
     assert m.bias is None and m.weight is not None
-    assert list(m.state_dict()) == list(getattr(nn, cls.__name__)(*args, bias=False, **kw).state_dict())
+    if "bias" in inspect.signature(getattr(nn, cls.__name__).__init__).parameters:
+        assert list(m.state_dict()) == list(getattr(nn, cls.__name__)(*args, bias=False, **kw).state_dict())
+
+
+@pytest.mark.parametrize("cls", [BatchNorm2d, GroupNorm, InstanceNorm2d])
+def test_bias_false_on_a_torch_without_the_keyword(cls, monkeypatch):
+    """torch 2.11's BatchNorm/GroupNorm/InstanceNorm have no ``bias`` keyword (the GPU machine's
+    torch: tnn.BatchNorm2d(64) raised TypeError there). init_base builds them with a bias and drops
+    it; reset_parameters and the forward work without it."""
+    from tritonorm.nn import modules
+
+    monkeypatch.setattr(modules, "_TAKES_BIAS", {b: False for b in (nn.BatchNorm2d, nn.GroupNorm,
+                                                                      nn.InstanceNorm2d)})
+    real = {b: b.__init__ for b in (nn.BatchNorm2d, nn.GroupNorm, nn.InstanceNorm2d)}
+    for b, init in real.items():  # the old signature: bias= is a TypeError
+        monkeypatch.setattr(b, "__init__", lambda self, *a, _init=init, **k: _init(self, *a, **k)
+                            if "bias" not in k else (_ for _ in ()).throw(TypeError("bias")))
+    args = (2, 4) if cls is GroupNorm else (4,)
+    kw = {"affine": True} if cls is InstanceNorm2d else {}
+    plain = cls(*args, **kw)
+    assert plain.bias is not None
+    m = cls(*args, bias=False, **kw)
+    assert m.bias is None and "bias" not in m.state_dict()
+    with torch.no_grad():
+        m.weight.uniform_(0.5, 1.5)
+    m.reset_parameters()
+    assert torch.equal(m.weight, torch.ones(4)) and m.bias is None
+    with torch.no_grad():
+        m.weight.uniform_(0.5, 1.5)
+    x = torch.randn(3, 4, 5, 6)
+    y = m(x)
+    spec = parse({BatchNorm2d: "batch", GroupNorm: "group", InstanceNorm2d: "instance"}[cls], 4,
+                 2 if cls is GroupNorm else None, 4)
+    ref = reference.norm(x.double(), spec, weight=m.weight.detach().double())
+    assert_close(y, ref, torch.float32, None, "y")
 
 
 def test_rms_norm_keeps_channels_last():

@@ -397,7 +397,17 @@ def fit(plan: Plan, problem: Problem, profile: DeviceProfile) -> Plan | None:
     return replace(plan, config=cfg)
 
 
-_forced = threading.local()
+class _Forced:
+    """The regime forced by ``forced(...)``: process-wide, not per thread. Autograd runs a CUDA
+    tensor's backward in its own device thread, so a thread-local value set around
+    ``autograd.grad`` was never seen by the backward's planning on a GPU (it is on the CPU, where
+    the backward runs in the calling thread): the tests' forced backward regimes and the tuner's
+    backward candidates silently ran the heuristic's plan."""
+
+    value = None
+
+
+_forced = _Forced()
 
 
 def forced_state():
@@ -413,6 +423,9 @@ def forced_state():
 @contextlib.contextmanager
 def forced(kernel: str, op: str | None = None, **config):
     """Force a regime (and optionally launch parameters) inside the block. For tests and tuning.
+
+    The forcing is process-wide (autograd's device threads must see it): every thread's calls
+    inside the block take it.
 
     ``op``: only problems of this op ("forward", "backward", "dwdb") are forced; default all.
     """

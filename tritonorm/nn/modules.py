@@ -58,6 +58,44 @@ def _call_norm(module: nn.Module, *inputs):
 torch.fx.wrap("_call_norm")
 
 
+def _takes_bias(base: type) -> bool:
+    """Whether ``base.__init__`` has the keyword ``bias`` (BatchNorm, GroupNorm and InstanceNorm
+    took it only in later torch releases; LayerNorm has had it since torch 2.1)."""
+    import inspect
+
+    found = _TAKES_BIAS.get(base)
+    if found is None:
+        found = _TAKES_BIAS[base] = "bias" in inspect.signature(base.__init__).parameters
+    return found
+
+
+_TAKES_BIAS: dict = {}
+
+
+def init_base(base: type, module: nn.Module, *args, bias: bool = True) -> None:
+    """``base.__init__(module, *args, bias=bias)`` on every supported torch: where ``base`` has
+    no ``bias`` keyword, the module is built with one and ``bias=False`` then drops it (the
+    parameter ``None``, as newer torch leaves it; ``reset_parameters`` below copes)."""
+    if _takes_bias(base):
+        base.__init__(module, *args, bias=bias)
+        return
+    base.__init__(module, *args)
+    if not bias and module._parameters.get("bias") is not None:
+        module.register_parameter("bias", None)
+
+
+class _ResetWithoutBias:
+    """``reset_parameters`` for a module whose ``bias`` may be ``None`` under an older torch,
+    whose own reset zeroes the bias unconditionally."""
+
+    def reset_parameters(self) -> None:
+        if self._parameters.get("bias", False) is not None or self.weight is None:
+            return super().reset_parameters()
+        if hasattr(self, "reset_running_stats"):
+            self.reset_running_stats()
+        nn.init.ones_(self.weight)
+
+
 class _Leaf:
     """``forward`` through ``_call_norm``; subclasses define ``_norm_forward``."""
 
@@ -65,7 +103,7 @@ class _Leaf:
         return _call_norm(self, input)
 
 
-class _BatchNormMixin(_Leaf):
+class _BatchNormMixin(_ResetWithoutBias, _Leaf):
     activation = None
 
     def _norm_forward(self, input: torch.Tensor) -> torch.Tensor:
@@ -88,8 +126,8 @@ def _batch_norm_class(base: type) -> type:
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
                  device=None, dtype=None, *, bias=True, activation=None):
         act = activations.check(activation)
-        base.__init__(self, num_features, eps, momentum, affine, track_running_stats, device, dtype,
-                      bias=bias)
+        init_base(base, self, num_features, eps, momentum, affine, track_running_stats, device, dtype,
+                  bias=bias)
         self.activation = act
 
     name = base.__name__
@@ -104,7 +142,7 @@ BatchNorm2d = _batch_norm_class(nn.BatchNorm2d)
 BatchNorm3d = _batch_norm_class(nn.BatchNorm3d)
 
 
-class GroupNorm(_Leaf, nn.GroupNorm):
+class GroupNorm(_ResetWithoutBias, _Leaf, nn.GroupNorm):
     """``torch.nn.GroupNorm`` on tritonorm's kernels, plus ``activation=`` (GroupNorm + SiLU in
     one pass is the diffusion U-Net case)."""
 
@@ -113,7 +151,7 @@ class GroupNorm(_Leaf, nn.GroupNorm):
     def __init__(self, num_groups, num_channels, eps=1e-5, affine=True, device=None, dtype=None, *,
                  bias=True, activation=None):
         act = activations.check(activation)
-        super().__init__(num_groups, num_channels, eps, affine, device, dtype, bias=bias)
+        init_base(nn.GroupNorm, self, num_groups, num_channels, eps, affine, device, dtype, bias=bias)
         self.activation = act
 
     def _norm_forward(self, input: torch.Tensor) -> torch.Tensor:
@@ -183,7 +221,7 @@ class RMSNorm(_Leaf, nn.RMSNorm):
         return _extra(self, super().extra_repr())
 
 
-class _InstanceNormMixin(_Leaf):
+class _InstanceNormMixin(_ResetWithoutBias, _Leaf):
     activation = None
 
     # torch's forward (input checks, unbatched input) calls our _apply_instance_norm.
@@ -204,8 +242,8 @@ def _instance_norm_class(base: type) -> type:
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=False,
                  track_running_stats=False, device=None, dtype=None, *, bias=True, activation=None):
         act = activations.check(activation)
-        base.__init__(self, num_features, eps, momentum, affine, track_running_stats, device, dtype,
-                      bias=bias)
+        init_base(base, self, num_features, eps, momentum, affine, track_running_stats, device, dtype,
+                  bias=bias)
         self.activation = act
 
     name = base.__name__

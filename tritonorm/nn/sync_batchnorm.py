@@ -26,7 +26,7 @@ from torch import nn
 from .. import activations, functional
 from ..core import moments
 from . import modules as _ours
-from .modules import _call_norm, _extra, _momentum_factor
+from .modules import _ResetWithoutBias, _call_norm, _extra, _momentum_factor, init_base
 from .switchable import apply_stats
 
 __all__ = ["SyncBatchNorm", "sync_batch_norm"]
@@ -103,7 +103,7 @@ def sync_batch_norm(input: torch.Tensor, weight, bias, running_mean, running_var
     return apply_stats(input, gmean, gvar, weight, bias, eps, act, "channel")
 
 
-class SyncBatchNorm(nn.SyncBatchNorm):
+class SyncBatchNorm(_ResetWithoutBias, nn.SyncBatchNorm):
     """``torch.nn.SyncBatchNorm`` on tritonorm's kernels, plus ``activation=``; synchronizes CPU
     (gloo) tensors as well as CUDA (NCCL) ones. See the module docstring for the algorithm."""
 
@@ -112,8 +112,8 @@ class SyncBatchNorm(nn.SyncBatchNorm):
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
                  process_group=None, device=None, dtype=None, *, bias=True, activation=None):
         act = activations.check(activation)
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, process_group,
-                         device, dtype, bias=bias)
+        init_base(nn.SyncBatchNorm, self, num_features, eps, momentum, affine, track_running_stats,
+                  process_group, device, dtype, bias=bias)
         self.activation = act
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
