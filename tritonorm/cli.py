@@ -149,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("tune", help="measure candidate plans on this GPU and store the fastest "
                        "in the tuning cache", description="Sweeps launch plans for the suite shapes on "
-                       "the local CUDA GPU (triton.testing.do_bench) and writes the winners to the tuning "
+                       "the local CUDA GPU (device time by CUDA-graph replay) and writes the winners to the tuning "
                        "cache ($TRITONORM_CACHE_DIR, default ~/.cache/tritonorm). Without a GPU it says "
                        "so and exits; --dry-run lists what would be tuned on any machine, with the "
                        "problem and candidate counts.")

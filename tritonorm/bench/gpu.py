@@ -49,32 +49,38 @@ def predicted(case, x, kw, mode: str) -> dict | None:
 def measure_row(case, dt: str, mode: str, names, copy: float, device="cuda", timer=None) -> dict:
     """One benchmark row: bytes, plan, the cost model's prediction and every provider's timing.
 
-    ``timer(fn, bytes_moved) -> (median, p20, p80, method)`` defaults to ``timing.time_ms``
-    (the GPU report's dry run passes a fake one, to rehearse this path without a GPU)."""
+    ``timer(fns, bytes_moved) -> timing.Timing`` defaults to ``timing.time_fns``: device time by
+    CUDA-graph replay over ``timing.input_sets`` input sets in rotation, and the wall time per call
+    launched back to back (the GPU report's dry run passes a fake one, to rehearse this path
+    without a GPU)."""
     from . import timing
 
-    timer = timer or timing.time_ms
+    real = timer is None
+    timer = timer or timing.time_fns
     dtype = shapes.DTYPES[dt]
     x, kw = shapes.make_inputs(case, dtype, device, requires_grad=mode != "fwd")
     nbytes = bytes_model.bytes_moved(case, x.element_size(), mode)
     row = {"suite": case.suite, "case": case.name, "kind": case.kind, "shape": list(case.shape),
            "channels_last": case.channels_last, "dtype": dt, "mode": mode, "bytes": nbytes,
            "plan": plans(case, x, kw, None), "model": predicted(case, x, kw, mode), "providers": {}}
+    sets = [(x, kw)] + [shapes.make_inputs(case, dtype, device, requires_grad=mode != "fwd")
+                        for _ in range(timing.input_sets(nbytes) - 1 if real else 0)]
     if "compile" in names:
         # Each row is a new shape under dynamic=False; without a reset, dynamo stops recompiling
         # after its recompile limit and silently runs the eager code for later rows.
         torch._dynamo.reset()
     for name in names:
-        f = providers.make(name, case, x, kw)
-        if f is None:
+        made = [providers.make(name, case, xi, kwi) for xi, kwi in sets]
+        if any(f is None for f in made):
             continue
         try:
-            med, p20, p80, method = timer(_mode_fn(f, mode, x, kw), nbytes)
+            t = timer([_mode_fn(f, mode, xi, kwi) for f, (xi, kwi) in zip(made, sets)], nbytes)
         except Exception as exc:  # a provider failing on a shape is a result, not a crash
             row["providers"][name] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
             continue
-        gbps = nbytes / (med * 1e-3) / 1e9
-        row["providers"][name] = {"ms": med, "p20": p20, "p80": p80, "method": method,
+        gbps = nbytes / (t.ms * 1e-3) / 1e9
+        row["providers"][name] = {"ms": t.ms, "p20": t.p20, "p80": t.p80, "method": t.method,
+                                  "wall_ms": t.wall_ms, "calls": t.calls, "sets": t.sets,
                                   "gbps": gbps, "copy_frac": gbps / copy}
     ok = {k: v for k, v in row["providers"].items() if "ms" in v}
     if "tritonorm" in ok:
@@ -82,6 +88,8 @@ def measure_row(case, dt: str, mode: str, names, copy: float, device="cuda", tim
         for base in ("eager", "compile"):
             if base in ok:
                 row[f"speedup_{base}"] = ok[base]["ms"] / t
+                if ok[base].get("wall_ms") and ok["tritonorm"].get("wall_ms"):
+                    row[f"wall_speedup_{base}"] = ok[base]["wall_ms"] / ok["tritonorm"]["wall_ms"]
     return row
 
 

@@ -61,6 +61,8 @@ def beside(bench: dict | None, checks: dict | None, host: dict | None) -> list[d
                 "launches": launched.get((r["case"], r["mode"])) if r.get("dtype") == "bf16" else None,
                 "host_us": h.get("ours_fwd_us" if r["mode"] == "fwd" else "ours_fwd_bwd_us"),
                 "x_eager": r.get("speedup_eager"), "x_compile": r.get("speedup_compile"),
+                "wall_us": ours["wall_ms"] * 1e3 if ours and ours.get("wall_ms") else None,
+                "wall_x_eager": r.get("wall_speedup_eager"),
                 "copy_frac": ours.get("copy_frac") if ours else None}
         if line["us"] and line["model_us"]:
             line["measured_over_model"] = line["us"] / line["model_us"]
@@ -70,15 +72,17 @@ def beside(bench: dict | None, checks: dict | None, host: dict | None) -> list[d
 
 def beside_table(lines: list[dict]) -> str:
     """The bench rows with what the CPU side predicted for them: the cost model's us and
-    launches, the launches counted on the device, the host CPU us per call."""
+    launches, the launches counted on the device, the host CPU us per call; last, the wall us per
+    call launched back to back (host included) and eager's wall over ours."""
     def r(v, nd=1):
         return None if v is None else round(v, nd)
 
     body = [(ln["case"], ln["dtype"], ln["mode"], r((ln["bytes"] or 0) / 1e6), r(ln["us"]), r(ln["model_us"]),
              r(ln.get("measured_over_model"), 2), ln["model_launches"], ln["launches"], r(ln["host_us"]),
-             r(ln["x_eager"], 2), r(ln["x_compile"], 2), r(ln["copy_frac"], 3)) for ln in lines]
+             r(ln["x_eager"], 2), r(ln["x_compile"], 2), r(ln["copy_frac"], 3), r(ln.get("wall_us")),
+             r(ln.get("wall_x_eager"), 2)) for ln in lines]
     head = ("case", "dtype", "mode", "MB", "us", "model us", "us/model", "launches model", "launches seen",
-            "host us", "x eager", "x compile", "copy")
+            "host us", "x eager", "x compile", "copy", "wall us", "wall x eager")
     return "bench rows beside the CPU-side predictions:\n" + format_table(head, body)
 
 

@@ -2,8 +2,8 @@
 
 One *task* is a (problem key, case, dtype, op): cases whose problems share a cache key (same
 op, scope, dtype, layout, flags and P/M buckets) are tuned once. Each candidate plan runs under
-``dispatch.forced(kernel, op=op, **config)`` and is timed with ``triton.testing.do_bench``
-(median of repeated runs, L2 flushed between them). The winner goes into the user's tuning cache
+``dispatch.forced(kernel, op=op, **config)`` and is timed by CUDA-graph replay over rotating input
+sets (``bench.timing.time_fns``: device time, median of the replays). The winner goes into the user's tuning cache
 (``tritonorm tune``) or into a table file (``tuning/build_tables.py``).
 """
 
@@ -112,24 +112,34 @@ def candidates(problem: dispatch.Problem, profile: dispatch.DeviceProfile) -> li
     return unique
 
 
-def _bench(fn) -> float:
-    from triton.testing import do_bench
-
-    return float(do_bench(fn, warmup=10, rep=40, return_mode="median"))
-
-
 def measure(task: Task, plan: dispatch.Plan, device) -> float:
-    """Median milliseconds of the task's op under ``plan`` (inf when the plan fails to run)."""
-    x, kw = suites.make_inputs(task.case, DTYPES[task.dtype], device, requires_grad=task.op == "backward")
+    """Median device milliseconds of the task's op under ``plan`` (inf when the plan fails to
+    run): CUDA-graph replay over rotating input sets (bench.timing.time_fns), so host overhead,
+    which is the same for every candidate, does not hide the kernels' differences."""
+    from ..bench import bytes_model, timing
+
+    dtype = DTYPES[task.dtype]
+    grad = task.op == "backward"
+    x, kw = suites.make_inputs(task.case, dtype, device, requires_grad=grad)
+    nbytes = bytes_model.bytes_moved(task.case, x.element_size(), "fwd" if task.op == "forward" else "bwd")
+    sets = [(x, kw)] + [suites.make_inputs(task.case, dtype, device, requires_grad=grad)
+                        for _ in range(timing.input_sets(nbytes) - 1)]
     try:
         with dispatch.forced(plan.kernel, op=task.op, **plan.config):
-            if task.op == "forward":
-                with torch.no_grad():
-                    return _bench(lambda: suites.run(task.case, x, kw))
-            y = suites.run(task.case, x, kw)
-            dy = torch.randn_like(y)
-            leaves = [t for t in (x, kw.get("weight"), kw.get("bias"), kw.get("add_residual")) if t is not None]
-            return _bench(lambda: torch.autograd.grad(y, leaves, dy, retain_graph=True))
+            fns = []
+            for xi, kwi in sets:
+                if task.op == "forward":
+                    def fwd(xi=xi, kwi=kwi):
+                        with torch.no_grad():
+                            return suites.run(task.case, xi, kwi)
+                    fns.append(fwd)
+                    continue
+                y = suites.run(task.case, xi, kwi)
+                dy = torch.randn_like(y)
+                leaves = [t for t in (xi, kwi.get("weight"), kwi.get("bias"), kwi.get("add_residual"))
+                          if t is not None]
+                fns.append(lambda y=y, dy=dy, leaves=leaves: torch.autograd.grad(y, leaves, dy, retain_graph=True))
+            return timing.time_fns(fns, nbytes).ms
     except Exception:  # a candidate that does not compile or run (registers, shared memory)
         return float("inf")
 
