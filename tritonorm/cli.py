@@ -365,6 +365,9 @@ def _tune_on_gpu(args, profile, task_list) -> int:
               + ("" if store.writable else " (in memory only: the location is not writable)"))
     beat = sum(1 for r in results.values() if r.get("heuristic_us") and r["time_us"] < r["heuristic_us"])
     print(f"{beat}/{len(results)} problems found a faster plan than the heuristic's.")
+    if sweep.CAPTURE_FAILURES:
+        print(f"{len(sweep.CAPTURE_FAILURES)} candidates skipped: their CUDA-graph capture failed "
+              f"(first: {sweep.CAPTURE_FAILURES[0]})")
     return 0
 
 

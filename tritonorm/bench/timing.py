@@ -102,12 +102,13 @@ def time_fns(fns: list, bytes_moved: int = 0) -> Timing:
         del graph
         med, p20, p80 = _quantiles(per_call)
         return Timing(med, p20, p80, "cudagraph", wall, rounds * k, k)
-    except Exception:  # not capturable: a host synchronization inside
+    except Exception as exc:  # not capturable: a host synchronization inside, or a launch error
         torch.cuda.synchronize()
         from triton.testing import do_bench
 
         med, p20, p80 = do_bench(fns[0], warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8])
-        return Timing(med, p20, p80, "do_bench", wall, 1, 1)
+        why = f"{type(exc).__name__}: {exc}".splitlines()[0][:160]
+        return Timing(med, p20, p80, f"do_bench (capture failed: {why})", wall, 1, 1)
 
 
 def time_ms(fn, bytes_moved: int = 0) -> tuple[float, float, float, str]:

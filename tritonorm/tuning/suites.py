@@ -106,11 +106,20 @@ def cases(suite: str = "all") -> list[Case]:
     return _BUILDERS[suite]()
 
 
-def make_inputs(case: Case, dtype, device, requires_grad: bool = False):
-    """(x, kwargs for tritonorm.norm) for a case; weight and bias in x's dtype."""
+def make_inputs(case: Case, dtype, device, requires_grad: bool = False, host_rng: bool = False):
+    """(x, kwargs for tritonorm.norm) for a case; weight and bias in x's dtype.
+
+    ``host_rng``: draw on the CPU and copy to ``device`` (the tuner: a CUDA-graph capture that a
+    candidate invalidates leaves the CUDA generator in capture mode, and every later draw on the
+    device raises "Offset increment outside graph capture")."""
     import torch
 
-    x = torch.randn(case.shape, dtype=dtype, device=device)
+    def randn(shape, dtype=torch.float32, device=device):
+        if host_rng:
+            return torch.randn(shape).to(device=device, dtype=dtype)
+        return torch.randn(shape, dtype=dtype, device=device)
+
+    x = randn(case.shape, dtype=dtype, device=device)
     if case.channels_last:
         x = x.to(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
     c = case.shape[1]
@@ -118,15 +127,15 @@ def make_inputs(case: Case, dtype, device, requires_grad: bool = False):
     if case.sample_groups > 1:
         kw["sample_groups"] = case.sample_groups
     if case.affine:
-        kw["weight"] = (1 + 0.1 * torch.randn(c, device=device)).to(dtype)
+        kw["weight"] = (1 + 0.1 * randn(c, device=device)).to(dtype)
         if case.center:
-            kw["bias"] = (0.1 * torch.randn(c, device=device)).to(dtype)
+            kw["bias"] = (0.1 * randn(c, device=device)).to(dtype)
     if case.kind.startswith("add_"):
-        kw["add_residual"] = torch.randn(case.shape, dtype=dtype, device=device)
+        kw["add_residual"] = randn(case.shape, dtype=dtype, device=device)
     if case.kind in ADAPTIVE_KINDS:  # per-sample modulation: weight 1 + scale, bias shift
         shape = ada_param_shape(case)
-        kw["weight"] = (1 + 0.1 * torch.randn(shape, device=device)).to(dtype)
-        kw["bias"] = (0.1 * torch.randn(shape, device=device)).to(dtype)
+        kw["weight"] = (1 + 0.1 * randn(shape, device=device)).to(dtype)
+        kw["bias"] = (0.1 * randn(shape, device=device)).to(dtype)
     if requires_grad:
         x.requires_grad_(True)
         for k in ("weight", "bias", "add_residual"):
