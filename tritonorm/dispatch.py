@@ -60,6 +60,9 @@ class DeviceProfile:
     # programs at <= 8 warps for a 4096-element tile: at 16 warps (512 threads, 128 registers a
     # thread) the channels_last BatchNorm sums kernel spilled, at 8 warps it did not.
     values_per_thread: int = 16
+    # (rows, columns) of a forward looped/split tile when the statistics run along the contiguous
+    # axis (channels_last BatchNorm; 8 warps; the backward takes half the columns): see choose().
+    strided_rows_block: tuple = (16, 1024)
     # Programs per SM the regimes aim for: ~4 resident programs of 8-16 warps fill an SM's
     # 64 warp slots, which is what hides HBM latency in a streaming kernel.
     programs_per_sm: int = 4
@@ -283,9 +286,22 @@ def choose(problem: Problem, profile: DeviceProfile) -> Plan:
                       else f"{total_bytes >> 10} KiB is launch-latency bound: one launch"))
             return Plan("fused", cfg, why)
     gather = False
+    warps = None
     if problem.rows_unit_stride:
         block_p = min(Pb, 32)
         block_m = max(16, profile.tile // block_p)
+        if not profile.interpreter:
+            # Statistics along the contiguous axis (channels_last BatchNorm): each column holds
+            # only block_p contiguous values, so a tile needs many columns to keep bytes in
+            # flight. Measured on an H200 (benchmarks/results/h200/NOTES.md), BatchNorm
+            # 64x112^2 batch 256 channels_last bf16 forward: 32 x 128 tiles 1.49 ms; 16 x 1024
+            # on 8 warps 0.47 ms; 64 x 1024 0.45 ms; 16 x 512 0.56 ms. The backward holds x and
+            # dy: half the columns (at 16 x 1024 its sums kernel took 244-255 registers at
+            # sm_90a, one program an SM; at 16 x 512, docs/compiled.md). Not yet measured.
+            rows, cols = profile.strided_rows_block
+            if problem.op != "forward":
+                cols //= 2
+            block_p, block_m, warps = min(Pb, rows), cols, 8
     elif 1 < problem.col_run < 32:
         # Short contiguous runs (channels_last GroupNorm: Cg channels per group): neighbouring
         # statistics share cache lines, so one program takes enough of them for ~32-element runs.
@@ -305,7 +321,7 @@ def choose(problem: Problem, profile: DeviceProfile) -> Plan:
             block_p = min(Pb, 1024 // block_m)
     row_programs = -(-P // block_p)
     tiles = -(-M // block_m)
-    warps = _warps(block_p * block_m * (2 if gather and not profile.interpreter else 1), profile)
+    warps = warps or _warps(block_p * block_m * (2 if gather and not profile.interpreter else 1), profile)
     cfg = {"block_p": block_p, "block_m": block_m, "num_warps": warps}
     enough = row_programs >= fill
     if not profile.interpreter:
