@@ -162,6 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--device", choices=(*PROFILE_NAMES[:2], "local"), default=None,
                    help="profile for --dry-run: h100, h200, or local (this machine's GPU; the default "
                    "when one is visible, else h100). Tuning itself always measures the local GPU")
+    t.add_argument("--filter", default=None, metavar="TEXT",
+                   help="only cases whose name contains one of these comma-separated texts "
+                   "(e.g. 'bn 64x112^2 b256 cl,gn32+silu 320x64^2 b2 cl'), in that order")
     t.add_argument("--limit", type=_positive_int, default=None, help="tune only the first N problems")
     t.add_argument("--budget-s", type=_positive_int, default=None, metavar="SECONDS",
                    help="start no new problem after this many seconds; the problems done are written")
@@ -309,6 +312,13 @@ def cmd_tune(args) -> int:
     else:
         profile = dispatch.profile_named(args.device or "h100")
     task_list = sweep.tasks(suites, args.dtype, args.op, profile)
+    if args.filter:
+        wanted = [w.strip() for w in args.filter.split(",") if w.strip()]
+        # In the order given: the first text's cases first (a budget then tunes what matters most).
+        task_list = [t for w in wanted for t in task_list if w in t.case.name]
+        task_list = list({id(t): t for t in task_list}.values())
+        if not task_list:
+            raise UsageError("--filter", f"{args.filter!r} matches no case of the suites {', '.join(suites)}")
     if args.limit is not None:
         task_list = task_list[: args.limit]
     if args.dry_run:
