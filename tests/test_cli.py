@@ -188,3 +188,32 @@ def test_closed_stdout_pipe_is_quiet():
     finally:
         os.close(write_end)
     assert res.returncode == 1 and res.stderr == "", res.stderr
+
+
+def test_sweep_keeps_the_fastest_candidate_and_ranks_the_field(monkeypatch):
+    """sweep.tune with the GPU timing replaced by a made-up cost per plan (no GPU here): the
+    stored plan is the argmin, failed candidates (inf) are left out, the heuristic's time is kept
+    and ``ranking`` lists the fastest ascending."""
+    import random
+
+    from tritonorm import dispatch
+    from tritonorm.tuning import sweep
+
+    profile = dispatch.profile_named("h200")
+    task = sweep.tasks(["resnet50"], ["bf16"], ["forward"], profile)[0]
+    plans = sweep.candidates(task.problem, profile)
+    rng = random.Random(7)
+    cost = {id(p): (float("inf") if i % 5 == 3 else rng.uniform(0.1, 2.0)) for i, p in enumerate(plans)}
+    monkeypatch.setattr(sweep, "candidates", lambda problem, prof: plans)
+    monkeypatch.setattr(sweep, "measure", lambda t, plan, device: cost[id(plan)])
+    entry = sweep.tune([task], profile, "cpu")[task.key]
+    finite = sorted((c, p) for p in plans if (c := cost[id(p)]) != float("inf"))
+    best_ms, best = finite[0][0], finite[0][1]
+    assert (entry["kernel"], entry["config"]) == (best.kernel, dict(best.config))
+    assert entry["time_us"] == round(best_ms * 1000, 2)
+    heur = [p for p in plans if p.reason.startswith("heuristic")]
+    assert entry["heuristic_us"] == (round(cost[id(heur[0])] * 1000, 2) if heur and cost[id(heur[0])] != float("inf")
+                                     else None)
+    times = [float(part.rsplit(": ", 1)[1]) for part in entry["ranking"].split("; ")]
+    assert times == sorted(times) and len(times) == min(6, len(finite))
+    assert times[0] == round(best_ms * 1000, 1)

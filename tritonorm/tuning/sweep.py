@@ -149,6 +149,20 @@ def measure(task: Task, plan: dispatch.Plan, device) -> float:
     return t.ms
 
 
+def ranking(timed: list, n: int = 6) -> str:
+    """'split 16x1024 s128 w8: 471.0; ...' for the ``n`` fastest (ms, plan) pairs, in us."""
+    def name(plan):
+        c = plan.config
+        if plan.kernel == dispatch.NATIVE:
+            return plan.kernel
+        shape = "x".join(str(c[k]) for k in ("block_p", "block_m") if k in c)
+        extra = "".join(f" {tag}{c[k]}" for k, tag in (("split", "s"), ("num_warps", "w")) if k in c)
+        return f"{plan.kernel} {shape}{extra}"
+
+    best = sorted((t for t in timed if t[0] != float("inf")), key=lambda t: t[0])[:n]
+    return "; ".join(f"{name(p)}: {ms * 1000:.1f}" for ms, p in best)
+
+
 # Candidates whose CUDA-graph capture failed in this process (printed by ``tritonorm tune``).
 CAPTURE_FAILURES: list[str] = []
 
@@ -170,11 +184,13 @@ def tune(task_list: list[Task], profile: dispatch.DeviceProfile, device, progres
             break
         best_plan, best_ms, heur_ms = None, float("inf"), float("inf")
         cut = False
+        timed = []
         for plan in candidates(task.problem, profile):
             if late():
                 cut = True
                 break
             ms = measure(task, plan, device)
+            timed.append((ms, plan))
             if plan.reason.startswith("heuristic"):
                 heur_ms = ms
             if ms < best_ms:
@@ -190,6 +206,8 @@ def tune(task_list: list[Task], profile: dispatch.DeviceProfile, device, progres
             "time_us": round(best_ms * 1000, 2),
             "heuristic_us": round(heur_ms * 1000, 2) if heur_ms != float("inf") else None,
             "case": f"{task.case.suite}: {task.case.name} {task.dtype}",
+            # The fastest few, so a table shows how close the field was (and feeds the heuristic).
+            "ranking": ranking(timed),
             "measured": datetime.date.today().isoformat(),
         }
     if deadline is not None and len(results) < len(task_list):
