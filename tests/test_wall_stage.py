@@ -1,11 +1,17 @@
 """The GPU report's ``wall`` stage rehearsed on CPU: its dry run in the interpreter on the
 first (scaled) case, the JSON's structure, the launch counters counting real launches and
-leaving Triton as they found it, and the fold of wall.json into the summary when the report
-would have more files than the device tool returns. No GPU, and nothing timed."""
+leaving Triton as they found it; the same counters on compiled-mode Triton with the launch
+stubbed (the host benchmark's stand-in driver), where launches go direct; and the fold of
+wall.json into the summary when the report would have more files than the device tool
+returns. No GPU, and nothing timed."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 from tritonorm.gpu_report import main as report, proc, wall_stage
 
@@ -83,3 +89,46 @@ def test_wall_json_folds_into_the_summary_when_over_the_file_limit(tmp_path):
     log.close()
     assert not ctx.path("wall").exists() and doc["wall"] == wall
     assert len(list(tmp_path.iterdir())) + 1 == proc.MAX_FILES
+
+
+_STUBBED = """
+import json
+import tritonorm.bench.host as host  # compiled-mode Triton, the launch stubbed
+from tritonorm.gpu_report import wall_stage as ws
+from tritonorm.kernels import fastlaunch
+from tritonorm.tuning import suites
+
+case = [c for c in suites.cases("llm") if c.name == "ln 4096x4096"][0].scaled()
+env = ws.Env(False, 3)
+out = {}
+with host.stubbed():
+    ws.COUNTS.install()
+    try:
+        fn = ws.functions(case, "fwd+bwd", "cpu")["tritonorm"]
+        out["on"] = env.wall(fn)
+        with fastlaunch.enabled(False):
+            out["off"] = env.wall(fn)
+        out["launchers"] = ws.launchers()
+        out["costs"] = ws.launch_costs(env, 3)
+    finally:
+        ws.COUNTS.uninstall()
+print(json.dumps(out))
+"""
+
+
+def test_counters_on_compiled_triton_see_direct_launches():
+    """What the stage counts on the GPU, rehearsed with the stubbed launch: after warm-up every
+    launch goes direct, none through run; with direct launches off, all through run."""
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, PYTHONPATH=str(root), TRITON_INTERPRET="0")
+    res = subprocess.run([sys.executable, "-c", _STUBBED], cwd=root, env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    on, off = out["on"], out["off"]
+    assert on["direct_per_call"] >= 2 and on["run_per_call"] == 0  # forward and backward kernels
+    assert sum(on["direct_kernels"].values()) == on["direct_per_call"] * on["calls"]
+    assert off["direct_per_call"] == 0 and off["run_per_call"] == on["direct_per_call"]
+    assert out["launchers"]["usable"] == out["launchers"]["alive"] > 0 and not out["launchers"]["unusable_kernels"]
+    assert out["costs"]["launcher"]["direct"] == 3 and out["costs"]["launcher"]["usable"] is True
+    assert out["costs"]["kernel[grid]"]["run"] == 3 and out["costs"]["kernel[grid]"]["direct"] == 0

@@ -162,7 +162,10 @@ def stage_wall(ctx: Context, budget: float) -> dict:
     errors = [r for r in rows if "error" in r or "error" in r.get("tritonorm", {})]
     synced = [f"{r['case']} {r['mode']}" for r in rows
               if isinstance(r.get("sync_probe"), dict) and r["sync_probe"].get("tritonorm", {}).get("synchronizes")]
+    ours = [r["tritonorm"] for r in rows if "run_per_call" in r.get("tritonorm", {})]
+    direct = sum(m["direct_per_call"] for m in ours)
     note = f"{len(rows)} rows" + (f", {len(errors)} with errors" if errors else "")
+    note += f"; launches direct {direct:g} of {direct + sum(m['run_per_call'] for m in ours):g}" if ours else ""
     note += "; dry run: figures not meaningful" if doc.get("dry_run") else (
         f"; tritonorm synchronizes in: {', '.join(synced)}" if synced else "; no tritonorm call synchronized")
     note += f"; {doc['stopped']}" if doc.get("stopped") else ""

@@ -83,9 +83,9 @@ class Counts:
             from triton.runtime.interpreter import InterpretedFunction
 
             classes.append(InterpretedFunction)
-        for cls in classes:
-            self._saved.append((cls, cls.__dict__["run"]))
-            cls.run = self._counting(cls.__dict__["run"])
+        for cls in classes:  # the class's own run put back as it was (or the inherited one left)
+            self._saved.append((cls, cls.__dict__.get("run")))
+            cls.run = self._counting(cls.run)
         self._saved.append((fastlaunch, fastlaunch.ON_DIRECT_LAUNCH[0]))
         fastlaunch.ON_DIRECT_LAUNCH[0] = self._direct
 
@@ -95,6 +95,8 @@ class Counts:
         for owner, saved in reversed(self._saved):
             if owner is fastlaunch:
                 fastlaunch.ON_DIRECT_LAUNCH[0] = saved
+            elif saved is None:
+                del owner.run
             else:
                 owner.run = saved
         self._saved.clear()
@@ -219,7 +221,7 @@ def sleep_cycles(env) -> tuple[int, float] | None:
 def sync_probe(env, fn, sleep, trials: int = 3) -> dict:
     """Host time of one call made while the GPU sleeps: about the sleep if the call waited."""
     if sleep is None:
-        return {"skipped": "no GPU" if not env.cuda else "torch.cuda._sleep missing"}
+        return {"skipped": "no GPU" if not env.cuda else "no GPU sleep (torch.cuda._sleep: see 'sleep')"}
     cycles, sleep_ms = sleep
     env.warm(fn, 1)
     times = []
@@ -288,8 +290,9 @@ def cprofile(env, fn, calls: int) -> dict:
     for key in ("cumulative", "tottime"):
         buf = io.StringIO()
         pstats.Stats(prof, stream=buf).sort_stats(key).print_stats(TOP)
-        text = buf.getvalue().strip("\n")
-        out[key] = _short(text[text.find("function calls"):] if "function calls" in text else text)
+        text = buf.getvalue()
+        head = text.find("function calls")  # from the line with the totals on
+        out[key] = _short(text[text.rfind("\n", 0, head) + 1:] if head >= 0 else text).strip("\n")
     return out
 
 
@@ -527,9 +530,9 @@ def main(argv=None) -> int:
             row["seconds"] = round(last, 2)
             doc["rows"].append(row)
             o = row.get("tritonorm", {})
+            e = row.get("eager", {})
             print(f"[{i + 1}/{len(work)}] {case.name} {mode}: ours wall {o.get('wall_us')} us "
-                  f"(enqueue {o.get('enqueue_us')}, cpu {o.get('cpu_us')}), eager {row.get('eager', {}).get('wall_us')} "
-                  f"us ({last:.1f} s)" + (f" ERROR {row['error']}" if "error" in row else ""), flush=True)
+                  f"(enqueue {o.get('enqueue_us')}, cpu {o.get('cpu_us')}), eager {e.get('wall_us')} us ({last:.1f} s)" + (f" ERROR {row['error']}" if "error" in row else ""), flush=True)
             save()
         doc["launchers"] = _safe(launchers)
         fb = [(c, m) for c, m in work if m == "fwd+bwd"]
