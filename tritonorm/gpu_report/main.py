@@ -22,15 +22,16 @@ import traceback
 from pathlib import Path
 
 from . import selection
-from .proc import Clock, Log, child_env, enforce_limits, run_child
+from .proc import MAX_FILES, Clock, Log, child_env, enforce_limits, run_child
 
 # The files the report writes into --out (the device tool returns at most 8).
 FILES = {"log": "report.log", "summary": "summary.json", "tests": "tests.xml", "bench": "bench.json",
-         "checks": "checks.json", "tune": "h200.json", "host": "host.json", "plot": "bench.png"}
+         "checks": "checks.json", "tune": "h200.json", "host": "host.json", "plot": "bench.png",
+         "wall": "wall.json"}
 
 # (stage, budget on the GPU in seconds, least time worth starting it with). Dry-run budgets are
 # the same; the dry run's stages are small and end long before them.
-STAGES = (("provenance", 15, 1), ("tests", 140, 30), ("bench", 160, 30), ("checks", 40, 15),
+STAGES = (("provenance", 15, 1), ("tests", 140, 30), ("bench", 160, 30), ("wall", 40, 15), ("checks", 40, 15),
           ("tune", 70, 30), ("host", 35, 15))
 GRACE_S = 25  # a stage that stops itself at its budget gets this long to write its files
 TUNE_LIMIT = 16  # problems at most (bf16, suite order); --budget-s stops it earlier
@@ -146,6 +147,32 @@ def stage_bench(ctx: Context, budget: float) -> dict:
     return {"status": status, "note": note}
 
 
+def stage_wall(ctx: Context, budget: float) -> dict:
+    """Where a call's wall time goes (tritonorm/gpu_report/wall_stage.py): compiled kernels on
+    the GPU, the interpreter in the dry run."""
+    args = ["-m", "tritonorm.gpu_report.wall_stage", "--json", str(ctx.path("wall")),
+            "--budget-s", f"{max(1.0, budget - 10):.0f}"]
+    if ctx.dry_run:
+        args += ["--dry-run"] + (["--cases", "1"] if ctx.quick else [])
+    rc, to = ctx.child(args, budget)
+    doc = _json(ctx.path("wall"))
+    if doc is None:
+        return {"status": _status(rc, to), "note": "no wall JSON"}
+    rows = doc.get("rows", [])
+    errors = [r for r in rows if "error" in r or "error" in r.get("tritonorm", {})]
+    synced = [f"{r['case']} {r['mode']}" for r in rows
+              if isinstance(r.get("sync_probe"), dict) and r["sync_probe"].get("tritonorm", {}).get("synchronizes")]
+    ours = [r["tritonorm"] for r in rows if "run_per_call" in r.get("tritonorm", {})]
+    direct = sum(m["direct_per_call"] for m in ours)
+    note = f"{len(rows)} rows" + (f", {len(errors)} with errors" if errors else "")
+    note += f"; launches direct {direct:g} of {direct + sum(m['run_per_call'] for m in ours):g}" if ours else ""
+    note += "; dry run: figures not meaningful" if doc.get("dry_run") else (
+        f"; tritonorm synchronizes in: {', '.join(synced)}" if synced else "; no tritonorm call synchronized")
+    note += f"; {doc['stopped']}" if doc.get("stopped") else ""
+    status = _status(rc, to) if rc != 0 or to else ("ok" if not errors else "ERRORS")
+    return {"status": status, "note": note}
+
+
 def stage_checks(ctx: Context, budget: float) -> dict:
     args = ["-m", "tritonorm.gpu_report.check_stage", "--json", str(ctx.path("checks"))]
     args += (["--dry-run", "--batches", "2" if ctx.quick else "4"] if ctx.dry_run else ["--batches", "8"])
@@ -198,7 +225,7 @@ def stage_host(ctx: Context, budget: float) -> dict:
 
 
 STAGE_FUNCS = {"provenance": stage_provenance, "tests": stage_tests, "bench": stage_bench,
-               "checks": stage_checks, "tune": stage_tune, "host": stage_host}
+               "wall": stage_wall, "checks": stage_checks, "tune": stage_tune, "host": stage_host}
 
 
 def _json(path: Path):
@@ -211,10 +238,21 @@ def _json(path: Path):
 # ---------------------------------------------------------------------------------------- main
 
 
+def _fold_wall(ctx: Context, doc: dict) -> None:
+    """With every stage's file written the report has 9 files, one over what the device tool
+    returns: the wall stage's JSON then goes into the summary (``wall``) instead of its own file."""
+    present = {p.name for p in ctx.out.iterdir() if p.is_file()} | {FILES["summary"], FILES["log"]}
+    if len(present) > MAX_FILES and ctx.path("wall").exists():
+        doc["wall"] = _json(ctx.path("wall"))
+        ctx.path("wall").unlink()
+        ctx.log(f"{FILES['wall']} folded into {FILES['summary']} ('wall'): {len(present)} files, {MAX_FILES} come back")
+
+
 def parse(argv):
     ap = argparse.ArgumentParser(prog="python -m tritonorm.gpu_report", description=(
         "One prepared GPU run (docs/benchmarks.md, 'The GPU run'): provenance, the compiled test subset, "
-        "the benchmark suites against eager and torch.compile with the copy ceiling, the CPU-side "
+        "the benchmark suites against eager and torch.compile with the copy ceiling, where a call's "
+        "wall time goes (wall: back-to-back calls, launch counts, sync probes, profiles), the CPU-side "
         "predictions checked on the device, a bounded tuning sweep and the host cost, in at most 8 "
         "files under --out, a summary table last. --dry-run rehearses every stage on CPU."))
     ap.add_argument("--out", default=None,
@@ -293,6 +331,7 @@ def finish(ctx: Context, clock: Clock, stages: list[dict], args) -> int:
            "worst": summary.worst(lines), "selection": [{"node": n, "covers": c} for n, c in selection.SUBSET],
            "status": "ok" if not failed else f"problems in {', '.join(failed)}",
            "budget_s": args.budget_s, "out": str(ctx.out)}
+    _fold_wall(ctx, doc)
     doc["seconds"] = clock.elapsed()
     doc["files"], doc["file_problems"] = [], []
     ctx.path("summary").write_text(json.dumps(doc, indent=1, default=str) + "\n")
