@@ -34,7 +34,7 @@ check-sm90: $(STAMP)
 	$(PY) -m tritonorm.aot --strict --findings --recompiles -j $(WORKERS)
 
 # The one prepared GPU run (docs/benchmarks.md, "The GPU run"): tests, benchmarks, prediction
-# checks, the wall-time probes, a bounded tune and the host cost in ~9 minutes, at most 8 files in $(OUT). Like
+# checks, the wall-time probes, a bounded tune and the host cost in 8 minutes, at most 8 files in $(OUT). Like
 # test-gpu it uses the machine's own python, torch and triton. GPU_REPORT_FLAGS=--dry-run
 # rehearses it on CPU.
 OUT ?= $$OUT

@@ -69,6 +69,7 @@ def test_dry_run_structure_and_counts(tmp_path, capsys):
     assert "_NormFunction" in doc["torch_profile"]["table"]
     lc = doc["launch_costs"]
     assert lc["kernel[grid]"]["run"] == calls and lc["launcher"]["run"] == calls and lc["launcher"]["usable"] is False
+    assert "error" not in doc["launchers"], doc["launchers"]
     assert doc["launchers"]["alive"] > 0 and doc["launchers"]["usable"] == 0
     assert doc["sleep"] == {"cycles": None, "ms": None}
     out = capsys.readouterr().out

@@ -31,8 +31,10 @@ FILES = {"log": "report.log", "summary": "summary.json", "tests": "tests.xml", "
 
 # (stage, budget on the GPU in seconds, least time worth starting it with). Dry-run budgets are
 # the same; the dry run's stages are small and end long before them.
-STAGES = (("provenance", 15, 1), ("tests", 120, 30), ("bench", 150, 30), ("wall", 40, 15), ("checks", 25, 15),
-          ("tune", 150, 30), ("host", 30, 15))
+# Issue #13 asks for at most 8 minutes on the H200: 480 s in all (run 2: tests 118 s for the whole
+# subset, bench 149 s for its 44 rows).
+STAGES = (("provenance", 15, 1), ("tests", 110, 30), ("bench", 140, 30), ("wall", 35, 15), ("checks", 20, 15),
+          ("tune", 130, 30), ("host", 30, 15))
 GRACE_S = 25  # a stage that stops itself at its budget gets this long to write its files
 TUNE_LIMIT = 16  # problems at most (bf16); --budget-s stops it earlier
 # The cases tuned first: the rows the first H200 run (benchmarks/results/h200/NOTES.md) lost to
@@ -265,7 +267,7 @@ def parse(argv):
     ap.add_argument("--dry-run", action="store_true",
                     help="no GPU: the subset collected and 3 tests run in the interpreter, made-up bench "
                     "timings (marked), launches counted with launches stubbed, tune --dry-run")
-    ap.add_argument("--budget-s", type=float, default=550.0, help="total time budget (default 550)")
+    ap.add_argument("--budget-s", type=float, default=480.0, help="total time budget (default 480)")
     ap.add_argument("--quick", action="store_true", help="with --dry-run: one real test, one bench case, "
                     "fewer host calls (the project's own test of the report uses it)")
     ap.add_argument("--stages", default=",".join(s for s, _, _ in STAGES),
