@@ -56,11 +56,22 @@ def _chunk(M: int, block_m: int, split: int) -> int:
     return triton.cdiv(triton.cdiv(M, split), block_m) * block_m
 
 
-def _apply_grid(P: int, M: int, bp: int, bm: int, one_program_per_row: bool = False):
-    """Grid of the apply kernels: (row blocks, column programs), and column tiles per program."""
+def _apply_grid(P: int, M: int, bp: int, bm: int, one_program_per_row: bool = False, fill: int | None = None):
+    """Grid of the apply kernels: (row blocks, column programs), and column tiles per program.
+
+    ``fill``: the programs that fill the device, given when every apply program first merges the
+    split regime's partials (SPLIT of them per row, read and combined before its first tile).
+    Then the programs take several tiles each, about ``fill`` programs in all, so the merge is
+    paid once per program rather than once per tile: with one tile a program, BatchNorm
+    64x112^2 channels_last batch 256 (split 256, 16 x 1024 tiles) merged 4096 partial pairs,
+    32 KB, for every 32 KB tile. (The H200 sweep in benchmarks/results/h200/NOTES.md: split
+    512 ran 2.6x slower than split 128 with the same tiles.)"""
     n_tiles = triton.cdiv(M, bm)
+    row_blocks = triton.cdiv(P, bp)
     col_progs = 1 if one_program_per_row else min(n_tiles, _MAX_GRID_1)
-    return (triton.cdiv(P, bp), col_progs), triton.cdiv(n_tiles, col_progs)
+    if fill is not None and not one_program_per_row:
+        col_progs = max(1, min(col_progs, triton.cdiv(fill, row_blocks)))
+    return (row_blocks, col_progs), triton.cdiv(n_tiles, col_progs)
 
 
 def _chan_mode(view) -> int:
@@ -304,7 +315,8 @@ class ForwardPlan:
         if mode == "given" or kernel == "split":
             if mode == "given":
                 bm = min(bm, profile.tile)  # the apply kernel loops over tiles
-            grid, tiles = _apply_grid(self.P, self.M, bp, bm)
+            merges = kernel == "split" and mode != "given"
+            grid, tiles = _apply_grid(self.P, self.M, bp, bm, fill=dispatch._fill(nw, profile) if merges else None)
             if mode == "stats":
                 grid, tiles = (grid[0], 1), 0
             split = cfg.get("split", 1) if kernel == "split" and mode != "given" else 1
@@ -665,7 +677,8 @@ class BackwardPlan:
                                       **({"PARAM_FULL": True} if fwd.param_full else {})))
                 self.part_rows = seg.view.P if seg is not None else P
                 self.part_split = self.seg_split if seg is not None else split
-                grid, tiles = _apply_grid(P, M, bp, bm, one_program_per_row=plan.kernel == "looped")
+                grid, tiles = _apply_grid(P, M, bp, bm, one_program_per_row=plan.kernel == "looped",
+                                          fill=dispatch._fill(nw, profile) if split > 1 else None)
                 if not self.store_dx:  # nc, dweight/dbias only: the finish, no sweep
                     grid, tiles = (grid[0], 1), 0
                 self.apply = (bk._bwd_apply_kernel, grid, (P, M, split, grid[1], tiles, rg, cg),
