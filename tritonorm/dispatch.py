@@ -60,8 +60,9 @@ class DeviceProfile:
     # programs at <= 8 warps for a 4096-element tile: at 16 warps (512 threads, 128 registers a
     # thread) the channels_last BatchNorm sums kernel spilled, at 8 warps it did not.
     values_per_thread: int = 16
-    # (rows, columns) of a forward looped/split tile when the statistics run along the contiguous
-    # axis (channels_last BatchNorm; 8 warps; the backward takes half the columns): see choose().
+    # (rows, columns) of a forward looped/split 16-bit tile when the statistics run along the
+    # contiguous axis (channels_last BatchNorm; 8 warps; fp32 and the backward take half the
+    # columns): see choose().
     strided_rows_block: tuple = (16, 1024)
     # Programs per SM the regimes aim for: ~4 resident programs of 8-16 warps fill an SM's
     # 64 warp slots, which is what hides HBM latency in a streaming kernel.
@@ -298,7 +299,10 @@ def choose(problem: Problem, profile: DeviceProfile) -> Plan:
             # on 8 warps 0.47 ms; 64 x 1024 0.45 ms; 16 x 512 0.56 ms. The backward holds x and
             # dy: half the columns (at 16 x 1024 its sums kernel took 244-255 registers at
             # sm_90a, one program an SM; at 16 x 512, docs/compiled.md). Not yet measured.
+            # Sized in bytes: fp32 takes half the columns (16 x 1024 fp32 spilled 8 B in the
+            # Ghost BatchNorm partial kernel at sm_90a).
             rows, cols = profile.strided_rows_block
+            cols = max(16, cols * 2 // problem.elem_bytes)
             if problem.op != "forward":
                 cols //= 2
             block_p, block_m, warps = min(Pb, rows), cols, 8
