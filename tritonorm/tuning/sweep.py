@@ -90,7 +90,24 @@ def candidates(problem: dispatch.Problem, profile: dispatch.DeviceProfile) -> li
                 break
             for nw in (4, 8, 16):
                 out.append(dispatch.Plan("fused", {"block_p": bp, "block_m": block_m_full, "num_warps": nw}, "sweep"))
-    row_blocks = (1, 8, 32) if problem.rows_unit_stride or 1 < problem.col_run < 32 else (1,)
+    if problem.rows_unit_stride:
+        # Statistics along the contiguous axis (channels_last BatchNorm): each column holds only
+        # BLOCK_P contiguous values, so tiles are wide, on 8 warps (the H200 sweep in
+        # benchmarks/results/h200/NOTES.md: 16-64 x 1024 best, one row a program 10x slower,
+        # 16 warps at 64 x 2048 4x slower); splits in powers of four.
+        for bp in (8, 16, 32, 64):
+            if bp > 2 * dispatch._pow2(P):
+                continue
+            for bm in (512, 1024, 2048):
+                if bp * bm > 65536 or bm > 2 * block_m_full:
+                    continue
+                cfg = {"block_p": bp, "block_m": bm, "num_warps": 8}
+                out.append(dispatch.Plan("looped", {**cfg, "split": 1}, "sweep"))
+                tiles = -(-M // bm)
+                for split in (4, 16, 64, 256):
+                    if split <= min(dispatch.MAX_SPLIT, tiles):
+                        out.append(dispatch.Plan("split", {**cfg, "split": split}, "sweep"))
+    row_blocks = () if problem.rows_unit_stride else (1, 8, 32) if 1 < problem.col_run < 32 else (1,)
     for bp in row_blocks:
         if bp > dispatch._pow2(P):
             continue
