@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -137,6 +138,9 @@ def main(argv=None) -> int:
                    "error": f"{type(exc).__name__}: {exc}"[:300], "providers": {}}
         last = time.monotonic() - t0
         row["wall_s"] = round(last, 2)
+        # Python threads alive (torch.compile's workers stay after their first row): they compete
+        # for the GIL our backward takes in autograd's device thread; the wall figures may show it.
+        row["python_threads"] = threading.active_count()
         if args.dry_run:
             row["dry_run"] = True
         doc["rows"].append(row)

@@ -43,6 +43,7 @@ import json
 import os
 import pstats
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -544,6 +545,9 @@ def main(argv=None) -> int:
                   f"(enqueue {o.get('enqueue_us')}, cpu {o.get('cpu_us')}), eager {e.get('wall_us')} us ({last:.1f} s)" + (f" ERROR {row['error']}" if "error" in row else ""), flush=True)
             save()
         doc["launchers"] = _safe(launchers)
+        # Other Python threads compete for the GIL that tritonorm's backward needs in autograd's
+        # device thread (eager's backward is C++ and does not): name them.
+        doc["python_threads"] = sorted(t.name for t in threading.enumerate())
         fb = [(c, m) for c, m in work if m == "fwd+bwd"]
         if args.no_torch_profile or not fb:
             doc["torch_profile"] = {"skipped": "asked" if args.no_torch_profile else "no fwd+bwd row"}
