@@ -451,6 +451,34 @@ def measure(env, case, mode: str, sleep, profile_calls: int, profiles: list) -> 
     return row
 
 
+def after_compile(env, work, deadline: float, dry_run: bool) -> dict:
+    """The bench stage times torch.compile beside us in one process, and compiling leaves
+    worker threads behind. Our backward runs Python in autograd's device thread (eager's is C++),
+    so other Python threads taking the GIL would slow ours only. A/B: the LayerNorm fwd+bwd wall
+    again after one torch.compile'd function has been compiled and run in this process."""
+    import torch
+
+    fb = [c for c, m in work if m == "fwd+bwd" and c.kind == "layer_norm"] or [c for c, m in work if m == "fwd+bwd"]
+    if not fb:
+        return {"skipped": "no fwd+bwd case"}
+    if deadline - time.monotonic() < (3.0 if dry_run else 12.0):
+        return {"skipped": "time budget"}
+    case = fb[0]
+    fns = functions(case, "fwd+bwd", "cuda" if env.cuda else "cpu")
+    before = {k: env.wall(fns[k]) for k in ("tritonorm", "eager") if k in fns}
+    threads_before = threading.active_count()
+    x = torch.randn(64, 64, device="cuda" if env.cuda else "cpu")
+    compiled = torch.compile(lambda t: torch.nn.functional.layer_norm(t, t.shape[-1:]) * 2,
+                             backend="eager" if dry_run else "inductor", dynamic=False)
+    compiled(x)
+    env.sync()
+    after = {k: env.wall(fns[k]) for k in ("tritonorm", "eager") if k in fns}
+    return {"case": case.name, "mode": "fwd+bwd", "threads_before": threads_before,
+            "threads_after": threading.active_count(),
+            "before_us": {k: v.get("wall_us") for k, v in before.items()},
+            "after_us": {k: v.get("wall_us") for k, v in after.items()}}
+
+
 def table(rows: list[dict]) -> str:
     from tritonorm.bench.table import format_table
 
@@ -545,6 +573,8 @@ def main(argv=None) -> int:
                   f"(enqueue {o.get('enqueue_us')}, cpu {o.get('cpu_us')}), eager {e.get('wall_us')} us ({last:.1f} s)" + (f" ERROR {row['error']}" if "error" in row else ""), flush=True)
             save()
         doc["launchers"] = _safe(launchers)
+        doc["after_compile"] = _safe(after_compile, env, work, deadline, args.dry_run)
+        save()
         # Other Python threads compete for the GIL that tritonorm's backward needs in autograd's
         # device thread (eager's backward is C++ and does not): name them.
         doc["python_threads"] = sorted(t.name for t in threading.enumerate())
@@ -569,6 +599,11 @@ def main(argv=None) -> int:
     lc = doc.get("launch_costs", {})
     print("one launch, host us: " + ", ".join(f"{k} {v.get('us')}" for k, v in lc.items()
                                                if isinstance(v, dict) and "us" in v))
+    ac = doc.get("after_compile", {})
+    if "before_us" in ac:
+        print(f"{ac['case']} fwd+bwd wall us before/after a torch.compile in this process (threads "
+              f"{ac['threads_before']} -> {ac['threads_after']}): "
+              + ", ".join(f"{k} {ac['before_us'].get(k)} -> {ac['after_us'].get(k)}" for k in ac["before_us"]))
     lau = doc.get("launchers", {})
     print(f"launchers: {lau.get('alive')} alive, {lau.get('usable')} direct-capable, gave up: "
           f"{', '.join(lau.get('unusable_kernels', [])) or 'none'}")
