@@ -13,6 +13,11 @@ ENABLED = True
 _MIN_RUN_BYTES = 128  # a channel block spans at least this much of a pixel (a warp's coalesced run)
 
 
+
+# The backward's split at most: its apply programs each add their block's SPLIT partials of CB
+# channels (SPLIT^2 across a block). The GPU report's A/B stage measures 64 against it.
+BACKWARD_SPLIT_CAP = 16
+
 def _channels_last_strides(shape) -> tuple[int, ...]:
     """Dense channels_last strides of (N, C, *spatial): C fastest, then the spatial axes."""
     strides = [0] * len(shape)
@@ -116,7 +121,7 @@ def choose(shape, spec, elem_bytes: int, profile: dispatch.DeviceProfile, op: st
     elif forced is None and blocks < fill // 2 and tiles > 1:
         # At least 4 tiles a program; the backward's apply programs each add their block's
         # SPLIT partials of CB channels (SPLIT^2 across a block), so at most 16 there.
-        cap = dispatch.MAX_SPLIT if op == "forward" else 16
+        cap = dispatch.MAX_SPLIT if op == "forward" else BACKWARD_SPLIT_CAP
         split = min(cap, max(1, tiles // 4), dispatch._pow2(-(-fill // blocks)))
         if not profile.interpreter:
             split = 1 << (2 * ((split.bit_length() - 1 + 1) // 2))

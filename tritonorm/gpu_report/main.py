@@ -27,14 +27,14 @@ from .proc import MAX_FILES, Clock, Log, child_env, enforce_limits, run_child
 # The files the report writes into --out (the device tool returns at most 8).
 FILES = {"log": "report.log", "summary": "summary.json", "tests": "tests.xml", "bench": "bench.json",
          "checks": "checks.json", "tune": "h200.json", "host": "host.json", "plot": "bench.png",
-         "wall": "wall.json"}
+         "wall": "wall.json", "ab": "ab.json"}
 
 # (stage, budget on the GPU in seconds, least time worth starting it with). Dry-run budgets are
 # the same; the dry run's stages are small and end long before them.
 # Issue #13 asks for at most 8 minutes on the H200: 480 s in all (run 2: tests 118 s for the whole
 # subset, bench 149 s for its 44 rows).
-STAGES = (("provenance", 15, 1), ("tests", 110, 30), ("bench", 140, 30), ("wall", 35, 15), ("checks", 20, 15),
-          ("tune", 130, 30), ("host", 30, 15))
+STAGES = (("provenance", 15, 1), ("tests", 110, 30), ("bench", 140, 30), ("wall", 35, 15), ("ab", 25, 10),
+          ("checks", 20, 15), ("tune", 110, 30), ("host", 25, 15))
 GRACE_S = 25  # a stage that stops itself at its budget gets this long to write its files
 TUNE_LIMIT = 16  # problems at most (bf16); --budget-s stops it earlier
 # The cases tuned first: the rows the first H200 run (benchmarks/results/h200/NOTES.md) lost to
@@ -153,6 +153,27 @@ def stage_bench(ctx: Context, budget: float) -> dict:
     return {"status": status, "note": note}
 
 
+def stage_ab(ctx: Context, budget: float) -> dict:
+    """Planning choices measured both ways (tritonorm/gpu_report/ab_stage.py); the dry run checks
+    that each switch computes the same outputs in the interpreter."""
+    args = ["-m", "tritonorm.gpu_report.ab_stage", "--json", str(ctx.path("ab")),
+            "--budget-s", f"{max(1.0, budget - 8):.0f}"]
+    if ctx.dry_run:
+        args += ["--dry-run", "--only", "apply_fill" if ctx.quick else "apply_fill,rows_per_program"]
+    rc, to = ctx.child(args, budget)
+    doc = _json(ctx.path("ab"))
+    if doc is None:
+        return {"status": _status(rc, to), "note": "no A/B JSON"}
+    rows = doc.get("rows", [])
+    differ = [f"{r['experiment']} {r['case']}" for r in rows if not r.get("check", {}).get("same", False)]
+    timed = [f"{r['experiment']} {r['case']} {r['mode']} B/A {r['B_over_A']:.2f}" for r in rows if "B_over_A" in r]
+    note = f"{len(rows)} rows" + (f"; A != B or failed: {', '.join(differ)}" if differ else "; A == B everywhere")
+    note += ("; " + "; ".join(timed)) if timed else ""
+    note += f"; {doc['stopped']}" if doc.get("stopped") else ""
+    status = _status(rc, to) if to or rc not in (0, 1) else ("ok" if not differ else "DIFFERS")
+    return {"status": status, "note": note}
+
+
 def stage_wall(ctx: Context, budget: float) -> dict:
     """Where a call's wall time goes (tritonorm/gpu_report/wall_stage.py): compiled kernels on
     the GPU, the interpreter in the dry run."""
@@ -232,7 +253,7 @@ def stage_host(ctx: Context, budget: float) -> dict:
 
 
 STAGE_FUNCS = {"provenance": stage_provenance, "tests": stage_tests, "bench": stage_bench,
-               "wall": stage_wall, "checks": stage_checks, "tune": stage_tune, "host": stage_host}
+               "wall": stage_wall, "ab": stage_ab, "checks": stage_checks, "tune": stage_tune, "host": stage_host}
 
 
 def _json(path: Path):
@@ -246,13 +267,16 @@ def _json(path: Path):
 
 
 def _fold_wall(ctx: Context, doc: dict) -> None:
-    """With every stage's file written the report has 9 files, one over what the device tool
-    returns: the wall stage's JSON then goes into the summary (``wall``) instead of its own file."""
-    present = {p.name for p in ctx.out.iterdir() if p.is_file()} | {FILES["summary"], FILES["log"]}
-    if len(present) > MAX_FILES and ctx.path("wall").exists():
-        doc["wall"] = _json(ctx.path("wall"))
-        ctx.path("wall").unlink()
-        ctx.log(f"{FILES['wall']} folded into {FILES['summary']} ('wall'): {len(present)} files, {MAX_FILES} come back")
+    """With every stage's file written the report has up to 10 files, over the 8 the device tool
+    returns: the wall and A/B stages' JSON then go into the summary (``wall``, ``ab``) instead of
+    their own files, as many as it takes."""
+    for key in ("ab", "wall"):
+        present = {p.name for p in ctx.out.iterdir() if p.is_file()} | {FILES["summary"], FILES["log"]}
+        if len(present) > MAX_FILES and ctx.path(key).exists():
+            doc[key] = _json(ctx.path(key))
+            ctx.path(key).unlink()
+            ctx.log(f"{FILES[key]} folded into {FILES['summary']} ('{key}'): {len(present)} files, "
+                    f"{MAX_FILES} come back")
 
 
 def parse(argv):

@@ -56,6 +56,11 @@ def _chunk(M: int, block_m: int, split: int) -> int:
     return triton.cdiv(triton.cdiv(M, split), block_m) * block_m
 
 
+# Split-regime apply programs take several tiles each (see _apply_grid); False: one tile a program,
+# as before (the GPU report's A/B stage measures both).
+APPLY_FILL = True
+
+
 def _apply_grid(P: int, M: int, bp: int, bm: int, one_program_per_row: bool = False, fill: int | None = None):
     """Grid of the apply kernels: (row blocks, column programs), and column tiles per program.
 
@@ -69,7 +74,7 @@ def _apply_grid(P: int, M: int, bp: int, bm: int, one_program_per_row: bool = Fa
     n_tiles = triton.cdiv(M, bm)
     row_blocks = triton.cdiv(P, bp)
     col_progs = 1 if one_program_per_row else min(n_tiles, _MAX_GRID_1)
-    if fill is not None and not one_program_per_row:
+    if fill is not None and not one_program_per_row and APPLY_FILL:
         col_progs = max(1, min(col_progs, triton.cdiv(fill, row_blocks)))
     return (row_blocks, col_progs), triton.cdiv(n_tiles, col_progs)
 

@@ -1,0 +1,242 @@
+"""The GPU report's A/B stage: planning choices made without a GPU, measured both ways.
+
+Each experiment names one switch (a module constant or profile field the launcher reads), the
+suite cases it should move, and what was predicted before measuring
+(benchmarks/results/h200/NOTES.md). For every case the stage times tritonorm with the switch at
+its shipped value (A) and at the alternative (B): device time by CUDA-graph replay over rotating
+input sets and the wall time per call (``bench.timing.time_fns``), and checks that A and B
+compute the same outputs and gradients (a switch changes grids and tiles, never the function).
+
+Dry run (no GPU): each experiment's first case, scaled, in the interpreter (under the
+experiment's ``dry_force`` regime where the switch needs one to matter there), run once per side
+and A compared with B; no timing.
+
+    python -m tritonorm.gpu_report.ab_stage --json PATH [--dry-run] [--budget-s S]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class Experiment:
+    name: str
+    what: str  # the switch, A -> B
+    predicted: str
+    cases: tuple  # (suite, case name, mode)
+    switch: object = field(repr=False, default=None)  # context manager factory: B inside
+    # Dry run only: the regime forced on both sides (dispatch.forced keywords), so that the scaled
+    # cases take the path the switch changes in the interpreter too.
+    dry_force: dict | None = None
+
+
+def _setting(module, attr, value):
+    @contextlib.contextmanager
+    def cm():
+        from tritonorm.kernels import launch
+
+        old = getattr(module, attr)
+        setattr(module, attr, value)
+        launch.clear()
+        try:
+            yield
+        finally:
+            setattr(module, attr, old)
+            launch.clear()
+    return cm
+
+
+def _profile_field(name, value):
+    @contextlib.contextmanager
+    def cm():
+        import dataclasses
+
+        from tritonorm import dispatch
+        from tritonorm.kernels import launch
+
+        real = dispatch.profile_for_device
+        dispatch.profile_for_device = lambda d: dataclasses.replace(real(d), **{name: value})
+        launch.clear()
+        try:
+            yield
+        finally:
+            dispatch.profile_for_device = real
+            launch.clear()
+    return cm
+
+
+def experiments() -> list[Experiment]:
+    from tritonorm import dispatch, pixel_plan
+    from tritonorm.kernels import launch
+
+    return [
+        Experiment("apply_fill", "split-regime apply programs: several tiles each (A) -> one tile each (B)",
+                   "A faster where split is large: bn 64x112^2 b32 fwd ~70 us (B ~105), bn cl b256 fwd ~400 us",
+                   (("resnet50", "bn 64x112^2 b32", "fwd"), ("resnet50", "bn 64x112^2 b256 cl", "fwd"),
+                    ("sd-unet", "gn32+silu 320x64^2 b2", "fwd+bwd")),
+                   _setting(launch, "APPLY_FILL", False),
+                   dry_force=dict(kernel="split", block_p=4, block_m=256, split=4)),
+        Experiment("strided_rows_block", "channels_last BatchNorm tiles 16 x 1024 (A) -> 32 x 128 (B, the old rule)",
+                   "A ~3x faster forward (the sweep: 0.47 against 1.49 ms); backward unmeasured",
+                   (("resnet50", "bn 64x112^2 b256 cl", "fwd+bwd"), ("resnet50", "bn 2048x7^2 b256 cl", "fwd+bwd")),
+                   _profile_field("strided_rows_block", (32, 128))),
+        Experiment("rows_per_program", "LayerNorm-row backward: >= 8 row blocks a program (A) -> 1 (B)",
+                   "B faster at 32-256 rows (fewer serial iterations a program; the partials stay in L2); "
+                   "same at 4096 rows",
+                   (("llm", "rms 32x4096", "fwd+bwd"), ("llm", "rms 256x4096", "fwd+bwd"),
+                    ("llm", "ln 4096x4096", "fwd+bwd")),
+                   _setting(dispatch, "ROWS_PER_PROGRAM", 1)),
+        Experiment("pixel_bwd_split_cap", "channels_last GroupNorm backward split at most 16 (A) -> 64 (B)",
+                   "B faster: A runs 128 programs of 2 warps for 320x64^2 b2 (~100 us backward)",
+                   (("sd-unet", "gn32+silu 320x64^2 b2 cl", "fwd+bwd"),),
+                   _setting(pixel_plan, "BACKWARD_SPLIT_CAP", 64)),
+    ]
+
+
+def _outputs(case, mode, device, seed):
+    """(function, inputs) of one side, inputs drawn from ``seed`` (the same for A and B)."""
+    import torch
+
+    from tritonorm.bench import providers
+    from tritonorm.tuning.suites import make_inputs
+
+    torch.manual_seed(seed)
+    x, kw = make_inputs(case, torch.bfloat16, device, requires_grad=mode != "fwd", host_rng=True)
+    f = providers.make("tritonorm", case, x, kw)
+    leaves = [t for t in (x, kw.get("weight"), kw.get("bias"), kw.get("add_residual")) if t is not None]
+    torch.manual_seed(seed + 1)
+    y0 = f()
+    dy = torch.randn(y0.shape).to(y0)
+
+    def result():
+        if mode == "fwd":
+            with torch.no_grad():
+                return [f()]
+        y = f()
+        return [y.detach(), *torch.autograd.grad(y, leaves, dy)]
+
+    return result
+
+
+def _same(a, b) -> dict:
+    import torch
+
+    worst = 0.0
+    for u, v in zip(a, b):
+        u, v = u.double(), v.double()
+        if not torch.equal(torch.isfinite(u), torch.isfinite(v)):
+            return {"same": False, "why": "non-finite values differ"}
+        scale = max(1e-6, u.abs().max().item())
+        worst = max(worst, (u - v).abs().max().item() / scale)
+    # bf16 outputs: A and B sum in different orders; a rounding step of bf16 is 2^-8 relative.
+    return {"same": worst <= 2.0 ** -6, "max_rel_diff": worst}
+
+
+def run_case(exp: Experiment, case, mode: str, cuda: bool) -> dict:
+    from tritonorm.bench import bytes_model, timing
+
+    from tritonorm import dispatch
+
+    device = "cuda" if cuda else "cpu"
+    row = {"experiment": exp.name, "suite": case.suite, "case": case.name, "mode": mode}
+    force = dict(exp.dry_force) if exp.dry_force and not cuda else None
+    forced = (lambda: dispatch.forced(force.pop("kernel"), **force)) if force else contextlib.nullcontext
+    with forced():
+        a = _outputs(case, mode, device, 1234)()
+    force = dict(exp.dry_force) if exp.dry_force and not cuda else None
+    with exp.switch():
+        with forced():
+            b = _outputs(case, mode, device, 1234)()
+        row["check"] = _same(a, b)
+        if cuda:
+            nbytes = bytes_model.bytes_moved(case, 2, mode)
+            fns = [_timed(case, mode, device, s) for s in range(timing.input_sets(nbytes))]
+            tb = timing.time_fns(fns, nbytes)
+            row["B"] = {"us": tb.ms * 1e3, "wall_us": (tb.wall_ms or 0) * 1e3, "method": tb.method}
+    if cuda:
+        fns = [_timed(case, mode, device, s) for s in range(timing.input_sets(nbytes))]
+        ta = timing.time_fns(fns, nbytes)
+        row["A"] = {"us": ta.ms * 1e3, "wall_us": (ta.wall_ms or 0) * 1e3, "method": ta.method}
+        row["B_over_A"] = row["B"]["us"] / row["A"]["us"]
+    return row
+
+
+def _timed(case, mode, device, seed):
+    import torch
+
+    from tritonorm.bench import providers
+    from tritonorm.bench.gpu import _mode_fn
+    from tritonorm.tuning.suites import make_inputs
+
+    torch.manual_seed(100 + seed)
+    x, kw = make_inputs(case, torch.bfloat16, device, requires_grad=mode != "fwd", host_rng=True)
+    return _mode_fn(providers.make("tritonorm", case, x, kw), mode, x, kw)
+
+
+def write(path: Path, doc: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m tritonorm.gpu_report.ab_stage", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--json", type=Path, required=True)
+    ap.add_argument("--dry-run", action="store_true", help="no GPU: scaled cases in the interpreter, A == B only")
+    ap.add_argument("--budget-s", type=float, default=30.0, help="start no new case after this")
+    ap.add_argument("--only", default=None, help="comma-separated experiment names")
+    args = ap.parse_args(argv)
+    t0 = time.monotonic()
+    from tritonorm.bench import runner
+    from tritonorm.tuning import suites
+
+    cuda = not args.dry_run
+    if cuda and not runner.on_gpu():
+        print("no CUDA GPU (or TRITON_INTERPRET=1): use --dry-run to rehearse without one")
+        return 2
+    by_name = {(c.suite, c.name): c for s in suites.SUITES for c in suites.cases(s)}
+    exps = experiments()
+    if args.only:
+        keep = set(args.only.split(","))
+        exps = [e for e in exps if e.name in keep]
+    doc = {"dry_run": args.dry_run, "experiments": [{"name": e.name, "what": e.what, "predicted": e.predicted}
+                                                    for e in exps], "rows": [], "stopped": None}
+    # The dry run takes each experiment's first case only (the interpreter is slow).
+    work = [(e, by_name[(s, n)], m) for e in exps for s, n, m in (e.cases[:1] if args.dry_run else e.cases)
+            if (s, n) in by_name]
+    last = 0.0
+    for i, (exp, case, mode) in enumerate(work):
+        if time.monotonic() - t0 + max(1.0, 1.3 * last) > args.budget_s:
+            doc["stopped"] = f"time budget: {i} of {len(work)} rows done"
+            print(doc["stopped"])
+            break
+        t1 = time.monotonic()
+        case_run = case.scaled() if args.dry_run else case
+        try:
+            row = run_case(exp, case_run, mode, cuda)
+        except Exception as exc:  # one row failing is a result; the next still runs
+            row = {"experiment": exp.name, "case": case.name, "mode": mode, "error": f"{type(exc).__name__}: {exc}"[:300]}
+        last = time.monotonic() - t1
+        row["seconds"] = round(last, 2)
+        doc["rows"].append(row)
+        write(args.json, doc)
+        a, b = row.get("A", {}), row.get("B", {})
+        print(f"[{i + 1}/{len(work)}] {exp.name}: {case.name} {mode}: "
+              + (f"A {a['us']:.1f} us, B {b['us']:.1f} us (B/A {row['B_over_A']:.2f})" if a and b else "")
+              + f" A==B {row.get('check', {}).get('same')}" + (f" ERROR {row['error']}" if "error" in row else "")
+              + f" ({last:.1f} s)", flush=True)
+    write(args.json, doc)
+    bad = [r for r in doc["rows"] if "error" in r or not r.get("check", {}).get("same", False)]
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
