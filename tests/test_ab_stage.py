@@ -15,7 +15,7 @@ from tritonorm.kernels import launch
 
 def _state():
     return (launch.APPLY_FILL, dispatch.ROWS_PER_PROGRAM, pixel_plan.BACKWARD_SPLIT_CAP,
-            dispatch.profile_for_device(torch.device("cpu")).strided_rows_block)
+            dispatch.profile_for_device(torch.device("cpu")).strided_rows_block, dispatch.forced_state())
 
 
 def test_switches_flip_and_restore():

@@ -80,26 +80,31 @@ def experiments() -> list[Experiment]:
     return [
         Experiment("apply_fill", "split-regime apply programs: several tiles each (A) -> one tile each (B)",
                    "A faster where split is large: bn 64x112^2 b32 fwd ~70 us (B ~105), bn cl b256 fwd ~400 us",
-                   (("resnet50", "bn 64x112^2 b32", "fwd"), ("resnet50", "bn 64x112^2 b256 cl", "fwd"),
-                    ("sd-unet", "gn32+silu 320x64^2 b2", "fwd+bwd")),
+                   (("resnet50", "bn 64x112^2 b32", "fwd"), ("resnet50", "bn 64x112^2 b256 cl", "fwd")),
                    _setting(launch, "APPLY_FILL", False),
                    dry_force=dict(kernel="split", block_p=4, block_m=256, split=4)),
         Experiment("strided_rows_block", "channels_last BatchNorm tiles 16 x 1024 (A) -> 32 x 128 (B, the old rule)",
                    "A ~3x faster forward (the sweep: 0.47 against 1.49 ms); backward unmeasured",
-                   (("resnet50", "bn 64x112^2 b256 cl", "fwd+bwd"), ("resnet50", "bn 2048x7^2 b256 cl", "fwd+bwd")),
+                   (("resnet50", "bn 64x112^2 b256 cl", "fwd+bwd"),),
                    _profile_field("strided_rows_block", (32, 128))),
-        Experiment("rows_per_program", "LayerNorm-row backward: >= 8 row blocks a program (A) -> 1 (B)",
-                   "B faster at 32-256 rows (fewer serial iterations a program; the partials stay in L2); "
-                   "same at 4096 rows",
-                   (("llm", "rms 32x4096", "fwd+bwd"), ("llm", "rms 256x4096", "fwd+bwd"),
-                    ("llm", "ln 4096x4096", "fwd+bwd")),
-                   _setting(dispatch, "ROWS_PER_PROGRAM", 1)),
         Experiment("pixel_bwd_split_cap", "channels_last GroupNorm backward split at most 16 (A) -> 64 (B)",
                    "B faster: A runs 128 programs of 2 warps for 320x64^2 b2 (~100 us backward)",
                    (("sd-unet", "gn32+silu 320x64^2 b2 cl", "fwd+bwd"),),
                    _setting(pixel_plan, "BACKWARD_SPLIT_CAP", 64)),
+        Experiment("ln_bwd_rows", "fused LayerNorm backward: the heuristic's 1 row a step (A) -> 2 rows (B)",
+                   "B faster: one 4096-wide row of x and dy is 16 KB in flight a program, under the ~36 KB "
+                   "an SM needs (run 2: 90 us against the model's 51)",
+                   (("llm", "ln 4096x4096", "fwd+bwd"),),
+                   lambda: dispatch.forced("fused", op="backward", block_p=2, num_warps=8)),
+        Experiment("rows_per_program", "LayerNorm-row backward: >= 8 row blocks a program (A) -> 1 (B)",
+                   "B faster at 32-256 rows (fewer serial iterations a program; the partials stay in L2)",
+                   (("llm", "rms 32x4096", "fwd+bwd"), ("llm", "rms 256x4096", "fwd+bwd")),
+                   _setting(dispatch, "ROWS_PER_PROGRAM", 1)),
+        Experiment("bn_split", "BatchNorm NCHW 64x112^2 b32 forward: the heuristic's split 256 (A) -> 64 (B)",
+                   "B faster: at 256 a partial program reads 1.5 tiles of 1024",
+                   (("resnet50", "bn 64x112^2 b32", "fwd"),),
+                   lambda: dispatch.forced("split", op="forward", block_p=1, block_m=1024, split=64, num_warps=2)),
     ]
-
 
 def _outputs(case, mode, device, seed):
     """(function, inputs) of one side, inputs drawn from ``seed`` (the same for A and B)."""
