@@ -14,7 +14,7 @@ import torch
 
 from . import activations, backend as backends, cost, dispatch, pixel_plan, planes_plan
 from .kernels.layout import (MAX_DIMS, TooManyDims, alloc_out, channel_per_col, channel_per_row, channel_view,
-                             batch_segments, sample_rows, segments, stat_view)
+                             batch_segments, sample_rows, sample_segments, segments, stat_view)
 from .validation import check_norm_args
 
 OPS = ("forward", "backward", "dwdb")
@@ -74,6 +74,13 @@ def _segments(x, spec, weight, bias, param_full, given, batch=False):
     if seg is None and batch and not given:
         seg = batch_segments(view, x.shape, spec, xs, ys)
     return seg
+
+
+def _bn_segments(x, spec):
+    """Conditional BatchNorm's (channel, sample) segments (launch._bn_segments): where plain
+    BatchNorm reads a per-(sample, channel) weight/bias in place, in training and eval."""
+    view, xs, ys = _view_strides(x, spec, stat_view)
+    return None if view is None else sample_segments(view, x.shape, spec, xs, ys)
 
 
 def flags_of(weight, bias, residual, act, center) -> str:
@@ -159,6 +166,11 @@ def explain(x: torch.Tensor, scope: str = "group", *, num_groups: int | None = N
         if nseg is not None and nseg.order:
             param_full = False
             param_nc = (sum(t.numel() for t in (weight, bias) if t is not None), nc[:2].count("c"))
+    # Conditional BatchNorm (plain BatchNorm with them): read in place too, also in eval.
+    bn = _bn_segments(x, spec) if nc is not None and param_nc is None and pre_add is None else None
+    if bn is not None:
+        param_full = False
+        param_nc = (sum(t.numel() for t in (weight, bias) if t is not None), nc[:2].count("c"))
     # adaLN's per-(sample, column) weight/bias read in place (launch._row_samples_plan): a plain
     # row norm's forward; backward, the fused dx pass with J programs a sample, then the finish.
     rows = _sample_rows(x, spec, weight, bias, profile, flags_of(weight, bias, residual, act, center)) \
@@ -166,7 +178,9 @@ def explain(x: torch.Tensor, scope: str = "group", *, num_groups: int | None = N
     if rows is not None:
         param_full = False
         param_nc = (sum(t.numel() for t in (weight, bias) if t is not None), rows[0][:2].count("d"))
-    seg = _segments(x, spec, weight, bias, param_full or rows is not None, given, True) if op != "forward" else None
+    seg = None
+    if op != "forward":
+        seg = bn if bn is not None else _segments(x, spec, weight, bias, param_full or rows is not None, given, True)
     view = _view(x, spec, channel_view if op == "dwdb" else stat_view)
     if op == "dwdb" and seg is not None:
         view = seg.view
@@ -184,11 +198,12 @@ def explain(x: torch.Tensor, scope: str = "group", *, num_groups: int | None = N
     out_stride = torch.empty_like(x, memory_format=torch.preserve_format, device="meta").stride()
     if op in ("forward", "backward") and plan.kernel != dispatch.NATIVE and running_var is None \
             and running_mean is None and pre_add is None and not param_full \
-            and (param_nc is None or (rows is None and nc[2][1] in (0, 1) and nc[2][3] in (0, 1))):
+            and (param_nc is None or (rows is None and bn is None and nc[2][1] in (0, 1) and nc[2][3] in (0, 1))):
         if pixel_plan.applies(tuple(x.shape), x.stride(), out_stride, spec, x.element_size()):
             # channels_last GroupNorm with short groups: the whole-pixel kernels, as the launcher runs them
             plan = pixel_plan.choose(tuple(x.shape), spec, x.element_size(), profile, op)
-    if op in ("forward", "backward") and plan.kernel != dispatch.NATIVE and pre_add is None and not param_full:
+    if (op in ("forward", "backward") and plan.kernel != dispatch.NATIVE and pre_add is None and not param_full
+            and bn is None):
         if planes_plan.applies(tuple(x.shape), x.stride(), out_stride, spec, x.element_size(), profile):
             # NCHW BatchNorm (Ghost BatchNorm too: a program per sample group) with planes of
             # other than 16k elements: flat channel-block tiles
@@ -201,7 +216,7 @@ def explain(x: torch.Tensor, scope: str = "group", *, num_groups: int | None = N
         note += " (eval with running statistics: only the apply kernel runs, with these blocks)"
     sweeps = []
     call_cost = _cost(op, plan, problem, profile, x, spec, weight, bias, residual, act, running_var, training,
-                      flags, pre_add, param_full, param_nc, rows[1] if rows is not None else 0, sweeps)
+                      flags, pre_add, param_full, param_nc, rows[1] if rows is not None else 0, sweeps, bn)
     if op == "dwdb" and not (sweeps and sweeps[0]):
         note += (" (not run by this call: no weight or bias)" if weight is None and bias is None else
                  " (not run by this call: the backward's dx pass gives dweight/dbias)")
@@ -209,8 +224,10 @@ def explain(x: torch.Tensor, scope: str = "group", *, num_groups: int | None = N
 
 
 def _cost(op, plan, problem, profile, x, spec, weight, bias, residual, act, running_var, training, flags,
-          pre_add=None, param_full=False, param_nc=None, sample_programs=0, sweeps=None):
-    """The cost model of the whole forward (op="forward") or backward (op="backward"/"dwdb")."""
+          pre_add=None, param_full=False, param_nc=None, sample_programs=0, sweeps=None, bn=None):
+    """The cost model of the whole forward (op="forward") or backward (op="backward"/"dwdb").
+    ``bn``: conditional BatchNorm's segments (its dweight/dbias from them, also in eval, where
+    the looped/split backward still runs the sums kernel for them)."""
     params = weight if weight is not None else bias
     common = dict(elem_bytes=x.element_size(), channels=x.shape[1], has_w=weight is not None,
                   has_b=bias is not None, has_res=residual is not None,
@@ -231,7 +248,7 @@ def _cost(op, plan, problem, profile, x, spec, weight, bias, residual, act, runn
     if "cb" in plan.config:  # the whole-pixel kernels (kernels/pixels_backward.py)
         return cost.pixels_backward_cost(plan, problem, profile, samples=x.shape[0], act=act is not None, **common)
     fwd_view = _view(x, spec, stat_view)
-    seg = _segments(x, spec, weight, bias, param_full or sample_programs > 0, given, True)
+    seg = bn if bn is not None else _segments(x, spec, weight, bias, param_full or sample_programs > 0, given, True)
     bproblem = dispatch.problem_from_view("backward", fwd_view, x.element_size(), spec=spec,
                                           dtype=problem.dtype, flags=flags,
                                           fused_m=seg.fused_cols if seg is not None else 0)
@@ -239,10 +256,11 @@ def _cost(op, plan, problem, profile, x, spec, weight, bias, residual, act, runn
     if param_nc is not None and bplan.kernel == dispatch.NATIVE:  # as the launcher
         bplan = dispatch.choose(bproblem, profile)
     need_wb = weight is not None or bias is not None
-    row_channel = need_wb and not given and not param_full and channel_per_row(spec)
+    row_channel = need_wb and not given and not param_full and bn is None and channel_per_row(spec)
     col_channel = (need_wb and bplan.kernel == "fused" and not param_full
                    and channel_per_col(fwd_view, x.shape[1]))
-    if seg is not None and ((bplan.kernel == "fused" and not seg.order) or (bplan.kernel != "fused" and given)):
+    if seg is not None and bn is None and ((bplan.kernel == "fused" and not seg.order)
+                                           or (bplan.kernel != "fused" and given)):
         seg = None  # as the launcher: the channel-view sweep runs instead
     if (need_wb and bplan.kernel != "fused" and not given and not param_full and param_nc is None and seg is None
             and channel_per_col(fwd_view, x.shape[1])):
@@ -266,5 +284,6 @@ def _cost(op, plan, problem, profile, x, spec, weight, bias, residual, act, runn
     if sweeps is not None:  # whether a dweight/dbias sweep of its own runs (op "dwdb" plans it)
         sweeps.append(dwdb is not None or (segs is not None and bplan.kernel not in ("fused", dispatch.NATIVE)))
     return cost.backward_cost(bplan, bproblem, dwdb, profile, act=act is not None, row_channel=row_channel,
-                              col_channel=col_channel, given=given, segments=segs, sample_programs=sample_programs,
+                              col_channel=col_channel, given=given and bn is None, segments=segs,
+                              sample_programs=sample_programs,
                               **common)

@@ -24,6 +24,10 @@ over every element of channel c. Where they come from:
   each statistic a run of (sample group, channel) segments (Ghost BatchNorm: one channel, the
       segment view the statistic view; batch_group: Cg channels; layout.batch_segments): the
       same, segment s*C + c, partials [2, S, C] added over the S groups;
+  conditional BatchNorm (each statistic one channel, a per-(sample, channel) weight/bias,
+      layout.sample_segments): each row's N per-sample runs are the segments; the fused tile
+      stores them at n*C + c (SEG_T: its rows are channels), the looped/split sums kernel runs on
+      the (n, c) segment view, whose partials the apply kernel reads N-strided (PART_N);
   otherwise (e.g. NCHW batch_group fused, sample groups with kept spatial axes or C outside N
       in memory, LayerNorm rows looped or split, only dweight/dbias asked for): ``_dwdb_kernel``
       sweeps the channel view; with one chunk per channel it writes the result itself, else
@@ -47,11 +51,20 @@ def _seg_tile(rmask, M, HM_B: tl.constexpr, HD_B: tl.constexpr, ORDER: tl.conste
     """A whole statistic as a (channel digit j, position h) tile of HM_B * HD_B columns (powers of
     two, so // and % are shifts): ORDER 1: col = j*H + h (H = the digit's div; j-major, so each
     channel's run stays contiguous and vector loads survive), ORDER 2: col = h*hm + j (h-major).
+    ORDER 3 (conditional BatchNorm NCHW): col = j*H + h with the columns side exactly the two
+    digits (j, h), so the offsets are j*stride0 + h*stride1 with no division of the flat index
+    (which would hide the h runs' contiguity from the compiler: 16-byte accesses).
     Returns col_tile's (cmask, tile mask, offsets, channel) and hm."""
     s1, s2, s3, x0, x1, x2, x3, o0, o1, o2, o3, t0, t1, t2, t3, hd, hm, hk = CG
     e = tl.arange(0, HM_B * HD_B)
     if INT64:
         e = e.to(tl.int64)
+    if ORDER == 3:
+        j = e // HD_B
+        h = e % HD_B
+        cmask = (j < hm) & (h < hd)
+        mask = rmask[:, None] & cmask[None, :]
+        return cmask, mask, j * x0 + h * x1, j * o0 + h * o1, j * t0 + h * t1, j * 0, hm
     if HM_B == 1:  # one channel a statistic (InstanceNorm): plain columns
         cols = e
         cmask = cols < M
@@ -72,15 +85,19 @@ def _seg_tile(rmask, M, HM_B: tl.constexpr, HD_B: tl.constexpr, ORDER: tl.conste
 
 @triton.jit
 def _seg_store(Part, rows, rmask, v, hm, plane, BLOCK_P: tl.constexpr, HM_B: tl.constexpr,
-               HD_B: tl.constexpr, ORDER: tl.constexpr):
-    """Per-channel sums of a (j, h) tile, stored to Part[row*hm + j] (+ plane) in Part's dtype."""
-    if ORDER == 2:
+               HD_B: tl.constexpr, ORDER: tl.constexpr, TRANS: tl.constexpr = False, P=1):
+    """Per-channel sums of a (j, h) tile, stored to Part[row*hm + j] (+ plane) in Part's dtype;
+    TRANS (conditional BatchNorm: rows channels c, j the sample n): to Part[j*P + row], n*C + c."""
+    if ORDER == 2:  # (ORDER 3 is j-major as 1)
         per = tl.sum(tl.reshape(v, [BLOCK_P, HD_B, HM_B]), axis=1)
     else:
         per = tl.sum(tl.reshape(v, [BLOCK_P, HM_B, HD_B]), axis=2)
     jj = tl.arange(0, HM_B)
-    tl.store(Part + plane + rows[:, None] * hm + jj[None, :], per.to(Part.dtype.element_ty),
-             mask=rmask[:, None] & (jj < hm)[None, :])
+    if TRANS:
+        idx = jj[None, :] * P + rows[:, None]
+    else:
+        idx = rows[:, None] * hm + jj[None, :]
+    tl.store(Part + plane + idx, per.to(Part.dtype.element_ty), mask=rmask[:, None] & (jj < hm)[None, :])
 
 
 @triton.jit
@@ -115,6 +132,7 @@ def _bwd_fused_kernel(
     STORE_DX: tl.constexpr = True,          # (N, C) contiguous, stored whole here; STORE_DX: dx asked
     LEAN: tl.constexpr = 0,                 # Stats is [LEAN, P] (common.load_stats)
     COL_DIRECT: tl.constexpr = False,       # COL_CHANNEL on one program: DW, DB are the gradients
+    SEG_T: tl.constexpr = False,            # SEG on BatchNorm rows (channels): _seg_store's TRANS
 ):
     """Whole statistics in registers: S1, S2 and dx in one pass over x and dy.
 
@@ -163,9 +181,10 @@ def _bwd_fused_kernel(
             db += tl.sum(gz, axis=0)
         if SEG:  # fp32 partials [2, N*C] (DW = DB), or (W_NC, B_NC) the gradient itself
             if NEED_DW:
-                _seg_store(DW, rows, rmask, tl.where(mask, gz * xhat, 0.0), hm, 0, BLOCK_P, HM_B, HD_B, SEG)
+                _seg_store(DW, rows, rmask, tl.where(mask, gz * xhat, 0.0), hm, 0, BLOCK_P, HM_B, HD_B, SEG,
+                           SEG_T, P)
             if NEED_DB:
-                _seg_store(DB, rows, rmask, gz, hm, 0 if B_NC else P * hm, BLOCK_P, HM_B, HD_B, SEG)
+                _seg_store(DB, rows, rmask, gz, hm, 0 if B_NC else P * hm, BLOCK_P, HM_B, HD_B, SEG, SEG_T, P)
     if COL_CHANNEL:
         cols = tl.arange(0, BLOCK_M)
         if COL_DIRECT:  # one program saw every row: its sums are dweight and dbias (no finish)
@@ -333,11 +352,13 @@ def _bwd_apply_kernel(
     PARAM_NC: tl.constexpr = False, PS=None,  # as the fused kernel
     W_NC: tl.constexpr = False, B_NC: tl.constexpr = False,
     LEAN: tl.constexpr = 0,                   # as the fused kernel
+    PART_N: tl.constexpr = False,             # FINISH on BatchNorm rows: Part is [4, N, P, FIN_S]
 ):
     """dx (and dresidual) over a 2-D grid of (row block, column tiles); each program adds its
     rows' SPLIT partial sums itself, and with ROW_CHANNEL the programs of column 0 store dweight
     and dbias. FINISH (segments: SPLIT = hm * the sums kernel's split): the first programs also
-    add the dweight/dbias partials of every channel."""
+    add the dweight/dbias partials of every channel. PART_N (conditional BatchNorm: rows are
+    channels, the segments (n, c) sample-major): a row's N*FIN_S partials are strided by P*FIN_S."""
     if FINISH:
         _finish_segments(Part, DW, DB, FIN_N, FIN_C, FIN_S, NEED_DW, NEED_DB, BLOCK_C, BLOCK_S, W_NC, B_NC)
     rows, rmask, rx, ro, rt, rh = row_block(tl.program_id(0), P, BLOCK_P, INT64, RG)
@@ -351,7 +372,10 @@ def _bwd_apply_kernel(
         for s0 in range(0, SPLIT, BLOCK_S):  # BLOCK_S partials at a time: no variant per split
             sps = s0 + tl.arange(0, BLOCK_S)
             pmask = rmask[:, None] & (sps < SPLIT)[None, :]
-            idx = rows[:, None] * SPLIT + sps[None, :]
+            if PART_N:  # partial k = n*FIN_S + s of row (channel) c at (n*P + c)*FIN_S + s
+                idx = (sps // FIN_S * P * FIN_S + sps % FIN_S)[None, :] + rows[:, None] * FIN_S
+            else:
+                idx = rows[:, None] * SPLIT + sps[None, :]
             s1 += tl.sum(tl.load(Part + idx, mask=pmask, other=0.0), axis=1)
             s2 += tl.sum(tl.load(Part + plane + idx, mask=pmask, other=0.0), axis=1)
             if ROW_CHANNEL:

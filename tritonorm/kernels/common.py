@@ -399,6 +399,10 @@ def add_incoming(dx, DH, ro, co, mask, ADD_DH: tl.constexpr):
 # read in place: row-norm views over x's last axis whose row r = n * PG + t (PG rows a sample)
 # and whose column offset in the output is the column itself (launch.py checks both), so the
 # parameter's offset is n * stride_n + d * stride_d.
+# PARAM_NC == 3: per-(sample, channel) weight/bias of plain BatchNorm (conditional BN): the
+# sample is that of the element's output offset, (row offset + column offset) // the output's N
+# stride (layout.sample_segments checks N is the output's outermost axis). On the statistic view
+# (rows channels) the row part adds nothing to it, on the segment view the column part.
 
 
 @triton.jit
@@ -407,11 +411,20 @@ def param_offsets(rows, rh, ch, ro, co, PARAM_FULL: tl.constexpr, PARAM_NC: tl.c
     (PARAM_FULL) the output's; (PARAM_NC) n * stride_n + c * stride_c of each parameter, with
     ``PS`` = (PG, weight's n and c strides, bias's), n = row // PG and c = rh + ch (a (C,)
     parameter beside a per-sample one has stride_n = 0); (PARAM_NC == 2) n * stride_n +
-    d * stride_d with d the column (= co: the launcher checks the output's column stride is 1)."""
+    d * stride_d with d the column (= co: the launcher checks the output's column stride is 1);
+    (PARAM_NC == 3) n * stride_n + c * stride_c with ``PS`` = (the output's N stride, weight's n
+    and c strides, bias's), n from the row and column output offsets and c = rh (the row's
+    channel: rows are channels, or channel-major segments)."""
     wr, wc, br, bc = rh, ch, rh, ch
     if PARAM_FULL:
         wr, wc, br, bc = ro, co, ro, co
-    if PARAM_NC == 2:
+    if PARAM_NC == 3:
+        sn, wsn, wsc, bsn, bsc = PS
+        rn = ro // sn
+        cn = co // sn
+        wr, wc = rn * wsn + rh * wsc, cn * wsn
+        br, bc = rn * bsn + rh * bsc, cn * bsn
+    elif PARAM_NC == 2:
         pg, wsn, wsd, bsn, bsd = PS
         n = rows // pg
         wr, wc = n * wsn, co * wsd

@@ -28,7 +28,7 @@ from . import native, pixels, planes
 from .fastlaunch import Launcher
 from .pixels_backward import PixelsBackward
 from .layout import (TooManyDims, batch_segments, channel_per_col, channel_per_row, channel_view, match_strides,
-                     sample_rows, segments, stat_view)
+                     sample_rows, sample_segments, segments, stat_view)
 
 _MAX_GRID_1 = 65535  # CUDA's limit on the second grid dimension
 
@@ -174,6 +174,15 @@ def _nc_segments(c: "_Common", spec: Spec):
     return seg if seg is not None and seg.order else None
 
 
+def _bn_segments(c: "_Common", spec: Spec):
+    """Conditional BatchNorm: the (channel, sample) segments (layout.sample_segments) under which
+    plain BatchNorm's kernels read a per-(sample, channel) weight/bias in place (PARAM_NC == 3)
+    and take its gradients from the dx pass's segment partials, in every regime; else None."""
+    if c.contiguous:
+        return None
+    return sample_segments(c.view, c.shape, spec, c.out_stride if c.copy_x else c.x_stride, c.out_stride)
+
+
 def row_samples(nc) -> bool:
     """Whether a param_nc tuple is adaLN's per-(sample, column) kind (core._row_affine: kinds
     "nd" (N, 1, ..., D) and "d" (1, ..., 1, D)) rather than per (sample, channel)."""
@@ -244,22 +253,29 @@ class ForwardPlan:
         # else None and param_full's expansion runs.
         # Row kind (row_samples: adaLN's (N, 1, D)): ``row_bplan`` is the fused backward plan
         # that reads them in place too (_row_samples_plan), else they are expanded.
+        # Conditional BatchNorm (plain BatchNorm's rows are channels, a sample's elements spread
+        # over the columns): the same kinds read with the sample taken from the output offset
+        # (PARAM_NC == 3, _bn_segments), in training and eval.
         self.nc = self.row_bplan = None
+        self.nc_flag = 0  # the kernels' PARAM_NC
         if param_nc is not None and mode == "train" and not pre_add:
             if row_samples(param_nc):
                 self.row_bplan = _row_samples_plan(c, spec, profile)
                 if self.row_bplan is not None:
-                    self.nc = param_nc
+                    self.nc, self.nc_flag = param_nc, 2
             elif _nc_segments(c, spec) is not None:
-                self.nc = param_nc
+                self.nc, self.nc_flag = param_nc, 1
+        if (param_nc is not None and mode in ("train", "given") and not pre_add and not row_samples(param_nc)
+                and self.nc is None and _bn_segments(c, spec) is not None):
+            self.nc, self.nc_flag = param_nc, 3
         if self.nc is not None:
             param_full = False
         self.param_full = param_full
         if param_full:
             pre["PARAM_FULL"] = True
         elif self.nc is not None:
-            pre.update(PARAM_NC=2 if self.row_bplan is not None else True,
-                       PS=(c.view.P // c.shape[0], *param_nc[2]))
+            pg = c.out_stride[0] if self.nc_flag == 3 else c.view.P // c.shape[0]
+            pre.update(PARAM_NC=True if self.nc_flag == 1 else self.nc_flag, PS=(pg, *param_nc[2]))
         self.has_w, self.has_b, self.has_res, self.act = has_w, has_b, has_res, act
         self._backward: dict = {}
         self._lean: dict = {}
@@ -271,7 +287,7 @@ class ForwardPlan:
             inner = x.contiguous()
             self.inner = ForwardPlan(inner, spec, has_w, has_b, has_res, act, center, mode, running, profile,
                                      pre_add, param_full, param_nc)
-            self.nc, self.param_full = self.inner.nc, self.inner.param_full
+            self.nc, self.param_full, self.nc_flag = self.inner.nc, self.inner.param_full, self.inner.nc_flag
             self.row_bplan = self.inner.row_bplan
             self.plan = self.inner.plan
             self.lean_ok = self.inner.lean_ok
@@ -290,7 +306,7 @@ class ForwardPlan:
         pn = (0, 0)
         if self.nc is not None:
             w_sn, w_sc, b_sn, b_sc = self.nc[2]
-            pn = (w_sn, b_sn) if w_sc in (0, 1) and b_sc in (0, 1) and self.row_bplan is None else None
+            pn = (w_sn, b_sn) if w_sc in (0, 1) and b_sc in (0, 1) and self.nc_flag == 1 else None
         if (mode == "train" and not running and not pre_add and not param_full and pn is not None and not c.copy_x
                 and pixel_plan.applies(c.shape, c.x_stride, c.out_stride, spec, x.element_size())):
             self.pixels = pixels.PixelsForward(c.shape, spec, x.element_size(), has_w, has_b, has_res, act,
@@ -302,7 +318,8 @@ class ForwardPlan:
         # (planes.py) instead of the row/column kernels' element-wise reads. Ghost BatchNorm (S
         # sample groups) too, training: its running statistics are blended by the caller (core).
         groups = spec.sample_groups
-        if (mode in ("train", "given") and not pre_add and not param_full and not c.copy_x
+        # (Not with per-sample weight/bias: the planes kernels read per-channel ones only.)
+        if (mode in ("train", "given") and not pre_add and not param_full and self.nc is None and not c.copy_x
                 and (groups == 1 or (mode == "train" and not running))
                 and planes_plan.applies(c.shape, c.x_stride, c.out_stride, spec, x.element_size(), profile)):
             self.planes = planes.PlanesForward(c.shape, x.element_size(), has_w, has_b, has_res, act, center, mode,
@@ -312,7 +329,7 @@ class ForwardPlan:
             return
         cfg = self.plan.config
         bp, bm, nw = cfg["block_p"], cfg["block_m"], cfg["num_warps"]
-        chan = 0 if param_full or self.row_bplan is not None else (
+        chan = 0 if param_full or self.nc_flag in (2, 3) else (
             _nc_chan(view) if self.nc is not None else _chan_mode(view))
         flags = dict(c.flags, CHAN=chan, INT64=view.int64)
         rg, cg = view.geometry()
@@ -550,7 +567,10 @@ class BackwardPlan:
         dx_pass = need_dx or self.write_dres or ((param_full or nc is not None) and need_wb)
         # Each statistic one channel (BatchNorm's scope): the dx kernels' row sums are dweight and
         # dbias, so the channel-view sweep is skipped.
-        row_channel = need_wb and dx_pass and not self.given and not param_full and channel_per_row(spec)
+        # (Not with a per-sample weight/bias: conditional BatchNorm's gradients are segment sums.)
+        bn_nc = fwd.nc_flag == 3
+        row_channel = (need_wb and dx_pass and not self.given and not param_full and not bn_nc
+                       and channel_per_row(spec))
         # Each statistic a run of (sample, channel) segments (GroupNorm, InstanceNorm): the dx
         # pass stores per-segment partials (its fused tile is then (channel, position), padded).
         # adaLN's per-(sample, column) weight/bias (row_samples): the forward plan's fused backward
@@ -558,8 +578,13 @@ class BackwardPlan:
         # sample's rows per program ([2, N*J, M] partials) and _finish_samples_kernel adding them.
         rows_nc = fwd.row_bplan is not None
         # Ghost BatchNorm and batch_group: (sample group, channel) segments, the same partials.
+        # Conditional BatchNorm: (channel, sample) segments (layout.sample_segments), also in eval.
         seg = None
-        if need_wb and dx_pass and not row_channel and not param_full and not rows_nc:
+        if need_wb and bn_nc:
+            seg = sample_segments(view, c.shape, spec, xs, c.out_stride)
+            if seg is None:  # the forward plan checked the same view: never
+                raise RuntimeError("tritonorm internal: conditional BatchNorm without its segments")
+        elif need_wb and dx_pass and not row_channel and not param_full and not rows_nc:
             seg = segments(view, c.shape, spec, xs, c.out_stride)
             if seg is None and not self.given:
                 seg = batch_segments(view, c.shape, spec, xs, c.out_stride)
@@ -571,13 +596,14 @@ class BackwardPlan:
         self.native = plan.kernel == dispatch.NATIVE
         if self.native:
             return
-        if seg is not None and ((plan.kernel == "fused" and not seg.order)
-                                or (plan.kernel != "fused" and self.given)):
+        if seg is not None and not bn_nc and ((plan.kernel == "fused" and not seg.order)
+                                              or (plan.kernel != "fused" and self.given)):
             seg = None  # no (channel, position) tile, or no sums kernel: the channel-view sweep
         self.seg = seg
         cfg = plan.config
         bp, bm, nw = cfg["block_p"], cfg["block_m"], cfg["num_warps"]
-        chan = 0 if fwd.param_full or rows_nc else (_nc_chan(view) if nc is not None else _chan_mode(view))
+        chan = 0 if fwd.param_full or fwd.nc_flag in (2, 3) else (
+            _nc_chan(view) if nc is not None else _chan_mode(view))
         flags = dict(c.flags, CHAN=chan, INT64=view.int64)
         rg, cg = view.geometry()
         # nc: which gradients the segment partials give directly (a per-(sample, channel)
@@ -590,7 +616,8 @@ class BackwardPlan:
         if nc is not None:
             self.w_nc, self.b_nc = need_dw and nc[0] == "nc", need_db and nc[1] == "nc"
             self.store_dx = need_dx or self.write_dres
-            nck = dict(PARAM_NC=2 if rows_nc else True, PS=(P // c.shape[0], *nc[2]))
+            pg = c.out_stride[0] if bn_nc else P // c.shape[0]
+            nck = dict(PARAM_NC=True if fwd.nc_flag == 1 else fwd.nc_flag, PS=(pg, *nc[2]))
             addk.update(nck)
             if seg is not None:
                 addk.update(W_NC=self.w_nc, B_NC=self.b_nc)
@@ -628,6 +655,12 @@ class BackwardPlan:
                 if seg is not None:
                     hm_b, hd_b = _pow2(seg.hm), _pow2(seg.H)
                     segk = dict(SEG=seg.order, HM_B=hm_b, HD_B=hd_b, BLOCK_M=hm_b * hd_b)
+                    if bn_nc:
+                        # The (sample, position) tile reads hm = N segments of H = div columns from
+                        # the columns' channel digit, which BatchNorm's columns lack: one with
+                        # multiplier 0 (no channel) carries them; the partials are stored n*C + c.
+                        cg = (*cg[:-3], seg.H, seg.hm, 0)
+                        segk["SEG_T"] = True
                 if not self.store_dx:
                     segk["STORE_DX"] = False
                 self.dx = (bk._bwd_fused_kernel, grid or (progs,), (P, M, row_blocks, rg, cg),
@@ -666,15 +699,19 @@ class BackwardPlan:
                     self.seg_split = sp = scfg.get("split", 1) if splan.kernel == "split" else 1
                     srg, scg = sv.geometry()
                     snck = {}
-                    if nc is not None:  # segment rows n*C + c: C rows a sample
+                    if bn_nc:  # segment rows n*C + c, statistic c: the sample from the output offset
+                        snck = dict(PARAM_NC=3, PS=(c.out_stride[0], *nc[2]))
+                    elif nc is not None:  # segment rows n*C + c: C rows a sample
                         snck = dict(PARAM_NC=True, PS=(c.shape[1], *nc[2]))
                     self.sums = (bk._bwd_sums_kernel, (triton.cdiv(sv.P, scfg["block_p"]), sp),
-                                 (sv.P, sv.M, _chunk(sv.M, sbm, sp), sp, P, seg.hm, srg, scg),
+                                 (sv.P, sv.M, _chunk(sv.M, sbm, sp), sp, P, 1 if bn_nc else seg.hm, srg, scg),
                                  dict(c.flags, CHAN=_nc_chan(sv) if nc is not None else _chan_mode(sv),
                                       INT64=sv.int64, BLOCK_P=scfg["block_p"], BLOCK_M=sbm,
                                       num_warps=scfg["num_warps"], ROW_CHANNEL=True, **snck))
                     split = seg.hm * sp
                     fin = dict(FINISH=True, FIN_N=sv.P // c.shape[1], FIN_C=c.shape[1], FIN_S=sp)
+                    if bn_nc:
+                        fin["PART_N"] = True
                 elif not self.given:
                     self.sums = (bk._bwd_sums_kernel, (triton.cdiv(P, bp), split),
                                  (P, M, chunk, split, P, 1, rg, cg),

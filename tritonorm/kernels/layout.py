@@ -101,9 +101,12 @@ def _channel_digit(axes: list[tuple[int, ...]]) -> tuple[int, int, int]:
     return (div, mod, axes[last][4])
 
 
-def _coalesce(axes: list[tuple[int, ...]]) -> Side:
+def _coalesce(axes: list[tuple[int, ...]], keep_order: bool = False) -> Side:
+    """``keep_order``: the axes stay in the given order (outermost first) instead of being sorted
+    by x's strides, so the flat index is that order's (sample_segments' channel-major rows)."""
     axes = [a for a in axes if a[0] != 1]
-    axes.sort(key=lambda a: (abs(a[1]), abs(a[2])), reverse=True)
+    if not keep_order:
+        axes.sort(key=lambda a: (abs(a[1]), abs(a[2])), reverse=True)
     chan = _channel_digit(axes)
     merged: list[list[int]] = []
     for a in axes:
@@ -241,6 +244,7 @@ class Segments:
     segment s*C + c, summed over the S groups; in general over ``view.P // C`` blocks).
     ``order``: how a column index splits in the statistic
     view, 1: col = j*H + h (NCHW; InstanceNorm), 2: col = h*hm + j (channels_last GroupNorm),
+    3: as 1 with the columns side exactly the digits (j, h) (conditional BatchNorm, NCHW),
     0: neither (no fused factorization; the segment view still serves the two-stage regimes).
     """
 
@@ -335,3 +339,41 @@ def batch_segments(view: View, shape, spec: Spec, x_strides, out_strides) -> Seg
     if sview.P != S * C or sview.M != M // hm or sview.rows.chan != ((1, C, 1) if C > 1 else (1, 1, 0)):
         return None
     return Segments(hm=hm, H=M // hm, order=order, view=sview)
+
+
+def sample_segments(view: View, shape, spec: Spec, x_strides, out_strides) -> Segments | None:
+    """Conditional BatchNorm's segments: plain BatchNorm (each statistic row one channel c, its
+    columns N * H: every sample's H spatial positions) with a per-(sample, channel) weight/bias.
+    Segment (c, n) is sample n's run of channel c. Needed, and checked: the columns' flat index is
+    n*H + h (N the outermost reduced axis of x, so the (j, h) tile of ORDER 1 with hm = N splits
+    it), and N the outermost axis of the output (out_strides[0] == C*H: the sample of any output
+    offset o is o // out_strides[0], which common.param_offsets' PARAM_NC == 3 reads).
+
+    The segment view (for the looped/split sums kernel) is built by hand: rows n*C + c in that
+    order (channels_last: unit-stride rows, so its tiles load 16 bytes along them) whose
+    statistic offset is the channel c itself (stat strides 0 and 1: statistic = offset // 1),
+    columns the spatial axes. Its [4, N*C, split] partials are sample-major, so the apply
+    kernel reads a channel's N*split of them strided (PART_N); the fused pass stores its
+    per-row (channel) sums at n*C + c (SEG_T). Else None (sample groups, channel groups, x or
+    the output with N inside another axis)."""
+    if len(shape) < 3 or not channel_per_row(spec) or spec.reduces_c:
+        return None
+    N, C = shape[0], shape[1]
+    H = math.prod(shape[2:])
+    if N * C * H == 0 or view.P != C or view.M != N * H or out_strides[0] != C * H:
+        return None
+    if view.rows.chan != ((1, C, 1) if C > 1 else (1, 1, 0)):
+        return None
+    if N > 1 and any(s > 1 and abs(x_strides[d]) >= abs(x_strides[0])
+                     for d, s in enumerate(shape[2:], start=2)):
+        return None  # a spatial axis outside N in x: the columns' flat index is not n*H + h
+    rows = [(N, x_strides[0], out_strides[0], 0, 0), (C, x_strides[1], out_strides[1], 1, 1)]
+    cols = [(shape[d], x_strides[d], out_strides[d], 0, 0) for d in range(2, len(shape))]
+    try:
+        sview = _finish(_coalesce(rows, keep_order=True), _coalesce(cols))
+    except TooManyDims:
+        return None
+    # Order 3 (the fused tile's offsets straight from (n, h)) when the columns side is exactly
+    # (N, H): NCHW-like x, whose spatial run does not merge with N.
+    two = N > 1 and H > 1 and view.cols.sizes == (N, H, 1, 1)
+    return Segments(hm=N, H=H, order=3 if two else 1, view=sview)
