@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 
 from tritonorm.scope import parse
+from tritonorm.tuning.suites import ADAPTIVE_KINDS, ada_param_shape
 
 MODEL = "each input read once, each output written once (x, y, dy, dx, affine params, fp32 stats)"
 
@@ -22,9 +23,7 @@ def _parts(case, elem_bytes: int) -> tuple[int, int, int]:
     spec = parse(case.scope, len(case.shape), case.num_groups, case.shape[1])
     stats = math.prod(spec.stat_shape(case.shape)) * 4 * 2
     affine = case.shape[1] * elem_bytes if case.affine else 0
-    if case.kind.startswith("ada_"):  # per-sample weight and bias
-        from tritonorm.tuning.suites import ada_param_shape
-
+    if case.kind in ADAPTIVE_KINDS:  # per-sample weight and bias
         affine = math.prod(ada_param_shape(case)) * elem_bytes
     return n * elem_bytes, affine, stats
 

@@ -34,6 +34,8 @@ def _eager(case, x, kw):
         return lambda: activations.apply(act, F.layer_norm(x, x.shape[-1:]) * w + b)
     if case.kind == "ada_group_norm":  # AdaGroupNorm / ResnetBlock2D scale_shift
         return lambda: activations.apply(act, F.group_norm(x, case.num_groups) * w + b)
+    if case.kind == "cond_batch_norm":  # BigGAN's ccbn: BatchNorm without affine, then gain, bias
+        return lambda: activations.apply(act, F.batch_norm(x, None, None, training=True) * w + b)
     if case.kind in ("add_rms_norm", "add_layer_norm"):  # h = x + residual, then the norm of h
         r = kw["add_residual"]
         if case.kind == "add_layer_norm":

@@ -192,7 +192,7 @@ _BUILDERS["prenorm"] = _prenorm
 # weight and bias (docs/api.md). ada_layer_norm: x (N, T, D) normalized over D ("L"), scale and
 # shift (N, 1, D) (DiT's adaLN); ada_group_norm: x (N, C, H, W), GroupNorm(32), scale and shift
 # (N, C, 1, 1) (diffusers' AdaGroupNorm, and with SiLU the scale_shift norm of ResnetBlock2D).
-ADAPTIVE_KINDS = ("ada_layer_norm", "ada_group_norm")
+ADAPTIVE_KINDS = ("ada_layer_norm", "ada_group_norm", "cond_batch_norm")
 
 
 def ada_param_shape(case: Case) -> tuple:
@@ -210,6 +210,10 @@ def _adaptive() -> list[Case]:
                         num_groups=32))
         out.append(Case("adaptive", f"scale_shift gn32+silu {c}x{hw}^2 b2", "ada_group_norm", (2, c, hw, hw),
                         "group", num_groups=32, activation="silu"))
+    # Conditional BatchNorm (BigGAN-style class-conditional gain and bias, per (sample, channel)).
+    for c, hw, act in ((256, 32, None), (512, 16, "relu")):
+        out.append(Case("adaptive", f"cond-bn{'+' + act if act else ''} {c}x{hw}^2 b8", "cond_batch_norm",
+                        (8, c, hw, hw), "batch", activation=act))
     return out
 
 
