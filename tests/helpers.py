@@ -69,6 +69,23 @@ def record_launches(monkeypatch) -> list:
     return names
 
 
+def record_param_launches(monkeypatch) -> list:
+    """A list that receives (kernel name, PARAM_NC, PARAM_FULL) of every Triton launch while
+    ``monkeypatch`` is active: how a call read its broadcast weight/bias (in place per sample,
+    expanded to x's shape, or per channel)."""
+    from tritonorm.kernels import forward as fk
+
+    seen: list = []
+    cls = type(fk._fwd_fused_kernel)
+    original = cls.run
+
+    def run(kernel, *args, **kwargs):
+        seen.append((kernel.fn.__name__, kwargs.get("PARAM_NC", False), kwargs.get("PARAM_FULL", False)))
+        return original(kernel, *args, **kwargs)
+    monkeypatch.setattr(cls, "run", run)
+    return seen
+
+
 def row_kernels_only(monkeypatch) -> None:
     """Poisoned outputs, and the row/column kernels for every layout: channels_last GroupNorm
     with short groups would otherwise take the whole-pixel kernels (tests/test_pixels.py)."""

@@ -15,9 +15,8 @@ import torch.nn.functional as F
 
 import tritonorm
 import tritonorm.functional as TF
-from helpers import LOW, assert_close, aten_ops_mode, kernels_outside_dispatch_modes
+from helpers import LOW, assert_close, aten_ops_mode, kernels_outside_dispatch_modes, record_param_launches
 from tritonorm import activations, core, dispatch
-from tritonorm.kernels import forward as fk
 from tritonorm.kernels import launch
 
 FWD = ["_fwd_fused_kernel"]
@@ -28,19 +27,6 @@ BWD = ["_bwd_fused_kernel", "_finish_samples_kernel"]
 def _poison(monkeypatch):
     monkeypatch.setattr(launch, "POISON", True)
     launch.clear()
-
-
-def _record(monkeypatch) -> list:
-    """(kernel name, PARAM_NC, PARAM_FULL) of every launch while active."""
-    calls: list = []
-    cls = type(fk._fwd_fused_kernel)
-    original = cls.run
-
-    def run(kernel, *args, **kwargs):
-        calls.append((kernel.fn.__name__, kwargs.get("PARAM_NC", False), kwargs.get("PARAM_FULL", False)))
-        return original(kernel, *args, **kwargs)
-    monkeypatch.setattr(cls, "run", run)
-    return calls
 
 
 def _param(kind, x, scale, dtype, strided=False):
@@ -132,7 +118,7 @@ SHAPES = [((2, 8, 24), 4), ((3, 7, 16), 4), ((2, 37, 20), 2), ((4, 1, 16), 2)]
 def test_per_sample_weight_and_bias(si, center, monkeypatch, planes_profile):
     # planes_profile: the device's own profile with 4 SMs, so the programs a sample (sized from
     # the SM count) are the ones counted below on a GPU too (132 SMs gave J = 3 at T = 37).
-    calls = _record(monkeypatch)
+    calls = record_param_launches(monkeypatch)
     shape, bp = SHAPES[si]
     fwd, bwd = _run(shape, "nd", "nd", center=center, act="silu", strided=si % 2 == 0, calls=calls,
                     force=dispatch.forced("fused", block_p=bp))
@@ -151,7 +137,7 @@ MIXED = [("nd", "d"), ("d", "nd"), ("nd", None), (None, "nd"), ("nd", "D"), ("D"
 
 @pytest.mark.parametrize("wk,bk", MIXED)
 def test_mixed_and_single_parameters(wk, bk, monkeypatch):
-    calls = _record(monkeypatch)
+    calls = record_param_launches(monkeypatch)
     entry = "functional" if "D" in (wk, bk) else "norm"  # a (D,) one: the functional's normalized shape
     fwd, bwd = _run((3, 7, 16), wk, bk, act="gelu", entry=entry, calls=calls,
                     force=dispatch.forced("fused", block_p=4))
@@ -160,7 +146,7 @@ def test_mixed_and_single_parameters(wk, bk, monkeypatch):
 
 def test_per_row_parameters_alone_are_plain_ones(monkeypatch):
     # (1, 1, D) weight and bias through the functional: the normalized shape's, a plain LayerNorm.
-    calls = _record(monkeypatch)
+    calls = record_param_launches(monkeypatch)
     fwd, bwd = _run((2, 7, 16), "d", "d", entry="functional", calls=calls)
     assert fwd == [("_fwd_fused_kernel", False, False)], fwd
     # (a plain row backward: the dx kernel, and a finish only when several programs share the rows)
@@ -170,7 +156,7 @@ def test_per_row_parameters_alone_are_plain_ones(monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("center", [True, False], ids=["ln", "rms"])
 def test_low_precision(dtype, center, monkeypatch):
-    calls = _record(monkeypatch)
+    calls = record_param_launches(monkeypatch)
     fwd, bwd = _run((2, 9, 32), "nd", "nd" if center else None, dtype=dtype, center=center, entry="functional",
                     strided=True, calls=calls, force=dispatch.forced("fused", block_p=4))
     _in_place(fwd, bwd)
@@ -178,14 +164,14 @@ def test_low_precision(dtype, center, monkeypatch):
 
 @pytest.mark.parametrize("want", ["w", "b", "x", "wb", "xb"])
 def test_gradient_subsets(want, monkeypatch):
-    calls = _record(monkeypatch)
+    calls = record_param_launches(monkeypatch)
     fwd, bwd = _run((2, 6, 16), "nd", "nd", act="silu", want=want, calls=calls)
     _in_place(fwd, bwd, wants_wb="w" in want or "b" in want)
 
 
 def test_four_d_scope_over_the_last_axis(monkeypatch):
     # x (N, C, H, W) normalized over W with a (N, 1, 1, W) weight: T = C * H rows a sample.
-    calls = _record(monkeypatch)
+    calls = record_param_launches(monkeypatch)
     fwd, bwd = _run((2, 3, 5, 16), "nd", "d", calls=calls, force=dispatch.forced("fused", block_p=4))
     _in_place(fwd, bwd)
 
@@ -193,7 +179,7 @@ def test_four_d_scope_over_the_last_axis(monkeypatch):
 @pytest.mark.parametrize("regime", ["looped", "split"])
 def test_two_pass_forward_reads_them_in_place(regime, monkeypatch):
     # A looped/split forward with the (heuristic's) fused backward: both in place.
-    calls = _record(monkeypatch)
+    calls = record_param_launches(monkeypatch)
     fwd, bwd = _run((2, 6, 40), "nd", "nd", act="silu", calls=calls,
                     force=dispatch.forced(regime, op="forward", block_p=2, block_m=16, split=2))
     assert len(fwd) == (2 if regime == "split" else 1) and not any(full for _, _, full in fwd), fwd
@@ -205,7 +191,7 @@ def test_two_pass_forward_reads_them_in_place(regime, monkeypatch):
 def test_two_pass_backward_keeps_the_expansion(regime, monkeypatch):
     # No per-sample partials in the looped/split backward: the parameters are expanded (PARAM_FULL),
     # forward and backward, and the answer is still right.
-    calls = _record(monkeypatch)
+    calls = record_param_launches(monkeypatch)
     fwd, bwd = _run((2, 6, 40), "nd", "d", act="silu", calls=calls,
                     force=dispatch.forced(regime, block_p=2, block_m=16, split=2))
     assert fwd[-1][2] and all(full for _, _, full in bwd), (fwd, bwd)  # fwd[-1]: the kernel with the affine
@@ -215,7 +201,7 @@ def test_two_pass_backward_keeps_the_expansion(regime, monkeypatch):
 def test_rows_out_of_sample_order_keep_the_expansion(monkeypatch):
     # x (N, T, D) as the transpose of a (T, N, D) tensor: the statistic rows are not (sample,
     # position) in order, so the kernels read an expansion; still right.
-    calls = _record(monkeypatch)
+    calls = record_param_launches(monkeypatch)
     x = torch.randn(9, 2, 16).transpose(0, 1)
     w, b = torch.rand(2, 1, 16) + 0.5, torch.randn(2, 1, 16)
     with dispatch.forced("fused"):
@@ -253,7 +239,7 @@ def test_diffusers_modules_read_the_modulation_in_place(monkeypatch):
     dn = pytest.importorskip("diffusers.models.normalization")
     from tritonorm.nn import adaptive
 
-    calls = _record(monkeypatch)
+    calls = record_param_launches(monkeypatch)
     for make in (lambda: dn.AdaLayerNormZero(16), lambda: dn.AdaLayerNormContinuous(16, 8),
                  lambda: dn.AdaLayerNormContinuous(16, 8, norm_type="rms_norm"),
                  lambda: dn.AdaLayerNorm(16, output_dim=32, chunk_dim=1)):
@@ -272,7 +258,7 @@ def test_diffusers_modules_read_the_modulation_in_place(monkeypatch):
 
 
 def test_cost_model_counts_the_launches_run(monkeypatch):
-    calls = _record(monkeypatch)
+    calls = record_param_launches(monkeypatch)
     x = torch.randn(2, 9, 24)
     for wk, bk in (("nd", "nd"), ("nd", "d"), ("d", "nd")):
         w, b = _param(wk, x, 0.5, torch.float32), _param(bk, x, 1.0, torch.float32, strided=True)

@@ -17,9 +17,9 @@ import pytest
 import torch
 
 import tritonorm
-from helpers import LOW, aten_ops_mode, assert_close, kernels_outside_dispatch_modes, small_tiles
+from helpers import (LOW, aten_ops_mode, assert_close, kernels_outside_dispatch_modes, record_param_launches,
+                     small_tiles)
 from tritonorm import activations, core, reference
-from tritonorm.kernels import forward as fk
 from tritonorm.kernels import launch
 
 CL, CL3 = torch.channels_last, torch.channels_last_3d
@@ -29,19 +29,6 @@ CL, CL3 = torch.channels_last, torch.channels_last_3d
 def _poison(monkeypatch):
     monkeypatch.setattr(launch, "POISON", True)
     launch.clear()
-
-
-def _record(monkeypatch) -> list:
-    """(kernel name, PARAM_NC, PARAM_FULL) of every Triton launch while ``monkeypatch`` is active."""
-    seen: list = []
-    cls = type(fk._fwd_fused_kernel)
-    original = cls.run
-
-    def run(kernel, *args, **kwargs):
-        seen.append((kernel.fn.__name__, kwargs.get("PARAM_NC", False), kwargs.get("PARAM_FULL", False)))
-        return original(kernel, *args, **kwargs)
-    monkeypatch.setattr(cls, "run", run)
-    return seen
 
 
 def _param(kind, x, dtype, *, bias, strided=False):
@@ -171,7 +158,7 @@ def _bwd_expected(regime, finish: bool):
 @pytest.mark.parametrize("regime", [None, "fused", "looped", "split"])
 def test_training_in_place(case, regime, monkeypatch):
     # None: the dispatcher's own choice (the interpreter profile); the others forced, small tiles.
-    seen = _record(monkeypatch)
+    seen = record_param_launches(monkeypatch)
     fwd, bwd = _run(*CASES[case], regime, residual=case % 2 == 0, strided=case % 2 == 1, seen=seen)
     assert _in_place(fwd) and _in_place(bwd), (fwd, bwd)
     if regime is not None:
@@ -188,7 +175,7 @@ EDGES = [((1, 4, 3, 5), None, False, "fused"), ((5, 4, 1, 1), None, False, "spli
 
 @pytest.mark.parametrize("edge", range(len(EDGES)))
 def test_edge_shapes_and_strides(edge, monkeypatch):
-    seen = _record(monkeypatch)
+    seen = record_param_launches(monkeypatch)
     shape, fmt, sliced, regime = EDGES[edge]
     fwd, bwd = _run(shape, fmt, regime, sliced=sliced, seen=seen)
     assert _in_place(fwd) and _in_place(bwd), (fwd, bwd)
@@ -200,7 +187,7 @@ def test_edge_shapes_and_strides(edge, monkeypatch):
 def test_eval_running_statistics(case, regime, monkeypatch):
     # Eval: the apply kernel normalizes with the running statistics; dx = g * rstd, and dweight/
     # dbias still the per-(sample, channel) segment sums.
-    seen = _record(monkeypatch)
+    seen = record_param_launches(monkeypatch)
     fwd, bwd = _run(*CASES[case], regime, training=False, act="gelu", residual=case == 1, seen=seen)
     assert _in_place(fwd) and _in_place(bwd), (fwd, bwd)
     assert [n for n, *_ in fwd] == ["_fwd_apply_kernel"], fwd
@@ -216,7 +203,7 @@ MIXED = [("c", "nc", 0, "fused"), ("nc", "c", 1, "split"), ("1c", "nc", 2, "loop
 
 @pytest.mark.parametrize("wk,bk,case,regime", MIXED)
 def test_per_channel_beside_per_sample(wk, bk, case, regime, monkeypatch):
-    seen = _record(monkeypatch)
+    seen = record_param_launches(monkeypatch)
     fwd, bwd = _run(*CASES[case], regime, wk, bk, seen=seen)
     assert _in_place(fwd) and _in_place(bwd), (fwd, bwd)
     assert [n for n, *_ in fwd] == FWD[regime], fwd
@@ -230,7 +217,7 @@ SUBSETS = [("w", 0, "fused"), ("b", 1, "split"), ("x", 3, "fused"), ("x", 2, "lo
 
 @pytest.mark.parametrize("want,case,regime", SUBSETS)
 def test_gradient_subsets(want, case, regime, monkeypatch):
-    seen = _record(monkeypatch)
+    seen = record_param_launches(monkeypatch)
     _, bwd = _run(*CASES[case], regime, act="relu", residual=True, want=want, seen=seen)
     assert _in_place(bwd), bwd
     if "w" not in want and "b" not in want:  # dx alone: the plain dx kernels
@@ -281,7 +268,7 @@ def test_bad_weight_shape_is_a_clear_error():
 def test_layouts_the_kernels_cannot_read_in_place_fall_back(how, monkeypatch):
     # x whose samples are not its outermost axis (a permuted view keeps its layout in y), and
     # Ghost BatchNorm's sample groups: the general broadcast path, still the right answer.
-    seen = _record(monkeypatch)
+    seen = record_param_launches(monkeypatch)
     if how == "sample_outside":
         x64 = torch.randn(4, 3, 5, 2, dtype=torch.float64).permute(3, 0, 1, 2)  # C, H, W, N in memory
     else:
@@ -311,7 +298,7 @@ def test_explain_counts_the_launches_run(regime, monkeypatch):
     # explain() mirrors the launcher: the launches of the in-place path (training and eval, a (C,)
     # weight beside a per-sample bias or not), and a forward's bytes those of a plain BatchNorm
     # (channels_last: the same kernels) plus the per-sample parameters' own elements.
-    seen = _record(monkeypatch)
+    seen = record_param_launches(monkeypatch)
     for training in (True, False):
         for wk in ("nc", "c"):
             x = torch.randn(3, 4, 3, 5).contiguous(memory_format=CL)

@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
-import os
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from tritonorm.gpu_report.proc import write_json as write
 
 
 @dataclass
@@ -185,11 +185,6 @@ def _timed(case, mode, device, seed):
     x, kw = make_inputs(case, torch.bfloat16, device, requires_grad=mode != "fwd", host_rng=True)
     return _mode_fn(providers.make("tritonorm", case, x, kw), mode, x, kw)
 
-
-def write(path: Path, doc: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=1) + "\n")
-    os.replace(tmp, path)
 
 
 def main(argv=None) -> int:

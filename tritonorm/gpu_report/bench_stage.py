@@ -14,12 +14,12 @@ code generation), so the compile provider's path is exercised in seconds.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 import threading
 import time
 from pathlib import Path
+
+from tritonorm.gpu_report.proc import write_json as write
 
 # (suite, case name): most telling first. bf16 rows for all of them, then fp32 for the first
 # FP32_FIRST; fwd then fwd+bwd for each.
@@ -82,11 +82,6 @@ def _compile_eager_backend(case, x, kw):
     eager = providers._eager(case, x, kw)
     return None if eager is None else torch.compile(eager, dynamic=False, backend="eager")
 
-
-def write(path: Path, doc: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=1) + "\n")
-    os.replace(tmp, path)
 
 
 def main(argv=None) -> int:

@@ -38,6 +38,16 @@ class Log:
         self._file.close()
 
 
+def write_json(path: Path, doc: dict) -> None:
+    """``doc`` as JSON at ``path``, replaced atomically (a stage killed at its limit leaves the
+    previous version, never half a file)."""
+    import json
+
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=1, default=str) + "\n")
+    os.replace(tmp, path)
+
+
 def child_env(interpret: bool) -> dict:
     """The environment of a stage's process: unbuffered output, this checkout importable, and
     TRITON_INTERPRET set (dry run: kernels in the interpreter) or cleared (compiled)."""

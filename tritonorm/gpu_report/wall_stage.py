@@ -39,7 +39,6 @@ import contextlib
 import cProfile
 import gc
 import io
-import json
 import os
 import pstats
 import sys
@@ -47,6 +46,8 @@ import threading
 import time
 import warnings
 from pathlib import Path
+
+from tritonorm.gpu_report.proc import write_json as write
 
 CASES = (("llm", "rms 32x4096"), ("llm", "ln 4096x4096"), ("sd-unet", "gn32+silu 320x64^2 b2"))
 MODES = ("fwd", "fwd+bwd")
@@ -499,11 +500,6 @@ def table(rows: list[dict]) -> str:
                      f"{synced('tritonorm')}/{synced('eager')}"])
     return format_table(head, body)
 
-
-def write(path: Path, doc: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=1, default=str) + "\n")
-    os.replace(tmp, path)
 
 
 def main(argv=None) -> int:
