@@ -431,7 +431,7 @@ _forced = _Forced()
 
 
 def forced_state():
-    """A hashable token of the regime forced in this thread (None when nothing is): part of the
+    """A hashable token of the regime forced now (None when nothing is): part of the
     launch-plan cache key, so a plan made under ``forced`` is not reused outside it."""
     value = getattr(_forced, "value", None)
     if value is None:
