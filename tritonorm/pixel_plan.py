@@ -17,6 +17,9 @@ _MIN_RUN_BYTES = 128  # a channel block spans at least this much of a pixel (a w
 # The backward's split at most: its apply programs each add their block's SPLIT partials of CB
 # channels (SPLIT^2 across a block). The GPU report's A/B stage measures 64 against it.
 BACKWARD_SPLIT_CAP = 16
+# The forward's pixel tile is the row kernels' tile over this (see choose); the A/B stage
+# measures 1 (twice the pixels a step) against it.
+FORWARD_TILE_DIV = 2
 
 def _channels_last_strides(shape) -> tuple[int, ...]:
     """Dense channels_last strides of (N, C, *spatial): C fastest, then the spatial axes."""
@@ -93,7 +96,7 @@ def choose(shape, spec, elem_bytes: int, profile: dispatch.DeviceProfile, op: st
     # Half the row kernels' tile: each thread also holds five per-channel vectors (pivot, mean,
     # rstd, weight, bias) across its channels; full 4096-element tiles on 8 warps spilled 16-28 B
     # at sm_90a in 3 of 40 variants (ptxas kept them at 64 registers).
-    tile_hw = max(1, min(dispatch._pow2(HW), profile.tile // (2 if op == "forward" else 4) // cb_pad))
+    tile_hw = max(1, min(dispatch._pow2(HW), profile.tile // (FORWARD_TILE_DIV if op == "forward" else 4) // cb_pad))
     force = dispatch.forced_state()
     forced = None
     if force is not None and force[1] in (None, op) and force[0] != dispatch.NATIVE:

@@ -91,6 +91,12 @@ def experiments() -> list[Experiment]:
                    "B faster: A runs 128 programs of 2 warps for 320x64^2 b2 (~100 us backward)",
                    (("sd-unet", "gn32+silu 320x64^2 b2 cl", "fwd+bwd"),),
                    _setting(pixel_plan, "BACKWARD_SPLIT_CAP", 64)),
+        Experiment("pixel_fwd_tile", "channels_last GroupNorm forward pixel tile: half the row tile (A) -> the "
+                   "whole row tile (B)",
+                   "B faster: A's 16 pixels x 80 channels (2.5 KB) a step leave ~10 KB in flight an SM (run 2: "
+                   "31 us against the model's 10)",
+                   (("sd-unet", "gn32+silu 320x64^2 b2 cl", "fwd"),),
+                   _setting(pixel_plan, "FORWARD_TILE_DIV", 1)),
         Experiment("ln_bwd_rows", "fused LayerNorm backward: the heuristic's 1 row a step (A) -> 2 rows (B)",
                    "B faster: one 4096-wide row of x and dy is 16 KB in flight a program, under the ~36 KB "
                    "an SM needs (run 2: 90 us against the model's 51)",
