@@ -32,6 +32,10 @@ SUBSET = (
      "InstanceNorm; NCHW rows and channels_last whole pixels)"),
     ("tests/test_adaln.py", "adaLN's (N, 1, D) weight/bias read in place by the row kernels, the "
      "per-sample backward and its finish"),
+    ("tests/test_conditional_bn.py", "conditional BatchNorm: (N, C, 1, 1) weight/bias read in place by "
+     "BatchNorm's kernels, every regime and layout, gradients as per-(sample, channel) segment sums"),
+    ("tests/test_apply_fill.py", "split-regime apply programs taking several column tiles each, forward "
+     "and backward"),
     ("tests/test_dispatch.py::test_explain_matches_what_the_launcher_runs",
      "explain() plans what the launcher runs, on the device"),
     ("tests/test_dispatch.py::test_explain_matches_the_whole_pixel_plans",
