@@ -462,7 +462,7 @@ def after_compile(env, work, deadline: float, dry_run: bool) -> dict:
     fb = [c for c, m in work if m == "fwd+bwd" and c.kind == "layer_norm"] or [c for c, m in work if m == "fwd+bwd"]
     if not fb:
         return {"skipped": "no fwd+bwd case"}
-    if deadline - time.monotonic() < (3.0 if dry_run else 12.0):
+    if deadline - time.monotonic() < (3.0 if dry_run else 20.0):
         return {"skipped": "time budget"}
     case = fb[0]
     fns = functions(case, "fwd+bwd", "cuda" if env.cuda else "cpu")
