@@ -14,7 +14,7 @@ from tritonorm.kernels import launch
 
 
 def _state():
-    return (launch.APPLY_FILL, dispatch.ROWS_PER_PROGRAM, pixel_plan.BACKWARD_SPLIT_CAP, pixel_plan.FORWARD_TILE_DIV,
+    return (launch.APPLY_FILL, dispatch.ROWS_PER_PROGRAM, dispatch.COL_PROGRAMS_PER_SM, pixel_plan.BACKWARD_SPLIT_CAP, pixel_plan.FORWARD_TILE_DIV,
             dispatch.profile_for_device(torch.device("cpu")).strided_rows_block, dispatch.forced_state())
 
 

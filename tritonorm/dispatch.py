@@ -363,12 +363,15 @@ def choose(problem: Problem, profile: DeviceProfile) -> Plan:
 # Row blocks each program of the persistent LayerNorm-row backward owns at least: its [2, C] fp32
 # dweight/dbias partial then costs at most 1/8 of a row's bytes per row.
 ROWS_PER_PROGRAM = 8
+# Programs of that backward per SM at most (the GPU report's A/B stage measures 2).
+COL_PROGRAMS_PER_SM = 1
 
 
 def col_channel_programs(row_blocks: int, sm_count: int) -> int:
-    """Programs of the persistent LayerNorm-row backward: at most one per SM (enough to keep the
-    GPU busy on long inputs), each owning at least ROWS_PER_PROGRAM row blocks."""
-    return max(1, min(sm_count, -(-row_blocks // ROWS_PER_PROGRAM)))
+    """Programs of the persistent LayerNorm-row backward: at most COL_PROGRAMS_PER_SM per SM
+    (enough to keep the GPU busy on long inputs), each owning at least ROWS_PER_PROGRAM row
+    blocks."""
+    return max(1, min(COL_PROGRAMS_PER_SM * sm_count, -(-row_blocks // ROWS_PER_PROGRAM)))
 
 
 def col_tile_programs(row_blocks: int, tiles: int, warps: int, profile: DeviceProfile) -> int:
