@@ -82,11 +82,11 @@ def test_wall_json_folds_into_the_summary_when_over_the_file_limit(tmp_path):
     wall = {"rows": [{"case": "x"}]}
     ctx.path("wall").write_text(json.dumps(wall))
     doc = {}
-    report._fold_wall(ctx, doc)  # 3 files: stays
+    report._fold_extras(ctx, doc)  # 3 files: stays
     assert ctx.path("wall").exists() and "wall" not in doc
     for key in ("tests", "bench", "checks", "tune", "host", "plot"):
         ctx.path(key).write_text("{}")
-    report._fold_wall(ctx, doc)  # 9 with the summary to come: folded
+    report._fold_extras(ctx, doc)  # 9 with the summary to come: folded
     log.close()
     assert not ctx.path("wall").exists() and doc["wall"] == wall
     assert len(list(tmp_path.iterdir())) + 1 == proc.MAX_FILES

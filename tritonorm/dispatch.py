@@ -436,7 +436,7 @@ _forced = _Forced()
 def forced_state():
     """A hashable token of the regime forced now (None when nothing is): part of the
     launch-plan cache key, so a plan made under ``forced`` is not reused outside it."""
-    value = getattr(_forced, "value", None)
+    value = _forced.value
     if value is None:
         return None
     kernel, op, cfg = value
@@ -454,7 +454,7 @@ def forced(kernel: str, op: str | None = None, **config):
     """
     if kernel not in KERNELS:
         raise ValueError(f"kernel={kernel!r} is not a regime; expected one of {', '.join(KERNELS)}")
-    prev = getattr(_forced, "value", None)
+    prev = _forced.value
     _forced.value = (kernel, op, config)
     try:
         yield
@@ -523,7 +523,7 @@ def clear_memo() -> None:
 
 def plan_for(problem: Problem, profile: DeviceProfile) -> Plan:
     """The plan a call runs: forced, else cache, else shipped table, else the heuristic."""
-    force = getattr(_forced, "value", None)
+    force = _forced.value
     if force is not None:
         kernel, op, cfg = force
         if op is None or op == problem.op:

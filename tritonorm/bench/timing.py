@@ -68,8 +68,10 @@ def _events_ms(run, calls: int) -> float:
 
 
 def time_fns(fns: list, bytes_moved: int = 0) -> Timing:
-    """Time calling ``fns`` in rotation (each closes over its own input set). Raises what the
-    functions raise; falls back to do_bench only when CUDA-graph capture fails."""
+    """Time calling ``fns`` in rotation (each closes over its own input set; the caller sized
+    them with ``input_sets``, so ``bytes_moved``, the timers' common signature, is not read
+    here). Raises what the functions raise; falls back to do_bench only when CUDA-graph capture
+    fails."""
     fns = list(fns)
     k = len(fns)
 
@@ -109,12 +111,6 @@ def time_fns(fns: list, bytes_moved: int = 0) -> Timing:
         med, p20, p80 = do_bench(fns[0], warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8])
         why = f"{type(exc).__name__}: {exc}".splitlines()[0][:160]
         return Timing(med, p20, p80, f"do_bench (capture failed: {why})", wall, 1, 1)
-
-
-def time_ms(fn, bytes_moved: int = 0) -> tuple[float, float, float, str]:
-    """(median, p20, p80) device milliseconds of one function and the method used."""
-    t = time_fns([fn], bytes_moved)
-    return t.ms, t.p20, t.p80, t.method
 
 
 def copy_gbps(nbytes: int = 1 << 30) -> float:

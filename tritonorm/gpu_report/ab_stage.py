@@ -116,15 +116,24 @@ def experiments() -> list[Experiment]:
                    lambda: dispatch.forced("split", op="forward", block_p=1, block_m=1024, split=64, num_warps=2)),
     ]
 
-def _outputs(case, mode, device, seed):
-    """(function, inputs) of one side, inputs drawn from ``seed`` (the same for A and B)."""
+
+def _inputs(case, mode, device, seed):
+    """The case's inputs drawn on the host from ``seed`` (the same for A and B)."""
     import torch
 
-    from tritonorm.bench import providers
     from tritonorm.tuning.suites import make_inputs
 
     torch.manual_seed(seed)
-    x, kw = make_inputs(case, torch.bfloat16, device, requires_grad=mode != "fwd", host_rng=True)
+    return make_inputs(case, torch.bfloat16, device, requires_grad=mode != "fwd", host_rng=True)
+
+
+def _outputs(case, mode, device, seed):
+    """A function returning tritonorm's outputs for the case (y, and every gradient for fwd+bwd)."""
+    import torch
+
+    from tritonorm.bench import providers
+
+    x, kw = _inputs(case, mode, device, seed)
     f = providers.make("tritonorm", case, x, kw)
     leaves = [t for t in (x, kw.get("weight"), kw.get("bias"), kw.get("add_residual")) if t is not None]
     torch.manual_seed(seed + 1)
@@ -156,45 +165,42 @@ def _same(a, b) -> dict:
 
 
 def run_case(exp: Experiment, case, mode: str, cuda: bool) -> dict:
-    from tritonorm.bench import bytes_model, timing
-
     from tritonorm import dispatch
+    from tritonorm.bench import bytes_model, timing
 
     device = "cuda" if cuda else "cpu"
     row = {"experiment": exp.name, "suite": case.suite, "case": case.name, "mode": mode}
-    force = dict(exp.dry_force) if exp.dry_force and not cuda else None
-    forced = (lambda: dispatch.forced(force.pop("kernel"), **force)) if force else contextlib.nullcontext
+    force = exp.dry_force if exp.dry_force and not cuda else None
+
+    def forced():
+        return dispatch.forced(**force) if force else contextlib.nullcontext()
+
+    def timed():
+        nbytes = bytes_model.bytes_moved(case, 2, mode)
+        fns = [_timed(case, mode, device, s) for s in range(timing.input_sets(nbytes))]
+        t = timing.time_fns(fns, nbytes)
+        return {"us": t.ms * 1e3, "wall_us": (t.wall_ms or 0) * 1e3, "method": t.method}
+
     with forced():
         a = _outputs(case, mode, device, 1234)()
-    force = dict(exp.dry_force) if exp.dry_force and not cuda else None
     with exp.switch():
         with forced():
             b = _outputs(case, mode, device, 1234)()
         row["check"] = _same(a, b)
         if cuda:
-            nbytes = bytes_model.bytes_moved(case, 2, mode)
-            fns = [_timed(case, mode, device, s) for s in range(timing.input_sets(nbytes))]
-            tb = timing.time_fns(fns, nbytes)
-            row["B"] = {"us": tb.ms * 1e3, "wall_us": (tb.wall_ms or 0) * 1e3, "method": tb.method}
+            row["B"] = timed()
     if cuda:
-        fns = [_timed(case, mode, device, s) for s in range(timing.input_sets(nbytes))]
-        ta = timing.time_fns(fns, nbytes)
-        row["A"] = {"us": ta.ms * 1e3, "wall_us": (ta.wall_ms or 0) * 1e3, "method": ta.method}
+        row["A"] = timed()
         row["B_over_A"] = row["B"]["us"] / row["A"]["us"]
     return row
 
 
 def _timed(case, mode, device, seed):
-    import torch
-
     from tritonorm.bench import providers
     from tritonorm.bench.gpu import _mode_fn
-    from tritonorm.tuning.suites import make_inputs
 
-    torch.manual_seed(100 + seed)
-    x, kw = make_inputs(case, torch.bfloat16, device, requires_grad=mode != "fwd", host_rng=True)
+    x, kw = _inputs(case, mode, device, 100 + seed)
     return _mode_fn(providers.make("tritonorm", case, x, kw), mode, x, kw)
-
 
 
 def main(argv=None) -> int:

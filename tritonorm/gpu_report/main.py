@@ -266,7 +266,7 @@ def _json(path: Path):
 # ---------------------------------------------------------------------------------------- main
 
 
-def _fold_wall(ctx: Context, doc: dict) -> None:
+def _fold_extras(ctx: Context, doc: dict) -> None:
     """With every stage's file written the report has up to 10 files, over the 8 the device tool
     returns: the wall and A/B stages' JSON then go into the summary (``wall``, ``ab``) instead of
     their own files, as many as it takes."""
@@ -362,7 +362,7 @@ def finish(ctx: Context, clock: Clock, stages: list[dict], args) -> int:
            "worst": summary.worst(lines), "selection": [{"node": n, "covers": c} for n, c in selection.SUBSET],
            "status": "ok" if not failed else f"problems in {', '.join(failed)}",
            "budget_s": args.budget_s, "out": str(ctx.out)}
-    _fold_wall(ctx, doc)
+    _fold_extras(ctx, doc)
     doc["seconds"] = clock.elapsed()
     doc["files"], doc["file_problems"] = [], []
     ctx.path("summary").write_text(json.dumps(doc, indent=1, default=str) + "\n")
