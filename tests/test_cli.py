@@ -217,3 +217,17 @@ def test_sweep_keeps_the_fastest_candidate_and_ranks_the_field(monkeypatch):
     times = [float(part.rsplit(": ", 1)[1]) for part in entry["ranking"].split("; ")]
     assert times == sorted(times) and len(times) == min(6, len(finite))
     assert times[0] == round(best_ms * 1000, 1)
+
+
+def test_filter_keeps_the_order_of_its_texts():
+    """--filter of bench and tune (suites.by_name): comma-separated texts, the first text's
+    matches first, each case once, none when nothing matches."""
+    from tritonorm.tuning import suites
+
+    all_cases = suites.cases("all")
+    got = suites.by_name(all_cases, "rms 32x4096, bn 64x112^2 b32,rms 32x4096")
+    names = [c.name for c in got]
+    assert names[0] == "rms 32x4096" and names.count("rms 32x4096") == 1
+    assert all("bn 64x112^2 b32" in n for n in names[1:]) and len(names) >= 2
+    assert suites.by_name(all_cases, None) == all_cases
+    assert suites.by_name(all_cases, "no such case") == []

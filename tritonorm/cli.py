@@ -127,7 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--providers", type=_csv(("tritonorm", "eager", "compile", "apex", "liger")),
                    default=None, help="providers (default: all that are importable; GPU only; with "
                    "--memory, 'compile' adds torch.compile's saved bytes, compiling every case)")
-    b.add_argument("--filter", default=None, help="only cases whose name contains this text")
+    b.add_argument("--filter", default=None, metavar="TEXT",
+                   help="only cases whose name contains this text (or one of these comma-separated texts)")
     b.add_argument("--out", type=Path, default=None,
                    help="results folder for the JSON and plots (default on a GPU: ./tritonorm-bench; "
                    "without a GPU nothing is written unless --out or --json is given)")
@@ -313,10 +314,8 @@ def cmd_tune(args) -> int:
         profile = dispatch.profile_named(args.device or "h100")
     task_list = sweep.tasks(suites, args.dtype, args.op, profile)
     if args.filter:
-        wanted = [w.strip() for w in args.filter.split(",") if w.strip()]
         # In the order given: the first text's cases first (a budget then tunes what matters most).
-        task_list = [t for w in wanted for t in task_list if w in t.case.name]
-        task_list = list({id(t): t for t in task_list}.values())
+        task_list = suites_mod.by_name(task_list, args.filter, name=lambda t: t.case.name)
         if not task_list:
             raise UsageError("--filter", f"{args.filter!r} matches no case of the suites {', '.join(suites)}")
     if args.limit is not None:

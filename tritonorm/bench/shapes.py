@@ -7,17 +7,14 @@ from __future__ import annotations
 
 import torch
 
-from tritonorm.tuning.suites import SUITES, Case, cases, make_inputs, meta_input, run  # noqa: F401
+from tritonorm.tuning.suites import SUITES, Case, by_name, cases, make_inputs, meta_input, run  # noqa: F401
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MODES = ("fwd", "bwd", "fwd+bwd")
 
 
 def select(suite: str = "all", name_filter: str | None = None) -> list[Case]:
-    out = cases(suite)
-    if name_filter:
-        out = [c for c in out if name_filter in c.name]
-    return out
+    return by_name(cases(suite), name_filter)
 
 
 def scaled_unique(case_list: list[Case]) -> list[tuple[Case, list[Case]]]:

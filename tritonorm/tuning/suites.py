@@ -106,6 +106,17 @@ def cases(suite: str = "all") -> list[Case]:
     return _BUILDERS[suite]()
 
 
+def by_name(items: list, name_filter: str | None, name=lambda item: item.name) -> list:
+    """``items`` whose name contains one of the comma-separated texts of ``name_filter``, the
+    first text's matches first (then each in ``items``' order), each once; all of them without a
+    filter. ``tritonorm bench --filter`` and ``tritonorm tune --filter``."""
+    if not name_filter:
+        return list(items)
+    texts = [t.strip() for t in name_filter.split(",") if t.strip()]
+    picked = {id(item): item for text in texts for item in items if text in name(item)}
+    return list(picked.values())
+
+
 def make_inputs(case: Case, dtype, device, requires_grad: bool = False, host_rng: bool = False):
     """(x, kwargs for tritonorm.norm) for a case; weight and bias in x's dtype.
 
