@@ -14,7 +14,7 @@ from tritonorm.kernels import launch
 
 
 def _state():
-    return (launch.APPLY_FILL, dispatch.ROWS_PER_PROGRAM, dispatch.COL_PROGRAMS_PER_SM, pixel_plan.BACKWARD_SPLIT_CAP, pixel_plan.FORWARD_TILE_DIV,
+    return (dispatch.APPLY_FILL, dispatch.ROWS_PER_PROGRAM, dispatch.COL_PROGRAMS_PER_SM, pixel_plan.BACKWARD_SPLIT_CAP, pixel_plan.FORWARD_TILE_DIV,
             dispatch.profile_for_device(torch.device("cpu")).strided_rows_block, dispatch.forced_state())
 
 
@@ -44,9 +44,9 @@ def test_apply_fill_is_a_real_switch():
     """The split apply's grid: several tiles a program with APPLY_FILL, one without."""
     (rows, cols), tiles = launch._apply_grid(64, 1 << 20, 1, 1024, fill=256)
     assert (rows, cols, tiles) == (64, 4, 256)
-    launch_fill = launch.APPLY_FILL
+    launch_fill = dispatch.APPLY_FILL
     try:
-        launch.APPLY_FILL = False
+        dispatch.APPLY_FILL = False
         assert launch._apply_grid(64, 1 << 20, 1, 1024, fill=256) == ((64, 1024), 1)
     finally:
-        launch.APPLY_FILL = launch_fill
+        dispatch.APPLY_FILL = launch_fill

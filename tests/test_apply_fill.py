@@ -9,6 +9,7 @@ import torch
 from cases import check_case, make_inputs
 from helpers import device_profile_overrides, row_kernels_only
 
+from tritonorm import dispatch
 from tritonorm.kernels import launch
 
 # (shape, scope, groups, memory format): BatchNorm NCHW (columns N runs of H*W), channels_last
@@ -32,7 +33,7 @@ def one_sm(monkeypatch):
 @pytest.mark.parametrize("fill", [True, False], ids=["fill", "tile-a-program"])
 @pytest.mark.parametrize("shape,scope,groups,fmt", CASES)
 def test_apply_with_several_tiles_a_program(shape, scope, groups, fmt, fill, one_sm, monkeypatch):
-    monkeypatch.setattr(launch, "APPLY_FILL", fill)
+    monkeypatch.setattr(dispatch, "APPLY_FILL", fill)
     x, w, b, r, dy = make_inputs(shape, torch.float32, residual=True, memory_format=fmt)
     cfg = dict(block_p=2, block_m=16, split=4)
     check_case(x, scope, num_groups=groups, weight=w, bias=b, residual=r, dy=dy, activation="silu",

@@ -139,3 +139,28 @@ def test_broadcast_affine_launches_count_the_expansions(regime, monkeypatch):
     assert fwd.cost.launches == len(ran_fwd) + 2, ran_fwd
     assert bwd.cost.launches == len(launches.names) + 4, launches.names
     assert fwd.cost.bytes > fwd.cost.ideal  # the x-sized expansions are counted, not hidden
+
+
+@pytest.mark.parametrize("fill", [True, False])
+def test_split_partials_are_counted_once_per_apply_program_of_the_launchers_grid(fill, monkeypatch):
+    """The split regime's [2, P, SPLIT] partials are read by every column program of the apply
+    grid: the model's forward bytes follow the grid the launcher really runs (several tiles a
+    program with APPLY_FILL, one without)."""
+    from tritonorm.kernels import launch
+
+    monkeypatch.setattr(dispatch, "APPLY_FILL", fill)
+    launch.clear()
+    x = torch.randn(8, 6, 16, 16)
+    with dispatch.forced("split", block_p=2, block_m=16, split=4):
+        plan = tritonorm.explain(x, "batch")
+        run = launch.forward_plan(x, tritonorm.scope.parse("batch", x.dim()), False, False, False, 0, True,
+                                  "train", launch.NO_RUNNING)
+    assert plan.kernel == "split" and run.partial is not None
+    P, split, programs = 6, run.split, run.grid[1]
+    tiles = -(-x.numel() // P // 16)
+    assert programs == tiles if not fill else 1 <= programs <= tiles  # without the fill: one tile a program
+    n = x.numel() * 4
+    partials = 2 * P * split * 4
+    # Two sweeps of x, the statistics written, the partials written once and read per program.
+    assert plan.cost.bytes_read == 2 * n + partials * programs
+    assert plan.cost.bytes_written == n + 5 * P * 4 + partials

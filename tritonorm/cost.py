@@ -53,6 +53,19 @@ def _time(profile: dispatch.DeviceProfile, launches: int, nbytes: int) -> float:
     return launches * profile.launch_us + nbytes / (profile.hbm_gbps * 1e3)
 
 
+def _merges(plan: dispatch.Plan, problem: dispatch.Problem, profile: dispatch.DeviceProfile) -> int:
+    """How many times the split regime's partials are read: once by each column program of the
+    apply grid (dispatch.apply_grid, as the launchers run it; looped: one program a row)."""
+    cfg = plan.config
+    if plan.kernel != "split":
+        return 1
+    if "block_p" not in cfg:  # channels_last whole-pixel tiles: SPLIT apply programs a block
+        return cfg.get("split", 1)
+    grid, _ = dispatch.apply_grid(problem.P, problem.M, cfg["block_p"], cfg["block_m"],
+                                  fill=dispatch._fill(cfg["num_warps"], profile))
+    return grid[1]
+
+
 def forward_cost(plan: dispatch.Plan, problem: dispatch.Problem, profile: dispatch.DeviceProfile, *,
                  elem_bytes: int, channels: int, has_w: bool, has_b: bool, has_res: bool,
                  param_bytes: int, mode: str = "train", running: bool = False,
@@ -106,9 +119,11 @@ def forward_cost(plan: dispatch.Plan, problem: dispatch.Problem, profile: dispat
         if plan.kernel == "split":
             launches = 2
             written += 2 * P * split * 4
-            read += 2 * P * split * 4
+            # Each apply program merges its row block's partials before its tiles (statistics
+            # only: one program a row block, no tile sweep).
+            read += 2 * P * split * 4 * (1 if mode == "stats" else _merges(plan, problem, profile))
             if mode == "stats":
-                read -= n  # statistics only: the apply kernel merges and stores, no tile sweep
+                read -= n
         if running:
             read += 2 * P * running_bytes
             written += 2 * P * running_bytes
@@ -217,7 +232,9 @@ def backward_cost(plan: dispatch.Plan, problem: dispatch.Problem, dwdb_plan: dis
             launches += 1
             read += n + xin + res_read + 3 * rows * 4 + params_in
             written += 4 * rows * split * 4
-            read += 4 * rows * split * 4
+            # Each apply program merges its row block's partials (segments: read per segment
+            # row by the apply programs of its statistic's block, counted once per program).
+            read += 4 * rows * split * 4 * (_merges(plan, problem, profile) if split > 1 else 1)
         launches += 1
         read += n + xin + dh_read + res_read + stats + params_in
         written += n + dres_written

@@ -214,6 +214,32 @@ def _stream_block_m(problem: Problem, profile: DeviceProfile) -> int:
     return min(profile.tile, max(1024, _pow2(run) // 64), _pow2(problem.M))
 
 
+# Split-regime apply programs take several tiles each (see apply_grid); False: one tile a program,
+# as before (the GPU report's A/B stage measures both).
+APPLY_FILL = True
+MAX_GRID_1 = 65535  # CUDA's limit on the second grid dimension
+
+
+def apply_grid(P: int, M: int, bp: int, bm: int, one_program_per_row: bool = False, fill: int | None = None):
+    """Grid of the apply kernels: (row blocks, column programs), and column tiles per program.
+
+    ``fill``: the programs that fill the device, given when every apply program first merges the
+    split regime's partials (SPLIT of them per row, read and combined before its first tile).
+    Then the programs take several tiles each, about ``fill`` programs in all, so the merge is
+    paid once per program rather than once per tile: with one tile a program, BatchNorm
+    64x112^2 channels_last batch 256 (split 256, 16 x 1024 tiles) merged 4096 partial pairs,
+    32 KB, for every 32 KB tile. (The H200 sweep in benchmarks/results/h200/NOTES.md: split
+    512 ran 2.6x slower than split 128 with the same tiles.) The launchers run this grid and
+    the cost model counts the merges from it (each column program reads its row block's
+    partials once)."""
+    n_tiles = -(-M // bm)
+    row_blocks = -(-P // bp)
+    col_progs = 1 if one_program_per_row else min(n_tiles, MAX_GRID_1)
+    if fill is not None and not one_program_per_row and APPLY_FILL:
+        col_progs = max(1, min(col_progs, -(-fill // row_blocks)))
+    return (row_blocks, col_progs), -(-n_tiles // col_progs)
+
+
 def _fill(warps: int, profile: DeviceProfile) -> int:
     """Programs of ``warps`` warps that fill the device: ``programs_per_sm`` programs of
     ``max_warps`` warps per SM (the SM's 64 warp slots), i.e. more of smaller programs, up to

@@ -81,7 +81,7 @@ def experiments() -> list[Experiment]:
         Experiment("apply_fill", "split-regime apply programs: several tiles each (A) -> one tile each (B)",
                    "A faster where split is large: bn 64x112^2 b32 fwd ~70 us (B ~105), bn cl b256 fwd ~400 us",
                    (("resnet50", "bn 64x112^2 b32", "fwd"), ("resnet50", "bn 64x112^2 b256 cl", "fwd")),
-                   _setting(launch, "APPLY_FILL", False),
+                   _setting(dispatch, "APPLY_FILL", False),
                    dry_force=dict(kernel="split", block_p=4, block_m=256, split=4)),
         Experiment("strided_rows_block", "channels_last BatchNorm tiles 16 x 1024 (A) -> 32 x 128 (B, the old rule)",
                    "A ~3x faster forward (the sweep: 0.47 against 1.49 ms); backward unmeasured",

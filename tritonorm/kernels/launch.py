@@ -30,7 +30,7 @@ from .pixels_backward import PixelsBackward
 from .layout import (TooManyDims, batch_segments, channel_per_col, channel_per_row, channel_view, match_strides,
                      sample_rows, sample_segments, segments, stat_view)
 
-_MAX_GRID_1 = 65535  # CUDA's limit on the second grid dimension
+_MAX_GRID_1 = dispatch.MAX_GRID_1
 
 # Tests set this to fill every buffer a kernel must write with NaN first, so a kernel that
 # skips an element cannot pass by leaving zeros or stale memory behind.
@@ -56,27 +56,9 @@ def _chunk(M: int, block_m: int, split: int) -> int:
     return triton.cdiv(triton.cdiv(M, split), block_m) * block_m
 
 
-# Split-regime apply programs take several tiles each (see _apply_grid); False: one tile a program,
-# as before (the GPU report's A/B stage measures both).
-APPLY_FILL = True
-
-
 def _apply_grid(P: int, M: int, bp: int, bm: int, one_program_per_row: bool = False, fill: int | None = None):
-    """Grid of the apply kernels: (row blocks, column programs), and column tiles per program.
-
-    ``fill``: the programs that fill the device, given when every apply program first merges the
-    split regime's partials (SPLIT of them per row, read and combined before its first tile).
-    Then the programs take several tiles each, about ``fill`` programs in all, so the merge is
-    paid once per program rather than once per tile: with one tile a program, BatchNorm
-    64x112^2 channels_last batch 256 (split 256, 16 x 1024 tiles) merged 4096 partial pairs,
-    32 KB, for every 32 KB tile. (The H200 sweep in benchmarks/results/h200/NOTES.md: split
-    512 ran 2.6x slower than split 128 with the same tiles.)"""
-    n_tiles = triton.cdiv(M, bm)
-    row_blocks = triton.cdiv(P, bp)
-    col_progs = 1 if one_program_per_row else min(n_tiles, _MAX_GRID_1)
-    if fill is not None and not one_program_per_row and APPLY_FILL:
-        col_progs = max(1, min(col_progs, triton.cdiv(fill, row_blocks)))
-    return (row_blocks, col_progs), triton.cdiv(n_tiles, col_progs)
+    """dispatch.apply_grid: the apply kernels' grid and column tiles per program."""
+    return dispatch.apply_grid(P, M, bp, bm, one_program_per_row, fill)
 
 
 def _chan_mode(view) -> int:
