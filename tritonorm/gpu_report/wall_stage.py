@@ -480,6 +480,42 @@ def after_compile(env, work, deadline: float, dry_run: bool) -> dict:
             "after_us": {k: v.get("wall_us") for k, v in after.items()}}
 
 
+def python_node(env, work, deadline: float, dry_run: bool) -> dict:
+    """The control for the device-thread hypothesis: the same GPU work (``y = 2 x`` forward,
+    ``2 dy`` backward) with a C++ autograd node (torch's own) and with a Python
+    ``autograd.Function`` whose backward runs that op in Python, as ours does in autograd's
+    device thread. Their fwd+bwd wall difference is what a Python backward costs on this machine
+    whatever its kernels do; tritonorm's gap to eager beyond it is ours."""
+    import torch
+
+    fb = [c for c, m in work if m == "fwd+bwd" and c.kind == "layer_norm"] or [c for c, m in work if m == "fwd+bwd"]
+    if not fb:
+        return {"skipped": "no fwd+bwd case"}
+    if deadline - time.monotonic() < (2.0 if dry_run else 10.0):
+        return {"skipped": "time budget"}
+
+    class Twice(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x * 2
+
+        @staticmethod
+        def backward(ctx, dy):
+            return dy * 2
+
+    case = fb[0]
+    x = torch.randn(case.shape, device="cuda" if env.cuda else "cpu", dtype=torch.bfloat16, requires_grad=True)
+    dy = torch.randn_like(x)
+    fns = {"C++ node": lambda: torch.autograd.grad(x * 2, (x,), dy),
+           "Python node": lambda: torch.autograd.grad(Twice.apply(x), (x,), dy)}
+    out = {"case": case.name, "switch_interval_s": sys.getswitchinterval()}
+    for label, fn in fns.items():
+        w = env.wall(fn)
+        out[label] = w.get("wall_us")
+        out[f"{label} cpu_us"] = w.get("cpu_us")  # the process's CPU: both threads' Python
+    return out
+
+
 def table(rows: list[dict]) -> str:
     from tritonorm.bench.table import format_table
 
@@ -569,6 +605,7 @@ def main(argv=None) -> int:
                   f"(enqueue {o.get('enqueue_us')}, cpu {o.get('cpu_us')}), eager {e.get('wall_us')} us ({last:.1f} s)" + (f" ERROR {row['error']}" if "error" in row else ""), flush=True)
             save()
         doc["launchers"] = _safe(launchers)
+        doc["python_node"] = _safe(python_node, env, work, deadline, args.dry_run)
         doc["after_compile"] = _safe(after_compile, env, work, deadline, args.dry_run)
         save()
         # Other Python threads compete for the GIL that tritonorm's backward needs in autograd's
@@ -595,6 +632,10 @@ def main(argv=None) -> int:
     lc = doc.get("launch_costs", {})
     print("one launch, host us: " + ", ".join(f"{k} {v.get('us')}" for k, v in lc.items()
                                                if isinstance(v, dict) and "us" in v))
+    pn = doc.get("python_node", {})
+    if "C++ node" in pn:
+        print(f"y = 2x fwd+bwd wall us at {pn['case']}'s shape: C++ node {pn['C++ node']}, Python node "
+              f"{pn['Python node']} (the device-thread Python cost; switch interval {pn['switch_interval_s']} s)")
     ac = doc.get("after_compile", {})
     if "before_us" in ac:
         print(f"{ac['case']} fwd+bwd wall us before/after a torch.compile in this process (threads "
