@@ -192,6 +192,28 @@ def test_conditional_batch_norm_eval(force, monkeypatch):
     assert seen[0][1] == 3 if force is None else seen == [], seen
 
 
+def test_conditional_batch_norm_training_blends_running_statistics(monkeypatch):
+    # Training: the op normalizes with the batch statistics, the running ones are blended outside
+    # it with torch ops (as for (C,) parameters under compile), as PyTorch's rule gives in float64.
+    rm, rv = torch.randn(6) * 0.1, torch.rand(6) + 0.5
+    rm64, rv64 = rm.double(), rv.double()
+
+    def fn(x, w, b):
+        return tritonorm.norm(x, "batch", weight=w, bias=b, running_mean=rm, running_var=rv, momentum=0.3)
+
+    def ref(x, w, b):
+        z = tritonorm.norm(x, "batch", backend="reference")
+        return _compose(z, x, w, b, None, None)
+    inputs = _inputs((3, 6, 2, 3), (3, 6, 1, 1), (3, 6, 1, 1), False, torch.float32, CL)
+    _compiled_vs_reference(fn, ref, inputs, torch.float32, monkeypatch)
+    # The compiled call and its eager twin each blended the same batch once: the reference twice.
+    for _ in range(2):
+        tritonorm.norm(inputs[0][1].double(), "batch", running_mean=rm64, running_var=rv64, momentum=0.3,
+                       backend="reference")
+    assert_close(rm, rm64, torch.float32, what="running_mean")
+    assert_close(rv, rv64, torch.float32, what="running_var")
+
+
 @pytest.mark.parametrize("center,dtype", [(True, torch.bfloat16), (False, torch.float32)], ids=["ln-bf16", "rms-fp32"])
 def test_row_functionals_with_per_sample_parameters(center, dtype, monkeypatch):
     # adaLN through layer_norm / rms_norm: (N, 1, D) weight and bias of a (N, T, D) input.
