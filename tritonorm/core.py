@@ -410,14 +410,19 @@ def _broadcast_composite(call, x, weight, bias, residual, running_mean, running_
     scope, num_groups, sample_groups, backend = call.args
     out = _run(x, scope, num_groups, sample_groups, None, None, eps, call.center, None, None, running_mean,
                running_var, momentum, call.training, backend, True)
-    z = out[0]
+    return (compose(out[0], x, weight, bias, residual, call.act_name), *out[1:])
+
+
+def compose(z, x, weight, bias, residual, act):
+    """``act(z * weight + bias + residual)`` as torch ops, z the plain norm of x: the broadcast
+    affine where the kernels do not take it (eager and the registered ops' composite)."""
     if weight is not None:
         z = z * reference.affine_view(weight, x)
     if bias is not None:
         z = z + reference.affine_view(bias, x)
     if residual is not None:
         z = z + residual
-    return (activations.apply(call.act_name, z), *out[1:])
+    return activations.apply(act, z)
 
 
 def _update_running(spec: Spec, shape, stats, running_mean, running_var, momentum, center):
@@ -429,8 +434,14 @@ def _update_running(spec: Spec, shape, stats, running_mean, running_var, momentu
 
 def _traced(x, scope, num_groups, sample_groups, weight, bias, eps, center, activation, residual, running_mean,
             running_var, momentum, training, backend):
-    """The torch.compile path: the registered ops, running statistics blended with torch ops."""
-    spec, act = check_norm_args(x, scope, num_groups, weight, bias, eps, center, activation, residual,
+    """The torch.compile path: the registered ops, running statistics blended with torch ops.
+
+    Broadcast (adaptive) weight/bias are checked here as eager checks them and go to the op as
+    they are: its body plans with them as eager does (tritonorm.broadcast_ops), so the planner
+    never runs under Dynamo."""
+    full = _broadcast_params(x, weight, bias)
+    pw, pb = (None, None) if full else (weight, bias)
+    spec, act = check_norm_args(x, scope, num_groups, pw, pb, eps, center, activation, residual,
                                 running_mean, running_var, momentum, training, sample_groups)
     if running_var is not None and not training:
         spec = dataclasses.replace(spec, sample_groups=1)
@@ -440,6 +451,10 @@ def _traced(x, scope, num_groups, sample_groups, weight, bias, eps, center, acti
         empty = torch.zeros(spec.stat_shape(x.shape), dtype=torch.float32, device=x.device)
         return x.clone(), empty, empty
     if name == "reference":
+        if full:  # as eager's _broadcast_composite: the plain norm, then torch ops
+            out = _reference(x, spec, None, None, eps, center, None, None, running_mean, running_var, momentum,
+                             training, use_running)
+            return (compose(out[0], x, weight, bias, residual, act), *out[1:])
         return _reference(x, spec, weight, bias, eps, center, act, residual, running_mean, running_var,
                           momentum, training, use_running)
     y, stats = torch.ops.tritonorm.norm_fwd(

@@ -46,9 +46,12 @@ def norm_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], residu
              center: bool, act: int) -> tuple[Tensor, Tensor]:
     """y and the [5, P] fp32 statistics (pivot, shifted mean, rstd, var, mean). With
     ``running_var`` the running statistics are applied (eval), never updated here."""
+    from . import broadcast_ops
     from .kernels import launch
 
     given = None if running_var is None else (running_mean, running_var)
+    if broadcast_ops.is_broadcast(x, weight, bias):  # adaptive affine: planned as eager plans it
+        return broadcast_ops.forward(x, decode_spec(spec), weight, bias, residual, given, eps, center, act)
     return launch.forward(x, decode_spec(spec), weight, bias, residual, eps, center, act, given=given)
 
 
@@ -62,14 +65,20 @@ def _(x, weight, bias, residual, running_mean, running_var, spec, eps, center, a
 def norm_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
              residual: Optional[Tensor], stats: Tensor, spec: str, center: bool, act: int, given: bool,
              needs: list[bool]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """dx, dweight, dbias, dresidual; an empty tensor stands for a gradient not asked for."""
+    """dx, dweight, dbias, dresidual; an empty tensor stands for a gradient not asked for. A
+    broadcast weight's or bias's gradient has its shape."""
+    from . import broadcast_ops
     from .kernels import launch
 
-    mode = "given" if given else "train"
-    plan = launch.forward_plan(x, decode_spec(spec), weight is not None, bias is not None, residual is not None,
-                               act, center, mode, launch.NO_RUNNING,
-                               (None if residual is None else residual.stride(),))
-    dx, dw, db, dres = plan.backward(tuple(bool(n) for n in needs))(dy, x, weight, bias, residual, stats)
+    if broadcast_ops.is_broadcast(x, weight, bias):
+        dx, dw, db, dres = broadcast_ops.backward(dy, x, decode_spec(spec), weight, bias, residual, stats, center,
+                                                  act, given, needs)
+    else:
+        mode = "given" if given else "train"
+        plan = launch.forward_plan(x, decode_spec(spec), weight is not None, bias is not None,
+                                   residual is not None, act, center, mode, launch.NO_RUNNING,
+                                   (None if residual is None else residual.stride(),))
+        dx, dw, db, dres = plan.backward(tuple(bool(n) for n in needs))(dy, x, weight, bias, residual, stats)
     if dres is dy:  # the op's outputs must not alias its inputs
         dres = dy.clone()
     # Distinct empty tensors: outputs must not alias each other either.
@@ -79,8 +88,9 @@ def norm_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Ten
 @norm_bwd.register_fake
 def _(dy, x, weight, bias, residual, stats, spec, center, act, given, needs):
     dx = torch.empty_like(x, memory_format=torch.preserve_format) if needs[0] else x.new_empty(0)
-    dw = torch.empty_like(weight) if needs[1] else x.new_empty(0)
-    db = torch.empty_like(bias) if needs[2] else x.new_empty(0)
+    # (C,) or broadcast, the gradient has the parameter's shape, contiguous
+    dw = weight.new_empty(weight.shape) if needs[1] else x.new_empty(0)
+    db = bias.new_empty(bias.shape) if needs[2] else x.new_empty(0)
     dres = torch.empty_like(x, memory_format=torch.preserve_format) if needs[3] else x.new_empty(0)
     return dx, dw, db, dres
 

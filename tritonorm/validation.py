@@ -38,11 +38,12 @@ def check_tensor(name: str, t, x: torch.Tensor, shape=None, allow_none: bool = T
 
 
 def broadcasts_to(t: torch.Tensor, shape) -> bool:
-    """Whether ``t`` broadcasts to exactly ``shape`` (a broadcast / adaptive affine parameter)."""
-    try:
-        return torch.broadcast_shapes(t.shape, shape) == tuple(shape)
-    except RuntimeError:
+    """Whether ``t`` broadcasts to exactly ``shape`` (a broadcast / adaptive affine parameter).
+    Compared size by size rather than by catching torch.broadcast_shapes' error, which
+    torch.compile cannot trace (an exception inside a compiled region is a graph break)."""
+    if t.dim() > len(shape):
         return False
+    return all(a == 1 or a == b for a, b in zip(t.shape[::-1], tuple(shape)[::-1]))
 
 
 def check_number(name: str, value, lo=None, hi=None, lo_open: bool = False) -> float:
