@@ -124,3 +124,41 @@ def test_inductor_group_norm_silu():
     x = torch.randn(2, 4, 3, 3, requires_grad=True)
     w, b = torch.randn(4, requires_grad=True), torch.randn(4, requires_grad=True)
     _check(lambda x, w, b: tf.group_norm(x, 2, w, b, activation="silu") * 2, [x, w, b], backend="inductor")
+
+
+@pytest.mark.parametrize("name", ["group_norm", "layer_norm"])
+def test_dynamic_shapes_compile_fullgraph_against_float64(name):
+    """torch.compile(dynamic=True): sizes and float arguments are symbolic, so the argument checks
+    must trace (math.isfinite on a symbolic eps did not). Two shapes through one compiled
+    function, forward and backward against float64 PyTorch."""
+    import torch.nn.functional as F
+
+    from helpers import assert_close
+
+    if name == "group_norm":
+        def fn(x, w, b, eps):
+            return tf.group_norm(x, 4, w, b, eps=eps, activation="silu")
+
+        def ref(x, w, b, eps):
+            return F.silu(F.group_norm(x, 4, w, b, eps=eps))
+        shapes, c = [(2, 8, 4, 4), (3, 8, 6, 5)], 8
+    else:
+        def fn(x, w, b, eps):
+            return tf.layer_norm(x, (x.shape[-1],), w, b, eps=eps)
+
+        def ref(x, w, b, eps):
+            return F.layer_norm(x, (x.shape[-1],), w, b, eps=eps)
+        shapes, c = [(3, 5, 16), (2, 7, 16)], 16
+    compiled = torch.compile(fn, fullgraph=True, dynamic=True, backend="aot_eager")
+    for shape in shapes:
+        x = torch.randn(shape, requires_grad=True)
+        w, b = torch.randn(c, requires_grad=True), torch.randn(c, requires_grad=True)
+        y = compiled(x, w, b, 1e-3)
+        dy = torch.randn_like(y)
+        grads = torch.autograd.grad(y, (x, w, b), dy)
+        x64, w64, b64 = (t.detach().double().requires_grad_() for t in (x, w, b))
+        y64 = ref(x64, w64, b64, 1e-3)
+        grads64 = torch.autograd.grad(y64, (x64, w64, b64), dy.double())
+        assert_close(y, y64, torch.float32)
+        for g, g64 in zip(grads, grads64):
+            assert_close(g, g64, torch.float32)

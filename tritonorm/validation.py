@@ -50,7 +50,9 @@ def check_number(name: str, value, lo=None, hi=None, lo_open: bool = False) -> f
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     v = float(value)
-    if not math.isfinite(v):
+    # Comparisons, not math.isfinite: under torch.compile(dynamic=True) a float argument is
+    # symbolic, and Dynamo traces comparisons (as guards) but not math.isfinite. NaN fails both.
+    if not -math.inf < v < math.inf:
         raise ValueError(f"{name} must be finite, got {value}")
     if lo is not None and (v <= lo if lo_open else v < lo):
         raise ValueError(f"{name} must be {'>' if lo_open else '>='} {lo}, got {value}")
