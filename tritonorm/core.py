@@ -17,7 +17,7 @@ import torch
 
 from . import activations, backend as backends, dispatch, ops, reference
 from .scope import Spec
-from .validation import broadcasts_to, check_norm_args, check_number
+from .validation import broadcasts_to, check_norm_args, check_number, check_tensor
 
 _CALLS: dict = {}
 # A cached call holds its launch plan: when the tuning cache or a shipped table changes, the
@@ -319,9 +319,11 @@ def _broadcast_params(x, weight, bias) -> bool:
     if not isinstance(x, torch.Tensor) or x.dim() < 2:
         return False
     full = False
+    plain = []  # the others: checked here when one is broadcast (the caller's checks then skip both)
     for name, t in (("weight", weight), ("bias", bias)):
         # Only x's rank: a lower-rank weight (say (W,) for NCHW) is a mistake, not a broadcast.
         if not isinstance(t, torch.Tensor) or tuple(t.shape) == (x.shape[1],) or t.dim() != x.dim():
+            plain.append((name, t))
             continue
         if not t.is_floating_point():
             raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
@@ -331,6 +333,12 @@ def _broadcast_params(x, weight, bias) -> bool:
             raise ValueError(f"{name} must have shape ({x.shape[1]},) or be broadcastable to x's shape "
                              f"{tuple(x.shape)}, got {tuple(t.shape)}")
         full = True
+    if full:  # beside a broadcast one, (C,) per channel, or of lower rank broadcast by torch's rules
+        for name, t in plain:
+            check_tensor(name, t, x)
+            if t is not None and tuple(t.shape) != (x.shape[1],) and not broadcasts_to(t, x.shape):
+                raise ValueError(f"{name} must have shape ({x.shape[1]},) or be broadcastable to x's shape "
+                                 f"{tuple(x.shape)}, got {tuple(t.shape)}")
     return full
 
 

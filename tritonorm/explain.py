@@ -161,20 +161,20 @@ def explain(x: torch.Tensor, scope: str = "group", *, num_groups: int | None = N
     # as a plain call with N*C parameters.
     param_nc = None
     nc = _nc_affine(x, weight, bias) if param_full else None
-    if nc is not None and not given and pre_add is None:
+    if nc is not None and not given:
         nseg = _segments(x, spec, weight, bias, False, given)
         if nseg is not None and nseg.order:
             param_full = False
             param_nc = (sum(t.numel() for t in (weight, bias) if t is not None), nc[:2].count("c"))
     # Conditional BatchNorm (plain BatchNorm with them): read in place too, also in eval.
-    bn = _bn_segments(x, spec) if nc is not None and param_nc is None and pre_add is None else None
+    bn = _bn_segments(x, spec) if nc is not None and param_nc is None else None
     if bn is not None:
         param_full = False
         param_nc = (sum(t.numel() for t in (weight, bias) if t is not None), nc[:2].count("c"))
     # adaLN's per-(sample, column) weight/bias read in place (launch._row_samples_plan): a plain
     # row norm's forward; backward, the fused dx pass with J programs a sample, then the finish.
     rows = _sample_rows(x, spec, weight, bias, profile, flags_of(weight, bias, residual, act, center)) \
-        if param_full and nc is None and not given and pre_add is None else None
+        if param_full and nc is None and not given else None
     if rows is not None:
         param_full = False
         param_nc = (sum(t.numel() for t in (weight, bias) if t is not None), rows[0][:2].count("d"))
@@ -253,7 +253,7 @@ def _cost(op, plan, problem, profile, x, spec, weight, bias, residual, act, runn
                                           dtype=problem.dtype, flags=flags,
                                           fused_m=seg.fused_cols if seg is not None else 0)
     bplan = dispatch.plan_for(bproblem, profile)
-    if param_nc is not None and bplan.kernel == dispatch.NATIVE:  # as the launcher
+    if (param_nc is not None or param_full) and bplan.kernel == dispatch.NATIVE:  # as the launcher
         bplan = dispatch.choose(bproblem, profile)
     need_wb = weight is not None or bias is not None
     row_channel = need_wb and not given and not param_full and bn is None and channel_per_row(spec)

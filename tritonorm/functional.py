@@ -151,7 +151,15 @@ def _add_last_dims(input, residual, normalized_shape, weight, bias, eps, center,
 
     shape, d = _rows(input, normalized_shape, name)
     check_add_args(input, residual, residual_dtype)
-    rows = math.prod(input.shape[: input.dim() - len(shape)])
+    lead = input.shape[: input.dim() - len(shape)]
+    rows = math.prod(lead)
+    per_sample = _per_sample_rows(input, shape, lead, d, weight, bias)
+    if per_sample is not None:  # adaLN: (N, T, D) over its last axis, the parameters read in place
+        x3 = input.reshape(lead[0], -1, d)
+        y, h = add_norm(x3, residual.reshape(x3.shape), "L", weight=per_sample[0], bias=per_sample[1], eps=eps,
+                        center=center, activation=activation, training=False, backend=backend,
+                        residual_dtype=residual_dtype)
+        return y.reshape(input.shape), h.reshape(input.shape)
     weight, bias = _broadcast_rows(input, shape, rows, d, weight, bias)
     for arg, t in (("weight", weight), ("bias", bias)):
         if t is not None and tuple(t.shape) != (rows, d):

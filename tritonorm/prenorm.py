@@ -100,9 +100,11 @@ class _AddCall:
 
     def __init__(self, x, residual, rd, scope, num_groups, sample_groups, weight, bias, eps, center, activation,
                  running_mean, running_var, momentum, training, backend):
-        # Broadcast (adaptive) weight or bias: the composite (h by torch ops, then norm's kernels).
-        broadcast = core._broadcast_params(x, weight, bias)
-        pw, pb = (None, None) if broadcast else (weight, bias)
+        # Broadcast (adaptive) weight or bias, as core._Call: read in place by the kernels where the
+        # plan allows (per (sample, channel), per (sample, column)), else expanded to x's shape
+        # (``expand``, core._expanded) and the per-element gradients summed (core._reduced).
+        self.param_full = self.expand = core._broadcast_params(x, weight, bias)
+        pw, pb = (None, None) if self.param_full else (weight, bias)
         spec, act = check_norm_args(x, scope, num_groups, pw, pb, eps, center, activation, None,
                                     running_mean, running_var, momentum, training, sample_groups)
         if running_var is not None and not training:
@@ -114,7 +116,7 @@ class _AddCall:
         self.torch_update = False
         self.plan = None
         name = backends.resolve(backend, x.device, x.dtype)
-        if name != "triton" or x.numel() == 0 or rd == torch.float64 or not _dense(x) or broadcast:
+        if name != "triton" or x.numel() == 0 or rd == torch.float64 or not _dense(x):
             return
         from .kernels import launch
 
@@ -123,25 +125,28 @@ class _AddCall:
         self.torch_update = self.update and spec.sample_groups != 1
         if self.update and not self.torch_update:
             level = launch.RUNNING_BOTH if running_mean is not None else launch.RUNNING_VAR
+        param_nc = core._param_nc(x, spec, weight, bias) if self.param_full else None
         plan = launch.forward_plan(x, spec, weight is not None, bias is not None, False, self.act, center, mode,
-                                   level, ("pre_add", residual.stride(), rd), pre_add=True)
-        if plan.fusable_add:
+                                   level, ("pre_add", residual.stride(), rd), pre_add=True,
+                                   param_full=self.param_full, param_nc=param_nc)
+        if plan.fusable_add:  # (implies fusable_full: broadcast parameters run in the kernels too)
             self.plan = plan
+        self.expand = self.param_full and self.plan is not None and self.plan.nc is None
 
     def __call__(self, x, residual, weight, bias, running_mean, running_var, eps, momentum):
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, residual, weight, bias)):
             y, h, stats = _apply_add_norm(x, residual, weight, bias, running_mean, running_var, eps,
                                                  momentum, self)
         else:
-            y, stats, h = self.plan.add(x, residual, weight, bias, running_mean, running_var, eps, momentum,
-                                        self.rd)
+            y, stats, h = self.plan.add(x, residual, *core._expanded(self, weight, bias, x), running_mean,
+                                        running_var, eps, momentum, self.rd)
         if self.torch_update:
             core._update_running(self.spec, x.shape, stats, running_mean, running_var, momentum, self.center)
         return y, h
 
 
 class _AddNormFunction(torch.autograd.Function):
-    """Saves h, weight, bias and the fp32 statistics; never x, the residual or y."""
+    """Saves h, weight, bias (unexpanded) and the fp32 statistics; never x, the residual or y."""
 
     @staticmethod
     def forward(ctx, x, residual, weight, bias, running_mean, running_var, eps, momentum, call):
@@ -152,8 +157,9 @@ class _AddNormFunction(torch.autograd.Function):
             need = ctx.needs_input_grad
             lean = call.plan.lean_for((need[0] or need[1], weight is not None and need[2],
                                        bias is not None and need[3], False))
-        y, stats, h = call.plan.add(x, residual, weight, bias, running_mean, running_var, eps, momentum, call.rd,
-                                    lean)
+        # Broadcast weight/bias the kernels do not read in place are expanded here, saved as given.
+        w, b = core._expanded(call, weight, bias, x)
+        y, stats, h = call.plan.add(x, residual, w, b, running_mean, running_var, eps, momentum, call.rd, lean)
         ctx.set_materialize_grads(False)
         ctx.call = call
         ctx.x_dtype, ctx.res_dtype = x.dtype, residual.dtype
@@ -180,7 +186,11 @@ class _AddNormFunction(torch.autograd.Function):
         twice = ctx.res_dtype != ctx.x_dtype and need[1]
         plan = call.plan.backward((need_x, need_w, need_b, False), add_dh=dh is not None and need_x,
                                   dx_twice=twice, lean=stats.shape[0] != 5)
-        dx, dw, db, dres = plan(dy, h, weight, bias, None, stats, dh, ctx.res_dtype)
+        if call.expand:  # per-element gradients of the expanded parameters, summed to their shapes
+            dx, dw, db, dres = plan(dy, h, *core._expanded(call, weight, bias, h), None, stats, dh, ctx.res_dtype)
+            dw, db = core._reduced(dw, weight), core._reduced(db, bias)
+        else:
+            dx, dw, db, dres = plan(dy, h, weight, bias, None, stats, dh, ctx.res_dtype)
         if not need_x:  # only weight/bias: the plan still ran the dx pass only if it needed it
             dx = dres = None
         return (dx if need[0] else None, dres if need[1] else None, dw if need_w else None,

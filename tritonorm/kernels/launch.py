@@ -238,16 +238,18 @@ class ForwardPlan:
         # Conditional BatchNorm (plain BatchNorm's rows are channels, a sample's elements spread
         # over the columns): the same kinds read with the sample taken from the output offset
         # (PARAM_NC == 3, _bn_segments), in training and eval.
+        # pre_add (add_norm) takes all three: its kernels are these row/column kernels (never the
+        # pixels/planes ones), the parameters read at the output offsets of h's tile.
         self.nc = self.row_bplan = None
         self.nc_flag = 0  # the kernels' PARAM_NC
-        if param_nc is not None and mode == "train" and not pre_add:
+        if param_nc is not None and mode == "train":
             if row_samples(param_nc):
                 self.row_bplan = _row_samples_plan(c, spec, profile)
                 if self.row_bplan is not None:
                     self.nc, self.nc_flag = param_nc, 2
             elif _nc_segments(c, spec) is not None:
                 self.nc, self.nc_flag = param_nc, 1
-        if (param_nc is not None and mode in ("train", "given") and not pre_add and not row_samples(param_nc)
+        if (param_nc is not None and mode in ("train", "given") and not row_samples(param_nc)
                 and self.nc is None and _bn_segments(c, spec) is not None):
             self.nc, self.nc_flag = param_nc, 3
         if self.nc is not None:
@@ -572,8 +574,9 @@ class BackwardPlan:
                 seg = batch_segments(view, c.shape, spec, xs, c.out_stride)
         bproblem = _problem("backward", view, x_meta, spec, c.fkey, fused_m=seg.fused_cols if seg else 0)
         self.plan = plan = fwd.row_bplan if rows_nc else dispatch.plan_for(bproblem, profile)
-        if nc is not None and plan.kernel == dispatch.NATIVE:
-            # The torch regime takes (C,) parameters only: the heuristic's kernels instead.
+        if (nc is not None or param_full) and plan.kernel == dispatch.NATIVE:
+            # The torch regime takes (C,) parameters only (a backward-only torch entry of a tuned
+            # table, or one forced, with broadcast ones): the heuristic's kernels instead.
             self.plan = plan = dispatch.choose(bproblem, profile)
         self.native = plan.kernel == dispatch.NATIVE
         if self.native:
