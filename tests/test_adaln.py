@@ -187,15 +187,58 @@ def test_two_pass_forward_reads_them_in_place(regime, monkeypatch):
     assert [n for n, _, _ in bwd] == BWD and not any(full for _, _, full in bwd), bwd
 
 
+TWO_PASS_BWD = ["_bwd_col_sums_kernel", "_bwd_apply_kernel", "_finish_samples_kernel"]
+
+
 @pytest.mark.parametrize("regime", ["looped", "split"])
-def test_two_pass_backward_keeps_the_expansion(regime, monkeypatch):
-    # No per-sample partials in the looped/split backward: the parameters are expanded (PARAM_FULL),
-    # forward and backward, and the answer is still right.
+@pytest.mark.parametrize("shape,wk,bk,center", [
+    ((2, 6, 40), "nd", "d", True),     # T a multiple of the row block (2)
+    ((3, 7, 48), "nd", "nd", True),    # not: a sample's last block is masked at its end
+    ((2, 7, 40), "d", "nd", True),     # the per-column one summed over every sample's partials
+    ((4, 1, 40), "nd", None, False),   # T = 1, RMSNorm
+    ((2, 9, 40), "nd", None, False),
+])
+def test_two_pass_backward_reads_them_in_place(regime, shape, wk, bk, center, monkeypatch):
+    # The looped/split backward's first stage (_bwd_col_sums_kernel) walks one sample's row blocks
+    # per program on an (R, column tiles, N) grid: per-sample column sums, added per sample by the
+    # finish. Forward and backward read the parameters in place; no expansion, no torch op.
     calls = record_param_launches(monkeypatch)
-    fwd, bwd = _run((2, 6, 40), "nd", "d", act="silu", calls=calls,
+    fwd, bwd = _run(shape, wk, bk, act="silu", center=center, calls=calls,
                     force=dispatch.forced(regime, block_p=2, block_m=16, split=2))
-    assert fwd[-1][2] and all(full for _, _, full in bwd), (fwd, bwd)  # fwd[-1]: the kernel with the affine
-    assert list(core._CALLS.values())[-1].expand
+    assert not any(full for _, _, full in fwd + bwd) and fwd[-1][1] == 2, (fwd, bwd)
+    assert [n for n, _, _ in bwd] == TWO_PASS_BWD and bwd[0][1] == 2 and bwd[1][1] == 2, bwd
+    assert not list(core._CALLS.values())[-1].expand
+
+
+@pytest.mark.parametrize("want", ["x", "w", "xb"])
+def test_two_pass_backward_gradient_subsets(want, monkeypatch):
+    calls = record_param_launches(monkeypatch)
+    fwd, bwd = _run((2, 7, 40), "nd", "nd", want=want, calls=calls,
+                    force=dispatch.forced("split", block_p=2, block_m=16, split=2))
+    names = [n for n, _, _ in bwd]
+    # dx alone: the plain two-stage backward (its sums kernel reads them per sample too).
+    assert names == (["_bwd_sums_kernel", "_bwd_apply_kernel"] if want == "x" else TWO_PASS_BWD), bwd
+    assert all(nc == 2 and not full for n, nc, full in bwd if n != "_finish_samples_kernel"), bwd
+
+
+def test_two_pass_backward_low_precision(monkeypatch):
+    calls = record_param_launches(monkeypatch)
+    _run((2, 9, 40), "nd", "nd", dtype=torch.bfloat16, strided=True, calls=calls,
+         force=dispatch.forced("looped", block_p=2, block_m=16))
+    assert [n for n, _, _ in calls] == TWO_PASS_BWD, calls
+
+
+def test_two_pass_cost_model_counts_the_launches_run(monkeypatch):
+    calls = record_param_launches(monkeypatch)
+    x = torch.randn(2, 9, 40)
+    w, b = _param("nd", x, 0.5, torch.float32), _param("d", x, 1.0, torch.float32)
+    with dispatch.forced("split", block_p=2, block_m=16, split=2):
+        bwd = tritonorm.explain(x, "L", op="backward", weight=w, bias=b)
+        xs, ws, bs = (t.clone().requires_grad_() for t in (x, w, b))
+        y = tritonorm.norm(xs, "L", weight=ws, bias=bs, backend="triton")
+        calls.clear()
+        torch.autograd.grad(y, [xs, ws, bs], torch.randn_like(y))
+    assert bwd.cost.launches == len(calls) == 3, calls
 
 
 def test_rows_out_of_sample_order_keep_the_expansion(monkeypatch):

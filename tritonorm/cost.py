@@ -214,7 +214,9 @@ def backward_cost(plan: dispatch.Plan, problem: dispatch.Problem, dwdb_plan: dis
         # kernel adds a row's tiles; a finish adds the programs' sums.
         bp, bm = plan.config["block_p"], plan.config["block_m"]
         tiles = math.ceil(M / bm)
-        progs = dispatch.col_tile_programs(math.ceil(P / bp), tiles, plan.config["num_warps"], profile)
+        # adaLN's per-sample weight/bias: each sample's programs ([2, N*R, M] partials).
+        progs = sample_programs or dispatch.col_tile_programs(math.ceil(P / bp), tiles, plan.config["num_warps"],
+                                                              profile)
         launches += 3
         read += n + xin + res_read + 3 * P * 4 + params_in
         written += 2 * P * tiles * 4 + 2 * M * progs * 4

@@ -409,6 +409,14 @@ def col_tile_programs(row_blocks: int, tiles: int, warps: int, profile: DevicePr
     return max(1, min(row_blocks, -(-_fill(warps, profile) // (2 * max(1, tiles)))))
 
 
+def sample_tile_programs(samples: int, rows_per_sample: int, block_p: int, tiles: int, warps: int,
+                         profile: DeviceProfile) -> int:
+    """Programs a sample of the looped/split adaLN-row backward's first stage (per column tile):
+    ``col_tile_programs``' count shared out over the samples, at most one a row block."""
+    blocks = -(-rows_per_sample // block_p)
+    return max(1, min(blocks, col_tile_programs(samples * blocks, tiles, warps, profile) // samples))
+
+
 def sample_programs(samples: int, rows_per_sample: int, block_p: int, sm_count: int) -> int:
     """Programs a sample of the adaLN-row backward (per-sample weight/bias read in place): the
     persistent grid's programs shared out over the samples, each over that sample's row blocks

@@ -104,10 +104,12 @@ def _sample_rows(x, spec, weight, bias, profile, flags):
     bplan = dispatch.plan_for(bproblem, profile)
     if bplan.kernel == dispatch.NATIVE:
         bplan = dispatch.choose(bproblem, profile)
-    if bplan.kernel != "fused":
-        return None
-    N = x.shape[0]
-    return rows, N * dispatch.sample_programs(N, view.P // N, bplan.config["block_p"], profile.sm_count)
+    N, cfg = x.shape[0], bplan.config
+    if bplan.kernel != "fused":  # the first stage's (R, column tiles, N) grid
+        tiles = -(-view.M // cfg["block_m"])
+        return rows, N * dispatch.sample_tile_programs(N, view.P // N, cfg["block_p"], tiles, cfg["num_warps"],
+                                                       profile)
+    return rows, N * dispatch.sample_programs(N, view.P // N, cfg["block_p"], profile.sm_count)
 
 
 def explain(x: torch.Tensor, scope: str = "group", *, num_groups: int | None = None,
@@ -262,8 +264,8 @@ def _cost(op, plan, problem, profile, x, spec, weight, bias, residual, act, runn
     if seg is not None and bn is None and ((bplan.kernel == "fused" and not seg.order)
                                            or (bplan.kernel != "fused" and given)):
         seg = None  # as the launcher: the channel-view sweep runs instead
-    if (need_wb and bplan.kernel != "fused" and not given and not param_full and param_nc is None and seg is None
-            and channel_per_col(fwd_view, x.shape[1])):
+    if (need_wb and bplan.kernel != "fused" and not given and not param_full and seg is None
+            and (sample_programs or (param_nc is None and channel_per_col(fwd_view, x.shape[1])))):
         col_channel = True  # as the launcher: the first stage keeps per-column sums (_bwd_col_sums_kernel)
     segs = None
     if seg is not None and bplan.kernel != dispatch.NATIVE:

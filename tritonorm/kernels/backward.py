@@ -257,28 +257,40 @@ def _bwd_col_sums_kernel(
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr,
     CHAN: tl.constexpr, INT64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr,
     LEAN: tl.constexpr = 0,     # as the fused kernel
+    PARAM_NC: tl.constexpr = False, PS=None,  # 2: adaLN's per-(sample, column) W, B (see below)
 ):
     """Stage 1 of the looped/split backward when each column is one channel (LayerNorm rows too
     long to fuse). Program (r, t) takes column tile t of row blocks r, r + R, ...: it stores each
     row's S1, S2 over the tile (the apply kernel adds a row's TILES of them, as a split's) and
     keeps the tile's per-column dweight, dbias sums over all its rows in registers, stored once
     (``_finish_kernel`` adds the R programs'). One read of x and dy serves both, where the
-    channel-view sweep read them a third time."""
+    channel-view sweep read them a third time.
+
+    PARAM_NC == 2 (adaLN's (N, 1, D) weight/bias read in place): an (R, TILES, N) grid, program
+    (r, t, n) walking row blocks r, r + R, ... (ROW_BLOCKS of them) of sample n only (a block
+    never spans two), so its sums are partials of that sample's gradient, stored as row n*R + r
+    of [2, N*R, M] (``_finish_samples_kernel`` adds each sample's R)."""
     t = tl.program_id(1)
     r = tl.program_id(0)
+    n = tl.program_id(2)
     if INT64:
         t = t.to(tl.int64)
         r = r.to(tl.int64)
+        n = n.to(tl.int64)
     dw = tl.zeros([BLOCK_M], dtype=tl.float32)
     db = tl.zeros([BLOCK_M], dtype=tl.float32)
     for rb in range(tl.program_id(0), ROW_BLOCKS, tl.num_programs(0)):
-        rows, rmask, rx, ro, rt, rh = row_block(rb, P, BLOCK_P, INT64, RG)
+        if PARAM_NC == 2:
+            rows, rmask, rx, ro, rt, rh = sample_row_block(rb, n, P, BLOCK_P, INT64, RG, PS)
+        else:
+            rows, rmask, rx, ro, rt, rh = row_block(rb, P, BLOCK_P, INT64, RG)
         k, mean, rstd = load_stats(Stats, P, rt, rmask, X, rx, LEAN)
         cmask, mask, cx, co, ct, ch = col_tile(t * BLOCK_M, M, rmask, BLOCK_M, INT64, CG)
+        wr, wc, br, bc = param_offsets(rows, rh, ch, ro, co, False, PARAM_NC, PS)
         x = load2d(X, rx, cx, mask) - k[:, None]
         dy = load2d(DY, ro, co, mask)
         res = load_residual(Res, ro, co, mask, HAS_RES)
-        xhat, gz, g = grad_terms(x, dy, mean[:, None], rstd[:, None], rh, ch, rh, ch, rmask, cmask,
+        xhat, gz, g = grad_terms(x, dy, mean[:, None], rstd[:, None], wr, wc, br, bc, rmask, cmask,
                                  res, W, B, HAS_W, HAS_B, HAS_RES, ACT, CHAN)
         idx = rows * TILES + t
         tl.store(Part + idx, tl.sum(g, axis=1), mask=rmask)
@@ -286,9 +298,10 @@ def _bwd_col_sums_kernel(
         dw += tl.sum(tl.where(mask, gz * xhat, 0.0), axis=0)
         db += tl.sum(gz, axis=0)
     cols = t * BLOCK_M + tl.arange(0, BLOCK_M)
-    progs = tl.num_programs(0)
-    tl.store(DWP + r * M + cols, dw, mask=cols < M)
-    tl.store(DWP + (progs + r) * M + cols, db, mask=cols < M)
+    progs = tl.num_programs(0) * tl.num_programs(2)
+    prog = n * tl.num_programs(0) + r
+    tl.store(DWP + prog * M + cols, dw, mask=cols < M)
+    tl.store(DWP + (progs + prog) * M + cols, db, mask=cols < M)
 
 
 @triton.jit

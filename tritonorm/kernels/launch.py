@@ -173,9 +173,9 @@ def row_samples(nc) -> bool:
 
 def _row_samples_plan(c: "_Common", spec: Spec, profile):
     """The backward plan under which adaLN's (N, 1, D) weight/bias are read in place (PARAM_NC
-    == 2), or None (then they are expanded): the view must allow it (layout.sample_rows) and the
-    backward be fused, whose dx pass sums each sample's rows per program (a (J, N) grid). The
-    looped/split backward has no per-sample partials: those regimes keep the expansion."""
+    == 2), or None (then they are expanded): the view must allow it (layout.sample_rows). Fused,
+    the dx pass sums each sample's rows per program (a (J, N) grid); looped/split, the first
+    stage (_bwd_col_sums_kernel) does, on an (R, column tiles, N) grid."""
     if c.contiguous or not sample_rows(c.view, c.shape):
         return None
     xs = c.out_stride if c.copy_x else c.x_stride
@@ -184,7 +184,7 @@ def _row_samples_plan(c: "_Common", spec: Spec, profile):
     plan = dispatch.plan_for(bproblem, profile)
     if plan.kernel == dispatch.NATIVE:  # the torch regime takes (C,) parameters only
         plan = dispatch.choose(bproblem, profile)
-    return plan if plan.kernel == "fused" else None
+    return plan if plan.kernel in ("fused", "looped", "split") else None
 
 
 def _params(weight, bias, full: bool, x):
@@ -662,15 +662,24 @@ class BackwardPlan:
                 # Each column one channel (LayerNorm rows) outside the fused regime: the first
                 # stage keeps per-column dweight/dbias sums of its column tile over its rows
                 # (_bwd_col_sums_kernel), each row's S1, S2 split over the column tiles.
-                self.col_two = (need_wb and not self.given and seg is None and not param_full and nc is None
-                                and channel_per_col(view, c.shape[1]))
+                # adaLN's per-sample weight/bias (rows_nc): the same, each program over one
+                # sample's row blocks ([2, N*R, M] partials, added per sample by the finish).
+                self.col_two = (need_wb and not self.given and seg is None and not param_full
+                                and (self.rows_nc or (nc is None and channel_per_col(view, c.shape[1]))))
                 if self.col_two:
                     tiles_m = triton.cdiv(M, bm)
-                    row_blocks = triton.cdiv(P, bp)
-                    self.progs = dispatch.col_tile_programs(row_blocks, tiles_m, nw, profile)
                     self.split = split = tiles_m
-                    self.sums = (bk._bwd_col_sums_kernel, (self.progs, tiles_m), (P, M, tiles_m, row_blocks, rg, cg),
-                                 dict(common))
+                    if self.rows_nc:
+                        N = c.shape[0]
+                        row_blocks = triton.cdiv(P // N, bp)
+                        per = dispatch.sample_tile_programs(N, P // N, bp, tiles_m, nw, profile)
+                        self.progs, grid = N * per, (per, tiles_m, N)
+                    else:
+                        row_blocks = triton.cdiv(P, bp)
+                        self.progs = dispatch.col_tile_programs(row_blocks, tiles_m, nw, profile)
+                        grid = (self.progs, tiles_m)
+                    self.sums = (bk._bwd_col_sums_kernel, grid, (P, M, tiles_m, row_blocks, rg, cg),
+                                 dict(common, **nck))
                 elif seg is not None:
                     # The sums kernel on the segment view (its own plan: N*C rows of H), storing
                     # S1, S2, dweight, dbias partials [4, N*C, split]; the apply kernel adds a
@@ -877,7 +886,10 @@ class BackwardPlan:
                 run(x, dy, r, w, b, stats, part, *fixed)
             run, fixed = self.apply
             run(x, dy, r, w, b, stats, part, dxp, dr, dwp, dbp, *fixed, **dhk)
-            if self.col_two:
+            if self.col_two and self.rows_nc:  # per-sample partials [2, N*R, M]
+                N = c.shape[0]
+                self.finish(cols, dwp, dbp, self.M, N, self.progs // N)
+            elif self.col_two:
                 self.finish(cols, dwp, dbp, self.M, self.progs)
         if self.dwdb is not None:
             run, fixed = self.dwdb
