@@ -234,9 +234,9 @@ def backward_cost(plan: dispatch.Plan, problem: dispatch.Problem, dwdb_plan: dis
             launches += 1
             read += n + xin + res_read + 3 * rows * 4 + params_in
             written += 4 * rows * split * 4
-            # Each apply program merges its row block's partials (segments: read per segment
-            # row by the apply programs of its statistic's block, counted once per program).
-            read += 4 * rows * split * 4 * (_merges(plan, problem, profile) if split > 1 else 1)
+            # Each apply program merges its row block's S1, S2 partials (segments: those of its
+            # statistics' segment rows); the dweight/dbias planes are read once.
+            read += 4 * rows * split * 4 + 2 * rows * split * 4 * (_merges(plan, problem, profile) - 1)
         launches += 1
         read += n + xin + dh_read + res_read + stats + params_in
         written += n + dres_written
