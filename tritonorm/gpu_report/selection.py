@@ -31,7 +31,9 @@ SUBSET = (
     ("tests/test_sample_affine.py", "per-(sample, channel) weight/bias read in place (GroupNorm, "
      "InstanceNorm; NCHW rows and channels_last whole pixels)"),
     ("tests/test_adaln.py", "adaLN's (N, 1, D) weight/bias read in place by the row kernels, the "
-     "per-sample backward and its finish"),
+     "per-sample backward (fused and two-stage) and its finish"),
+    ("tests/test_add_norm_broadcast.py", "add_norm with broadcast weight/bias: PRE_ADD beside PARAM_NC "
+     "(per sample and channel, conditional BatchNorm, adaLN) and PARAM_FULL, every regime"),
     ("tests/test_conditional_bn.py", "conditional BatchNorm: (N, C, 1, 1) weight/bias read in place by "
      "BatchNorm's kernels, every regime and layout, gradients as per-(sample, channel) segment sums"),
     ("tests/test_apply_fill.py", "split-regime apply programs taking several column tiles each, forward "
