@@ -202,6 +202,30 @@ def test_rows_first_stage_programs_take_several_row_blocks(regime, monkeypatch):
         assert_close(g, r, torch.float32, what=f"grad {i}", term_scale=10.0 if i == 0 else 0.0)
 
 
+@pytest.mark.parametrize("regime", ["looped", "split"])
+@pytest.mark.parametrize("shape", [(2, 300), (5, 200)])
+def test_rows_two_stage_backward_sums_the_columns_in_its_apply_kernel(regime, shape, monkeypatch):
+    # Looped/split LayerNorm rows: the apply kernel's programs add the first stage's per-column
+    # dweight/dbias sums (FINISH_COLS), column blocks shared out over the grid: 2 launches. With
+    # 300 columns (5 blocks of 64) and one row block, a looped apply grid of 1 program adds every
+    # block; the split one spreads them.
+    from helpers import record_launches
+
+    runs = record_launches(monkeypatch)
+    monkeypatch.setattr(dispatch, "col_tile_programs", lambda row_blocks, tiles, warps, profile: 3)
+    launch.clear()
+    x, w, b = _inputs(shape, torch.float32, shape[1], 7.0)
+    leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+    dy = torch.randn(shape)
+    with dispatch.forced(regime, block_p=8, block_m=16, split=4):
+        y = tritonorm.norm(leaves[0], "layer", weight=leaves[1], bias=leaves[2], backend="triton")
+        runs.clear()
+        grads = torch.autograd.grad(y, leaves, dy)
+    assert runs == ["_bwd_col_sums_kernel", "_bwd_apply_kernel"], runs
+    spec = scopes.parse("layer", 2, None, shape[1])
+    _compare(x, w, b, dy, y, grads, spec, True, torch.float32)
+
+
 @pytest.mark.parametrize("rows,launches", [(1, 1), (3, 2), (40, 2)])
 def test_fused_rows_dweight_from_one_program_or_partials(rows, launches, monkeypatch):
     # One row: its program stores dweight/dbias itself (1 launch); more: per-program partials

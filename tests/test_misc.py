@@ -113,12 +113,12 @@ class _Counter:
 # (launches, sweeps over x) of the backward per scope and regime, with weight, bias, residual and
 # an activation. BatchNorm's dweight/dbias come from the dx kernels' row sums; the positional
 # scope's (each column a channel) from per-program sums of the fused kernel plus a tiny finish
-# (looped/split: of the first stage's per-column sums, then the apply kernel, then the finish:
-# x read twice, as for dx alone); GroupNorm's from per-(sample,
-# channel) partials of the dx pass, added by a finish (fused) or by the apply kernel.
+# (looped/split: of the first stage's per-column sums, added by the apply kernel's programs: x
+# read twice, as for dx alone); GroupNorm's from per-(sample, channel) partials of the dx pass,
+# added by a finish (fused) or by the apply kernel.
 BWD = {"group": {"fused": (2, 1), "looped": (2, 2), "split": (2, 2)},
        "batch": {"fused": (1, 1), "looped": (2, 2), "split": (2, 2)},
-       "positional": {"fused": (2, 1), "looped": (3, 2), "split": (3, 2)}}
+       "positional": {"fused": (2, 1), "looped": (2, 2), "split": (2, 2)}}
 
 
 @pytest.mark.parametrize("scope", ["group", "batch", "positional"])

@@ -366,14 +366,21 @@ def _bwd_apply_kernel(
     W_NC: tl.constexpr = False, B_NC: tl.constexpr = False,
     LEAN: tl.constexpr = 0,                   # as the fused kernel
     PART_N: tl.constexpr = False,             # FINISH on BatchNorm rows: Part is [4, N, P, FIN_S]
+    ColPart=None, FINISH_COLS: tl.constexpr = False,  # [2, FIN_S, M] column sums (see below)
 ):
     """dx (and dresidual) over a 2-D grid of (row block, column tiles); each program adds its
     rows' SPLIT partial sums itself, and with ROW_CHANNEL the programs of column 0 store dweight
     and dbias. FINISH (segments: SPLIT = hm * the sums kernel's split): the first programs also
     add the dweight/dbias partials of every channel. PART_N (conditional BatchNorm: rows are
-    channels, the segments (n, c) sample-major): a row's N*FIN_S partials are strided by P*FIN_S."""
+    channels, the segments (n, c) sample-major): a row's N*FIN_S partials are strided by P*FIN_S.
+    FINISH_COLS (LayerNorm rows, looped/split: _bwd_col_sums_kernel's FIN_S programs' per-column
+    dweight/dbias sums in ColPart): the programs share out the column blocks and store their
+    sums, where a finish launch of its own did."""
     if FINISH:
         _finish_segments(Part, DW, DB, FIN_N, FIN_C, FIN_S, NEED_DW, NEED_DB, BLOCK_C, BLOCK_S, W_NC, B_NC)
+    if FINISH_COLS:
+        _finish_columns(ColPart, DW, DB, M, FIN_S, tl.program_id(0) * tl.num_programs(1) + tl.program_id(1),
+                        tl.num_programs(0) * tl.num_programs(1), NEED_DW, NEED_DB, BLOCK_C, BLOCK_S)
     rows, rmask, rx, ro, rt, rh = row_block(tl.program_id(0), P, BLOCK_P, INT64, RG)
     k, mean, rstd = load_stats(Stats, P, rt, rmask, X, rx, LEAN)
     s1 = tl.zeros([BLOCK_P], dtype=tl.float32)
@@ -468,22 +475,23 @@ def _finish_kernel(
 ):
     """dweight, dbias = the sums of their S partials per channel, in a fixed order, cast once.
     Channels are the contiguous axis of the partials, so the loads are wide."""
-    cs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = cs < C
-    dw = tl.zeros([BLOCK_C], dtype=tl.float32)
-    db = tl.zeros([BLOCK_C], dtype=tl.float32)
-    for s0 in range(0, S, BLOCK_S):
-        ss = s0 + tl.arange(0, BLOCK_S)
-        mask = (ss < S)[:, None] & cmask[None, :]
-        idx = ss[:, None] * C + cs[None, :]
+    _finish_columns(Part, DW, DB, C, S, tl.program_id(0), tl.num_programs(0), NEED_DW, NEED_DB, BLOCK_C, BLOCK_S)
+
+
+@triton.jit
+def _finish_columns(Part, DW, DB, C, S, pid, progs, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
+                    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    """The sums over S of fp32 partials [2, S, C] (dweight's, dbias's) stored to DW, DB: column
+    blocks pid, pid + progs, ... (a finish kernel's own, or shared out over an apply grid)."""
+    for cb in range(pid, tl.cdiv(C, BLOCK_C), progs):
+        cs = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+        cmask = cs < C
         if NEED_DW:
-            dw += tl.sum(tl.load(Part + idx, mask=mask, other=0.0), axis=0)
+            dw = _sum_rows(Part, 0, S, cs, cmask, C, BLOCK_C, BLOCK_S)
+            tl.store(DW + cs, dw.to(DW.dtype.element_ty), mask=cmask)
         if NEED_DB:
-            db += tl.sum(tl.load(Part + S * C + idx, mask=mask, other=0.0), axis=0)
-    if NEED_DW:
-        tl.store(DW + cs, dw.to(DW.dtype.element_ty), mask=cmask)
-    if NEED_DB:
-        tl.store(DB + cs, db.to(DB.dtype.element_ty), mask=cmask)
+            db = _sum_rows(Part + S * C, 0, S, cs, cmask, C, BLOCK_C, BLOCK_S)
+            tl.store(DB + cs, db.to(DB.dtype.element_ty), mask=cmask)
 
 
 @triton.jit(do_not_specialize=["N", "J"])

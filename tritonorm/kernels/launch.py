@@ -674,10 +674,11 @@ class BackwardPlan:
                         row_blocks = triton.cdiv(P // N, bp)
                         per = dispatch.sample_tile_programs(N, P // N, bp, tiles_m, nw, profile)
                         self.progs, grid = N * per, (per, tiles_m, N)
-                    else:
+                    else:  # the apply kernel adds the programs' sums (FINISH_COLS): 2 launches
                         row_blocks = triton.cdiv(P, bp)
                         self.progs = dispatch.col_tile_programs(row_blocks, tiles_m, nw, profile)
                         grid = (self.progs, tiles_m)
+                        fin = dict(FINISH_COLS=True, FIN_S=self.progs)
                     self.sums = (bk._bwd_col_sums_kernel, grid, (P, M, tiles_m, row_blocks, rg, cg),
                                  dict(common, **nck))
                 elif seg is not None:
@@ -724,7 +725,10 @@ class BackwardPlan:
         self.dwdb = None
         self.finish_cols = None
         col_two = self.dx_kind == "two-stage" and self.col_two
-        if need_wb and (col_channel or col_two) and not getattr(self, "col_direct", False):
+        # A finish launch adds the column sums of the fused dx pass (one program: none) and the
+        # per-sample ones of adaLN's first stage; the plain first stage's, the apply kernel adds.
+        if need_wb and ((col_channel and not col_two and not getattr(self, "col_direct", False))
+                        or (col_two and self.rows_nc)):
             self.finish_cols = M
         # nc: only a (C,) parameter's partials are added over N (per-sample ones are stored whole)
         fin_w, fin_b = need_dw and not self.w_nc, need_db and not self.b_nc
@@ -885,12 +889,13 @@ class BackwardPlan:
                 part = _empty((4, self.part_rows, self.part_split), x.device)
                 run(x, dy, r, w, b, stats, part, *fixed)
             run, fixed = self.apply
-            run(x, dy, r, w, b, stats, part, dxp, dr, dwp, dbp, *fixed, **dhk)
+            if self.col_two and not self.rows_nc:  # the apply kernel also adds the column sums
+                run(x, dy, r, w, b, stats, part, dxp, dr, dwp, dbp, *fixed, ColPart=cols, **dhk)
+            else:
+                run(x, dy, r, w, b, stats, part, dxp, dr, dwp, dbp, *fixed, **dhk)
             if self.col_two and self.rows_nc:  # per-sample partials [2, N*R, M]
                 N = c.shape[0]
                 self.finish(cols, dwp, dbp, self.M, N, self.progs // N)
-            elif self.col_two:
-                self.finish(cols, dwp, dbp, self.M, self.progs)
         if self.dwdb is not None:
             run, fixed = self.dwdb
             if self.dwdb_split == 1:
