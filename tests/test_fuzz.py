@@ -121,6 +121,17 @@ def _param(d: Draw, c, dtype, kind="weight"):
     return d.randn(c, dtype)
 
 
+def _broadcast_param(d: Draw, x, dtype, kind):
+    """A weight or bias of x's rank broadcastable to x: each axis x's size or 1 (per (sample,
+    channel), per sample and column, per position, ...), at times the second half of a wider
+    tensor (torch.chunk of a projected embedding: a non-unit stride on its outer axes)."""
+    shape = tuple(s if d.r.random() < 0.5 else 1 for s in x.shape)
+    if d.r.random() < 0.3:
+        wide = _param(d, shape[:-1] + (2 * shape[-1],), dtype, kind)
+        return wide[..., shape[-1]:]
+    return _param(d, shape, dtype, kind)
+
+
 def _scope(d: Draw, x):
     """A scope valid for x, with its num_groups argument."""
     layout = scopes.LAYOUTS[x.dim()]
@@ -157,6 +168,10 @@ def _norm_case(d: Draw):
         kw["weight"] = _param(d, c, pdtype)
     if d.r.random() < 0.5:
         kw["bias"] = _param(d, c, pdtype, "bias")
+    if d.r.random() < 0.25:  # broadcast (adaptive) affine: any shape of x's rank that broadcasts
+        for name in ("weight", "bias"):
+            if name in kw and d.r.random() < 0.8:
+                kw[name] = _broadcast_param(d, x, pdtype, name)
     if d.r.random() < 0.3:
         kw["residual"] = d.randn(tuple(x.shape), dtype)
     training = d.r.random() < 0.7
@@ -197,7 +212,11 @@ def _terms(x64, spec, kw, dy):
         y_terms = (fin(x64) + fin(kw.get("running_mean"))) * fin((var + kw["eps"]).rsqrt()) * w + \
             fin(kw.get("bias")) + fin(kw.get("residual"))
     dx_terms = fin((var + kw["eps"]).rsqrt()) * fin(dy) * w * 1.2
-    return y_terms, dx_terms
+    # dweight, dbias: sums of gz * xhat and gz (|act'| <= 1.2) that cancel when a parameter
+    # element reduces a whole statistic (a broadcast (1, 1, 1) weight: xhat sums to zero there).
+    dw_terms = fin(dy) * 1.2 * (fin(xhat) if not use_running else
+                                 (fin(x64) + fin(kw.get("running_mean"))) * fin((var + kw["eps"]).rsqrt()))
+    return y_terms, dx_terms, dw_terms, fin(dy) * 1.2
 
 
 def _run_norm(d: Draw, x, scope, spec, kw, desc):
@@ -244,9 +263,92 @@ def _run_norm(d: Draw, x, scope, spec, kw, desc):
         g64 = torch.autograd.grad(y64, [refs[i] for i in live], dy.double())
         ge = torch.autograd.grad(eager, [low[i] for i in live], dy) if eager is not None else [None] * len(live)
         for i, a, r, e in zip(live, g, g64, ge):
-            assert_matches(a, r, leaves[i].dtype, e, "d" + names[i], term_scale=terms[1] if i == 0 else 0.0)
+            assert_matches(a, r, leaves[i].dtype, e, "d" + names[i],
+                           term_scale=(terms[1], terms[2], terms[3], 0.0)[i])
     for n, t in before.items():
         assert same_bits(kw.get(n, x) if n != "x" else x, t), f"{n} was modified"
+
+
+# --- one valid add_norm() call: h = x + residual, y = norm(h) ----------------------------------------
+
+def _add_norm_case(d: Draw):
+    """A valid norm() call turned into add_norm(): the residual of x's dtype or of residual_dtype
+    (fp32 beside a 16-bit x, as large models keep the residual stream), no post-norm residual."""
+    x, scope, spec, kw, desc = _norm_case(d)
+    kw.pop("residual", None)
+    rd = None
+    if x.dtype in LOW and d.r.random() < 0.5:
+        rd = torch.float32
+    rdtype = x.dtype if rd is None or d.r.random() < 0.5 else rd
+    r, rdesc = _x(d, tuple(x.shape), rdtype)
+    return x, r, rd, scope, spec, kw, f"add_norm(residual: {rdtype} {rdesc}, residual_dtype={rd}) of {desc}"
+
+
+def _run_add_norm(d: Draw, x, r, rd, scope, spec, kw):
+    """y and h against float64: h the exact sum rounded once to h's dtype (eager's fp32 sum rounded
+    is the low-precision twin), y the float64 norm of the h returned; gradients of x and the
+    residual are both dL/dh (+ the incoming dh), of weight and bias the float64 ones."""
+    hd = x.dtype if rd is None else rd
+    grads = d.r.random() < 0.6
+    names = ("x", "residual", "weight", "bias")
+    leaves = [x, r, kw.get("weight"), kw.get("bias")]
+    ours = [None if t is None else t.detach().clone(memory_format=torch.preserve_format) for t in leaves]
+    if grads:
+        ours = [None if t is None else t.requires_grad_() for t in ours]
+    before = {n: t.detach().clone() for n, t in zip(names, leaves) if t is not None}
+    run = {k: v for k, v in kw.items() if k not in names}
+    ref_rm = None if kw.get("running_mean") is None else kw["running_mean"].double().clone()
+    ref_rv = None if kw.get("running_var") is None else kw["running_var"].double().clone()
+    y, h = tritonorm.add_norm(ours[0], ours[1], scope, weight=ours[2], bias=ours[3], residual_dtype=rd, **run)
+    assert y.dtype == x.dtype and h.dtype == hd, (y.dtype, h.dtype)
+    acc = torch.float64 if torch.float64 in (x.dtype, r.dtype, hd) else torch.float32
+    h_eager = (x.to(acc) + r.to(acc)).to(hd)
+    h64 = x.double() + r.double()
+    assert_matches(h, h64, hd, h_eager if hd in LOW else None, "h", term_scale=float(
+        torch.nan_to_num(torch.maximum(x.double().abs(), r.double().abs()), 0.0, 0.0, 0.0).max()))
+    # y: the norm of the h returned (what the kernels normalized, rounded as stored).
+    hr = h.detach().double().requires_grad_(grads)
+    p64 = [None if t is None else t.detach().double().requires_grad_(grads) for t in leaves[2:]]
+    y64 = reference.norm(hr, spec, p64[0], p64[1], kw["eps"], kw["center"], kw["activation"], None,
+                         ref_rm, ref_rv, kw.get("momentum", 0.1), kw["training"])
+    dy = d.randn(tuple(x.shape), x.dtype)
+    terms = _terms(hr.detach(), spec, kw, dy)
+    eager = low = None
+    if x.dtype in LOW:
+        low = [h.detach().to(x.dtype).clone().requires_grad_(grads)] + \
+              [None if t is None else t.detach().clone().requires_grad_(grads) for t in leaves[2:]]
+        use_running = kw.get("running_var") is not None and not kw["training"]
+        eager = reference.norm(low[0], spec, low[1], low[2], kw["eps"], kw["center"], kw["activation"], None,
+                               kw.get("running_mean") if use_running else None,
+                               kw.get("running_var") if use_running else None, training=kw["training"],
+                               compute_dtype=x.dtype)
+    assert_matches(y, y64, x.dtype, eager, "y", term_scale=terms[0])
+    for n, ref in (("running_mean", ref_rm), ("running_var", ref_rv)):
+        if ref is not None and kw[n].dtype not in LOW:  # (16-bit buffers: _run_norm checks those)
+            assert_matches(kw[n], ref, kw[n].dtype, what=n)
+    if grads:
+        dh = d.randn(tuple(x.shape), hd) if d.r.random() < 0.5 else None
+        live = [i for i, t in enumerate(ours) if t is not None]
+        outs, gouts = ([y, h], [dy, dh]) if dh is not None else ([y], [dy])
+        g = dict(zip(live, torch.autograd.grad(outs, [ours[i] for i in live], gouts)))
+        p_live = [i for i in (2, 3) if ours[i] is not None]
+        g64 = torch.autograd.grad(y64, [hr] + [p64[i - 2] for i in p_live], dy.double())
+        dh64 = g64[0] + (0.0 if dh is None else dh.double())
+        ge = {}
+        if eager is not None:
+            eg = torch.autograd.grad(eager, [low[0]] + [low[i - 1] for i in p_live], dy)
+            ge = {0: eg[0] + (0.0 if dh is None else dh.to(x.dtype)), 1: None,
+                  **{i: e for i, e in zip(p_live, eg[1:])}}
+            ge[1] = ge[0]
+        for i in (0, 1):
+            assert_matches(g[i], dh64, leaves[i].dtype, ge.get(i) if leaves[i].dtype in LOW else None,
+                           "d" + names[i], term_scale=terms[1] + (0.0 if dh is None else float(
+                               torch.nan_to_num(dh.double().abs(), 0.0, 0.0, 0.0).max())))
+        for i, r64 in zip(p_live, g64[1:]):
+            assert_matches(g[i], r64, leaves[i].dtype, ge.get(i), "d" + names[i], term_scale=terms[i])
+    for n, t in before.items():
+        cur = dict(zip(names, leaves))[n]
+        assert same_bits(cur, t), f"{n} was modified"
 
 
 # --- functionals and modules: torch's own in float64 is the reference -------------------------------
@@ -454,9 +556,13 @@ def _one_call(d: Draw, i: int) -> str:
 
 def _draw_call(d: Draw) -> str:
     roll = d.r.random()
-    if roll < 0.45:
+    if roll < 0.37:
         x, scope, spec, kw, desc = _norm_case(d)
         _run_norm(d, x, scope, spec, kw, desc)
+        return desc
+    if roll < 0.45:
+        x, r, rd, scope, spec, kw, desc = _add_norm_case(d)
+        _run_add_norm(d, x, r, rd, scope, spec, kw)
         return desc
     if roll < 0.65:
         ours, ref, x, act, desc = _module_case(d)

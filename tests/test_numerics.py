@@ -298,3 +298,30 @@ def test_interleaved_running_stats_of_one_buffer_are_accepted():
     reference.norm(x.double(), scopes.parse("batch", 3, None, 3), running_mean=rm64, running_var=rv64)
     assert_matches(rm, rm64, torch.float32, what="running_mean")
     assert_matches(rv, rv64, torch.float32, what="running_var")
+
+
+@pytest.mark.parametrize("regime", ["fused", "looped", "split"])
+@pytest.mark.parametrize("act", ["gelu_tanh", "silu", None])
+def test_masked_lanes_stay_out_of_the_backward_sums(regime, act):
+    # Statistics of one value each (scope "W" with W = 1) and eps 1e-30: rstd = 1e15. In a tile
+    # wider than the statistic the masked lanes load x = 0, so x - mean is -mean there, and times
+    # rstd (~1e20 at an offset of 6.6e4) gelu_tanh's derivative overflowed to NaN, which dy = 0 did
+    # not cancel in the looped/split sums (found by fuzz seed 1569483810): dx was NaN, not 0.
+    from helpers import assert_close
+
+    x = (torch.randn(2, 6, 1, 1, dtype=torch.float64) * 66 + 6.6e4).float()
+    w, b = torch.rand(6) + 0.5, torch.randn(6)
+    dy = torch.randn(2, 6, 1, 1)
+    leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+    with dispatch.forced(regime, block_m=4, block_p=2, split=2):
+        y = tritonorm.norm(leaves[0], "W", weight=leaves[1], bias=leaves[2], eps=1e-30, activation=act,
+                           training=False, backend="triton")
+        got = torch.autograd.grad(y, leaves, dy)
+    spec = scopes.parse("W", 4, None, 6)
+    r64 = [t.double().requires_grad_() for t in (x, w, b)]
+    y64 = reference.norm(r64[0], spec, r64[1], r64[2], 1e-30, True, act, None, None, None, 0.1, False)
+    exp = torch.autograd.grad(y64, r64, dy.double())
+    assert_close(y, y64, torch.float32, what="y")
+    for i, (g, e) in enumerate(zip(got, exp)):
+        assert torch.isfinite(g).all(), f"grad {i} not finite: {g.flatten().tolist()}"
+        assert_close(g, e, torch.float32, what=f"grad {i}")

@@ -160,7 +160,7 @@ def _bwd_fused_kernel(
         x = load2d(X, rx, cx, mask) - k[:, None]
         dy = load2d(DY, ro, co, mask)
         res = load_residual(Res, ro, co, mask, HAS_RES)
-        xhat, gz, g = grad_terms(x, dy, mean[:, None], rstd[:, None], wr, wc, br, bc, rmask, cmask,
+        xhat, gz, g = grad_terms(x, dy, mean[:, None], rstd[:, None], wr, wc, br, bc, rmask, cmask, mask,
                                  res, W, B, HAS_W, HAS_B, HAS_RES, ACT, CHAN)
         if STORE_DX:
             dx = _dx(g, xhat, rstd, tl.sum(g, axis=1), tl.sum(g * xhat, axis=1), M, CENTER, GIVEN)
@@ -231,7 +231,7 @@ def _bwd_sums_kernel(
         x = load2d(X, rx, cx, mask) - k[:, None]
         dy = load2d(DY, ro, co, mask)
         res = load_residual(Res, ro, co, mask, HAS_RES)
-        xhat, gz, g = grad_terms(x, dy, mean[:, None], rstd[:, None], wr, wc, br, bc, rmask, cmask,
+        xhat, gz, g = grad_terms(x, dy, mean[:, None], rstd[:, None], wr, wc, br, bc, rmask, cmask, mask,
                                  res, W, B, HAS_W, HAS_B, HAS_RES, ACT, CHAN)
         s1 += tl.sum(g, axis=1)
         s2 += tl.sum(g * xhat, axis=1)
@@ -290,7 +290,7 @@ def _bwd_col_sums_kernel(
         x = load2d(X, rx, cx, mask) - k[:, None]
         dy = load2d(DY, ro, co, mask)
         res = load_residual(Res, ro, co, mask, HAS_RES)
-        xhat, gz, g = grad_terms(x, dy, mean[:, None], rstd[:, None], wr, wc, br, bc, rmask, cmask,
+        xhat, gz, g = grad_terms(x, dy, mean[:, None], rstd[:, None], wr, wc, br, bc, rmask, cmask, mask,
                                  res, W, B, HAS_W, HAS_B, HAS_RES, ACT, CHAN)
         idx = rows * TILES + t
         tl.store(Part + idx, tl.sum(g, axis=1), mask=rmask)
@@ -414,7 +414,7 @@ def _bwd_apply_kernel(
         x = load2d(X, rx, cx, mask) - k[:, None]
         dy = load2d(DY, ro, co, mask)
         res = load_residual(Res, ro, co, mask, HAS_RES)
-        xhat, gz, g = grad_terms(x, dy, mean[:, None], rstd[:, None], wr, wc, br, bc, rmask, cmask,
+        xhat, gz, g = grad_terms(x, dy, mean[:, None], rstd[:, None], wr, wc, br, bc, rmask, cmask, mask,
                                  res, W, B, HAS_W, HAS_B, HAS_RES, ACT, CHAN)
         dx = add_incoming(_dx(g, xhat, rstd, s1, s2, M, CENTER, GIVEN), DH, ro, co, mask, ADD_DH)
         store2d(DX, ro, co, dx, mask)
@@ -454,7 +454,7 @@ def _dwdb_kernel(
         res = load_residual(Res, ro, co, mask, HAS_RES)
         xhat, gz, g = grad_terms(x, dy, load2d(Stats + NSTAT, rt, ct, mask),
                                  load2d(Stats + 2 * NSTAT, rt, ct, mask), rh, ch, rh, ch,
-                                 rmask, cmask, res, W, B, HAS_W, HAS_B, HAS_RES, ACT, CHAN)
+                                 rmask, cmask, mask, res, W, B, HAS_W, HAS_B, HAS_RES, ACT, CHAN)
         dw += tl.sum(gz * xhat, axis=1)
         db += tl.sum(gz, axis=1)
     if DIRECT:

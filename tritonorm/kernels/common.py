@@ -324,11 +324,13 @@ def epilogue(xhat, rh, ch, bh, bc, rmask, cmask, res, W, B, HAS_W: tl.constexpr,
 
 
 @triton.jit
-def grad_terms(x, dy, mean, rstd, rh, ch, bh, bc, rmask, cmask, res, W, B, HAS_W: tl.constexpr,
+def grad_terms(x, dy, mean, rstd, rh, ch, bh, bc, rmask, cmask, mask, res, W, B, HAS_W: tl.constexpr,
                HAS_B: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr, CHAN: tl.constexpr):
     """xhat, gz = dy * act'(pre) (the gradient at the affine output) and g = gz * w_c (at xhat).
-    Offsets as ``epilogue``'s."""
-    xhat = (x - mean) * rstd
+    Offsets as ``epilogue``'s. xhat is 0 outside the tile's ``mask``: there x loads as 0, so
+    x - mean times a large rstd (a statistic of equal values, a tiny eps) could overflow, and an
+    activation's derivative of it be NaN, which dy = 0 would not cancel in the tile's sums."""
+    xhat = tl.where(mask, (x - mean) * rstd, 0.0)
     w = 1.0
     if HAS_W:
         w = load_channel(W, rh, ch, rmask, cmask, CHAN)
