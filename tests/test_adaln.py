@@ -187,7 +187,7 @@ def test_two_pass_forward_reads_them_in_place(regime, monkeypatch):
     assert [n for n, _, _ in bwd] == BWD and not any(full for _, _, full in bwd), bwd
 
 
-TWO_PASS_BWD = ["_bwd_col_sums_kernel", "_bwd_apply_kernel", "_finish_samples_kernel"]
+TWO_PASS_BWD = ["_bwd_col_sums_kernel", "_bwd_apply_kernel"]
 
 
 @pytest.mark.parametrize("regime", ["looped", "split"])
@@ -201,7 +201,7 @@ TWO_PASS_BWD = ["_bwd_col_sums_kernel", "_bwd_apply_kernel", "_finish_samples_ke
 def test_two_pass_backward_reads_them_in_place(regime, shape, wk, bk, center, monkeypatch):
     # The looped/split backward's first stage (_bwd_col_sums_kernel) walks one sample's row blocks
     # per program on an (R, column tiles, N) grid: per-sample column sums, added per sample by the
-    # finish. Forward and backward read the parameters in place; no expansion, no torch op.
+    # apply kernel's programs. Forward and backward read the parameters in place; no expansion.
     calls = record_param_launches(monkeypatch)
     fwd, bwd = _run(shape, wk, bk, act="silu", center=center, calls=calls,
                     force=dispatch.forced(regime, block_p=2, block_m=16, split=2))
@@ -218,7 +218,7 @@ def test_two_pass_backward_gradient_subsets(want, monkeypatch):
     names = [n for n, _, _ in bwd]
     # dx alone: the plain two-stage backward (its sums kernel reads them per sample too).
     assert names == (["_bwd_sums_kernel", "_bwd_apply_kernel"] if want == "x" else TWO_PASS_BWD), bwd
-    assert all(nc == 2 and not full for n, nc, full in bwd if n != "_finish_samples_kernel"), bwd
+    assert all(nc == 2 and not full for n, nc, full in bwd), bwd
 
 
 def test_two_pass_backward_low_precision(monkeypatch):
@@ -238,7 +238,7 @@ def test_two_pass_cost_model_counts_the_launches_run(monkeypatch):
         y = tritonorm.norm(xs, "L", weight=ws, bias=bs, backend="triton")
         calls.clear()
         torch.autograd.grad(y, [xs, ws, bs], torch.randn_like(y))
-    assert bwd.cost.launches == len(calls) == 3, calls
+    assert bwd.cost.launches == len(calls) == 2, calls
 
 
 def test_rows_out_of_sample_order_keep_the_expansion(monkeypatch):

@@ -211,14 +211,13 @@ def backward_cost(plan: dispatch.Plan, problem: dispatch.Problem, dwdb_plan: dis
     elif need_wb and col_channel and not given:
         # Columns are channels (LayerNorm rows), looped/split: the first stage stores each row's
         # S1, S2 per column tile and each program's per-column dweight/dbias sums; the apply
-        # kernel adds a row's tiles and the programs' sums (adaLN's per-sample ones: a finish
-        # launch of its own).
+        # kernel adds a row's tiles and the programs' sums (adaLN's per sample too).
         bp, bm = plan.config["block_p"], plan.config["block_m"]
         tiles = math.ceil(M / bm)
         # adaLN's per-sample weight/bias: each sample's programs ([2, N*R, M] partials).
         progs = sample_programs or dispatch.col_tile_programs(math.ceil(P / bp), tiles, plan.config["num_warps"],
                                                               profile)
-        launches += 2 + bool(sample_programs)
+        launches += 2
         read += n + xin + res_read + 3 * P * 4 + params_in
         written += 2 * P * tiles * 4 + 2 * M * progs * 4
         read += n + xin + dh_read + res_read + stats + params_in + 2 * P * tiles * 4

@@ -367,6 +367,7 @@ def _bwd_apply_kernel(
     LEAN: tl.constexpr = 0,                   # as the fused kernel
     PART_N: tl.constexpr = False,             # FINISH on BatchNorm rows: Part is [4, N, P, FIN_S]
     ColPart=None, FINISH_COLS: tl.constexpr = False,  # [2, FIN_S, M] column sums (see below)
+    FINISH_SAMPLES: tl.constexpr = False, W_SAMPLE: tl.constexpr = False, B_SAMPLE: tl.constexpr = False,
 ):
     """dx (and dresidual) over a 2-D grid of (row block, column tiles); each program adds its
     rows' SPLIT partial sums itself, and with ROW_CHANNEL the programs of column 0 store dweight
@@ -375,12 +376,18 @@ def _bwd_apply_kernel(
     channels, the segments (n, c) sample-major): a row's N*FIN_S partials are strided by P*FIN_S.
     FINISH_COLS (LayerNorm rows, looped/split: _bwd_col_sums_kernel's FIN_S programs' per-column
     dweight/dbias sums in ColPart): the programs share out the column blocks and store their
-    sums, where a finish launch of its own did."""
+    sums, where a finish launch of its own did. FINISH_SAMPLES: the same for adaLN's per-sample
+    sums ([2, FIN_N * FIN_S, M], FIN_S programs a sample; as _finish_samples_kernel)."""
     if FINISH:
         _finish_segments(Part, DW, DB, FIN_N, FIN_C, FIN_S, NEED_DW, NEED_DB, BLOCK_C, BLOCK_S, W_NC, B_NC)
     if FINISH_COLS:
         _finish_columns(ColPart, DW, DB, M, FIN_S, tl.program_id(0) * tl.num_programs(1) + tl.program_id(1),
                         tl.num_programs(0) * tl.num_programs(1), NEED_DW, NEED_DB, BLOCK_C, BLOCK_S)
+    if FINISH_SAMPLES:
+        _finish_sample_columns(ColPart, DW, DB, M, FIN_N, FIN_S,
+                               tl.program_id(0) * tl.num_programs(1) + tl.program_id(1),
+                               tl.num_programs(0) * tl.num_programs(1), 0, 1, NEED_DW, NEED_DB, W_SAMPLE, B_SAMPLE,
+                               BLOCK_C, BLOCK_S)
     rows, rmask, rx, ro, rt, rh = row_block(tl.program_id(0), P, BLOCK_P, INT64, RG)
     k, mean, rstd = load_stats(Stats, P, rt, rmask, X, rx, LEAN)
     s1 = tl.zeros([BLOCK_P], dtype=tl.float32)
@@ -505,27 +512,39 @@ def _finish_samples_kernel(
     parameter (W_SAMPLE, B_SAMPLE; (N, 1, D) stored contiguous) gets each sample's sum of its J
     partials at n*M + d, a per-column one ((1, 1, D) beside it) the sum of all N*J, by the
     programs of sample 0 (the grid is then (column blocks, 1)). Fixed order, cast once."""
-    cs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = cs < M
+    _finish_sample_columns(Part, DW, DB, M, N, J, tl.program_id(0), tl.num_programs(0), tl.program_id(1),
+                           tl.num_programs(1), NEED_DW, NEED_DB, W_SAMPLE, B_SAMPLE, BLOCK_C, BLOCK_S)
+
+
+@triton.jit
+def _finish_sample_columns(Part, DW, DB, M, N, J, pid, progs, n0, n_step, NEED_DW: tl.constexpr,
+                           NEED_DB: tl.constexpr, W_SAMPLE: tl.constexpr, B_SAMPLE: tl.constexpr,
+                           BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    """``_finish_samples_kernel``'s sums for column blocks pid, pid + progs, ... and samples n0,
+    n0 + n_step, ... (those with n0 == 0 also the per-column parameter's sum of all N*J): a finish
+    kernel's own grid, or shared out over an apply grid (n0 = 0, n_step = 1)."""
     plane = N * J * M
-    for n in range(tl.program_id(1), N, tl.num_programs(1)):
-        if NEED_DW:
-            if W_SAMPLE:
-                dw = _sum_rows(Part, n * J, n * J + J, cs, cmask, M, BLOCK_C, BLOCK_S)
-                tl.store(DW + n * M + cs, dw.to(DW.dtype.element_ty), mask=cmask)
-        if NEED_DB:
-            if B_SAMPLE:
-                db = _sum_rows(Part + plane, n * J, n * J + J, cs, cmask, M, BLOCK_C, BLOCK_S)
-                tl.store(DB + n * M + cs, db.to(DB.dtype.element_ty), mask=cmask)
-    if tl.program_id(1) == 0:
-        if NEED_DW:
-            if not W_SAMPLE:
-                dw = _sum_rows(Part, 0, N * J, cs, cmask, M, BLOCK_C, BLOCK_S)
-                tl.store(DW + cs, dw.to(DW.dtype.element_ty), mask=cmask)
-        if NEED_DB:
-            if not B_SAMPLE:
-                db = _sum_rows(Part + plane, 0, N * J, cs, cmask, M, BLOCK_C, BLOCK_S)
-                tl.store(DB + cs, db.to(DB.dtype.element_ty), mask=cmask)
+    for cb in range(pid, tl.cdiv(M, BLOCK_C), progs):
+        cs = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+        cmask = cs < M
+        for n in range(n0, N, n_step):
+            if NEED_DW:
+                if W_SAMPLE:
+                    dw = _sum_rows(Part, n * J, n * J + J, cs, cmask, M, BLOCK_C, BLOCK_S)
+                    tl.store(DW + n * M + cs, dw.to(DW.dtype.element_ty), mask=cmask)
+            if NEED_DB:
+                if B_SAMPLE:
+                    db = _sum_rows(Part + plane, n * J, n * J + J, cs, cmask, M, BLOCK_C, BLOCK_S)
+                    tl.store(DB + n * M + cs, db.to(DB.dtype.element_ty), mask=cmask)
+        if n0 == 0:
+            if NEED_DW:
+                if not W_SAMPLE:
+                    dw = _sum_rows(Part, 0, N * J, cs, cmask, M, BLOCK_C, BLOCK_S)
+                    tl.store(DW + cs, dw.to(DW.dtype.element_ty), mask=cmask)
+            if NEED_DB:
+                if not B_SAMPLE:
+                    db = _sum_rows(Part + plane, 0, N * J, cs, cmask, M, BLOCK_C, BLOCK_S)
+                    tl.store(DB + cs, db.to(DB.dtype.element_ty), mask=cmask)
 
 
 @triton.jit

@@ -674,6 +674,9 @@ class BackwardPlan:
                         row_blocks = triton.cdiv(P // N, bp)
                         per = dispatch.sample_tile_programs(N, P // N, bp, tiles_m, nw, profile)
                         self.progs, grid = N * per, (per, tiles_m, N)
+                        # The apply kernel adds each sample's sums (as _finish_samples_kernel).
+                        fin = dict(FINISH_SAMPLES=True, FIN_N=N, FIN_S=per, W_SAMPLE=nc[0] == "nd",
+                                   B_SAMPLE=nc[1] == "nd")
                     else:  # the apply kernel adds the programs' sums (FINISH_COLS): 2 launches
                         row_blocks = triton.cdiv(P, bp)
                         self.progs = dispatch.col_tile_programs(row_blocks, tiles_m, nw, profile)
@@ -725,10 +728,9 @@ class BackwardPlan:
         self.dwdb = None
         self.finish_cols = None
         col_two = self.dx_kind == "two-stage" and self.col_two
-        # A finish launch adds the column sums of the fused dx pass (one program: none) and the
-        # per-sample ones of adaLN's first stage; the plain first stage's, the apply kernel adds.
-        if need_wb and ((col_channel and not col_two and not getattr(self, "col_direct", False))
-                        or (col_two and self.rows_nc)):
+        # A finish launch adds the column sums of the fused dx pass (one program: none); those of
+        # the looped/split first stage (adaLN's per sample too), the apply kernel adds.
+        if need_wb and col_channel and not col_two and not getattr(self, "col_direct", False):
             self.finish_cols = M
         # nc: only a (C,) parameter's partials are added over N (per-sample ones are stored whole)
         fin_w, fin_b = need_dw and not self.w_nc, need_db and not self.b_nc
@@ -889,13 +891,10 @@ class BackwardPlan:
                 part = _empty((4, self.part_rows, self.part_split), x.device)
                 run(x, dy, r, w, b, stats, part, *fixed)
             run, fixed = self.apply
-            if self.col_two and not self.rows_nc:  # the apply kernel also adds the column sums
+            if self.col_two:  # the apply kernel also adds the column sums (adaLN's per sample)
                 run(x, dy, r, w, b, stats, part, dxp, dr, dwp, dbp, *fixed, ColPart=cols, **dhk)
             else:
                 run(x, dy, r, w, b, stats, part, dxp, dr, dwp, dbp, *fixed, **dhk)
-            if self.col_two and self.rows_nc:  # per-sample partials [2, N*R, M]
-                N = c.shape[0]
-                self.finish(cols, dwp, dbp, self.M, N, self.progs // N)
         if self.dwdb is not None:
             run, fixed = self.dwdb
             if self.dwdb_split == 1:
