@@ -663,7 +663,7 @@ class BackwardPlan:
                 # stage keeps per-column dweight/dbias sums of its column tile over its rows
                 # (_bwd_col_sums_kernel), each row's S1, S2 split over the column tiles.
                 # adaLN's per-sample weight/bias (rows_nc): the same, each program over one
-                # sample's row blocks ([2, N*R, M] partials, added per sample by the finish).
+                # sample's row blocks ([2, N*R, M] partials, added per sample by the apply kernel).
                 self.col_two = (need_wb and not self.given and seg is None and not param_full
                                 and (self.rows_nc or (nc is None and channel_per_col(view, c.shape[1]))))
                 if self.col_two:
