@@ -36,6 +36,7 @@ class Experiment:
     # Dry run only: the regime forced on both sides (dispatch.forced keywords), so that the scaled
     # cases take the path the switch changes in the interpreter too.
     dry_force: dict | None = None
+    dtype: str = "bf16"  # the inputs' dtype ("bf16" or "fp32")
 
 
 def _setting(module, attr, value):
@@ -110,6 +111,12 @@ def experiments() -> list[Experiment]:
                    "B faster at 32-256 rows (fewer serial iterations a program; the partials stay in L2)",
                    (("llm", "rms 32x4096", "fwd+bwd"), ("llm", "rms 256x4096", "fwd+bwd")),
                    _setting(dispatch, "ROWS_PER_PROGRAM", 1)),
+        Experiment("ln_fp32_warps", "LayerNorm 4096x8192 fp32 forward: one row on 16 warps (A; Triton 3.6 "
+                   "spills 8 bytes at 40 registers) -> 8 warps (B; 75 registers, no spill)",
+                   "B no slower: 32 fp32 a thread still fit, and nothing goes through local memory",
+                   (("llm", "ln 4096x8192", "fwd"),),
+                   lambda: dispatch.forced("fused", op="forward", block_p=1, num_warps=8), dtype="fp32",
+                   dry_force=dict(kernel="fused", op="forward", block_p=1)),
         Experiment("bn_split", "BatchNorm NCHW 64x112^2 b32 forward: the heuristic's split 256 (A) -> 64 (B)",
                    "B faster: at 256 a partial program reads 1.5 tiles of 1024",
                    (("resnet50", "bn 64x112^2 b32", "fwd"),),
@@ -117,23 +124,24 @@ def experiments() -> list[Experiment]:
     ]
 
 
-def _inputs(case, mode, device, seed):
+def _inputs(case, mode, device, seed, dtype="bf16"):
     """The case's inputs drawn on the host from ``seed`` (the same for A and B)."""
     import torch
 
     from tritonorm.tuning.suites import make_inputs
 
     torch.manual_seed(seed)
-    return make_inputs(case, torch.bfloat16, device, requires_grad=mode != "fwd", host_rng=True)
+    return make_inputs(case, {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype], device,
+                       requires_grad=mode != "fwd", host_rng=True)
 
 
-def _outputs(case, mode, device, seed):
+def _outputs(case, mode, device, seed, dtype="bf16"):
     """A function returning tritonorm's outputs for the case (y, and every gradient for fwd+bwd)."""
     import torch
 
     from tritonorm.bench import providers
 
-    x, kw = _inputs(case, mode, device, seed)
+    x, kw = _inputs(case, mode, device, seed, dtype)
     f = providers.make("tritonorm", case, x, kw)
     leaves = [t for t in (x, kw.get("weight"), kw.get("bias"), kw.get("add_residual")) if t is not None]
     torch.manual_seed(seed + 1)
@@ -169,23 +177,23 @@ def run_case(exp: Experiment, case, mode: str, cuda: bool) -> dict:
     from tritonorm.bench import bytes_model, timing
 
     device = "cuda" if cuda else "cpu"
-    row = {"experiment": exp.name, "suite": case.suite, "case": case.name, "mode": mode}
+    row = {"experiment": exp.name, "suite": case.suite, "case": case.name, "mode": mode, "dtype": exp.dtype}
     force = exp.dry_force if exp.dry_force and not cuda else None
 
     def forced():
         return dispatch.forced(**force) if force else contextlib.nullcontext()
 
     def timed():
-        nbytes = bytes_model.bytes_moved(case, 2, mode)
-        fns = [_timed(case, mode, device, s) for s in range(timing.input_sets(nbytes))]
+        nbytes = bytes_model.bytes_moved(case, 4 if exp.dtype == "fp32" else 2, mode)
+        fns = [_timed(case, mode, device, s, exp.dtype) for s in range(timing.input_sets(nbytes))]
         t = timing.time_fns(fns, nbytes)
         return {"us": t.ms * 1e3, "wall_us": (t.wall_ms or 0) * 1e3, "method": t.method}
 
     with forced():
-        a = _outputs(case, mode, device, 1234)()
+        a = _outputs(case, mode, device, 1234, exp.dtype)()
     with exp.switch():
         with forced():
-            b = _outputs(case, mode, device, 1234)()
+            b = _outputs(case, mode, device, 1234, exp.dtype)()
         row["check"] = _same(a, b)
         if cuda:
             row["B"] = timed()
@@ -195,11 +203,11 @@ def run_case(exp: Experiment, case, mode: str, cuda: bool) -> dict:
     return row
 
 
-def _timed(case, mode, device, seed):
+def _timed(case, mode, device, seed, dtype="bf16"):
     from tritonorm.bench import providers
     from tritonorm.bench.gpu import _mode_fn
 
-    x, kw = _inputs(case, mode, device, 100 + seed)
+    x, kw = _inputs(case, mode, device, 100 + seed, dtype)
     return _mode_fn(providers.make("tritonorm", case, x, kw), mode, x, kw)
 
 
