@@ -51,14 +51,6 @@ def _plain(x, spec, center, given):
                                launch.NO_RUNNING)
 
 
-def _kernel_params(plan, weight, bias, x):
-    """As ``core._expanded``: the parameters as given where the kernels read them in place,
-    else expanded to x's shape in y's layout."""
-    if plan.nc is not None:
-        return weight, bias
-    return plan.c.full_param(weight, x), plan.c.full_param(bias, x)
-
-
 def _out_like(x, t):
     """``t`` in y's dtype and layout (what the fake implementations promise)."""
     out = torch.empty_like(x, memory_format=torch.preserve_format)
@@ -69,10 +61,10 @@ def forward(x, spec, weight, bias, residual, given, eps: float, center: bool, ac
     """(y, [5, P] statistics). ``given``: (running_mean or None, running_var) to normalize with."""
     rm, rv = given if given is not None else (None, None)
     plan = _plan(x, spec, weight, bias, residual, act, center, given is not None)
-    if plan is not None:
-        w, b = _kernel_params(plan, weight, bias, x)
-        return plan(x, w, b, residual, rm, rv, eps)
     from . import core
+
+    if plan is not None:
+        return plan(x, *core.expanded(plan.nc is None, plan, weight, bias, x), residual, rm, rv, eps)
 
     z, stats = _plain(x, spec, center, given is not None)(x, None, None, None, rm, rv, eps)
     return _out_like(x, core.compose(z, x, weight, bias, residual, _NAMES[act])), stats
@@ -87,12 +79,8 @@ def backward(dy, x, spec, weight, bias, residual, stats, center: bool, act: int,
     plan = _plan(x, spec, weight, bias, residual, act, center, given)
     if plan is None:
         return _composite_backward(dy, x, spec, weight, bias, residual, stats, center, act, given, needs)
-    bplan = plan.backward(needs)
-    if plan.nc is None:  # per-element gradients of the expanded parameters
-        dx, dw, db, dres = bplan(dy, x, *_kernel_params(plan, weight, bias, x), residual, stats)
-        dw, db = core._reduced(dw, weight), core._reduced(db, bias)
-    else:
-        dx, dw, db, dres = bplan(dy, x, weight, bias, residual, stats)
+    dx, dw, db, dres = core.param_backward(plan.nc is None, plan, plan.backward(needs), dy, x, weight, bias,
+                                           residual, stats)
     return dx, _dense(dw), _dense(db), dres
 
 

@@ -181,7 +181,7 @@ class _Call:
             y = _apply_norm(x, weight, bias, residual, io)
             stats = io[5]
         elif self.param_full:
-            y, stats = plan(x, *_expanded(self, weight, bias, x), residual, running_mean, running_var, eps, momentum)
+            y, stats = plan(x, *expanded(self.expand, plan, weight, bias, x), residual, running_mean, running_var, eps, momentum)
         else:
             y, stats = plan(x, weight, bias, residual, running_mean, running_var, eps, momentum)
         if self.torch_update:
@@ -227,7 +227,7 @@ class _NormFunction(torch.autograd.Function):
                 lean = call.lean_by_need[need] = call.plan.lean_for(_needs(call, need, weight, bias))
         # Broadcast weight/bias are expanded for the kernels here (when they are not read in place)
         # and saved unexpanded.
-        w, b = _expanded(call, weight, bias, x)
+        w, b = expanded(call.expand, call.plan, weight, bias, x)
         y, stats = call.plan(x, w, b, residual, running_mean, running_var, eps, momentum, lean)
         io[5] = stats
         ctx.set_materialize_grads(False)
@@ -255,12 +255,7 @@ class _NormFunction(torch.autograd.Function):
             if plan is None:
                 plan = call.bplans[key] = call.plan.backward(_needs(call, ctx.needs_input_grad, weight, bias),
                                                              lean=stats.shape[0] != 5)
-            if call.expand:
-                # Per-element gradients of the expanded parameters, summed back to their shapes.
-                dx, dw, db, dres = plan(dy, x, *_expanded(call, weight, bias, x), residual, stats)
-                grads = (dx, _reduced(dw, weight), _reduced(db, bias), dres)
-            else:
-                grads = plan(dy, x, weight, bias, residual, stats)
+            grads = param_backward(call.expand, call.plan, plan, dy, x, weight, bias, residual, stats)
         return (*grads, None)
 
 
@@ -295,13 +290,23 @@ def _needs(call, need, weight, bias):
     return (need[0], weight is not None and need[1], bias is not None and need[2], call.has_res and need[3])
 
 
-def _expanded(call, weight, bias, x):
-    """The weight and bias the kernels read: as given (per channel, or per (sample, channel) read
-    in place), or (other broadcast shapes) expanded to x's shape in y's layout."""
-    if not call.expand:
+def expanded(expand: bool, plan, weight, bias, x):
+    """The weight and bias ``plan``'s kernels read: as given (per channel, or per (sample,
+    channel) read in place), or where ``expand`` (other broadcast shapes) expanded to x's shape in
+    y's layout. The eager calls (core, prenorm) and the registered ops (broadcast_ops) share it."""
+    if not expand:
         return weight, bias
-    c = call.plan.c
+    c = plan.c
     return c.full_param(weight, x), c.full_param(bias, x)
+
+
+def param_backward(expand: bool, plan, bplan, dy, x, weight, bias, *rest):
+    """``bplan(dy, x, weight, bias, *rest)`` with weight/bias as ``plan``'s forward read them
+    (``expanded``): expanded ones give per-element gradients, summed back to their shapes."""
+    if not expand:
+        return bplan(dy, x, weight, bias, *rest)
+    dx, dw, db, dres = bplan(dy, x, *expanded(True, plan, weight, bias, x), *rest)
+    return dx, _reduced(dw, weight), _reduced(db, bias), dres
 
 
 def _reduced(g, param):
@@ -329,17 +334,20 @@ def _broadcast_params(x, weight, bias) -> bool:
             raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
         if t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
-        if not broadcasts_to(t, x.shape):
-            raise ValueError(f"{name} must have shape ({x.shape[1]},) or be broadcastable to x's shape "
-                             f"{tuple(x.shape)}, got {tuple(t.shape)}")
+        _check_broadcasts(name, t, x)
         full = True
     if full:  # beside a broadcast one, (C,) per channel, or of lower rank broadcast by torch's rules
         for name, t in plain:
             check_tensor(name, t, x)
-            if t is not None and tuple(t.shape) != (x.shape[1],) and not broadcasts_to(t, x.shape):
-                raise ValueError(f"{name} must have shape ({x.shape[1]},) or be broadcastable to x's shape "
-                                 f"{tuple(x.shape)}, got {tuple(t.shape)}")
+            if t is not None and tuple(t.shape) != (x.shape[1],):
+                _check_broadcasts(name, t, x)
     return full
+
+
+def _check_broadcasts(name, t, x) -> None:
+    if not broadcasts_to(t, x.shape):
+        raise ValueError(f"{name} must have shape ({x.shape[1]},) or be broadcastable to x's shape "
+                         f"{tuple(x.shape)}, got {tuple(t.shape)}")
 
 
 def _nc_kind(t, x) -> str | None:

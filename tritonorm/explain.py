@@ -163,14 +163,11 @@ def explain(x: torch.Tensor, scope: str = "group", *, num_groups: int | None = N
     # as a plain call with N*C parameters.
     param_nc = None
     nc = _nc_affine(x, weight, bias) if param_full else None
-    if nc is not None and not given:
-        nseg = _segments(x, spec, weight, bias, False, given)
-        if nseg is not None and nseg.order:
-            param_full = False
-            param_nc = (sum(t.numel() for t in (weight, bias) if t is not None), nc[:2].count("c"))
+    nseg = _segments(x, spec, weight, bias, False, given) if nc is not None and not given else None
+    in_place = nseg is not None and nseg.order
     # Conditional BatchNorm (plain BatchNorm with them): read in place too, also in eval.
-    bn = _bn_segments(x, spec) if nc is not None and param_nc is None else None
-    if bn is not None:
+    bn = _bn_segments(x, spec) if nc is not None and not in_place else None
+    if in_place or bn is not None:
         param_full = False
         param_nc = (sum(t.numel() for t in (weight, bias) if t is not None), nc[:2].count("c"))
     # adaLN's per-(sample, column) weight/bias read in place (launch._row_samples_plan): a plain

@@ -102,7 +102,7 @@ class _AddCall:
                  running_mean, running_var, momentum, training, backend):
         # Broadcast (adaptive) weight or bias, as core._Call: read in place by the kernels where the
         # plan allows (per (sample, channel), per (sample, column)), else expanded to x's shape
-        # (``expand``, core._expanded) and the per-element gradients summed (core._reduced).
+        # (``expand``, core.expanded) and the per-element gradients summed (core.param_backward).
         self.param_full = self.expand = core._broadcast_params(x, weight, bias)
         pw, pb = (None, None) if self.param_full else (weight, bias)
         spec, act = check_norm_args(x, scope, num_groups, pw, pb, eps, center, activation, None,
@@ -138,7 +138,7 @@ class _AddCall:
             y, h, stats = _apply_add_norm(x, residual, weight, bias, running_mean, running_var, eps,
                                                  momentum, self)
         else:
-            y, stats, h = self.plan.add(x, residual, *core._expanded(self, weight, bias, x), running_mean,
+            y, stats, h = self.plan.add(x, residual, *core.expanded(self.expand, self.plan, weight, bias, x), running_mean,
                                         running_var, eps, momentum, self.rd)
         if self.torch_update:
             core._update_running(self.spec, x.shape, stats, running_mean, running_var, momentum, self.center)
@@ -158,7 +158,7 @@ class _AddNormFunction(torch.autograd.Function):
             lean = call.plan.lean_for((need[0] or need[1], weight is not None and need[2],
                                        bias is not None and need[3], False))
         # Broadcast weight/bias the kernels do not read in place are expanded here, saved as given.
-        w, b = core._expanded(call, weight, bias, x)
+        w, b = core.expanded(call.expand, call.plan, weight, bias, x)
         y, stats, h = call.plan.add(x, residual, w, b, running_mean, running_var, eps, momentum, call.rd, lean)
         ctx.set_materialize_grads(False)
         ctx.call = call
@@ -186,11 +186,8 @@ class _AddNormFunction(torch.autograd.Function):
         twice = ctx.res_dtype != ctx.x_dtype and need[1]
         plan = call.plan.backward((need_x, need_w, need_b, False), add_dh=dh is not None and need_x,
                                   dx_twice=twice, lean=stats.shape[0] != 5)
-        if call.expand:  # per-element gradients of the expanded parameters, summed to their shapes
-            dx, dw, db, dres = plan(dy, h, *core._expanded(call, weight, bias, h), None, stats, dh, ctx.res_dtype)
-            dw, db = core._reduced(dw, weight), core._reduced(db, bias)
-        else:
-            dx, dw, db, dres = plan(dy, h, weight, bias, None, stats, dh, ctx.res_dtype)
+        dx, dw, db, dres = core.param_backward(call.expand, call.plan, plan, dy, h, weight, bias, None, stats, dh,
+                                               ctx.res_dtype)
         if not need_x:  # only weight/bias: the plan still ran the dx pass only if it needed it
             dx = dres = None
         return (dx if need[0] else None, dres if need[1] else None, dw if need_w else None,

@@ -452,6 +452,11 @@ def measure(env, case, mode: str, sleep, profile_calls: int, profiles: list) -> 
     return row
 
 
+def _fwd_bwd_cases(work) -> list:
+    """The fwd+bwd cases of the stage's work, LayerNorm's first (the widest wall gap in run 2)."""
+    return [c for c, m in work if m == "fwd+bwd" and c.kind == "layer_norm"] or [c for c, m in work if m == "fwd+bwd"]
+
+
 def after_compile(env, work, deadline: float, dry_run: bool) -> dict:
     """The bench stage times torch.compile beside us in one process, and compiling leaves
     worker threads behind. Our backward runs Python in autograd's device thread (eager's is C++),
@@ -459,7 +464,7 @@ def after_compile(env, work, deadline: float, dry_run: bool) -> dict:
     again after one torch.compile'd function has been compiled and run in this process."""
     import torch
 
-    fb = [c for c, m in work if m == "fwd+bwd" and c.kind == "layer_norm"] or [c for c, m in work if m == "fwd+bwd"]
+    fb = _fwd_bwd_cases(work)
     if not fb:
         return {"skipped": "no fwd+bwd case"}
     if deadline - time.monotonic() < (3.0 if dry_run else 20.0):
@@ -488,7 +493,7 @@ def python_node(env, work, deadline: float, dry_run: bool) -> dict:
     whatever its kernels do; tritonorm's gap to eager beyond it is ours."""
     import torch
 
-    fb = [c for c, m in work if m == "fwd+bwd" and c.kind == "layer_norm"] or [c for c, m in work if m == "fwd+bwd"]
+    fb = _fwd_bwd_cases(work)
     if not fb:
         return {"skipped": "no fwd+bwd case"}
     if deadline - time.monotonic() < (2.0 if dry_run else 10.0):

@@ -257,9 +257,13 @@ class ForwardPlan:
         self.param_full = param_full
         if param_full:
             pre["PARAM_FULL"] = True
-        elif self.nc is not None:
+        # The kernels' PARAM_NC and PS (PG: rows a sample, or conditional BN's output N stride),
+        # the backward's as well.
+        self.nc_kw = {}
+        if self.nc is not None and not param_full:
             pg = c.out_stride[0] if self.nc_flag == 3 else c.view.P // c.shape[0]
-            pre.update(PARAM_NC=True if self.nc_flag == 1 else self.nc_flag, PS=(pg, *param_nc[2]))
+            self.nc_kw = dict(PARAM_NC=True if self.nc_flag == 1 else self.nc_flag, PS=(pg, *param_nc[2]))
+            pre.update(self.nc_kw)
         self.has_w, self.has_b, self.has_res, self.act = has_w, has_b, has_res, act
         self._backward: dict = {}
         self._lean: dict = {}
@@ -601,8 +605,7 @@ class BackwardPlan:
         if nc is not None:
             self.w_nc, self.b_nc = need_dw and nc[0] == "nc", need_db and nc[1] == "nc"
             self.store_dx = need_dx or self.write_dres
-            pg = c.out_stride[0] if bn_nc else P // c.shape[0]
-            nck = dict(PARAM_NC=True if fwd.nc_flag == 1 else fwd.nc_flag, PS=(pg, *nc[2]))
+            nck = dict(fwd.nc_kw)
             addk.update(nck)
             if seg is not None:
                 addk.update(W_NC=self.w_nc, B_NC=self.b_nc)
