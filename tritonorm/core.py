@@ -136,9 +136,10 @@ class _Call:
         self.has_res = residual is not None
         self.empty = x.numel() == 0
         self.plan = None
-        # Per autograd.Function input mask (ctx.needs_input_grad): whether the forward keeps lean
-        # statistics; and per (mask, statistics rows, forced regime) the backward plan.
-        self.lean_by_need: dict = {}
+        # Per (autograd.Function input mask (ctx.needs_input_grad), lean allowed): whether the
+        # forward keeps lean statistics and the room its backward's partials take in the
+        # statistics buffer (launch.part_row); and per (mask, lean, forced regime) the backward plan.
+        self.work_by_need: dict = {}
         self.bplans: dict = {}
         self.copy_running = self.torch_update = False
         self.count = spec.count(x.shape)
@@ -220,18 +221,19 @@ class _NormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, residual, io):
         call, running_mean, running_var, eps, momentum, lean = io
-        if lean:
-            need = ctx.needs_input_grad
-            lean = call.lean_by_need.get(need)
-            if lean is None:
-                lean = call.lean_by_need[need] = call.plan.lean_for(_needs(call, need, weight, bias))
+        key = (ctx.needs_input_grad, lean)
+        work = call.work_by_need.get(key)
+        if work is None:
+            work = call.work_by_need[key] = _work(call, ctx.needs_input_grad, lean, weight, bias)
+        lean, room = work
         # Broadcast weight/bias are expanded for the kernels here (when they are not read in place)
         # and saved unexpanded.
         w, b = expanded(call.expand, call.plan, weight, bias, x)
-        y, stats = call.plan(x, w, b, residual, running_mean, running_var, eps, momentum, lean)
+        y, stats = call.plan(x, w, b, residual, running_mean, running_var, eps, momentum, lean, room)
         io[5] = stats
         ctx.set_materialize_grads(False)
         ctx.call = call
+        ctx.lean = lean
         ctx.save_for_backward(x, weight, bias, residual if call.act != 0 else None, stats)
         return y
 
@@ -250,11 +252,11 @@ class _NormFunction(torch.autograd.Function):
             grads = tuple(double_backward.grads(dy, x, weight, bias, residual, call.spec, call.eps, call.center,
                                                 call.act, given, list(needs), call.has_res))
         else:
-            key = (ctx.needs_input_grad, stats.shape[0], dispatch.forced_state())
+            key = (ctx.needs_input_grad, ctx.lean, dispatch.forced_state())
             plan = call.bplans.get(key)
             if plan is None:
                 plan = call.bplans[key] = call.plan.backward(_needs(call, ctx.needs_input_grad, weight, bias),
-                                                             lean=stats.shape[0] != 5)
+                                                             lean=ctx.lean)
             grads = param_backward(call.expand, call.plan, plan, dy, x, weight, bias, residual, stats)
         return (*grads, None)
 
@@ -283,6 +285,15 @@ def direct_apply(cls):
 
 
 _apply_norm = direct_apply(_NormFunction)
+
+
+def _work(call, need, lean_allowed: bool, weight, bias) -> tuple[bool, int]:
+    """(lean, room) of a forward whose backward asks for ``need``: lean statistics where the
+    caller does not read them and the kernels allow (launch.ForwardPlan.lean_for), and the rows
+    that backward's partials take in the statistics buffer (launch.part_row)."""
+    needs = _needs(call, need, weight, bias)
+    lean = bool(lean_allowed) and call.plan.lean_for(needs)
+    return lean, call.plan.backward(needs, lean=lean).room_rows
 
 
 def _needs(call, need, weight, bias):

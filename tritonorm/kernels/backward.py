@@ -210,10 +210,13 @@ def _bwd_sums_kernel(
     CHAN: tl.constexpr, INT64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr,
     ROW_CHANNEL: tl.constexpr, PARAM_FULL: tl.constexpr = False,
     PARAM_NC: tl.constexpr = False, PS=None, LEAN: tl.constexpr = 0,  # LEAN: as the fused kernel
+    PART_ROW: tl.constexpr = 0,  # > 0: Part is the statistics buffer, the partials from its row PART_ROW
 ):
     """S1, S2 over one column chunk (looped regime: SPLIT = 1; split regime: stage 1); with
     ROW_CHANNEL also the dweight, dbias partials (sums of gz*xhat and gz). Also runs on the
     segment view (rows = (sample, channel) segments, each reading its statistic's row)."""
+    if PART_ROW != 0:
+        Part += PART_ROW * NSTAT
     rows, rmask, rx, ro, rt, rh = row_block(tl.program_id(0), P, BLOCK_P, INT64, RG)
     sp = tl.program_id(1)
     if INT64:
@@ -368,6 +371,7 @@ def _bwd_apply_kernel(
     PART_N: tl.constexpr = False,             # FINISH on BatchNorm rows: Part is [4, N, P, FIN_S]
     ColPart=None, FINISH_COLS: tl.constexpr = False,  # [2, FIN_S, M] column sums (see below)
     FINISH_SAMPLES: tl.constexpr = False, W_SAMPLE: tl.constexpr = False, B_SAMPLE: tl.constexpr = False,
+    PART_ROW: tl.constexpr = 0,               # as _bwd_sums_kernel's (Part is Stats)
 ):
     """dx (and dresidual) over a 2-D grid of (row block, column tiles); each program adds its
     rows' SPLIT partial sums itself, and with ROW_CHANNEL the programs of column 0 store dweight
@@ -378,6 +382,8 @@ def _bwd_apply_kernel(
     dweight/dbias sums in ColPart): the programs share out the column blocks and store their
     sums, where a finish launch of its own did. FINISH_SAMPLES: the same for adaLN's per-sample
     sums ([2, FIN_N * FIN_S, M], FIN_S programs a sample; as _finish_samples_kernel)."""
+    if PART_ROW != 0:
+        Part += PART_ROW * P
     if FINISH:
         _finish_segments(Part, DW, DB, FIN_N, FIN_C, FIN_S, NEED_DW, NEED_DB, BLOCK_C, BLOCK_S, W_NC, B_NC)
     if FINISH_COLS:

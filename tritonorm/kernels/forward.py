@@ -104,9 +104,12 @@ def _fwd_partial_kernel(
     RG, CG,
     CENTER: tl.constexpr, INT64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr,
     Res=None, H=None, PRE_ADD: tl.constexpr = False,  # PRE_ADD: moments of h = x + Res (not stored)
+    PART_ROW: tl.constexpr = 0,  # > 0: Part is the [>= PART_ROW + 2 SPLIT, P] statistics buffer (launch.PART_ROW)
 ):
     """Moments (of x minus the row's pivot) of one column chunk of BLOCK_P statistics
     (split regime, stage 1)."""
+    if PART_ROW != 0:
+        Part += PART_ROW * P
     rows, rmask, rx, ro, rt, rh = row_block(tl.program_id(0), P, BLOCK_P, INT64, RG)
     sp = tl.program_id(1)
     if INT64:
@@ -166,10 +169,13 @@ def _fwd_apply_kernel(
     BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, RUNNING: tl.constexpr,  # BLOCK_S: partials per step
     H=None, PRE_ADD: tl.constexpr = False,  # as the fused kernel; re-adds x + Res, stores H
     PARAM_FULL: tl.constexpr = False, PARAM_NC: tl.constexpr = False, PS=None, LEAN: tl.constexpr = 0,
+    PART_ROW: tl.constexpr = 0,       # > 0: the partials sit in Part (= Stats) from row PART_ROW on
 ):
     """Epilogue over a 2-D grid of (row block, column tiles). Each program derives its rows'
     statistics itself (merging the split partials, or from the running buffers); the programs of
     column 0 store them (and blend the running statistics), so no launch sits in between."""
+    if PART_ROW != 0:
+        Part += PART_ROW * P
     rows, rmask, rx, ro, rt, rh = row_block(tl.program_id(0), P, BLOCK_P, INT64, RG)
     if SOURCE == 0:
         k = pivot_input(X, Res, H, rx, ro, rmask, CENTER, PRE_ADD)

@@ -17,6 +17,8 @@ Launchers return tensors only. Plans are cached by ``tritonorm.core``; ``clear()
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 
@@ -42,6 +44,25 @@ MERGE_BLOCK = 16
 
 # Running-statistics modes of the forward kernels (their RUNNING flag).
 NO_RUNNING, RUNNING_VAR, RUNNING_BOTH = 0, 1, 2
+
+
+# The most the backward's partials may add to the saved statistics, as a fraction of x's bytes
+# (part_row); larger ones are allocated by the backward. Tests set it to exercise the room.
+ROOM_FRACTION = 1 / 32
+
+
+def part_row(lean: bool) -> int:
+    """Where the row kernels' split partials start in a statistics buffer that holds them too
+    (the kernels' PART_ROW): past its 5 rows (lean: 2), at a 16-byte boundary whatever P is.
+
+    An eager call whose backward will have partials passes ``room`` (the rows they take): the
+    forward then allocates one [PART_ROW + max(forward's, room), P] buffer for its statistics and
+    its own partials, saved for the backward, whose partials go in the same rows (the forward's
+    are dead by then). Each allocation a call saves is ~2-6 us of host time (docs/benchmarks.md);
+    the rows are saved memory from the forward on: the backward's partials, kept only where
+    they are at most ROOM_FRACTION of x's bytes (0.05-0.8% on the suites' split cases;
+    ``tritonorm bench --memory`` counts them)."""
+    return 4 if lean else 8
 
 
 def profile_for(device: torch.device) -> dispatch.DeviceProfile:
@@ -267,6 +288,8 @@ class ForwardPlan:
         self.has_w, self.has_b, self.has_res, self.act = has_w, has_b, has_res, act
         self._backward: dict = {}
         self._lean: dict = {}
+        self.part_rows = 0  # see below (the row kernels' split regime)
+        self._room: dict = {}  # lean -> (partial, apply) launchers with the partials in Stats
         self.pixels = self.planes = None
         # lean_ok: the kernels can keep only what a backward reads (common.store_stats LEAN):
         # the row/column kernels of a training call.
@@ -358,15 +381,31 @@ class ForwardPlan:
         self.lean_launch = Launcher(self.kernel, self.grid, dict(self.constexprs, LEAN=self.lean_rows)) \
             if self.lean_ok else None
         self.launches = 1 + (self.partial is not None)
+        # Rows of width P the split partials [2, P, SPLIT] take in a statistics buffer (part_row).
+        self.part_rows = 2 * self.split if self.partial is not None else 0
         # The unbiased variance for the running estimate; without centring it tracks the mean square.
         self.unbias = self.M / (self.M - 1) if self.M > 1 and center else 1.0
         self.blends = bool(running) and mode == "train"  # whether the kernel reads momentum
 
     def __call__(self, x, weight, bias, residual, run_mean, run_var, eps: float, momentum: float = 0.0,
-                 lean: bool = False):
+                 lean: bool = False, room: int | None = None):
         """``lean`` (only where ``lean_for`` said so): the statistics come back as the [1 or 2, P]
-        buffer that only the backward reads (common.store_stats), not the [5, P] one."""
-        return self._launch(x, weight, bias, residual, run_mean, run_var, eps, momentum, None, lean)
+        buffer that only the backward reads (common.store_stats), not the [5, P] one. ``room``
+        (eager calls whose backward will run; see ``part_row``): the rows the backward's
+        partials take, kept in the statistics buffer with the forward's own; 0 or None (nothing
+        to keep for the backward, so nothing more is saved): a [5, P] (or lean) buffer and the
+        forward's partials apart."""
+        return self._launch(x, weight, bias, residual, run_mean, run_var, eps, momentum, None, lean, room)
+
+    def _roomy(self, lean: bool) -> tuple[Launcher, Launcher]:
+        """The partial and apply launchers with the partials in the statistics buffer from row
+        part_row(lean) on (the kernels' PART_ROW)."""
+        pr = part_row(lean)
+        launch = self.lean_launch if lean else self.launch
+        got = self._room[lean] = (Launcher(self.partial.kernel, self.partial.grid,
+                                           dict(self.partial.constexprs, PART_ROW=pr)),
+                                  Launcher(launch.kernel, launch.grid, dict(launch.constexprs, PART_ROW=pr)))
+        return got
 
     def lean_for(self, needs) -> bool:
         """Whether a training call whose backward asks for ``needs`` can keep lean statistics:
@@ -398,18 +437,23 @@ class ForwardPlan:
         """Whether ``add`` runs in the kernels (not the torch regime, not a restrided copy)."""
         return self.inner is None and not self.native and not self.c.copy_x
 
-    def _launch(self, x, weight, bias, residual, run_mean, run_var, eps, momentum, h, lean=False):
+    def _launch(self, x, weight, bias, residual, run_mean, run_var, eps, momentum, h, lean=False, room=None):
         c = self.c
         if self.inner is not None:
             y, stats = self.inner(x.contiguous(), weight, bias,
                                   None if residual is None else residual.contiguous(), run_mean, run_var,
-                                  eps, momentum, lean)
+                                  eps, momentum, lean, room)
             return _restride(y, c.shape, c.out_stride), stats
         x, residual = c.prepare(x, residual)
         if self.native:
             return self._native(x, weight, bias, residual, run_mean, run_var, eps, momentum)
         y = x.new_empty(0) if self.mode == "stats" else c.out(x)
-        stats = _empty((self.lean_rows if lean else 5, c.n_stats), x.device)
+        pr = 0  # the partials' first row in the statistics buffer (0: apart)
+        if room and self.pixels is None and self.planes is None:
+            pr = part_row(lean)
+            stats = _empty((pr + max(room, -(-self.part_rows * self.P // c.n_stats)), c.n_stats), x.device)
+        else:
+            stats = _empty((self.lean_rows if lean else 5, c.n_stats), x.device)
         # Kernels index weight and bias by channel with unit stride (param_full: the caller laid
         # them out like y; nc: read with their own strides).
         w, b = _params(weight, bias, self.param_full or self.nc is not None, x)
@@ -428,10 +472,15 @@ class ForwardPlan:
         yp = x if self.mode == "stats" else y
         hk = {} if h is None else dict(H=h)
         if self.partial is not None:
-            part = _empty((2, self.P, self.split), x.device)
             partial_kw = {} if h is None else dict(Res=r, H=h)
-            self.partial(x, part, *self.tail, *self.mid[2:], **partial_kw)
             launch = self.lean_launch if lean else self.launch
+            if pr:
+                part = stats
+                partial, launch = self._room.get(lean) or self._roomy(lean)
+            else:
+                part = _empty((2, self.P, self.split), x.device)
+                partial = self.partial
+            partial(x, part, *self.tail, *self.mid[2:], **partial_kw)
             launch(x, yp, r, w, b, stats, rm, rv, part, *self.tail, eps, momentum, unbias, *self.mid, **hk)
         elif self.mode == "given":
             self.launch(x, y, r, w, b, stats, rm, rv, x, *self.tail, eps, momentum, unbias, *self.mid, **hk)
@@ -486,6 +535,7 @@ class _Relean:
     def __init__(self, fwd: ForwardPlan, plan: "BackwardPlan"):
         self.fwd, self.plan = fwd, plan
         self.lean_ok = False
+        self.room_rows = 0
 
     @property
     def launches(self) -> int:
@@ -523,9 +573,14 @@ class BackwardPlan:
         self.given = fwd.mode == "given"
         self.inner = None
         self.lean_ok = False  # see ForwardPlan.lean_for; set below where it holds
+        # Rows of the statistics buffer's width the split partials take (part_row): the room an
+        # eager forward leaves for them; 0: none, or kept apart.
+        self.room_rows = 0
+        self.part_row = part_row(lean)
         if c.contiguous:
             self.inner = fwd.inner.backward(needs, lean=lean)
             self.lean_ok = self.inner.lean_ok
+            self.room_rows = self.inner.room_rows
             return
         if fwd.native:
             return
@@ -774,12 +829,21 @@ class BackwardPlan:
                 step = getattr(self, name, None)
                 if step is not None:
                     step[3]["LEAN"] = 1 + bool(c.center)
-        # Launchers bound to this plan's grids and constexprs (fastlaunch.py).
+        # The S1/S2 (dweight/dbias) partials of the sums kernel may sit in the statistics buffer.
+        # Only where they are small beside x (ROOM_FRACTION): they are saved memory from the forward on.
+        if self.dx_kind == "two-stage" and self.sums is not None and not self.col_two:
+            rows = -(-4 * self.part_rows * self.part_split // c.n_stats)
+            if rows * c.n_stats * 4 <= ROOM_FRACTION * math.prod(c.shape) * x_meta.element_size():
+                self.room_rows = rows
+        # Launchers bound to this plan's grids and constexprs (fastlaunch.py); sums and apply also
+        # with the partials in the statistics buffer (roomy).
         for name in ("dx", "sums", "apply", "dwdb"):
             step = getattr(self, name, None)
             if step is not None:
                 kernel, grid, fixed, kw = step
                 setattr(self, name, (Launcher(kernel, grid, kw), fixed))
+                if self.room_rows and name in ("sums", "apply"):
+                    setattr(self, name + "_room", (Launcher(kernel, grid, dict(kw, PART_ROW=self.part_row)), fixed))
         reduced = self.finish_cols if self.finish_cols is not None else getattr(self, "C", 1)
         self.finish = Launcher(bk._finish_kernel, (triton.cdiv(reduced, 64),),
                                dict(NEED_DW=fin_w, NEED_DB=fin_b, BLOCK_C=64, BLOCK_S=MERGE_BLOCK))
@@ -884,6 +948,7 @@ class BackwardPlan:
                 run(x, dy, r, w, b, stats, dxp, dr, dwp, dbp, *fixed, **dhk)
         elif self.dx_kind == "two-stage":
             part = x
+            apply = self.apply
             if self.col_two:  # S1, S2 [2, P, tiles]; dweight/dbias sums [2, programs, M]
                 run, fixed = self.sums
                 part = _empty((2, self.P, self.split), x.device)
@@ -891,9 +956,13 @@ class BackwardPlan:
                 run(x, dy, r, w, b, stats, part, cols, *fixed)
             elif self.sums is not None:
                 run, fixed = self.sums
-                part = _empty((4, self.part_rows, self.part_split), x.device)
+                if self.room_rows and stats.shape[0] >= self.part_row + self.room_rows:
+                    part = stats  # the forward left room (part_row): no allocation
+                    (run, fixed), apply = self.sums_room, self.apply_room
+                else:
+                    part = _empty((4, self.part_rows, self.part_split), x.device)
                 run(x, dy, r, w, b, stats, part, *fixed)
-            run, fixed = self.apply
+            run, fixed = apply
             if self.col_two:  # the apply kernel also adds the column sums (adaLN's per sample)
                 run(x, dy, r, w, b, stats, part, dxp, dr, dwp, dbp, *fixed, ColPart=cols, **dhk)
             else:
