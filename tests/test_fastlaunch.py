@@ -14,7 +14,7 @@ import subprocess
 import sys
 
 SCRIPT = r'''
-import json, torch
+import contextlib, json, torch
 from tritonorm.bench import host
 import tritonorm
 from tritonorm.kernels import fastlaunch, launch
@@ -74,3 +74,78 @@ def test_direct_launches_bind_like_triton_and_can_be_turned_off():
     assert out["unaligned_compiles_0"] >= 1 and out["unaligned_compiles_1"] == out["unaligned_compiles_0"], out
     assert out["forward_cached_after"] == 2, out
     assert out["direct_when_off"] == 0 and out["launches_when_off"], out
+
+
+KEYED = r'''
+import contextlib, json, torch
+from tritonorm.bench import host
+import tritonorm
+from tritonorm import dispatch
+from tritonorm.kernels import fastlaunch, launch
+
+assert fastlaunch._CHECK[0]
+used = []
+real_direct = fastlaunch.Launcher._direct
+def direct(self, compiled, *rest):
+    used.append((self.kernel.fn.__name__, id(compiled)))
+    return real_direct(self, compiled, *rest)
+fastlaunch.Launcher._direct = direct
+out = {}
+with host.stubbed() as rec:
+    def run(x, w, b, r=None, scope="group", regime=None, **kw):
+        xs = x.detach().requires_grad_()
+        ps = [t.detach().requires_grad_() for t in (w, b)]
+        ctx = dispatch.forced(regime, block_p=4, block_m=16, split=2) if regime else contextlib.nullcontext()
+        with ctx:
+            y = tritonorm.norm(xs, scope, weight=ps[0], bias=ps[1], residual=r, **kw)
+            torch.autograd.grad(y, [xs] + ps, torch.ones_like(y))
+    x = torch.randn(4, 8, 6, 6, dtype=torch.bfloat16)
+    base = torch.randn(4 * 8 * 6 * 6 + 1, dtype=torch.bfloat16)
+    xu = base[1:].view(4, 8, 6, 6)
+    w16, b16 = torch.ones(8, dtype=torch.bfloat16), torch.zeros(8, dtype=torch.bfloat16)
+    w32, b32 = w16.float(), b16.float()
+    calls = {}
+    for name, args, kw in [("gn split bf16 w", (x, w16, b16), dict(num_groups=2, regime="split", activation="silu")),
+                           ("gn split fp32 w", (x, w32, b32), dict(num_groups=2, regime="split", activation="silu")),
+                           ("gn split misaligned x", (xu, w16, b16), dict(num_groups=2, regime="split",
+                                                                          activation="silu")),
+                           ("bn split", (x, w32, b32), dict(scope="batch", regime="split")),
+                           ("gn fused residual", (x, w16, b16), dict(num_groups=4, regime="fused",
+                                                                     r=torch.randn(4, 8, 6, 6, dtype=torch.bfloat16)))]:
+        for i in range(3):
+            used.clear()
+            run(*args, **kw)
+        calls[name] = sorted(set(used))
+    # layer norm rows, plain
+    xl = torch.randn(16, 64, dtype=torch.bfloat16)
+    for i in range(3):
+        used.clear()
+        run(xl, torch.ones(64, dtype=torch.bfloat16), torch.zeros(64, dtype=torch.bfloat16), scope="layer")
+    calls["ln"] = sorted(set(used))
+    out["calls"] = calls
+    out["keyed_entries"] = sum(len(l.by_call) for p in launch._PLANS.values()
+                               for l in [getattr(p, "launch", None), getattr(p, "partial", None)] if l is not None)
+print("RESULT " + json.dumps(out))
+'''
+
+
+def test_keyed_launches_pick_the_kernel_the_full_key_picks():
+    # With TRITONORM_FAST_LAUNCH_CHECK=1 every keyed launch recomputes the full key and raises
+    # if its call key picked another kernel: weight dtypes, an unaligned x, lean statistics, the
+    # room in the statistics buffer and a residual all on the same plans.
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([os.getcwd(), env.get("PYTHONPATH", "")])
+    env["TRITONORM_FAST_LAUNCH_CHECK"] = "1"
+    proc = subprocess.run([sys.executable, "-c", KEYED], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(next(l for l in proc.stdout.splitlines() if l.startswith("RESULT "))[len("RESULT "):])
+    calls = out["calls"]
+    # Each case launched directly on its last call (the keyed path), every kernel of it.
+    for name, used in calls.items():
+        assert len(used) >= 2, (name, used)
+    # Another weight dtype or an unaligned x is another compiled kernel for the same launcher.
+    base = dict(calls["gn split bf16 w"])
+    for other in ("gn split fp32 w", "gn split misaligned x"):
+        diff = dict(calls[other])
+        assert any(diff.get(k) != v for k, v in base.items()), (other, calls)
+    assert out["keyed_entries"] >= 3, out

@@ -99,7 +99,9 @@ def stage_tests(ctx: Context, budget: float) -> dict:
     junit_path = ctx.path("tests")
     base = ["-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "tritonorm.gpu_report.pytest_budget",
             "-o", "junit_family=xunit1", "--rootdir", str(ctx.root)]
-    deadline = {"TRITONORM_TEST_DEADLINE": str(time.time() + max(5.0, budget - GRACE_S))}
+    # Every keyed direct launch (kernels/fastlaunch.py) is checked against the full key on the GPU.
+    deadline = {"TRITONORM_TEST_DEADLINE": str(time.time() + max(5.0, budget - GRACE_S)),
+                "TRITONORM_FAST_LAUNCH_CHECK": "1"}
     if ctx.dry_run:
         # One pytest: the whole subset is collected (every file and node id checked), then only a
         # few tests run (pytest_budget's TRITONORM_TEST_ONLY), in the interpreter.

@@ -14,6 +14,14 @@ a Triton whose objects look different, a binder disagreeing. Launch hooks (profi
 as ``JITFunction.run`` calls them.
 ``TRITONORM_FAST_LAUNCH=0`` turns it off; ``enabled(False)`` too (the launch recorders do, so
 every launch goes through ``run`` where they see it).
+
+Per call, finding the compiled variant still reads every tensor's dtype and address (~3 us a
+launch, a fifth of a split plan's host time). ``Launcher.keyed`` skips that for callers that
+know more: a plan's launches see the same tensors in the same roles every call (its own fresh
+buffers, 16-byte aligned, of dtypes it fixes; the caller's tensors, or stand-ins for them), so
+the caller's tensors' dtypes, with all of them aligned (``call_key``), fix every argument's
+specialization. ``TRITONORM_FAST_LAUNCH_CHECK=1`` checks that on every such launch (the tests
+run with it).
 """
 
 from __future__ import annotations
@@ -31,6 +39,20 @@ _ON = [os.environ.get("TRITONORM_FAST_LAUNCH", "1") not in ("0", "")]
 # with it; ``kernel[grid]`` launches are seen at JITFunction.run instead).
 ON_DIRECT_LAUNCH = [None]
 _DTYPE = operator.attrgetter("dtype")
+_CHECK = [os.environ.get("TRITONORM_FAST_LAUNCH_CHECK", "0") not in ("0", "")]
+
+
+def call_key(*tensors):
+    """A plan call's key for ``Launcher.keyed``: the dtypes of the caller's tensors (None where
+    absent), or None when one of them is off 16-byte alignment (then every launch keys on
+    everything)."""
+    ptrs = 0
+    for t in tensors:
+        if t is not None:
+            ptrs |= t.data_ptr()
+    if ptrs & 15:
+        return None
+    return tuple(None if t is None else t.dtype for t in tensors)
 
 
 @contextlib.contextmanager
@@ -48,7 +70,7 @@ class Launcher:
     """``kernel[grid](*args, **constexprs)`` for a grid and constexprs fixed by a plan."""
 
     __slots__ = ("kernel", "grid", "grid3", "constexprs", "hooks", "n_tensors", "tail", "const_tail", "compiled",
-                 "usable")
+                 "usable", "by_call", "last")
 
     def __init__(self, kernel, grid, constexprs: dict):
         self.kernel, self.grid, self.constexprs = kernel, tuple(grid), constexprs
@@ -68,6 +90,10 @@ class Launcher:
         self.n_tensors = None
         self.tail = None
         self.const_tail = None
+        # keyed: (device, call key) -> the compiled kernel; last: what the latest call launched
+        # directly (None: through ``run``).
+        self.by_call: dict = {}
+        self.last = None
 
     def _recipe(self, n_args: int, extra: dict):
         tail = []
@@ -82,42 +108,71 @@ class Launcher:
                 return None
         return tuple(tail)
 
+    def keyed(self, ckey, *args, **extra):
+        """``self(*args, **extra)`` for a plan whose call key ``ckey`` (``call_key`` of the
+        caller's tensors) fixes every argument's specialization, as the module docstring says;
+        ``ckey`` None: the full path."""
+        if ckey is None or not (self.usable and _ON[0]) or self.hooks:
+            return self(*args, **extra)
+        active = driver.active
+        device = active.get_current_device()
+        compiled = self.by_call.get((device, ckey))
+        if compiled is None:  # the full path, which launches; its kernel serves the key from now on
+            self.last = None
+            self(*args, **extra)
+            if self.last is not None:
+                self.by_call[(device, ckey)] = self.last
+            return
+        if _CHECK[0] and self._key(device, args, extra)[1] is not compiled:
+            raise RuntimeError(f"tritonorm internal: {self.kernel.fn.__name__}: call key {ckey} does not "
+                               "fix the launch's specialization")
+        self._direct(compiled, active, device, args, extra)
+
     def __call__(self, *args, **extra):
         if not (self.usable and _ON[0]) or self.hooks:
             self.kernel[self.grid](*args, **extra, **self.constexprs)
             return
-        n = self.n_tensors
-        if n is None:
+        if self.n_tensors is None:
             n = 0
             while n < len(args) and isinstance(args[n], torch.Tensor):
                 n += 1
             self.n_tensors = n
-        device = driver.active.get_current_device()
-        # What Triton specializes a plan's tensors on: dtype and 16-byte alignment (a plan's
-        # ints are fixed, its floats never specialized).
-        tensors = args[:n] + tuple(extra.values()) if extra else args[:n]
-        misaligned = 0
+        active = driver.active
+        device = active.get_current_device()
         try:
-            for t in tensors:
-                misaligned = misaligned + misaligned + (t.data_ptr() & 15 != 0)
+            key, compiled = self._key(device, args, extra)
         except AttributeError:  # not the tensors of the first call: Triton binds it
             self.kernel[self.grid](*args, **extra, **self.constexprs)
             return
-        key = (device, len(args), tuple(extra) if extra else (), misaligned, *map(_DTYPE, tensors))
-        compiled = self.compiled.get(key)
         if compiled is None:
             compiled = self.kernel[self.grid](*args, **extra, **self.constexprs)
             self._remember(key, device, compiled, args, extra)
             return
+        self.last = compiled
+        self._direct(compiled, active, device, args, extra)
+
+    def _key(self, device, args, extra):
+        """(key, the compiled kernel kept for it or None): what Triton specializes a plan's
+        tensors on, dtype and 16-byte alignment (a plan's ints are fixed, its floats never
+        specialized)."""
+        n = self.n_tensors
+        tensors = args[:n] + tuple(extra.values()) if extra else args[:n]
+        misaligned = 0
+        for t in tensors:
+            misaligned = misaligned + misaligned + (t.data_ptr() & 15 != 0)
+        key = (device, len(args), tuple(extra) if extra else (), misaligned, *map(_DTYPE, tensors))
+        return key, self.compiled.get(key)
+
+    def _direct(self, compiled, active, device, args, extra) -> None:
+        """What JITFunction.run does once it has the kernel, launch hooks included
+        (``launch_metadata`` is None without an enter hook)."""
         if ON_DIRECT_LAUNCH[0] is not None:
             ON_DIRECT_LAUNCH[0](self.kernel.fn.__name__)
-        # What JITFunction.run does once it has the kernel, launch hooks included
-        # (``launch_metadata`` is None without an enter hook).
         if extra:
             bound = (*args, *[extra[name] if keyword else value for name, keyword, value in self.tail])
         else:
             bound = args + self.const_tail
-        stream = driver.active.get_current_stream(device)
+        stream = active.get_current_stream(device)
         hooks = knobs.runtime
         enter = hooks.launch_enter_hook
         meta = None if enter is None else compiled.launch_metadata(self.grid, stream, *bound)

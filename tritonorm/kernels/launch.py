@@ -27,7 +27,7 @@ from ..scope import Spec
 from . import backward as bk
 from . import forward as fk
 from . import native, pixels, planes
-from .fastlaunch import Launcher
+from .fastlaunch import Launcher, call_key
 from .pixels_backward import PixelsBackward
 from .layout import (TooManyDims, batch_segments, channel_per_col, channel_per_row, channel_view, match_strides,
                      sample_rows, sample_segments, segments, stat_view)
@@ -471,6 +471,8 @@ class ForwardPlan:
         momentum = float(momentum) if self.blends else 0.0
         yp = x if self.mode == "stats" else y
         hk = {} if h is None else dict(H=h)
+        # Every other tensor here is this call's own buffer or a stand-in for one of these.
+        ck = call_key(x, residual, weight, bias, run_mean, run_var, h)
         if self.partial is not None:
             partial_kw = {} if h is None else dict(Res=r, H=h)
             launch = self.lean_launch if lean else self.launch
@@ -480,13 +482,15 @@ class ForwardPlan:
             else:
                 part = _empty((2, self.P, self.split), x.device)
                 partial = self.partial
-            partial(x, part, *self.tail, *self.mid[2:], **partial_kw)
-            launch(x, yp, r, w, b, stats, rm, rv, part, *self.tail, eps, momentum, unbias, *self.mid, **hk)
+            partial.keyed(ck, x, part, *self.tail, *self.mid[2:], **partial_kw)
+            launch.keyed(ck, x, yp, r, w, b, stats, rm, rv, part, *self.tail, eps, momentum, unbias, *self.mid,
+                         **hk)
         elif self.mode == "given":
-            self.launch(x, y, r, w, b, stats, rm, rv, x, *self.tail, eps, momentum, unbias, *self.mid, **hk)
+            self.launch.keyed(ck, x, y, r, w, b, stats, rm, rv, x, *self.tail, eps, momentum, unbias, *self.mid,
+                              **hk)
         else:
             launch = self.lean_launch if lean else self.launch
-            launch(x, yp, r, w, b, stats, rm, rv, self.P, self.M, eps, momentum, unbias, *self.mid, **hk)
+            launch.keyed(ck, x, yp, r, w, b, stats, rm, rv, self.P, self.M, eps, momentum, unbias, *self.mid, **hk)
         return y, stats
 
     def _native(self, x, weight, bias, residual, run_mean, run_var, eps, momentum):
@@ -926,26 +930,29 @@ class BackwardPlan:
         dwp = x if dw is None else dw
         dbp = x if db is None else db
         dxp = x if dx is None else dx
+        # Every other tensor here is this call's own buffer or a stand-in for one of these (the
+        # statistics are the forward's own, but a compiled graph may hand over another buffer).
+        ck = call_key(dy, x, residual, weight, bias, stats, dh, dres)
         if self.dx_kind == "fused":
             run, fixed = self.dx
             if self.rows_nc:  # adaLN: [2, N*J, M] per-sample partials
                 N = c.shape[0]
                 part = _empty((2, self.progs, self.M), x.device)
-                run(x, dy, r, w, b, stats, dxp, dr, part, part, *fixed, **dhk)
-                self.finish(part, dwp, dbp, self.M, N, self.progs // N)
+                run.keyed(ck, x, dy, r, w, b, stats, dxp, dr, part, part, *fixed, **dhk)
+                self.finish.keyed(ck, part, dwp, dbp, self.M, N, self.progs // N)
             elif self.col_direct:
-                run(x, dy, r, w, b, stats, dxp, dr, dwp, dbp, *fixed, **dhk)
+                run.keyed(ck, x, dy, r, w, b, stats, dxp, dr, dwp, dbp, *fixed, **dhk)
             elif self.col_channel:
                 part = _empty((2, self.progs, self.M), x.device)
-                run(x, dy, r, w, b, stats, dx, dr, part, part, *fixed, **dhk)
-                self.finish(part, dwp, dbp, self.M, self.progs)
+                run.keyed(ck, x, dy, r, w, b, stats, dx, dr, part, part, *fixed, **dhk)
+                self.finish.keyed(ck, part, dwp, dbp, self.M, self.progs)
             elif self.finish_cols is not None:  # segments: [2, N, C] partials (Ghost BN: [2, S, C])
                 part = _empty((2, self.seg_blocks, c.shape[1]), x.device)
-                run(x, dy, r, w, b, stats, dxp, dr, dwp if self.w_nc else part, dbp if self.b_nc else part,
-                    *fixed, **dhk)
-                self.finish(part, dwp, dbp, c.shape[1], self.seg_blocks)
+                run.keyed(ck, x, dy, r, w, b, stats, dxp, dr, dwp if self.w_nc else part,
+                          dbp if self.b_nc else part, *fixed, **dhk)
+                self.finish.keyed(ck, part, dwp, dbp, c.shape[1], self.seg_blocks)
             else:
-                run(x, dy, r, w, b, stats, dxp, dr, dwp, dbp, *fixed, **dhk)
+                run.keyed(ck, x, dy, r, w, b, stats, dxp, dr, dwp, dbp, *fixed, **dhk)
         elif self.dx_kind == "two-stage":
             part = x
             apply = self.apply
@@ -953,7 +960,7 @@ class BackwardPlan:
                 run, fixed = self.sums
                 part = _empty((2, self.P, self.split), x.device)
                 cols = _empty((2, self.progs, self.M), x.device)
-                run(x, dy, r, w, b, stats, part, cols, *fixed)
+                run.keyed(ck, x, dy, r, w, b, stats, part, cols, *fixed)
             elif self.sums is not None:
                 run, fixed = self.sums
                 if self.room_rows and stats.shape[0] >= self.part_row + self.room_rows:
@@ -961,20 +968,20 @@ class BackwardPlan:
                     (run, fixed), apply = self.sums_room, self.apply_room
                 else:
                     part = _empty((4, self.part_rows, self.part_split), x.device)
-                run(x, dy, r, w, b, stats, part, *fixed)
+                run.keyed(ck, x, dy, r, w, b, stats, part, *fixed)
             run, fixed = apply
             if self.col_two:  # the apply kernel also adds the column sums (adaLN's per sample)
-                run(x, dy, r, w, b, stats, part, dxp, dr, dwp, dbp, *fixed, ColPart=cols, **dhk)
+                run.keyed(ck, x, dy, r, w, b, stats, part, dxp, dr, dwp, dbp, *fixed, ColPart=cols, **dhk)
             else:
-                run(x, dy, r, w, b, stats, part, dxp, dr, dwp, dbp, *fixed, **dhk)
+                run.keyed(ck, x, dy, r, w, b, stats, part, dxp, dr, dwp, dbp, *fixed, **dhk)
         if self.dwdb is not None:
             run, fixed = self.dwdb
             if self.dwdb_split == 1:
-                run(x, dy, r, w, b, stats, dwp, dbp, *fixed)
+                run.keyed(ck, x, dy, r, w, b, stats, dwp, dbp, *fixed)
             else:
                 part = _empty((2, self.dwdb_split, self.C), x.device)
-                run(x, dy, r, w, b, stats, part, part, *fixed)
-                self.finish(part, dwp, dbp, self.C, self.dwdb_split)
+                run.keyed(ck, x, dy, r, w, b, stats, part, part, *fixed)
+                self.finish.keyed(ck, part, dwp, dbp, self.C, self.dwdb_split)
         if need_dres and not self.write_dres:
             dres = dy
         if fwd.pre_add:  # add_norm: the residual's gradient is dx
