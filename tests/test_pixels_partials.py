@@ -188,3 +188,36 @@ def test_cost_model_bytes_are_the_launchers_grid_and_buffers(nc, monkeypatch):
     assert bwd_model.bytes_read == 2 * (2 * n) + 3 * P * 4 + params + planes + groups_bytes * split
     assert bwd_model.bytes_written == n + params + part[0] * 4
     assert (fwd_model.launches, bwd_model.launches) == (fwd.launches, bwd.launches) == (2, 2)
+
+
+@pytest.mark.parametrize("profile", ["h200", "interpreter"])
+def test_forward_split_bounds_its_merges_and_keeps_the_device_warps(profile, monkeypatch):
+    """Each forward apply program merges its block's SPLIT partials: the plan keeps SPLIT^2 * GB
+    * 8 bytes within FORWARD_MERGE_SHARE of the block's x bytes by trading split for tile
+    height, so the warps on the device and the tiles per program stay those of the unbounded
+    plan (Stable Diffusion 320x64^2 channels_last: 64 -> 16 chunks of 4x the pixels a tile)."""
+    prof = dispatch.PROFILES[profile]
+    cases = [((b, 320, 64, 64), 32, 2) for b in (1, 2, 8)] + [((2, 640, 32, 32), 32, 2), ((2, 320, 64, 64), 32, 4),
+                                                              ((2, 64, 32, 32), None, 2)]
+    changed = 0
+    for shape, groups, eb in cases:
+        spec = scopes.parse("group" if groups else "instance", 4, groups, shape[1])
+        bounded = pixel_plan.choose(shape, spec, eb, prof)
+        with monkeypatch.context() as m:
+            m.setattr(pixel_plan, "FORWARD_MERGE_SHARE", float("inf"))
+            free = pixel_plan.choose(shape, spec, eb, prof)
+        assert free.kernel == bounded.kernel
+        if free.kernel != "split":
+            continue
+        N, C, HW, G = pixel_plan.geometry(shape, spec)
+        cfg, cfg0 = bounded.config, free.config
+        cb, gb = cfg["cb"], cfg["cb"] // (C // G)
+        assert cfg["split"] * cfg["num_warps"] == cfg0["split"] * cfg0["num_warps"]
+        assert cfg["chunk"] // cfg["block_hw"] == cfg0["chunk"] // cfg0["block_hw"]
+        assert cfg["split"] * cfg["block_hw"] == cfg0["split"] * cfg0["block_hw"]
+        merges = cfg["split"] ** 2 * gb * 8
+        step = 2 if prof.interpreter else 4
+        within = merges <= pixel_plan.FORWARD_MERGE_SHARE * cb * HW * eb
+        assert within or cfg["split"] // step < 2 or cfg["num_warps"] * step > prof.max_warps, (shape, cfg)
+        changed += cfg != cfg0
+    assert changed  # the bound binds somewhere in these cases
