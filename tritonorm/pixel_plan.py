@@ -105,7 +105,8 @@ def choose(shape, spec, elem_bytes: int, profile: dispatch.DeviceProfile, op: st
     ``explain`` and the cost model read it), with dispatch.choose's rules: fused when a channel
     block's pixels fit one program and the blocks fill the SMs or the call is launch-bound; else
     one program per block sweeping twice (looped) when the blocks fill half the warp slots; else
-    a split over pixel chunks. A forced regime (dispatch.forced) is honoured where it can run.
+    a split over pixel chunks (the forward's bounded in its merges: _merge_bounded). A forced
+    regime (dispatch.forced) is honoured where it can run.
     ``op="backward"`` (pixels_backward.py): the backward's fused limit and half the tile (it
     holds x, dy and their products)."""
     N, C, HW, G = geometry(shape, spec)
