@@ -189,6 +189,21 @@ def _finish_plane(Plane, Out, n, first, chans, cmask, N, C, SPLIT, PER_SAMPLE: t
         tl.store(Out + first + chans, acc.to(Out.dtype.element_ty), mask=cmask)
 
 
+@triton.jit
+def _store_group_sums(Out, v, rows, gmask, row0, SPLIT, sp, CB: tl.constexpr, CG: tl.constexpr,
+                      CB_PAD: tl.constexpr):
+    """Out[row, sp] = the sum of [CB_PAD] per-channel ``v`` over each of the block's groups (rows
+    row0.., a row SPLIT long). A group at a time, a masked sum each: the one-hot [CB_PAD, GB_PAD]
+    fold (_fold) pushed this kernel past its 128 registers (8 bytes spilled at sm_90a, SD's
+    Cg = 10 in bf16)."""
+    if CG == 1:
+        tl.store(Out + rows * SPLIT + sp, v, mask=gmask)
+    else:
+        grp = tl.arange(0, CB_PAD) // CG
+        for g in tl.static_range(CB // CG):
+            tl.store(Out + (row0 + g) * SPLIT + sp, tl.sum(tl.where(grp == g, v, 0.0), axis=0))
+
+
 @triton.jit(do_not_specialize=["NCB", "SPLIT"])
 def _pixels_bwd_sums_kernel(
     X, DY, Res, W, B, Stats, Part,  # Part: the fp32 partials (_part_planes)
@@ -226,8 +241,9 @@ def _pixels_bwd_sums_kernel(
     if NEED_DB:
         tl.store(db_plane + row, u1, mask=cmask)
     if NEED_DX:
-        tl.store(groups + rows * SPLIT + sp, _fold(w_c * u2, CB, CG, CB_PAD, GB_PAD), mask=gmask)
-        tl.store(groups + P * SPLIT + rows * SPLIT + sp, _fold(w_c * u1, CB, CG, CB_PAD, GB_PAD), mask=gmask)
+        row0 = n * G + (tl.program_id(0) % NCB) * (CB // CG)
+        _store_group_sums(groups, w_c * u2, rows, gmask, row0, SPLIT, sp, CB, CG, CB_PAD)
+        _store_group_sums(groups + P * SPLIT, w_c * u1, rows, gmask, row0, SPLIT, sp, CB, CG, CB_PAD)
 
 
 @triton.jit(do_not_specialize=["NCB", "SPLIT"])
