@@ -269,11 +269,12 @@ def pixels_backward_cost(plan: dispatch.Plan, problem: dispatch.Problem, profile
                          act: bool, param_bytes: int, param_nc: tuple | None = None, **_) -> Cost:
     """The backward of channels_last GroupNorm/InstanceNorm on whole-pixel tiles
     (kernels/pixels_backward.py), every gradient asked for: the dweight/dbias partials come out
-    of the pass over x and dy ([2, N, C] fp32, or [2, SPLIT, N, C]); fused/looped add them in a
-    finish kernel, split in its apply kernel, whose programs each also re-read their block's
-    SPLIT partials for S1 and S2. ``param_nc`` (explain's (parameter elements, per-channel ones among
-    them)): per-(sample, channel) weight/bias, whose gradients are the partials themselves (no
-    finish for them)."""
+    of the pass over x and dy. Fused/looped: [2, N, C] fp32, added by a finish kernel. Split: a
+    [SPLIT, N, C] plane per parameter, written once and read once by the apply kernel's chunk-0
+    programs, and dx's per-group S2, S1 partials [2, P, SPLIT], written once and read by each of
+    a block's SPLIT apply programs. ``param_nc`` (explain's (parameter elements, per-channel ones
+    among them)): per-(sample, channel) weight/bias, whose gradients are the partials themselves
+    (fused/looped: no finish for them)."""
     P, M = problem.P, problem.M
     n = P * M * elem_bytes
     C, N = channels, samples
@@ -289,16 +290,17 @@ def pixels_backward_cost(plan: dispatch.Plan, problem: dispatch.Problem, profile
     sweeps = 1 if plan.kernel == "fused" else 2
     read = sweeps * (2 * n + res) + 3 * P * 4 + params
     written = n + res + params
-    partials = 2 * split * N * C * 4
-    written += partials if need_wb or split > 1 else 0
     if plan.kernel == "split":
         launches = 2
-        read += partials * split  # each of a block's SPLIT apply programs adds all its partials
-        if need_wb or param_nc is not None:  # the finishing programs read them once more
-            read += partials
+        planes = (has_w + has_b) * split * N * C * 4
+        groups = 2 * P * split * 4
+        written += planes + groups
+        read += planes + groups * split
     else:
         launches = 1 + need_wb
-        read += partials if need_wb else 0
+        partials = 2 * N * C * 4 if need_wb else 0
+        written += partials
+        read += partials
     return Cost(launches, read, written, ideal_read, ideal_written, _time(profile, launches, read + written))
 
 

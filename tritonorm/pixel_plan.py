@@ -20,6 +20,9 @@ BACKWARD_SPLIT_CAP = 16
 # The forward's pixel tile is the row kernels' tile over this (see choose); the A/B stage
 # measures 1 (twice the pixels a step) against it.
 FORWARD_TILE_DIV = 2
+# The forward's split apply programs each merge their block's SPLIT partials of GB groups:
+# SPLIT^2 * GB * 8 bytes across a block, at most this share of the block's x bytes (see choose).
+FORWARD_MERGE_SHARE = 0.05
 
 def _channels_last_strides(shape) -> tuple[int, ...]:
     """Dense channels_last strides of (N, C, *spatial): C fastest, then the spatial axes."""
@@ -80,12 +83,30 @@ def applies(shape, x_stride, out_stride, spec, elem_bytes: int) -> bool:
     return block_channels(C, G, elem_bytes) is not None
 
 
+def _merge_bounded(split: int, tile_hw: int, warps: int, cb: int, cg: int, HW: int, elem_bytes: int,
+                   profile: dispatch.DeviceProfile) -> tuple[int, int, int]:
+    """The forward split with its merges (SPLIT^2 * GB * 8 bytes a block, quadratic in SPLIT:
+    every apply program merges all its block's partials) at most FORWARD_MERGE_SHARE of the
+    block's x bytes: the split shrinks by a step while the tile grows by it and the program's
+    warps with it, so the device holds as many warps (and each program as many tiles) as
+    before, in fewer, larger programs that merge fewer partials. Stops where the warps would
+    not grow in step (max_warps) or the split would reach 1 (that would be another regime)."""
+    step = 2 if profile.interpreter else 4
+    cb_pad = dispatch._pow2(cb)
+    while (split // step >= 2 and split * split * (cb // cg) * 8 > FORWARD_MERGE_SHARE * cb * HW * elem_bytes
+           and tile_hw * step <= dispatch._pow2(HW)
+           and dispatch._warps(tile_hw * step * cb_pad, profile) == warps * step):
+        split, tile_hw, warps = split // step, tile_hw * step, warps * step
+    return split, tile_hw, warps
+
+
 def choose(shape, spec, elem_bytes: int, profile: dispatch.DeviceProfile, op: str = "forward") -> dispatch.Plan:
     """The regime and launch parameters for an ``applies`` case (a dispatch.Plan, as
     ``explain`` and the cost model read it), with dispatch.choose's rules: fused when a channel
     block's pixels fit one program and the blocks fill the SMs or the call is launch-bound; else
     one program per block sweeping twice (looped) when the blocks fill half the warp slots; else
-    a split over pixel chunks. A forced regime (dispatch.forced) is honoured where it can run.
+    a split over pixel chunks (the forward's bounded in its merges: _merge_bounded). A forced
+    regime (dispatch.forced) is honoured where it can run.
     ``op="backward"`` (pixels_backward.py): the backward's fused limit and half the tile (it
     holds x, dy and their products)."""
     N, C, HW, G = geometry(shape, spec)
@@ -131,10 +152,12 @@ def choose(shape, spec, elem_bytes: int, profile: dispatch.DeviceProfile, op: st
         while split > tiles:
             split //= 2 if profile.interpreter else 4
         split = max(1, split)
+        if op == "forward":
+            split, tile_hw, warps = _merge_bounded(split, tile_hw, warps, cb, C // G, HW, elem_bytes, profile)
     chunk = -(-(-(-HW // split)) // tile_hw) * tile_hw
     split = -(-HW // chunk)
     if split == 1:
         return dispatch.Plan("looped", dict(base, split=1, chunk=HW, num_warps=warps),
                              f"channels_last pixel tiles: {blocks} blocks of {cb} channels, two sweeps each")
-    return dispatch.Plan("split", dict(base, split=split, chunk=chunk, num_warps=warps),
+    return dispatch.Plan("split", dict(base, block_hw=tile_hw, split=split, chunk=chunk, num_warps=warps),
                          f"channels_last pixel tiles: {blocks} blocks of {cb} channels x {split} pixel chunks")

@@ -12,9 +12,12 @@ so dweight/dbias cost no extra pass over x and dy. Regimes:
   fused/looped  ``_pixels_bwd_kernel``, one program per (sample, channel block): the sums sweep,
                 then dx (from registers when FUSED); partials [2, N, C]; ``_finish_kernel``
                 adds them over the samples. 2 launches.
-  split         ``_pixels_bwd_sums_kernel`` on SPLIT pixel chunks (partials [2, SPLIT, N, C]),
-                then ``_pixels_bwd_apply_kernel``: each program adds its block's SPLIT partials
-                for dx, and the programs of sample 0, chunk 0 finish dweight/dbias. 2 launches.
+  split         ``_pixels_bwd_sums_kernel`` on SPLIT pixel chunks: per-channel partials
+                [SPLIT, N, C] for each of dweight/dbias asked for, and per-GROUP S2, S1 partials
+                [2, P, SPLIT] for dx, in one buffer; then ``_pixels_bwd_apply_kernel``: each
+                program adds its groups' SPLIT group partials for dx (Cg times fewer bytes than
+                the per-channel ones its SPLIT - 1 siblings would re-read too), and the chunk-0
+                programs finish dweight/dbias, reading each per-channel plane once. 2 launches.
 Fixed-order fp32 sums, no atomics.
 """
 
@@ -25,6 +28,9 @@ import triton.language as tl
 
 from .common import tile_grads
 from .pixels import _block, _fold, _param_bases, _pixel_tile, _spread
+
+# Group partials added per step by the split apply programs (one [GB_PAD, MERGE_BLOCK] load).
+MERGE_BLOCK = 16
 
 
 @triton.jit
@@ -137,15 +143,79 @@ def _pixels_bwd_kernel(
         tl.store(DB + nc_row + chans, u1.to(DB.dtype.element_ty), mask=cmask)
 
 
+@triton.jit
+def _part_planes(Part, SPLIT, N, C, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr):
+    """Where the split regime's partials lie in its one fp32 buffer: the per-channel dweight plane
+    (at Part, NEED_DW) and dbias plane (NEED_DB), each [SPLIT, N, C]; then the per-group S2 and S1
+    planes, each [P, SPLIT] (a statistic's chunks side by side)."""
+    plane = SPLIT * N * C
+    db_plane = Part
+    if NEED_DW:
+        db_plane = Part + plane
+    groups = db_plane
+    if NEED_DB:
+        groups = db_plane + plane
+    return db_plane, groups
+
+
+@triton.jit
+def _merge_groups(Groups, rows, gmask, P, SPLIT, GB_PAD: tl.constexpr, BLOCK_S: tl.constexpr):
+    """S1, S2 of the block's groups: their SPLIT chunk partials added in a fixed order, BLOCK_S
+    at a time (one [GB_PAD, BLOCK_S] load a step)."""
+    s1 = tl.zeros([GB_PAD], dtype=tl.float32)
+    s2 = tl.zeros([GB_PAD], dtype=tl.float32)
+    for s0 in range(0, SPLIT, BLOCK_S):
+        sps = s0 + tl.arange(0, BLOCK_S)
+        mask = gmask[:, None] & (sps < SPLIT)[None, :]
+        idx = rows[:, None] * SPLIT + sps[None, :]
+        s2 += tl.sum(tl.load(Groups + idx, mask=mask, other=0.0), axis=1)
+        s1 += tl.sum(tl.load(Groups + P * SPLIT + idx, mask=mask, other=0.0), axis=1)
+    return s1, s2
+
+
+@triton.jit
+def _finish_plane(Plane, Out, n, first, chans, cmask, N, C, SPLIT, PER_SAMPLE: tl.constexpr):
+    """A parameter's gradient from its per-channel plane [SPLIT, N, C]: per (sample, channel)
+    (PER_SAMPLE, laid out [N, C]) each sample's chunk-0 program adds its SPLIT rows; per channel
+    the programs of sample 0 add all SPLIT * N. Fixed order, cast once."""
+    acc = tl.zeros(chans.shape, dtype=tl.float32)
+    if PER_SAMPLE:
+        for s in range(0, SPLIT):
+            acc += tl.load(Plane + (s * N + n) * C + first + chans, mask=cmask, other=0.0)
+        tl.store(Out + n * C + first + chans, acc.to(Out.dtype.element_ty), mask=cmask)
+    elif n == 0:
+        for r in range(0, SPLIT * N):
+            acc += tl.load(Plane + r * C + first + chans, mask=cmask, other=0.0)
+        tl.store(Out + first + chans, acc.to(Out.dtype.element_ty), mask=cmask)
+
+
+@triton.jit
+def _store_group_sums(Out, v, rows, gmask, row0, SPLIT, sp, CB: tl.constexpr, CG: tl.constexpr,
+                      CB_PAD: tl.constexpr):
+    """Out[row, sp] = the sum of [CB_PAD] per-channel ``v`` over each of the block's groups (rows
+    row0.., a row SPLIT long). A group at a time, a masked sum each: the one-hot [CB_PAD, GB_PAD]
+    fold (_fold) pushed this kernel past its 128 registers (8 bytes spilled at sm_90a, SD's
+    Cg = 10 in bf16)."""
+    if CG == 1:
+        tl.store(Out + rows * SPLIT + sp, v, mask=gmask)
+    else:
+        grp = tl.arange(0, CB_PAD) // CG
+        for g in tl.static_range(CB // CG):
+            tl.store(Out + (row0 + g) * SPLIT + sp, tl.sum(tl.where(grp == g, v, 0.0), axis=0))
+
+
 @triton.jit(do_not_specialize=["NCB", "SPLIT"])
 def _pixels_bwd_sums_kernel(
-    X, DY, Res, W, B, Stats, Part,  # Part: fp32 [2, SPLIT, N, C] per-channel sums of gz*xhat, gz
+    X, DY, Res, W, B, Stats, Part,  # Part: the fp32 partials (_part_planes)
     P, NCB, HW, C, G, N, CHUNK, SPLIT, PN,
     CB: tl.constexpr, CG: tl.constexpr, CB_PAD: tl.constexpr, GB_PAD: tl.constexpr,
     BLOCK_HW: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_RES: tl.constexpr,
     ACT: tl.constexpr, INT64: tl.constexpr,
+    NEED_DX: tl.constexpr = True, NEED_DW: tl.constexpr = False, NEED_DB: tl.constexpr = False,
 ):
-    """Split regime, stage 1: per-channel sums of one pixel chunk of a block."""
+    """Split regime, stage 1: over one pixel chunk of a block, the per-channel sums u2 = sum
+    gz * xhat and u1 = sum gz (stored for the gradients asked for: NEED_DW, NEED_DB) and, for dx,
+    their per-group folds with the weight, S2 = sum w_c u2_c and S1 = sum w_c u1_c."""
     base, first, chans, cmask, rows, gmask = _block(tl.program_id(0), NCB, HW, C, G, CB, CG, CB_PAD, GB_PAD, INT64)
     sp = tl.program_id(1)
     k_c, mean_c, rstd_c = _stats(Stats, P, rows, gmask, CB, CG, CB_PAD, GB_PAD)
@@ -164,9 +234,16 @@ def _pixels_bwd_sums_kernel(
     n = tl.program_id(0) // NCB
     if INT64:
         n = n.to(tl.int64)
+    db_plane, groups = _part_planes(Part, SPLIT, N, C, NEED_DW, NEED_DB)
     row = (sp * N + n) * C + first + chans
-    tl.store(Part + row, u2, mask=cmask)
-    tl.store(Part + SPLIT * N * C + row, u1, mask=cmask)
+    if NEED_DW:
+        tl.store(Part + row, u2, mask=cmask)
+    if NEED_DB:
+        tl.store(db_plane + row, u1, mask=cmask)
+    if NEED_DX:
+        row0 = n * G + (tl.program_id(0) % NCB) * (CB // CG)
+        _store_group_sums(groups, w_c * u2, rows, gmask, row0, SPLIT, sp, CB, CG, CB_PAD)
+        _store_group_sums(groups + P * SPLIT, w_c * u1, rows, gmask, row0, SPLIT, sp, CB, CG, CB_PAD)
 
 
 @triton.jit(do_not_specialize=["NCB", "SPLIT"])
@@ -178,11 +255,11 @@ def _pixels_bwd_apply_kernel(
     BLOCK_HW: tl.constexpr, CENTER: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
     HAS_RES: tl.constexpr, ACT: tl.constexpr, NEED_DX: tl.constexpr, WRITE_DRES: tl.constexpr,
     NEED_DW: tl.constexpr, NEED_DB: tl.constexpr, INT64: tl.constexpr,
-    W_NC: tl.constexpr = False, B_NC: tl.constexpr = False,
+    W_NC: tl.constexpr = False, B_NC: tl.constexpr = False, BLOCK_S: tl.constexpr = 16,
 ):
-    """Split regime, stage 2: the block's SPLIT partial sums added in a fixed order give S1, S2
-    and dx over this program's chunk; the programs of sample 0, chunk 0 add every sample's and
-    chunk's partials of their channels: dweight and dbias, cast once."""
+    """Split regime, stage 2: the SPLIT group partials of the block's groups, added in a fixed
+    order, give S1, S2 and dx over this program's chunk; the chunk-0 programs finish dweight and
+    dbias from the per-channel planes (_finish_plane), each plane read once in all."""
     base, first, chans, cmask, rows, gmask = _block(tl.program_id(0), NCB, HW, C, G, CB, CG, CB_PAD, GB_PAD, INT64)
     sp = tl.program_id(1)
     n = tl.program_id(0) // NCB
@@ -191,15 +268,11 @@ def _pixels_bwd_apply_kernel(
     k_c, mean_c, rstd_c = _stats(Stats, P, rows, gmask, CB, CG, CB_PAD, GB_PAD)
     w0, b0 = _param_bases(W, B, first, NCB, PN, INT64)
     w_c, b_c = _params(w0, b0, chans, cmask, HAS_W, HAS_B)
-    plane = SPLIT * N * C
+    db_plane, groups = _part_planes(Part, SPLIT, N, C, NEED_DW, NEED_DB)
     if NEED_DX:
-        u1 = tl.zeros([CB_PAD], dtype=tl.float32)
-        u2 = tl.zeros([CB_PAD], dtype=tl.float32)
-        for s in range(0, SPLIT):
-            row = (s * N + n) * C + first + chans
-            u2 += tl.load(Part + row, mask=cmask, other=0.0)
-            u1 += tl.load(Part + plane + row, mask=cmask, other=0.0)
-        s1_c, s2_c = _group_sums(u1, u2, w_c, CB, CG, CB_PAD, GB_PAD)
+        s1_g, s2_g = _merge_groups(groups, rows, gmask, P, SPLIT, GB_PAD, BLOCK_S)
+        s1_c = _spread(s1_g, CB, CG, CB_PAD, GB_PAD)
+        s2_c = _spread(s2_g, CB, CG, CB_PAD, GB_PAD)
     else:
         s1_c = tl.zeros([CB_PAD], dtype=tl.float32)
         s2_c = s1_c
@@ -212,33 +285,11 @@ def _pixels_bwd_apply_kernel(
                                          w_c, b_c, HAS_RES, ACT, INT64)
             _dx_tile(DX, DRes, offs, mask, xhat, gz, w_c, rstd_c, s1_c, s2_c, HW * CG, CENTER, NEED_DX,
                      WRITE_DRES)
-    if NEED_DW or NEED_DB:
-        # Per channel: the programs of sample 0 add every sample's and chunk's partials; per
-        # (sample, channel) (W_NC / B_NC): each sample's chunk-0 program adds its own chunks.
-        if sp == 0:
-            dw = tl.zeros([CB_PAD], dtype=tl.float32)
-            db = tl.zeros([CB_PAD], dtype=tl.float32)
-            dw_nc = tl.zeros([CB_PAD], dtype=tl.float32)
-            db_nc = tl.zeros([CB_PAD], dtype=tl.float32)
-            if n == 0:
-                for r in range(0, SPLIT * N):
-                    dw += tl.load(Part + r * C + first + chans, mask=cmask, other=0.0)
-                    db += tl.load(Part + plane + r * C + first + chans, mask=cmask, other=0.0)
-            if W_NC or B_NC:
-                for s in range(0, SPLIT):
-                    row = (s * N + n) * C + first + chans
-                    dw_nc += tl.load(Part + row, mask=cmask, other=0.0)
-                    db_nc += tl.load(Part + plane + row, mask=cmask, other=0.0)
-            if NEED_DW:
-                if W_NC:
-                    tl.store(DW + n * C + first + chans, dw_nc.to(DW.dtype.element_ty), mask=cmask)
-                elif n == 0:
-                    tl.store(DW + first + chans, dw.to(DW.dtype.element_ty), mask=cmask)
-            if NEED_DB:
-                if B_NC:
-                    tl.store(DB + n * C + first + chans, db_nc.to(DB.dtype.element_ty), mask=cmask)
-                elif n == 0:
-                    tl.store(DB + first + chans, db.to(DB.dtype.element_ty), mask=cmask)
+    if sp == 0:
+        if NEED_DW:
+            _finish_plane(Part, DW, n, first, chans, cmask, N, C, SPLIT, W_NC)
+        if NEED_DB:
+            _finish_plane(db_plane, DB, n, first, chans, cmask, N, C, SPLIT, B_NC)
 
 
 class PixelsBackward:
@@ -274,12 +325,18 @@ class PixelsBackward:
                      INT64=N * C * HW > 2**31 - 1, num_warps=cfg["num_warps"])
         grid = N * self.ncb
         if plan.kernel == "split":
-            self.sums = Launcher(_pixels_bwd_sums_kernel, (grid, self.split), const)
+            # One fp32 buffer (_part_planes): a [SPLIT, N, C] plane per parameter gradient asked
+            # for, then dx's [2, P, SPLIT] group partials. Nothing needed from the sums (only
+            # dresidual): no sums launch.
+            self.part_elems = ((self.need_dw + self.need_db) * self.split * N * C
+                               + (2 * self.P * self.split if need_dx else 0))
+            flags = dict(NEED_DX=need_dx, NEED_DW=self.need_dw, NEED_DB=self.need_db)
+            self.sums = Launcher(_pixels_bwd_sums_kernel, (grid, self.split), dict(const, **flags))
             self.apply = Launcher(_pixels_bwd_apply_kernel, (grid, self.split),
-                                  dict(const, **nc, CENTER=center, NEED_DX=need_dx, WRITE_DRES=self.write_dres,
-                                       NEED_DW=self.need_dw, NEED_DB=self.need_db))
+                                  dict(const, **nc, **flags, CENTER=center, WRITE_DRES=self.write_dres,
+                                       BLOCK_S=MERGE_BLOCK))
             self.finish = None
-            self.launches = 2
+            self.launches = 1 + (self.part_elems > 0)
         else:
             self.sums = None
             self.apply = Launcher(_pixels_bwd_kernel, (grid,),
@@ -293,9 +350,11 @@ class PixelsBackward:
     def __call__(self, x, dy, r, w, b, stats, dx, dres, dw, db, empty):
         """Launch; ``dx``, ``dres``, ``dw``, ``db`` are the outputs (x where not asked for)."""
         if self.sums is not None:
-            part = empty((2, self.split, self.N, self.C), x.device)
             fixed = (self.P, self.ncb, self.HW, self.C, self.G, self.N, self.chunk, self.split, self.pn)
-            self.sums(x, dy, r, w, b, stats, part, *fixed)
+            part = x
+            if self.part_elems:
+                part = empty((self.part_elems,), x.device)
+                self.sums(x, dy, r, w, b, stats, part, *fixed)
             self.apply(x, dy, r, w, b, stats, part, dx, dres, dw, db, *fixed)
             return
         part = empty((2, self.N, self.C), x.device) if self.need_wb else x
