@@ -84,16 +84,19 @@ def applies(shape, x_stride, out_stride, spec, elem_bytes: int) -> bool:
 
 
 def _merge_bounded(split: int, tile_hw: int, warps: int, cb: int, cg: int, HW: int, elem_bytes: int,
-                   profile: dispatch.DeviceProfile) -> tuple[int, int, int]:
+                   profile: dispatch.DeviceProfile, blocks: int = 0) -> tuple[int, int, int]:
     """The forward split with its merges (SPLIT^2 * GB * 8 bytes a block, quadratic in SPLIT:
     every apply program merges all its block's partials) at most FORWARD_MERGE_SHARE of the
     block's x bytes: the split shrinks by a step while the tile grows by it and the program's
     warps with it, so the device holds as many warps (and each program as many tiles) as
     before, in fewer, larger programs that merge fewer partials. Stops where the warps would
-    not grow in step (max_warps) or the split would reach 1 (that would be another regime)."""
+    not grow in step (max_warps), the split would reach 1 (that would be another regime) or the
+    ``blocks`` x split programs would no longer give every SM one (SMs left idle cost more
+    than merges that mostly hit L2: SD 320x64^2 b1 stays at 256 programs, not 64)."""
     step = 2 if profile.interpreter else 4
     cb_pad = dispatch._pow2(cb)
     while (split // step >= 2 and split * split * (cb // cg) * 8 > FORWARD_MERGE_SHARE * cb * HW * elem_bytes
+           and (profile.interpreter or blocks * (split // step) >= profile.sm_count)
            and tile_hw * step <= dispatch._pow2(HW)
            and dispatch._warps(tile_hw * step * cb_pad, profile) == warps * step):
         split, tile_hw, warps = split // step, tile_hw * step, warps * step
@@ -153,7 +156,8 @@ def choose(shape, spec, elem_bytes: int, profile: dispatch.DeviceProfile, op: st
             split //= 2 if profile.interpreter else 4
         split = max(1, split)
         if op == "forward":
-            split, tile_hw, warps = _merge_bounded(split, tile_hw, warps, cb, C // G, HW, elem_bytes, profile)
+            split, tile_hw, warps = _merge_bounded(split, tile_hw, warps, cb, C // G, HW, elem_bytes, profile,
+                                                   blocks)
     chunk = -(-(-(-HW // split)) // tile_hw) * tile_hw
     split = -(-HW // chunk)
     if split == 1:
