@@ -84,6 +84,7 @@ from tritonorm import dispatch
 from tritonorm.kernels import fastlaunch, launch
 
 assert fastlaunch._CHECK[0]
+launch.ROOM_FRACTION = float("inf")  # the split partials in the statistics buffer too (launch.part_row)
 used = []
 real_direct = fastlaunch.Launcher._direct
 def direct(self, compiled, *rest):
@@ -116,6 +117,19 @@ with host.stubbed() as rec:
             used.clear()
             run(*args, **kw)
         calls[name] = sorted(set(used))
+    # channels_last GroupNorm with 10-channel groups (the whole-pixel kernels) and NCHW BatchNorm
+    # on 7x7 planes (planes.py)
+    xc = torch.randn(4, 40, 6, 6, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    wc, bc = torch.ones(40, dtype=torch.bfloat16), torch.zeros(40, dtype=torch.bfloat16)
+    xp = torch.randn(2, 1024, 7, 7, dtype=torch.bfloat16)
+    wp, bp = torch.ones(1024), torch.zeros(1024)
+    for name, args, kw in [("gn pixels split", (xc, wc, bc), dict(num_groups=4, regime="split", activation="silu")),
+                           ("gn pixels fp32 w", (xc, wc.float(), bc.float()), dict(num_groups=4, regime="split")),
+                           ("bn planes", (xp, wp, bp), dict(scope="batch"))]:
+        for i in range(3):
+            used.clear()
+            run(*args, **kw)
+        calls[name] = sorted(set(used))
     # layer norm rows, plain
     xl = torch.randn(16, 64, dtype=torch.bfloat16)
     for i in range(3):
@@ -123,8 +137,10 @@ with host.stubbed() as rec:
         run(xl, torch.ones(64, dtype=torch.bfloat16), torch.zeros(64, dtype=torch.bfloat16), scope="layer")
     calls["ln"] = sorted(set(used))
     out["calls"] = calls
-    out["keyed_entries"] = sum(len(l.by_call) for p in launch._PLANS.values()
-                               for l in [getattr(p, "launch", None), getattr(p, "partial", None)] if l is not None)
+    import gc
+    out["keyed_entries"] = sum(len(o.by_call) for o in gc.get_objects() if isinstance(o, fastlaunch.Launcher))
+    out["room_launchers"] = sum(1 for o in gc.get_objects()
+                                if isinstance(o, fastlaunch.Launcher) and o.constexprs.get("PART_ROW") and o.by_call)
 print("RESULT " + json.dumps(out))
 '''
 
@@ -148,4 +164,6 @@ def test_keyed_launches_pick_the_kernel_the_full_key_picks():
     for other in ("gn split fp32 w", "gn split misaligned x"):
         diff = dict(calls[other])
         assert any(diff.get(k) != v for k, v in base.items()), (other, calls)
-    assert out["keyed_entries"] >= 3, out
+    assert out["keyed_entries"] >= 3 and out["room_launchers"] >= 4, out
+    assert any(n.startswith("_pixels_bwd") for n, _ in calls["gn pixels split"]), calls
+    assert any(n.startswith("_planes") for n, _ in calls["bn planes"]), calls

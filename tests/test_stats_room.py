@@ -21,8 +21,9 @@ CONFIG = dict(block_p=4, block_m=16, split=2)
 
 
 @pytest.fixture(autouse=True)
-def _room(monkeypatch):
-    row_kernels_only(monkeypatch)  # the row kernels' split path in every layout (not pixels/planes)
+def _room(monkeypatch, request):
+    if "pixels" not in request.node.name:
+        row_kernels_only(monkeypatch)  # the row kernels' split path in every layout (not pixels/planes)
     monkeypatch.setattr(launch, "ROOM_FRACTION", float("inf"))
     launch.clear()
     yield
@@ -134,3 +135,43 @@ def test_compiled_ops_keep_plain_statistics():
         y, stats = launch.forward(x, spec, w, b, None, 1e-5, True, 0)
     assert tuple(stats.shape) == (5, 4), stats.shape
     assert y.shape == x.shape
+
+
+# channels_last GroupNorm with groups of 10 and 4 channels, InstanceNorm: the whole-pixel kernels
+# (pixels.py, pixels_backward.py), whose split partials take the same room.
+PIXEL_CASES = [
+    ((2, 20, 5, 6), "group", 2, "silu", True),
+    ((3, 12, 4, 7), "group", 3, None, False),
+    ((2, 8, 3, 4, 5), "instance", None, "relu", False),
+]
+
+
+@pytest.mark.parametrize("case", range(len(PIXEL_CASES)))
+def test_pixels_partials_in_the_statistics_buffer(case, monkeypatch):
+    shape, scope, groups, act, res = PIXEL_CASES[case]
+    fmt = torch.channels_last if len(shape) == 4 else torch.channels_last_3d
+    x, w, b, r, dy = make_inputs(shape, torch.float32, residual=res, memory_format=fmt, offset=2.0)
+    names = record_launches(monkeypatch)
+    check_case(x, scope, num_groups=groups, weight=w, bias=b, residual=r, dy=dy, activation=act,
+               regime="split", config=CONFIG)
+    assert names == ["_pixels_partial_kernel", "_pixels_apply_kernel", "_pixels_bwd_sums_kernel",
+                     "_pixels_bwd_apply_kernel"], names
+    leaves = [t.detach().requires_grad_() for t in (x, w, b)]
+
+    def run():
+        y = tritonorm.norm(leaves[0], scope, num_groups=groups, weight=leaves[1], bias=leaves[2],
+                           activation=act, backend="triton")
+        return y, torch.autograd.grad(y, leaves, dy)
+
+    with launch.dispatch.forced("split", **CONFIG):
+        (y, grads), kept = _saved_stats(run)
+        with_room = _backward_allocations(monkeypatch, run)
+    assert len(kept) == 1 and kept[0][0] > 5, kept
+    monkeypatch.setattr(launch, "ROOM_FRACTION", 0.0)
+    launch.clear()
+    with launch.dispatch.forced("split", **CONFIG):
+        (y2, grads2), kept2 = _saved_stats(run)
+        without = _backward_allocations(monkeypatch, run)
+    assert kept2[0][0] == 5 and without - with_room == 2, (kept2, without, with_room)
+    for a, c in zip((y, *grads), (y2, *grads2)):
+        torch.testing.assert_close(a, c, rtol=0, atol=0)

@@ -449,18 +449,24 @@ class ForwardPlan:
             return self._native(x, weight, bias, residual, run_mean, run_var, eps, momentum)
         y = x.new_empty(0) if self.mode == "stats" else c.out(x)
         pr = 0  # the partials' first row in the statistics buffer (0: apart)
-        if room and self.pixels is None and self.planes is None:
+        if room and self.planes is None:
             pr = part_row(lean)
-            stats = _empty((pr + max(room, -(-self.part_rows * self.P // c.n_stats)), c.n_stats), x.device)
+            # The forward's own partials: rows of the P statistics (the whole-pixel kernels': N*G).
+            own = (self.pixels.part_rows * self.pixels.P if self.pixels is not None
+                   else self.part_rows * self.P)
+            stats = _empty((pr + max(room, -(-own // c.n_stats)), c.n_stats), x.device)
         else:
             stats = _empty((self.lean_rows if lean else 5, c.n_stats), x.device)
         # Kernels index weight and bias by channel with unit stride (param_full: the caller laid
         # them out like y; nc: read with their own strides).
         w, b = _params(weight, bias, self.param_full or self.nc is not None, x)
+        # Every other tensor the launches take is this call's own buffer or a stand-in for one of
+        # these (fastlaunch.call_key).
+        ck = call_key(x, residual, weight, bias, run_mean, run_var, h)
         if self.pixels is not None:
-            return self.pixels(x, y, residual, w, b, stats, float(eps), _empty)
+            return self.pixels(x, y, residual, w, b, stats, float(eps), _empty, ck, pr)
         if self.planes is not None:
-            return self.planes(x, y, residual, w, b, stats, run_mean, run_var, float(eps), momentum)
+            return self.planes(x, y, residual, w, b, stats, run_mean, run_var, float(eps), momentum, ck)
         r = x if residual is None else residual
         rm = x if run_mean is None else run_mean
         rv = x if run_var is None else run_var
@@ -471,8 +477,6 @@ class ForwardPlan:
         momentum = float(momentum) if self.blends else 0.0
         yp = x if self.mode == "stats" else y
         hk = {} if h is None else dict(H=h)
-        # Every other tensor here is this call's own buffer or a stand-in for one of these.
-        ck = call_key(x, residual, weight, bias, run_mean, run_var, h)
         if self.partial is not None:
             partial_kw = {} if h is None else dict(Res=r, H=h)
             launch = self.lean_launch if lean else self.launch
@@ -596,10 +600,11 @@ class BackwardPlan:
             self.native = False
             return
         if fwd.pixels is not None:  # the whole-pixel kernels of the forward (pixels_backward.py)
-            self.pixels = PixelsBackward(c.shape, c.spec, torch.empty((), dtype=c.dtype).element_size(), needs,
-                                         fwd.has_w, fwd.has_b, fwd.has_res, act, c.center, fwd.profile,
-                                         fwd.pixels.pn)
+            elem = torch.empty((), dtype=c.dtype).element_size()
+            self.pixels = PixelsBackward(c.shape, c.spec, elem, needs, fwd.has_w, fwd.has_b, fwd.has_res, act,
+                                         c.center, fwd.profile, fwd.pixels.pn)
             self.native = False
+            self._room_for(self.pixels.part_elems, c, elem)
             return
         spec = c.spec
         view = c.view
@@ -834,11 +839,8 @@ class BackwardPlan:
                 if step is not None:
                     step[3]["LEAN"] = 1 + bool(c.center)
         # The S1/S2 (dweight/dbias) partials of the sums kernel may sit in the statistics buffer.
-        # Only where they are small beside x (ROOM_FRACTION): they are saved memory from the forward on.
         if self.dx_kind == "two-stage" and self.sums is not None and not self.col_two:
-            rows = -(-4 * self.part_rows * self.part_split // c.n_stats)
-            if rows * c.n_stats * 4 <= ROOM_FRACTION * math.prod(c.shape) * x_meta.element_size():
-                self.room_rows = rows
+            self._room_for(4 * self.part_rows * self.part_split, c, x_meta.element_size())
         # Launchers bound to this plan's grids and constexprs (fastlaunch.py); sums and apply also
         # with the partials in the statistics buffer (roomy).
         for name in ("dx", "sums", "apply", "dwdb"):
@@ -860,6 +862,13 @@ class BackwardPlan:
                                    (triton.cdiv(M, 64), c.shape[0] if per_sample_only else 1),
                                    dict(NEED_DW=need_dw, NEED_DB=need_db, W_SAMPLE=ws, B_SAMPLE=bs, BLOCK_C=64,
                                         BLOCK_S=MERGE_BLOCK))
+
+    def _room_for(self, elems: int, c, elem_bytes: int) -> None:
+        """room_rows for ``elems`` fp32 partials: only where they are small beside x
+        (ROOM_FRACTION), since they are saved memory from the forward on."""
+        rows = -(-elems // c.n_stats)
+        if elems and rows * c.n_stats * 4 <= ROOM_FRACTION * math.prod(c.shape) * elem_bytes:
+            self.room_rows = rows
 
     @property
     def launches(self) -> int:
@@ -1004,8 +1013,10 @@ class BackwardPlan:
         dres = self.fwd.c.out(x) if impl.write_dres else None
         dw = _empty(weight.shape, x.device, weight.dtype) if impl.need_dw else None
         db = _empty(bias.shape, x.device, bias.dtype) if impl.need_db else None
+        ck = call_key(dy, x, r, weight, bias, stats)  # as __call__'s
+        pr = self.part_row if self.room_rows and stats.shape[0] >= self.part_row + self.room_rows else 0
         impl(x, dy, r, w, b, stats, x if dx is None else dx, x if dres is None else dres,
-             x if dw is None else dw, x if db is None else db, *extra)
+             x if dw is None else dw, x if db is None else db, *extra, ck, pr)
         if need_dres and dres is None:
             dres = dy
         return dx, dw, db, dres

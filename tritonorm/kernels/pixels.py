@@ -203,8 +203,11 @@ def _pixels_partial_kernel(
     P, NCB, HW, C, G, CHUNK, SPLIT,  # CHUNK: pixels per split (a multiple of BLOCK_HW)
     CB: tl.constexpr, CG: tl.constexpr, CB_PAD: tl.constexpr, GB_PAD: tl.constexpr,
     BLOCK_HW: tl.constexpr, CENTER: tl.constexpr, INT64: tl.constexpr,
+    PART_ROW: tl.constexpr = 0,  # > 0: Part is the statistics buffer, the partials from its row PART_ROW
 ):
     """Split regime, stage 1: the per-group moments of one pixel chunk."""
+    if PART_ROW != 0:
+        Part += PART_ROW * P
     base, first, chans, cmask, rows, gmask = _block(tl.program_id(0), NCB, HW, C, G, CB, CG, CB_PAD, GB_PAD, INT64)
     sp = tl.program_id(1)
     k_g, k_c = _pivot(X, base, chans, gmask, CB, CG, CB_PAD, GB_PAD, CENTER)
@@ -223,10 +226,13 @@ def _pixels_apply_kernel(
     CB: tl.constexpr, CG: tl.constexpr, CB_PAD: tl.constexpr, GB_PAD: tl.constexpr,
     BLOCK_HW: tl.constexpr, BLOCK_S: tl.constexpr, CENTER: tl.constexpr, HAS_W: tl.constexpr,
     HAS_B: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr, INT64: tl.constexpr,
+    PART_ROW: tl.constexpr = 0,  # as _pixels_partial_kernel's (Part is Stats)
 ):
     """Split regime, stage 2: merge the SPLIT partials of the block's groups (forward's merge, in
     elements: CHUNK * CG per split, HW * CG per statistic), store the statistics (chunk 0), and
     write y over this program's pixel chunk."""
+    if PART_ROW != 0:
+        Part += PART_ROW * P
     base, first, chans, cmask, rows, gmask = _block(tl.program_id(0), NCB, HW, C, G, CB, CG, CB_PAD, GB_PAD, INT64)
     sp = tl.program_id(1)
     k_g, k_c = _pivot(X, base, chans, gmask, CB, CG, CB_PAD, GB_PAD, CENTER)
@@ -276,14 +282,31 @@ class PixelsForward:
             self.partial = None
             self.apply = Launcher(_pixels_fwd_kernel, (grid,), dict(const, **flags, FUSED=plan.kernel == "fused"))
             self.launches = 1
+        # Rows of the [., P] statistics buffer the split partials take when they sit there
+        # (launch.part_row); pr -> (partial, apply) launchers reading them there.
+        self.part_rows = 2 * self.split if self.partial is not None else 0
+        self._room: dict = {}
 
-    def __call__(self, x, y, residual, w, b, stats, eps: float, empty):
+    def _roomy(self, pr: int):
+        from .fastlaunch import Launcher
+        got = self._room[pr] = tuple(Launcher(l.kernel, l.grid, dict(l.constexprs, PART_ROW=pr))
+                                     for l in (self.partial, self.apply))
+        return got
+
+    def __call__(self, x, y, residual, w, b, stats, eps: float, empty, ck=None, pr: int = 0):
+        """``ck``: the call key of fastlaunch.Launcher.keyed; ``pr``: the row of ``stats`` the
+        partials start at (launch.part_row; 0: allocated apart)."""
         r = x if residual is None else residual
         if self.partial is not None:
-            part = empty((2, self.P, self.split), x.device)
-            self.partial(x, part, self.P, self.ncb, self.HW, self.C, self.G, self.chunk, self.split)
-            self.apply(x, y, r, w, b, stats, part, self.P, self.ncb, self.HW, self.C, self.G, self.chunk,
-                       self.split, eps, self.pn)
+            if pr:
+                part = stats
+                partial, apply = self._room.get(pr) or self._roomy(pr)
+            else:
+                part = empty((2, self.P, self.split), x.device)
+                partial, apply = self.partial, self.apply
+            partial.keyed(ck, x, part, self.P, self.ncb, self.HW, self.C, self.G, self.chunk, self.split)
+            apply.keyed(ck, x, y, r, w, b, stats, part, self.P, self.ncb, self.HW, self.C, self.G, self.chunk,
+                        self.split, eps, self.pn)
         else:
-            self.apply(x, y, r, w, b, stats, self.P, self.ncb, self.HW, self.C, self.G, eps, self.pn)
+            self.apply.keyed(ck, x, y, r, w, b, stats, self.P, self.ncb, self.HW, self.C, self.G, eps, self.pn)
         return y, stats

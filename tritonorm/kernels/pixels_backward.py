@@ -212,10 +212,13 @@ def _pixels_bwd_sums_kernel(
     BLOCK_HW: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_RES: tl.constexpr,
     ACT: tl.constexpr, INT64: tl.constexpr,
     NEED_DX: tl.constexpr = True, NEED_DW: tl.constexpr = False, NEED_DB: tl.constexpr = False,
+    PART_ROW: tl.constexpr = 0,  # > 0: Part is the statistics buffer, the partials from its row PART_ROW
 ):
     """Split regime, stage 1: over one pixel chunk of a block, the per-channel sums u2 = sum
     gz * xhat and u1 = sum gz (stored for the gradients asked for: NEED_DW, NEED_DB) and, for dx,
     their per-group folds with the weight, S2 = sum w_c u2_c and S1 = sum w_c u1_c."""
+    if PART_ROW != 0:
+        Part += PART_ROW * P
     base, first, chans, cmask, rows, gmask = _block(tl.program_id(0), NCB, HW, C, G, CB, CG, CB_PAD, GB_PAD, INT64)
     sp = tl.program_id(1)
     k_c, mean_c, rstd_c = _stats(Stats, P, rows, gmask, CB, CG, CB_PAD, GB_PAD)
@@ -256,10 +259,13 @@ def _pixels_bwd_apply_kernel(
     HAS_RES: tl.constexpr, ACT: tl.constexpr, NEED_DX: tl.constexpr, WRITE_DRES: tl.constexpr,
     NEED_DW: tl.constexpr, NEED_DB: tl.constexpr, INT64: tl.constexpr,
     W_NC: tl.constexpr = False, B_NC: tl.constexpr = False, BLOCK_S: tl.constexpr = 16,
+    PART_ROW: tl.constexpr = 0,  # as _pixels_bwd_sums_kernel's (Part is Stats)
 ):
     """Split regime, stage 2: the SPLIT group partials of the block's groups, added in a fixed
     order, give S1, S2 and dx over this program's chunk; the chunk-0 programs finish dweight and
     dbias from the per-channel planes (_finish_plane), each plane read once in all."""
+    if PART_ROW != 0:
+        Part += PART_ROW * P
     base, first, chans, cmask, rows, gmask = _block(tl.program_id(0), NCB, HW, C, G, CB, CG, CB_PAD, GB_PAD, INT64)
     sp = tl.program_id(1)
     n = tl.program_id(0) // NCB
@@ -346,19 +352,34 @@ class PixelsBackward:
                                    dict(NEED_DW=self.need_dw and not w_nc, NEED_DB=self.need_db and not b_nc,
                                         BLOCK_C=64, BLOCK_S=16))
             self.launches = 1 + self.need_wb
+            self.part_elems = 0
+        self._room: dict = {}  # pr -> (sums, apply) launchers with the partials in the statistics buffer
 
-    def __call__(self, x, dy, r, w, b, stats, dx, dres, dw, db, empty):
-        """Launch; ``dx``, ``dres``, ``dw``, ``db`` are the outputs (x where not asked for)."""
+    def _roomy(self, pr: int):
+        from .fastlaunch import Launcher
+        got = self._room[pr] = tuple(Launcher(l.kernel, l.grid, dict(l.constexprs, PART_ROW=pr))
+                                     for l in (self.sums, self.apply))
+        return got
+
+    def __call__(self, x, dy, r, w, b, stats, dx, dres, dw, db, empty, ck=None, pr: int = 0):
+        """Launch; ``dx``, ``dres``, ``dw``, ``db`` are the outputs (x where not asked for).
+        ``ck``: the call key of fastlaunch.Launcher.keyed; ``pr``: the row of ``stats`` the
+        split partials start at (launch.part_row; 0: allocated apart)."""
         if self.sums is not None:
             fixed = (self.P, self.ncb, self.HW, self.C, self.G, self.N, self.chunk, self.split, self.pn)
             part = x
+            sums, apply = self.sums, self.apply
             if self.part_elems:
-                part = empty((self.part_elems,), x.device)
-                self.sums(x, dy, r, w, b, stats, part, *fixed)
-            self.apply(x, dy, r, w, b, stats, part, dx, dres, dw, db, *fixed)
+                if pr:
+                    part = stats
+                    sums, apply = self._room.get(pr) or self._roomy(pr)
+                else:
+                    part = empty((self.part_elems,), x.device)
+                sums.keyed(ck, x, dy, r, w, b, stats, part, *fixed)
+            apply.keyed(ck, x, dy, r, w, b, stats, part, dx, dres, dw, db, *fixed)
             return
         part = empty((2, self.N, self.C), x.device) if self.need_wb else x
-        self.apply(x, dy, r, w, b, stats, dx, dres, part, dw, db, self.P, self.ncb, self.HW, self.C, self.G, self.N,
-                   self.pn)
+        self.apply.keyed(ck, x, dy, r, w, b, stats, dx, dres, part, dw, db, self.P, self.ncb, self.HW, self.C,
+                         self.G, self.N, self.pn)
         if self.need_wb:
-            self.finish(part, dw, db, self.C, self.N)
+            self.finish.keyed(ck, part, dw, db, self.C, self.N)

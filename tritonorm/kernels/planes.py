@@ -285,13 +285,14 @@ class PlanesForward:
                                     HAS_B=has_b, HAS_RES=has_res, ACT=act, RUNNING=0 if given else running))
         self.launches = 1
 
-    def __call__(self, x, y, residual, w, b, stats, run_mean, run_var, eps: float, momentum: float):
+    def __call__(self, x, y, residual, w, b, stats, run_mean, run_var, eps: float, momentum: float, ck=None):
+        """``ck``: the call key of fastlaunch.Launcher.keyed."""
         r = x if residual is None else residual
         rm = x if run_mean is None else run_mean
         rv = x if run_var is None else run_var
         momentum = float(momentum) if self.blends else 0.0
-        self.launch(x, y, r, w, b, stats, rm, rv, self.N, self.ncb, self.C, self.S * self.C, eps, momentum,
-                    self.unbias)
+        self.launch.keyed(ck, x, y, r, w, b, stats, rm, rv, self.N, self.ncb, self.C, self.S * self.C, eps,
+                          momentum, self.unbias)
         return y, stats
 
 
@@ -326,13 +327,14 @@ class PlanesBackward:
                                    dict(NEED_DW=self.need_dw, NEED_DB=self.need_db, BLOCK_C=64, BLOCK_S=merge_block))
         self.launches = 1 + (self.finish is not None)
 
-    def __call__(self, x, dy, r, w, b, stats, dx, dres, dw, db, empty):
+    def __call__(self, x, dy, r, w, b, stats, dx, dres, dw, db, empty, ck=None, pr: int = 0):
         """Launch; ``dx``, ``dres``, ``dw``, ``db`` are the outputs (x where not asked for);
-        ``empty(shape, device)`` allocates the fp32 partials (launch._empty: poisoned in tests)."""
+        ``empty(shape, device)`` allocates the fp32 partials (launch._empty: poisoned in tests);
+        ``ck``: the call key of fastlaunch.Launcher.keyed (``pr``: unused, no room here)."""
         P = self.S * self.C
         if self.finish is None:
-            self.launch(x, dy, r, w, b, stats, dx, dres, dw, db, self.N, self.ncb, self.C, P)
+            self.launch.keyed(ck, x, dy, r, w, b, stats, dx, dres, dw, db, self.N, self.ncb, self.C, P)
             return
         part = empty((2, self.S, self.C), x.device)
-        self.launch(x, dy, r, w, b, stats, dx, dres, part[0], part[1], self.N, self.ncb, self.C, P)
-        self.finish(part, dw, db, self.C, self.S)
+        self.launch.keyed(ck, x, dy, r, w, b, stats, dx, dres, part[0], part[1], self.N, self.ncb, self.C, P)
+        self.finish.keyed(ck, part, dw, db, self.C, self.S)
