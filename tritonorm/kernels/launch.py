@@ -387,16 +387,6 @@ class ForwardPlan:
         self.unbias = self.M / (self.M - 1) if self.M > 1 and center else 1.0
         self.blends = bool(running) and mode == "train"  # whether the kernel reads momentum
 
-    def __call__(self, x, weight, bias, residual, run_mean, run_var, eps: float, momentum: float = 0.0,
-                 lean: bool = False, room: int | None = None):
-        """``lean`` (only where ``lean_for`` said so): the statistics come back as the [1 or 2, P]
-        buffer that only the backward reads (common.store_stats), not the [5, P] one. ``room``
-        (eager calls whose backward will run; see ``part_row``): the rows the backward's
-        partials take, kept in the statistics buffer with the forward's own; 0 or None (nothing
-        to keep for the backward, so nothing more is saved): a [5, P] (or lean) buffer and the
-        forward's partials apart."""
-        return self._launch(x, weight, bias, residual, run_mean, run_var, eps, momentum, None, lean, room)
-
     def _roomy(self, lean: bool) -> tuple[Launcher, Launcher]:
         """The partial and apply launchers with the partials in the statistics buffer from row
         part_row(lean) on (the kernels' PART_ROW)."""
@@ -424,7 +414,7 @@ class ForwardPlan:
         h = torch.empty_strided(c.shape, c.out_stride, dtype=h_dtype, device=x.device)
         if POISON:
             h.fill_(float("nan"))
-        y, stats = self._launch(x, weight, bias, residual, run_mean, run_var, eps, momentum, h, lean)
+        y, stats = self(x, weight, bias, residual, run_mean, run_var, eps, momentum, lean, h=h)
         return y, stats, h
 
     @property
@@ -437,7 +427,14 @@ class ForwardPlan:
         """Whether ``add`` runs in the kernels (not the torch regime, not a restrided copy)."""
         return self.inner is None and not self.native and not self.c.copy_x
 
-    def _launch(self, x, weight, bias, residual, run_mean, run_var, eps, momentum, h, lean=False, room=None):
+    def __call__(self, x, weight, bias, residual, run_mean, run_var, eps: float, momentum: float = 0.0,
+                 lean: bool = False, room: int | None = None, h=None):
+        """``lean`` (only where ``lean_for`` said so): the statistics come back as the [1 or 2, P]
+        buffer that only the backward reads (common.store_stats), not the [5, P] one. ``room``
+        (eager calls whose backward will run; see ``part_row``): the rows the backward's
+        partials take, kept in the statistics buffer with the forward's own; 0 or None (nothing
+        to keep for the backward, so nothing more is saved): a [5, P] (or lean) buffer and the
+        forward's partials apart. ``h``: add_norm's output buffer (``add``)."""
         c = self.c
         if self.inner is not None:
             y, stats = self.inner(x.contiguous(), weight, bias,
