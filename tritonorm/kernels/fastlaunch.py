@@ -47,12 +47,16 @@ def call_key(*tensors):
     absent), or None when one of them is off 16-byte alignment (then every launch keys on
     everything)."""
     ptrs = 0
+    key = []
     for t in tensors:
-        if t is not None:
+        if t is None:
+            key.append(None)
+        else:
             ptrs |= t.data_ptr()
+            key.append(t.dtype)
     if ptrs & 15:
         return None
-    return tuple(None if t is None else t.dtype for t in tensors)
+    return tuple(key)
 
 
 @contextlib.contextmanager
