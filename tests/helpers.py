@@ -177,3 +177,15 @@ def kernels_outside_dispatch_modes(monkeypatch) -> None:
         with _disable_current_modes():
             return original(kernel, *args, **kwargs)
     monkeypatch.setattr(cls, "run", run)
+
+
+def saved_tensors(fn):
+    """Run ``fn`` recording the tensors autograd saves for backward: (its result, those tensors)."""
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, saved

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import tritonorm
-from helpers import LOW, assert_close, record_launches, small_tiles
+from helpers import LOW, assert_close, record_launches, saved_tensors, small_tiles
 from tritonorm import dispatch, reference, scope as scopes
 from tritonorm.kernels import launch
 
@@ -24,13 +24,7 @@ def _poison(monkeypatch):
 def _saved_stats(fn, p):
     """Run ``fn`` recording what autograd saves; return (its result, the shapes of the fp32
     statistics buffers: [rows, ``p``] for ``p`` statistics)."""
-    saved = []
-
-    def pack(t):
-        saved.append(t)
-        return t
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
+    out, saved = saved_tensors(fn)
     return out, [tuple(t.shape) for t in saved
                  if t.dtype == torch.float32 and t.dim() == 2 and t.shape[0] <= 5 and t.shape[1] == p]
 

@@ -14,7 +14,7 @@ import torch
 
 import tritonorm
 from cases import check_case, make_inputs
-from helpers import record_launches, row_kernels_only
+from helpers import record_launches, row_kernels_only, saved_tensors
 from tritonorm.kernels import launch
 
 CONFIG = dict(block_p=4, block_m=16, split=2)
@@ -32,14 +32,29 @@ def _room(monkeypatch, request):
 
 def _saved_stats(fn):
     """``fn()`` with the fp32 2-D tensors autograd saves recorded: (result, their shapes)."""
-    saved = []
-
-    def pack(t):
-        saved.append(t)
-        return t
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
+    out, saved = saved_tensors(fn)
     return out, [tuple(t.shape) for t in saved if t.dtype == torch.float32 and t.dim() == 2]
+
+
+def _room_against_none(monkeypatch, run):
+    """``run`` (a forward+backward) in the split regime with the room (the fixture's
+    ROOM_FRACTION) and without it: the statistics buffer saved has rows past 5 with it, 5 or
+    fewer without; the backward allocates two fp32 buffers fewer with it; the results are
+    bit-identical."""
+    with launch.dispatch.forced("split", **CONFIG):
+        (y, grads), kept = _saved_stats(run)
+        with_room = _backward_allocations(monkeypatch, run)
+    assert len(kept) == 1 and kept[0][0] > 5, kept
+    monkeypatch.setattr(launch, "ROOM_FRACTION", 0.0)
+    launch.clear()
+    with launch.dispatch.forced("split", **CONFIG):
+        (y2, grads2), kept2 = _saved_stats(run)
+        without = _backward_allocations(monkeypatch, run)
+    assert len(kept2) == 1 and kept2[0][0] <= 5, kept2
+    # Forward: statistics + partials -> one buffer; backward: its partials -> none.
+    assert without - with_room == 2, (without, with_room)
+    for a, c in zip((y, *grads), (y2, *grads2)):
+        torch.testing.assert_close(a, c, rtol=0, atol=0)
 
 
 def _backward_allocations(monkeypatch, fn) -> int:
@@ -92,22 +107,7 @@ def test_the_room_is_used_and_saves_the_backwards_allocation(case, monkeypatch):
         y = tritonorm.norm(x, scope, num_groups=groups, weight=w, bias=b, activation=act, backend="triton")
         return y, torch.autograd.grad(y, [x, w, b], dy)
 
-    with launch.dispatch.forced("split", **CONFIG):
-        (y, grads), kept = _saved_stats(run)
-        with_room = _backward_allocations(monkeypatch, run)
-    # One buffer, the forward's partials and the backward's past row part_row: more than 5 rows.
-    assert len(kept) == 1 and kept[0][0] > 5, kept
-    monkeypatch.setattr(launch, "ROOM_FRACTION", 0.0)
-    launch.clear()
-    with launch.dispatch.forced("split", **CONFIG):
-        (y2, grads2), kept2 = _saved_stats(run)
-        without = _backward_allocations(monkeypatch, run)
-    assert len(kept2) == 1 and kept2[0][0] <= 5, kept2
-    # Forward: statistics + partials -> one buffer; backward: its partials -> none.
-    assert without - with_room == 2, (without, with_room)
-    torch.testing.assert_close(y, y2, rtol=0, atol=0)
-    for a, c in zip(grads, grads2):
-        torch.testing.assert_close(a, c, rtol=0, atol=0)
+    _room_against_none(monkeypatch, run)
 
 
 def test_default_fraction_keeps_small_calls_apart(monkeypatch):
@@ -163,15 +163,4 @@ def test_pixels_partials_in_the_statistics_buffer(case, monkeypatch):
                            activation=act, backend="triton")
         return y, torch.autograd.grad(y, leaves, dy)
 
-    with launch.dispatch.forced("split", **CONFIG):
-        (y, grads), kept = _saved_stats(run)
-        with_room = _backward_allocations(monkeypatch, run)
-    assert len(kept) == 1 and kept[0][0] > 5, kept
-    monkeypatch.setattr(launch, "ROOM_FRACTION", 0.0)
-    launch.clear()
-    with launch.dispatch.forced("split", **CONFIG):
-        (y2, grads2), kept2 = _saved_stats(run)
-        without = _backward_allocations(monkeypatch, run)
-    assert kept2[0][0] == 5 and without - with_room == 2, (kept2, without, with_room)
-    for a, c in zip((y, *grads), (y2, *grads2)):
-        torch.testing.assert_close(a, c, rtol=0, atol=0)
+    _room_against_none(monkeypatch, run)

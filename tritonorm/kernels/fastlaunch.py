@@ -130,20 +130,7 @@ class Launcher:
         if _CHECK[0] and self._key(device, args, extra)[1] is not compiled:
             raise RuntimeError(f"tritonorm internal: {self.kernel.fn.__name__}: call key {ckey} does not "
                                "fix the launch's specialization")
-        # _direct, inline: this is the hot path of every plan call.
-        if ON_DIRECT_LAUNCH[0] is not None:
-            ON_DIRECT_LAUNCH[0](self.kernel.fn.__name__)
-        if extra:
-            bound = (*args, *[extra[name] if keyword else value for name, keyword, value in self.tail])
-        else:
-            bound = args + self.const_tail
-        stream = active.get_current_stream(device)
-        hooks = knobs.runtime
-        enter = hooks.launch_enter_hook
-        meta = None if enter is None else compiled.launch_metadata(self.grid, stream, *bound)
-        g0, g1, g2 = self.grid3
-        compiled.run(g0, g1, g2, stream, compiled.function, compiled.packed_metadata, meta, enter,
-                     hooks.launch_exit_hook, *bound)
+        self._direct(compiled, active, device, args, extra)
 
     def __call__(self, *args, **extra):
         if not (self.usable and _ON[0]) or self.hooks:
