@@ -14,6 +14,10 @@ from __future__ import annotations
 SUBSET = (
     ("tests/test_gpu.py", "GPU only: int64 offsets past 2**31 elements, CUDA-graph capture, model "
      "shapes in their dispatched regimes"),
+    ("tests/test_stats_room.py", "the split partials in the statistics buffer (PART_ROW), row and "
+     "whole-pixel kernels, against float64 and against the same calls without it: not yet run compiled"),
+    ("tests/test_pixels_partials.py", "the whole-pixel split regime's per-group partials and bounded "
+     "merges at several splits: not yet run compiled"),
     ("tests/test_norm.py", "fused / looped / split forward and backward over every scope, the "
      "activations, center=False (RMS), fp16/bf16 with fp32 and low-precision weights, odd sizes, "
      "int64 indexing, the fused-rows persistent grid (dwdb accumulation)"),
