@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from tritonorm.bench import bytes_model, cpu, gpu, runner, shapes
-from tritonorm.bench.table import format_table
+from tritonorm.bench.table import combine_passes, format_table, pass_cell
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -209,3 +209,18 @@ def test_bench_test_file_is_not_collected_by_make_test():
     cfg = tomllib.loads((ROOT / "pyproject.toml").read_text())
     assert cfg["tool"]["pytest"]["ini_options"]["testpaths"] == ["tests"]
     assert (ROOT / "benchmarks" / "test_bench.py").is_file()
+
+
+def test_host_passes_combine_into_medians_with_their_runs():
+    # python -m tritonorm.bench.host --repeat N: each figure the median of the passes, the runs kept
+    passes = [[{"case": "a", "ours_fwd_us": v, "eager_fwd_us": 2.0 * v}, {"case": "m", "ours_fwd_us": 40.0 + v}]
+              for v in (10.0, 30.0, 20.0)]
+    rows = combine_passes(passes, ("ours_fwd_us", "eager_fwd_us", "ours_fwd_bwd_us"))
+    assert [r["case"] for r in rows] == ["a", "m"]
+    assert rows[0]["ours_fwd_us"] == 20.0 and rows[0]["ours_fwd_us_runs"] == [10.0, 30.0, 20.0]
+    assert rows[0]["eager_fwd_us"] == 40.0 and "ours_fwd_bwd_us" not in rows[0]
+    assert rows[1]["ours_fwd_us"] == 60.0
+    assert pass_cell(rows[0], "ours_fwd_us") == "10.0-30.0 (20.0)"
+    assert pass_cell(rows[0], "ours_fwd_bwd_us") == ""
+    one = combine_passes(passes[:1], ("ours_fwd_us",))
+    assert one == passes[0] and pass_cell(one[0], "ours_fwd_us") == "10.0"

@@ -305,7 +305,13 @@ def main(argv=None) -> int:
     parser.add_argument("--batches", type=int, default=64, help="N for --variants (default 64)")
     parser.add_argument("--case", action="append", default=None, metavar="NAME",
                         help="only this representative case (repeatable; default: all of them)")
+    parser.add_argument("--repeat", type=int, default=1, metavar="N",
+                        help="measure every case N times, one pass over the cases after another "
+                             "(a machine whose speed drifts spoils a pass, not the figure); the table "
+                             "shows low-high (median), the JSON each row's runs and their medians")
     args = parser.parse_args(argv)
+    if args.repeat < 1:
+        parser.error("--repeat must be at least 1")
     from tritonorm.bench.table import format_table
     from tritonorm.tuning.suites import cases
 
@@ -314,14 +320,18 @@ def main(argv=None) -> int:
     if unknown:
         parser.error(f"--case: {', '.join(sorted(unknown))} not among {', '.join(REPRESENTATIVE)}")
     chosen = [c for c in cases("all") if c.name in names]
-    rows = [measure_case(c, calls=args.calls) for c in chosen] + [measure_module(calls=args.calls)]
+    passes = [[measure_case(c, calls=args.calls) for c in chosen] + [measure_module(calls=args.calls)]
+              for _ in range(args.repeat)]
+    from tritonorm.bench.table import combine_passes, pass_cell
+
+    rows = combine_passes(passes, ("ours_fwd_us", "eager_fwd_us", "ours_fwd_bwd_us", "eager_fwd_bwd_us"))
     headers = ("case", "launches fwd", "launches fwd+bwd", "ours fwd us", "eager fwd us", "ours fwd+bwd us",
                "eager fwd+bwd us")
-    table = [(r["case"], r["launches_fwd"], r.get("launches_fwd_bwd", ""), f"{r['ours_fwd_us']:.1f}",
-              f"{r['eager_fwd_us']:.1f}", f"{r['ours_fwd_bwd_us']:.1f}" if "ours_fwd_bwd_us" in r else "",
-              f"{r['eager_fwd_bwd_us']:.1f}" if "eager_fwd_bwd_us" in r else "") for r in rows]
+    table = [(r["case"], r["launches_fwd"], r.get("launches_fwd_bwd", ""),
+              *[pass_cell(r, k) for k in ("ours_fwd_us", "eager_fwd_us", "ours_fwd_bwd_us", "eager_fwd_bwd_us")])
+             for r in rows]
     print("Host CPU time per call (thread time, lowest of 5 block medians), launch stubbed; eager on tiny CPU "
-          "tensors")
+          "tensors" + (f"; {args.repeat} passes: low-high (median)" if args.repeat > 1 else ""))
     print(format_table(headers, table))
     out = {"rows": rows, "torch": torch.__version__}
     if args.variants:

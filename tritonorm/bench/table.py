@@ -30,3 +30,33 @@ def format_table(headers, rows, indent: int = 0) -> str:
         return " " * indent + "  ".join(out).rstrip()
 
     return "\n".join([line(headers)] + [line(r) for r in text])
+
+
+def combine_passes(passes: list[list[dict]], keys) -> list[dict]:
+    """One row per case from several passes over the same cases (``python -m
+    tritonorm.bench.host --repeat``): each of ``keys`` the median of the passes, every pass's
+    figure in ``<key>_runs``. One pass: its rows as they are."""
+    import statistics
+
+    if len(passes) == 1:
+        return passes[0]
+    rows = []
+    for same in zip(*passes):
+        row = dict(same[0])
+        for key in keys:
+            if key in row:
+                runs = [r[key] for r in same]
+                row[key + "_runs"] = runs
+                row[key] = statistics.median(runs)
+        rows.append(row)
+    return rows
+
+
+def pass_cell(row: dict, key: str) -> str:
+    """``row[key]`` for a table: "low-high (median)" over its passes, or the one figure."""
+    if key not in row:
+        return ""
+    runs = row.get(key + "_runs")
+    if not runs:
+        return f"{row[key]:.1f}"
+    return f"{min(runs):.1f}-{max(runs):.1f} ({row[key]:.1f})"
