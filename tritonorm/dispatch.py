@@ -218,6 +218,10 @@ def _stream_block_m(problem: Problem, profile: DeviceProfile) -> int:
 # as before (the GPU report's A/B stage measures both).
 APPLY_FILL = True
 MAX_GRID_1 = 65535  # CUDA's limit on the second grid dimension
+# Partials merged per step by the apply and finish kernels (row, whole-pixel and planes): a fixed
+# block (not the split's next power of two), so the split count, which follows the batch, never
+# compiles a new variant.
+MERGE_BLOCK = 16
 
 
 def apply_grid(P: int, M: int, bp: int, bm: int, one_program_per_row: bool = False, fill: int | None = None):

@@ -162,6 +162,7 @@ class _AddNormFunction(torch.autograd.Function):
         y, stats, h = call.plan.add(x, residual, w, b, running_mean, running_var, eps, momentum, call.rd, lean)
         ctx.set_materialize_grads(False)
         ctx.call = call
+        ctx.lean = lean
         ctx.x_dtype, ctx.res_dtype = x.dtype, residual.dtype
         ctx.save_for_backward(h, weight, bias, stats)
         ctx.mark_non_differentiable(stats)
@@ -185,7 +186,7 @@ class _AddNormFunction(torch.autograd.Function):
             return (*_differentiable(ctx, dy, dh, h, weight, bias, stats, (need_x, need_w, need_b)), *nothing)
         twice = ctx.res_dtype != ctx.x_dtype and need[1]
         plan = call.plan.backward((need_x, need_w, need_b, False), add_dh=dh is not None and need_x,
-                                  dx_twice=twice, lean=stats.shape[0] != 5)
+                                  dx_twice=twice, lean=ctx.lean)
         dx, dw, db, dres = core.param_backward(call.expand, call.plan, plan, dy, h, weight, bias, None, stats, dh,
                                                ctx.res_dtype)
         if not need_x:  # only weight/bias: the plan still ran the dx pass only if it needed it

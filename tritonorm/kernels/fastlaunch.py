@@ -99,6 +99,11 @@ class Launcher:
         self.by_call: dict = {}
         self.last = None
 
+    def with_constexprs(self, **constexprs) -> "Launcher":
+        """Another launcher of the same kernel and grid, with these constexprs changed or added
+        (a compiled variant of its own)."""
+        return Launcher(self.kernel, self.grid, dict(self.constexprs, **constexprs))
+
     def _recipe(self, n_args: int, extra: dict):
         tail = []
         for p in self.kernel.params[n_args:]:

@@ -104,7 +104,7 @@ def _fwd_partial_kernel(
     RG, CG,
     CENTER: tl.constexpr, INT64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr,
     Res=None, H=None, PRE_ADD: tl.constexpr = False,  # PRE_ADD: moments of h = x + Res (not stored)
-    PART_ROW: tl.constexpr = 0,  # > 0: Part is the [>= PART_ROW + 2 SPLIT, P] statistics buffer (launch.PART_ROW)
+    PART_ROW: tl.constexpr = 0,  # > 0: Part is the [>= PART_ROW + 2 SPLIT, P] statistics buffer (launch.part_row)
 ):
     """Moments (of x minus the row's pivot) of one column chunk of BLOCK_P statistics
     (split regime, stage 1)."""

@@ -38,9 +38,7 @@ _MAX_GRID_1 = dispatch.MAX_GRID_1
 # skips an element cannot pass by leaving zeros or stale memory behind.
 POISON = False
 
-# Partials merged per step by the apply and finish kernels: a fixed block (not the split's next
-# power of two), so the split count, which follows the batch, never compiles a new variant.
-MERGE_BLOCK = 16
+MERGE_BLOCK = dispatch.MERGE_BLOCK
 
 # Running-statistics modes of the forward kernels (their RUNNING flag).
 NO_RUNNING, RUNNING_VAR, RUNNING_BOTH = 0, 1, 2
@@ -378,8 +376,7 @@ class ForwardPlan:
         self.launch = Launcher(self.kernel, self.grid, self.constexprs)
         self.lean_ok = mode == "train"
         self.lean_rows = 1 + bool(center)  # rstd (and the shifted mean)
-        self.lean_launch = Launcher(self.kernel, self.grid, dict(self.constexprs, LEAN=self.lean_rows)) \
-            if self.lean_ok else None
+        self.lean_launch = self.launch.with_constexprs(LEAN=self.lean_rows) if self.lean_ok else None
         self.launches = 1 + (self.partial is not None)
         # Rows of width P the split partials [2, P, SPLIT] take in a statistics buffer (part_row).
         self.part_rows = 2 * self.split if self.partial is not None else 0
@@ -392,9 +389,7 @@ class ForwardPlan:
         part_row(lean) on (the kernels' PART_ROW)."""
         pr = part_row(lean)
         launch = self.lean_launch if lean else self.launch
-        got = self._room[lean] = (Launcher(self.partial.kernel, self.partial.grid,
-                                           dict(self.partial.constexprs, PART_ROW=pr)),
-                                  Launcher(launch.kernel, launch.grid, dict(launch.constexprs, PART_ROW=pr)))
+        got = self._room[lean] = (self.partial.with_constexprs(PART_ROW=pr), launch.with_constexprs(PART_ROW=pr))
         return got
 
     def lean_for(self, needs) -> bool:
@@ -844,9 +839,10 @@ class BackwardPlan:
             step = getattr(self, name, None)
             if step is not None:
                 kernel, grid, fixed, kw = step
-                setattr(self, name, (Launcher(kernel, grid, kw), fixed))
+                launcher = Launcher(kernel, grid, kw)
+                setattr(self, name, (launcher, fixed))
                 if self.room_rows and name in ("sums", "apply"):
-                    setattr(self, name + "_room", (Launcher(kernel, grid, dict(kw, PART_ROW=self.part_row)), fixed))
+                    setattr(self, name + "_room", (launcher.with_constexprs(PART_ROW=self.part_row), fixed))
         reduced = self.finish_cols if self.finish_cols is not None else getattr(self, "C", 1)
         self.finish = Launcher(bk._finish_kernel, (triton.cdiv(reduced, 64),),
                                dict(NEED_DW=fin_w, NEED_DB=fin_b, BLOCK_C=64, BLOCK_S=MERGE_BLOCK))
@@ -859,6 +855,11 @@ class BackwardPlan:
                                    (triton.cdiv(M, 64), c.shape[0] if per_sample_only else 1),
                                    dict(NEED_DW=need_dw, NEED_DB=need_db, W_SAMPLE=ws, B_SAMPLE=bs, BLOCK_C=64,
                                         BLOCK_S=MERGE_BLOCK))
+
+    def _room_in(self, stats) -> int:
+        """The row of ``stats`` the split partials start at when the forward left room for them
+        (part_row), else 0 (allocated apart)."""
+        return self.part_row if self.room_rows and stats.shape[0] >= self.part_row + self.room_rows else 0
 
     def _room_for(self, elems: int, c, elem_bytes: int) -> None:
         """room_rows for ``elems`` fp32 partials: only where they are small beside x
@@ -969,7 +970,7 @@ class BackwardPlan:
                 run.keyed(ck, x, dy, r, w, b, stats, part, cols, *fixed)
             elif self.sums is not None:
                 run, fixed = self.sums
-                if self.room_rows and stats.shape[0] >= self.part_row + self.room_rows:
+                if self._room_in(stats):
                     part = stats  # the forward left room (part_row): no allocation
                     (run, fixed), apply = self.sums_room, self.apply_room
                 else:
@@ -1011,7 +1012,7 @@ class BackwardPlan:
         dw = _empty(weight.shape, x.device, weight.dtype) if impl.need_dw else None
         db = _empty(bias.shape, x.device, bias.dtype) if impl.need_db else None
         ck = call_key(dy, x, r, weight, bias, stats)  # as __call__'s
-        pr = self.part_row if self.room_rows and stats.shape[0] >= self.part_row + self.room_rows else 0
+        pr = self._room_in(stats)
         impl(x, dy, r, w, b, stats, x if dx is None else dx, x if dres is None else dres,
              x if dw is None else dw, x if db is None else db, *extra, ck, pr)
         if need_dres and dres is None:

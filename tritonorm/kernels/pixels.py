@@ -276,7 +276,7 @@ class PixelsForward:
         grid = N * self.ncb
         if plan.kernel == "split":
             self.partial = Launcher(_pixels_partial_kernel, (grid, self.split), const)
-            self.apply = Launcher(_pixels_apply_kernel, (grid, self.split), dict(const, **flags, BLOCK_S=16))
+            self.apply = Launcher(_pixels_apply_kernel, (grid, self.split), dict(const, **flags, BLOCK_S=dispatch.MERGE_BLOCK))
             self.launches = 2
         else:
             self.partial = None
@@ -288,9 +288,7 @@ class PixelsForward:
         self._room: dict = {}
 
     def _roomy(self, pr: int):
-        from .fastlaunch import Launcher
-        got = self._room[pr] = tuple(Launcher(l.kernel, l.grid, dict(l.constexprs, PART_ROW=pr))
-                                     for l in (self.partial, self.apply))
+        got = self._room[pr] = (self.partial.with_constexprs(PART_ROW=pr), self.apply.with_constexprs(PART_ROW=pr))
         return got
 
     def __call__(self, x, y, residual, w, b, stats, eps: float, empty, ck=None, pr: int = 0):

@@ -29,9 +29,6 @@ import triton.language as tl
 from .common import tile_grads
 from .pixels import _block, _fold, _param_bases, _pixel_tile, _spread
 
-# Group partials added per step by the split apply programs (one [GB_PAD, MERGE_BLOCK] load).
-MERGE_BLOCK = 16
-
 
 @triton.jit
 def _stats(Stats, P, rows, gmask, CB: tl.constexpr, CG: tl.constexpr, CB_PAD: tl.constexpr,
@@ -340,7 +337,7 @@ class PixelsBackward:
             self.sums = Launcher(_pixels_bwd_sums_kernel, (grid, self.split), dict(const, **flags))
             self.apply = Launcher(_pixels_bwd_apply_kernel, (grid, self.split),
                                   dict(const, **nc, **flags, CENTER=center, WRITE_DRES=self.write_dres,
-                                       BLOCK_S=MERGE_BLOCK))
+                                       BLOCK_S=dispatch.MERGE_BLOCK))
             self.finish = None
             self.launches = 1 + (self.part_elems > 0)
         else:
@@ -350,15 +347,13 @@ class PixelsBackward:
                                        WRITE_DRES=self.write_dres, NEED_WB=self.need_wb))
             self.finish = Launcher(_finish_kernel, (triton.cdiv(C, 64),),
                                    dict(NEED_DW=self.need_dw and not w_nc, NEED_DB=self.need_db and not b_nc,
-                                        BLOCK_C=64, BLOCK_S=16))
+                                        BLOCK_C=64, BLOCK_S=dispatch.MERGE_BLOCK))
             self.launches = 1 + self.need_wb
             self.part_elems = 0
         self._room: dict = {}  # pr -> (sums, apply) launchers with the partials in the statistics buffer
 
     def _roomy(self, pr: int):
-        from .fastlaunch import Launcher
-        got = self._room[pr] = tuple(Launcher(l.kernel, l.grid, dict(l.constexprs, PART_ROW=pr))
-                                     for l in (self.sums, self.apply))
+        got = self._room[pr] = (self.sums.with_constexprs(PART_ROW=pr), self.apply.with_constexprs(PART_ROW=pr))
         return got
 
     def __call__(self, x, dy, r, w, b, stats, dx, dres, dw, db, empty, ck=None, pr: int = 0):
