@@ -75,6 +75,19 @@ def test_suite_plans_on_h100(name, op, kernel):
     assert "h100" in plan.reason
 
 
+def test_fp32_fused_forward_rows_of_8192_take_8_warps():
+    """Triton 3.6's ptxas spilled the fused LayerNorm 4096x8192 fp32 forward on 16 warps
+    (docs/compiled.md): fp32 blocks of up to 8192 elements run on 8; 16-bit rows and wider
+    fp32 ones keep the tile rule."""
+    for name, dtype, warps in (("ln 4096x8192", torch.float32, 8), ("ln 4096x8192", torch.bfloat16, 16),
+                               ("rms 4096x8192", torch.float32, 8), ("ln 4096x16384", torch.float32, 16)):
+        plan = _plan(_case(name), dtype=dtype, device="h200")
+        assert plan.kernel == "fused" and plan.config["num_warps"] == warps, (name, dtype, plan)
+    # The backward holds x and dy and has its own limits: unchanged.
+    assert _plan(_case("ln 4096x8192"), dtype=torch.float32, op="backward",
+                 device="h200").config["num_warps"] == 16
+
+
 def test_every_suite_shape_gets_a_runnable_plan():
     programs_seen = set()
     for case in suites.cases():

@@ -204,6 +204,21 @@ def _warps(elements: int, profile: DeviceProfile) -> int:
     return max(1, min(profile.max_warps, _pow2(elements // (32 * profile.values_per_thread))))
 
 
+# The fused forward holds a contiguous block of up to this many fp32 elements on at most 8
+# warps (32 a thread): on 16 warps Triton 3.6's ptxas kept LayerNorm 4096x8192 fp32 at 40
+# registers and spilled (docs/compiled.md); on 8 it takes 75 and spills nothing, with as many
+# bytes in flight an SM. Strided statistics (an address a value) stay on 16: on 8 the fp32
+# conditional BatchNorm 256x32^2 forward took 231 registers.
+FP32_FUSED_8_WARPS = 8192
+
+
+def _fused_warps(elements: int, problem: Problem, profile: DeviceProfile, contiguous: bool) -> int:
+    warps = _warps(elements, profile)
+    if contiguous and problem.elem_bytes == 4 and problem.op == "forward" and elements <= FP32_FUSED_8_WARPS:
+        warps = min(warps, 8)
+    return warps
+
+
 def _stream_block_m(problem: Problem, profile: DeviceProfile) -> int:
     """Columns per tile for the looped and split regimes, from the statistic's contiguous run:
     never from P, the split or M (BatchNorm's M includes the batch), so a layer compiles one
@@ -311,7 +326,7 @@ def choose(problem: Problem, profile: DeviceProfile) -> Plan:
         programs = -(-P // block_p)
         if programs >= profile.sm_count or total_bytes < profile.split_min_bytes:
             cfg = {"block_p": block_p, "block_m": block_m_full,
-                   "num_warps": _warps(block_p * block_m_full, profile)}
+                   "num_warps": _fused_warps(block_p * block_m_full, problem, profile, contiguous)}
             why = (f"heuristic: statistic of {M} elements fits one program (<= {fused_max}); "
                    + (f"{programs} programs fill {profile.sm_count} SMs" if programs >= profile.sm_count
                       else f"{total_bytes >> 10} KiB is launch-latency bound: one launch"))
