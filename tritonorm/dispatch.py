@@ -232,6 +232,11 @@ def _stream_block_m(problem: Problem, profile: DeviceProfile) -> int:
 # Split-regime apply programs take several tiles each (see apply_grid); False: one tile a program,
 # as before (the GPU report's A/B stage measures both).
 APPLY_FILL = True
+# Apply passes that follow a sweep of the same data (the split forward's partials, the two-stage
+# backward's sums) take their tiles last to first (common.strided_tiles, launch.tile_order), so
+# the L2 serves the part of the re-read that the sweep read last; False: first to last, as
+# before (the GPU report's A/B stage measures both). Any order computes the same values.
+APPLY_REVERSE = True
 MAX_GRID_1 = 65535  # CUDA's limit on the second grid dimension
 # Partials merged per step by the apply and finish kernels (row, whole-pixel and planes): a fixed
 # block (not the split's next power of two), so the split count, which follows the batch, never

@@ -43,7 +43,7 @@ import triton
 import triton.language as tl
 
 from .common import (add_incoming, col_tile, grad_terms, load2d, load_residual, load_stats, param_offsets,
-                     row_block, sample_row_block, side_offsets, store2d, store_param_grads, strided_tile_start)
+                     row_block, sample_row_block, side_offsets, store2d, store_param_grads, strided_tiles)
 
 
 @triton.jit
@@ -350,12 +350,12 @@ def _finish_segments(Part, DW, DB, N, C, S, NEED_DW: tl.constexpr, NEED_DB: tl.c
                 tl.store(DB + cs, db.to(DB.dtype.element_ty), mask=cmask)
 
 
-@triton.jit(do_not_specialize=["SPLIT", "COL_PROGS", "TILES_PER_PROG", "FIN_N", "FIN_S"])
+@triton.jit(do_not_specialize=["SPLIT", "TILE_STEP", "TILES_PER_PROG", "FIRST_TILE", "FIN_N", "FIN_S"])
 def _bwd_apply_kernel(
     X, DY, Res, W, B, Stats,
     Part,                             # [4, P, SPLIT] partial sums of _bwd_sums_kernel (unused if GIVEN)
     DX, DRes, DW, DB,                 # dx, dresidual; dweight, dbias (ROW_CHANNEL)
-    P, M, SPLIT, COL_PROGS, TILES_PER_PROG,  # programs on grid axis 1, column tiles each
+    P, M, SPLIT, TILE_STEP, TILES_PER_PROG, FIRST_TILE,  # column tiles a program takes (common.strided_tiles)
     RG, CG,
     CENTER: tl.constexpr, GIVEN: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
     HAS_RES: tl.constexpr, WRITE_DRES: tl.constexpr, ACT: tl.constexpr, CHAN: tl.constexpr,
@@ -420,9 +420,10 @@ def _bwd_apply_kernel(
                     tl.store(DW + rh, dw.to(DW.dtype.element_ty), mask=rmask)
                 if NEED_DB:
                     tl.store(DB + rh, db.to(DB.dtype.element_ty), mask=rmask)
+    start, step = strided_tiles(TILE_STEP, FIRST_TILE, BLOCK_M, INT64)
     for i in range(0, TILES_PER_PROG):
-        cmask, mask, cx, co, ct, ch = col_tile(strided_tile_start(i, COL_PROGS, BLOCK_M, INT64), M, rmask,
-                                               BLOCK_M, INT64, CG)
+        cmask, mask, cx, co, ct, ch = col_tile(start, M, rmask, BLOCK_M, INT64, CG)
+        start += step
         wr, wc, br, bc = param_offsets(rows, rh, ch, ro, co, PARAM_FULL, PARAM_NC, PS)
         x = load2d(X, rx, cx, mask) - k[:, None]
         dy = load2d(DY, ro, co, mask)

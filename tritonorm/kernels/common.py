@@ -59,13 +59,22 @@ def col_tile(start, limit, rmask, BLOCK_M: tl.constexpr, INT64: tl.constexpr, CG
 
 
 @triton.jit
-def strided_tile_start(i, COL_PROGS, BLOCK_M: tl.constexpr, INT64: tl.constexpr):
-    """First column of the i-th tile of program pid1 when COL_PROGS programs share the columns
-    (tiles pid1, pid1 + COL_PROGS, ...)."""
-    t = tl.program_id(1) + i * COL_PROGS
+def strided_tiles(TILE_STEP, FIRST_TILE, BLOCK_M: tl.constexpr, INT64: tl.constexpr):
+    """(first column, step) of program pid1's column tiles: |FIRST_TILE - pid1|, then every
+    TILE_STEP tiles (one past the last tile starts at M or later, masked off). The launchers
+    pass FIRST_TILE 0 and TILE_STEP = the column programs (tiles pid1, pid1 + programs, ...), or,
+    for an apply pass that follows a sweep of the same data in the same call
+    (dispatch.APPLY_REVERSE), FIRST_TILE = programs * tiles - 1 and a negative TILE_STEP: the
+    same tiles last to first. The programs, which run in about the order of their ids, then
+    first re-read what that sweep read last, which is what the L2 still holds (in the sweep's
+    order they would first ask for what it read first, which it evicted first). Host ints, not
+    a constexpr: one compiled variant serves both orders."""
+    t = tl.abs(FIRST_TILE - tl.program_id(1))
+    step = t * 0 + TILE_STEP
     if INT64:
         t = t.to(tl.int64)
-    return t * BLOCK_M
+        step = step.to(tl.int64)
+    return t * BLOCK_M, step * BLOCK_M
 
 
 @triton.jit

@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from .common import (chan_merge, col_tile, epilogue, load_input, load_residual, param_offsets, pivot_input,
-                     row_block, store2d, store_stats, strided_tile_start, tile_moments)
+                     row_block, store2d, store_stats, strided_tiles, tile_moments)
 
 
 @triton.jit
@@ -156,12 +156,12 @@ def _merge_partials(Part, rows, rmask, P, M, CHUNK, SPLIT, BLOCK_P: tl.constexpr
     return mean, m2 / M
 
 
-@triton.jit(do_not_specialize=["SPLIT", "COL_PROGS", "TILES_PER_PROG"])
+@triton.jit(do_not_specialize=["SPLIT", "TILE_STEP", "TILES_PER_PROG", "FIRST_TILE"])
 def _fwd_apply_kernel(
     X, Y, Res, W, B, Stats, RunMean, RunVar,  # as the fused kernel
     Part,                             # [2, P, SPLIT] partials of the split regime (SOURCE=0)
     P, M, CHUNK, SPLIT, eps, momentum, unbias,
-    COL_PROGS, TILES_PER_PROG,        # programs on grid axis 1, column tiles each
+    TILE_STEP, TILES_PER_PROG, FIRST_TILE,  # column tiles each program takes (common.strided_tiles)
     RG, CG,
     SOURCE: tl.constexpr,             # 0: merge Part (split regime); 1: the running statistics (eval)
     CENTER: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_RES: tl.constexpr,
@@ -189,9 +189,10 @@ def _fwd_apply_kernel(
     if tl.program_id(1) == 0:
         store_stats(Stats, P, rt, rmask, k, mean, var, eps, RunMean, RunVar, momentum, unbias, RUNNING, LEAN)
     rstd = tl.rsqrt(var + eps)
+    start, step = strided_tiles(TILE_STEP, FIRST_TILE, BLOCK_M, INT64)
     for i in range(0, TILES_PER_PROG):
-        cmask, mask, cx, co, ct, ch = col_tile(strided_tile_start(i, COL_PROGS, BLOCK_M, INT64), M, rmask,
-                                               BLOCK_M, INT64, CG)
+        cmask, mask, cx, co, ct, ch = col_tile(start, M, rmask, BLOCK_M, INT64, CG)
+        start += step
         wr, wc, br, bc = param_offsets(rows, rh, ch, ro, co, PARAM_FULL, PARAM_NC, PS)
         xin = load_input(X, Res, H, rx, cx, ro, co, mask, PRE_ADD, True)
         xhat = ((xin - k[:, None]) - mean[:, None]) * rstd[:, None]

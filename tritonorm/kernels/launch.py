@@ -75,6 +75,15 @@ def _chunk(M: int, block_m: int, split: int) -> int:
     return triton.cdiv(triton.cdiv(M, split), block_m) * block_m
 
 
+def tile_order(col_progs: int, tiles: int, after_sweep: bool) -> tuple[int, int, int]:
+    """The apply kernels' (TILE_STEP, TILES_PER_PROG, FIRST_TILE) (common.strided_tiles): the
+    tiles last to first when the pass follows a sweep of the same data and
+    dispatch.APPLY_REVERSE, else first to last."""
+    if after_sweep and dispatch.APPLY_REVERSE:
+        return -col_progs, tiles, col_progs * tiles - 1
+    return col_progs, tiles, 0
+
+
 def _apply_grid(P: int, M: int, bp: int, bm: int, one_program_per_row: bool = False, fill: int | None = None):
     """dispatch.apply_grid: the apply kernels' grid and column tiles per program."""
     return dispatch.apply_grid(P, M, bp, bm, one_program_per_row, fill)
@@ -362,7 +371,7 @@ class ForwardPlan:
             self.kernel = fk._fwd_apply_kernel
             self.grid = grid
             self.tail = (self.P, self.M, self.chunk, split)
-            self.mid = (grid[1], tiles, rg, cg)
+            self.mid = (*tile_order(grid[1], tiles, merges), rg, cg)
             self.constexprs = dict(flags, **pre, SOURCE=1 if mode == "given" else 0, CENTER=center, BLOCK_P=bp,
                                    BLOCK_M=bm, BLOCK_S=MERGE_BLOCK,
                                    RUNNING=running if mode == "train" else NO_RUNNING, num_warps=nw)
@@ -478,7 +487,7 @@ class ForwardPlan:
             else:
                 part = _empty((2, self.P, self.split), x.device)
                 partial = self.partial
-            partial.keyed(ck, x, part, *self.tail, *self.mid[2:], **partial_kw)
+            partial.keyed(ck, x, part, *self.tail, *self.mid[3:], **partial_kw)
             launch.keyed(ck, x, yp, r, w, b, stats, rm, rv, part, *self.tail, eps, momentum, unbias, *self.mid,
                          **hk)
         elif self.mode == "given":
@@ -780,7 +789,9 @@ class BackwardPlan:
                                           fill=dispatch._fill(nw, profile) if split > 1 else None)
                 if not self.store_dx:  # nc, dweight/dbias only: the finish, no sweep
                     grid, tiles = (grid[0], 1), 0
-                self.apply = (bk._bwd_apply_kernel, grid, (P, M, split, grid[1], tiles, rg, cg),
+                # after the sums kernel's sweep of x and dy (GIVEN: none) the tiles go last to first
+                order = tile_order(grid[1], tiles, not self.given)
+                self.apply = (bk._bwd_apply_kernel, grid, (P, M, split, *order, rg, cg),
                               dict(common, **addk, **fin, CENTER=c.center, GIVEN=self.given,
                                    WRITE_DRES=self.write_dres, BLOCK_S=MERGE_BLOCK, ROW_CHANNEL=row_channel,
                                    NEED_DW=need_dw, NEED_DB=need_db))
