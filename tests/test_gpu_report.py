@@ -123,3 +123,34 @@ def test_tune_budget_keeps_whole_problems_only(monkeypatch):
     calls.clear()
     cut = sweep.tune(tasks, profile, "cpu", deadline=time.monotonic() + 0.03)
     assert cut == {} and 0 < len(calls) < len(sweep.candidates(tasks[0].problem, profile))
+
+
+def test_bench_rows_beside_the_l2_model(tmp_path):
+    """bf16 rows of calls the L2 model covers get the cost model's us less the served bytes at
+    the h200 bandwidth; other dtypes and uncovered cases do not."""
+    from tritonorm import dispatch
+
+    doc = {"rows": [{"case": "bn 64x112^2 b32",
+                     "fwd": {"modelled": True, "planned@1": {"l2_served_mib": 10.0}},
+                     "bwd": {"modelled": True, "planned@1": {"l2_served_mib": 20.0}}},
+                    {"case": "ln 4096x4096", "fwd": {"modelled": False}, "bwd": {"modelled": False}}]}
+    (tmp_path / "l2-h200-bf16-2026-01-01.json").write_text(json.dumps({"rows": []}))
+    (tmp_path / "l2-h200-bf16-2026-12-01.json").write_text(json.dumps(doc))  # the newest is read
+    served = summary.l2_served(tmp_path)
+    assert served[("bn 64x112^2 b32", "fwd")] == 10 * 2**20
+    assert served[("bn 64x112^2 b32", "fwd+bwd")] == 30 * 2**20
+    assert served[("ln 4096x4096", "fwd")] == 0.0
+
+    def row(case, dtype, mode, ms, model_us):
+        return {"suite": "s", "case": case, "dtype": dtype, "mode": mode, "bytes": 1,
+                "providers": {"tritonorm": {"ms": ms}}, "model": {"us": model_us, "launches": 2}}
+
+    bench = {"rows": [row("bn 64x112^2 b32", "bf16", "fwd+bwd", 0.1, 90.0),
+                      row("bn 64x112^2 b32", "fp32", "fwd+bwd", 0.1, 90.0),
+                      row("ln 4096x4096", "bf16", "fwd", 0.02, 10.0)]}
+    lines = summary.beside(bench, None, None, served)
+    gbps = dispatch.PROFILES["h200"].hbm_gbps
+    assert lines[0]["l2_model_us"] == pytest.approx(90.0 - 30 * 2**20 / (gbps * 1e3))
+    assert lines[0]["measured_over_l2_model"] == pytest.approx(100.0 / lines[0]["l2_model_us"])
+    assert "l2_model_us" not in lines[1] and "l2_model_us" not in lines[2]
+    assert "L2 model us" in summary.beside_table(lines)

@@ -5,6 +5,7 @@
     tritonorm bench --memory [--suite S] [--dtype ...] [--filter TEXT] [--providers compile] [--json PATH]
     tritonorm bench --host [--json PATH]
     tritonorm bench --model [h100|h200] [--suite S] [--dtype ...] [--filter TEXT] [--json PATH]
+    tritonorm bench --l2 [h100|h200] [--suite S] [--filter TEXT] [--json PATH]
     tritonorm tune  [--suite S] [--dtype ...] [--op forward,backward] [--dry-run] [--limit N] [--budget-s S] [--output FILE]
     tritonorm explain --shape 1,320,64,64 --scope group --groups 32 [--device h100]
 
@@ -147,6 +148,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="instead: the cost model of every case on a GPU profile (h100 or h200, default "
                    "h200), forward and backward: regime, launches, bytes against the ideal, predicted us; "
                    "plans on meta tensors, runs nothing (any machine)")
+    b.add_argument("--l2", nargs="?", const="h200", choices=PROFILE_NAMES[:2], default=None, metavar="PROFILE",
+                   help="instead: an LRU model of what the L2 serves of the calls that read x twice (split "
+                   "and looped regimes on the row kernels; bf16): their launches recorded as planned for "
+                   "the profile and replayed, bytes requested beside the HBM bytes left; a model, not a "
+                   "measurement; minutes for the whole suite (any machine)")
 
     t = sub.add_parser("tune", help="measure candidate plans on this GPU and store the fastest "
                        "in the tuning cache", description="Sweeps launch plans for the suite shapes on "
@@ -213,6 +219,11 @@ def cmd_bench(args) -> int:
         return _bench_memory(args)
     if args.model is not None:
         return _bench_model(args)
+    if args.l2 is not None:
+        from .bench import l2
+
+        l2.report(_selected_cases(args), args.l2, json_path=args.json, progress=not args.quiet)
+        return 0
     for flag, path in (("--out", args.out), ("--json", args.json)):
         if path is not None and path.exists() and (path.is_dir() if flag == "--json" else not path.is_dir()):
             raise UsageError(flag, f"{str(path)!r} exists and is a {'folder' if path.is_dir() else 'file'}")

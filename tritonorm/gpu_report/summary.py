@@ -44,11 +44,36 @@ def _ours(row):
     return p if "ms" in p else None
 
 
-def beside(bench: dict | None, checks: dict | None, host: dict | None) -> list[dict]:
+# The L2 model's figures for the h200 profile (python -m tritonorm.bench.l2 --json; committed):
+# the newest such file is read.
+L2_MODEL_DIR = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "model"
+
+
+def l2_served(directory: Path = L2_MODEL_DIR) -> dict:
+    """(case, mode) -> bytes of one bf16 call's reads that the L2 model says the L2 serves
+    ("fwd": the forward's; "fwd+bwd": both), from the newest l2-h200-bf16-*.json; {} when none."""
+    files = sorted(directory.glob("l2-h200-bf16-*.json"))
+    doc = _load(files[-1]) if files else None
+    out = {}
+    for r in (doc or {}).get("rows", []):
+        served = {ph: (r.get(ph) or {}).get("planned@1", {}).get("l2_served_mib", 0.0) * 2**20
+                  if (r.get(ph) or {}).get("modelled") else 0.0 for ph in ("fwd", "bwd")}
+        out[(r["case"], "fwd")] = served["fwd"]
+        out[(r["case"], "fwd+bwd")] = served["fwd"] + served["bwd"]
+    return out
+
+
+def beside(bench: dict | None, checks: dict | None, host: dict | None, served: dict | None = None) -> list[dict]:
     """One line per bench row: bytes, measured us, the cost model's us and launches, the launches
-    counted on the device, and the host CPU us per call of the same case (host bench)."""
+    counted on the device, and the host CPU us per call of the same case (host bench). ``served``
+    (l2_served): bf16 rows also get ``l2_model_us``, the cost model's us less the bytes the L2
+    model says the L2 serves, at the h200 profile's bandwidth."""
     if not bench:
         return []
+    from .. import dispatch
+
+    gbps = dispatch.PROFILES["h200"].hbm_gbps
+    served = l2_served() if served is None else served
     launched = {(r["case"], r["mode"]): r.get("measured") for r in (checks or {}).get("launches", [])}
     host_us = {r["case"]: r for r in (host or {}).get("rows", [])}
     out = []
@@ -66,22 +91,30 @@ def beside(bench: dict | None, checks: dict | None, host: dict | None) -> list[d
                 "copy_frac": ours.get("copy_frac") if ours else None}
         if line["us"] and line["model_us"]:
             line["measured_over_model"] = line["us"] / line["model_us"]
+        got = served.get((r["case"], r["mode"])) if r.get("dtype") == "bf16" else None
+        if got and line["model_us"]:
+            line["l2_model_us"] = max(0.0, line["model_us"] - got / (gbps * 1e3))
+            if line["us"]:
+                line["measured_over_l2_model"] = line["us"] / line["l2_model_us"]
         out.append(line)
     return out
 
 
 def beside_table(lines: list[dict]) -> str:
-    """The bench rows with what the CPU side predicted for them: the cost model's us and
-    launches, the launches counted on the device, the host CPU us per call; last, the wall us per
-    call launched back to back (host included) and eager's wall over ours."""
+    """The bench rows with what the CPU side predicted for them: the cost model's us (and, for
+    the two-sweep bf16 calls, the same less what the L2 model says the L2 serves) and launches,
+    the launches counted on the device, the host CPU us per call; last, the wall us per call
+    launched back to back (host included) and eager's wall over ours."""
     def r(v, nd=1):
         return None if v is None else round(v, nd)
 
     body = [(ln["case"], ln["dtype"], ln["mode"], r((ln["bytes"] or 0) / 1e6), r(ln["us"]), r(ln["model_us"]),
-             r(ln.get("measured_over_model"), 2), ln["model_launches"], ln["launches"], r(ln["host_us"]),
+             r(ln.get("measured_over_model"), 2), r(ln.get("l2_model_us")), ln["model_launches"], ln["launches"],
+             r(ln["host_us"]),
              r(ln["x_eager"], 2), r(ln["x_compile"], 2), r(ln["copy_frac"], 3), r(ln.get("wall_us")),
              r(ln.get("wall_x_eager"), 2)) for ln in lines]
-    head = ("case", "dtype", "mode", "MB", "us", "model us", "us/model", "launches model", "launches seen",
+    head = ("case", "dtype", "mode", "MB", "us", "model us", "us/model", "L2 model us", "launches model",
+            "launches seen",
             "host us", "x eager", "x compile", "copy", "wall us", "wall x eager")
     return "bench rows beside the CPU-side predictions:\n" + format_table(head, body)
 

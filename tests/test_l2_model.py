@@ -1,0 +1,149 @@
+"""The L2 replay model (tritonorm/bench/l2.py): the LRU and the round-robin dispatch on cases
+whose hits are known by hand, the geometry decoding against element-by-element enumeration, and
+the replay of a real planned call, where taking the apply tiles last to first must serve more
+of the re-read than first to last once the tensor outgrows the cache."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tritonorm import dispatch
+from tritonorm.bench import l2
+from tritonorm.bench.shapes import cases
+from tritonorm.kernels import layout
+from tritonorm import scope as scopes
+
+
+def _sweep(keys, write=False):
+    return [[((k,), 1.0, l2._FULL, write)] for k in keys]  # one program, one whole unit a step
+
+
+@pytest.mark.parametrize("units,capacity", [(100, 40), (100, 99), (50, 50), (50, 80)])
+def test_lru_second_sweep_same_and_reverse_order(units, capacity):
+    keys = list(range(units))
+    for order, want in ((keys, units if capacity >= units else 0),
+                        (keys[::-1], min(units, capacity))):
+        cache = l2.LRU(capacity)
+        assert l2.run_kernel(cache, [_sweep(keys)], 1) == (units, 0, 0)  # cold: every read misses
+        reads, hits, writes = l2.run_kernel(cache, [_sweep(order)], 1)
+        assert (reads, hits, writes) == (units, want, 0), (order[:3], capacity)
+
+
+def test_writes_take_room_and_slots_interleave():
+    # Reading 0..9 back in reverse while writing a fresh unit a step: each write evicts the
+    # oldest unit, so only the newest half of the first sweep is still there when asked for.
+    cache = l2.LRU(10)
+    l2.run_kernel(cache, [_sweep(range(10))], 1)
+    steps = [[((k,), 1.0, l2._FULL, False), (("out", k), 1.0, l2._FULL, True)] for k in reversed(range(10))]
+    reads, hits, writes = l2.run_kernel(cache, [steps], 1)
+    assert (reads, writes) == (10, 10) and hits == 5
+    # Two resident programs advance in turn: A0 B0 A1 B1 ...
+    seen = []
+
+    class Spy(l2.LRU):
+        def access(self, key, mask=l2._FULL):
+            seen.append(key[0])
+            return super().access(key, mask)
+
+    l2.run_kernel(Spy(100), [_sweep("ab"), _sweep("cd"), _sweep("e")], 2)
+    assert seen == ["a", "c", "b", "d", "e"]
+
+
+def test_sectors_of_a_shared_unit_do_not_serve_each_other():
+    """Two tiles that share a unit but not its sectors (one plane's end and the next one's
+    start): the second finds nothing; the same sectors again are a hit."""
+    cache = l2.LRU(4)
+    assert cache.access("u", 0b0011) == 0.0
+    assert cache.access("u", 0b1100) == 0.0
+    assert cache.access("u", 0b0110) == 1.0
+    assert cache.access("u", 0b11110) == 0.75
+
+
+def _views():
+    out = []
+    for shape, scope, groups, fmt in (((3, 8, 5, 6), "batch", None, None),
+                                      ((3, 8, 5, 6), "batch", None, torch.channels_last),
+                                      ((2, 8, 4, 5), "group", 4, None),
+                                      ((2, 8, 4, 5), "group", 4, torch.channels_last)):
+        x = torch.empty(shape).to(memory_format=fmt or torch.contiguous_format)
+        spec = scopes.parse(scope, x.dim(), groups, shape[1])
+        out.append(layout.stat_view(x.shape, spec, x.stride(), x.stride()))
+    return out
+
+
+@pytest.mark.parametrize("view", _views())
+def test_spans_cover_exactly_the_indices_offsets(view):
+    for side in (view.rows, view.cols):
+        geo = l2.Geometry(side.geometry, 0)
+        n = side.numel
+        for start, stop in ((0, n), (1, n - 1), (n // 3, n // 3 + 7)):
+            want = sorted(geo.offset(i) for i in range(start, min(stop, n)))
+            got = sorted(a + j * d for a, b, d in geo.spans(start, min(stop, n))
+                         for j in range((b - a) // max(d, 1) + 1))
+            assert got == want, (start, stop)
+
+
+@pytest.mark.parametrize("view", _views())
+def test_tile_bytes_add_up(view):
+    """The bytes a tile uses, summed over its blocks, are its elements' bytes (a contiguous run
+    exactly; strided columns by their density)."""
+    eb = 2
+    tiles = l2.Tiles(view.rows.geometry, view.cols.geometry, 0, eb, view.P, view.M, 2)
+    for rb in range(-(-view.P // 2)):
+        rows = min(2, view.P - 2 * rb)
+        for c0 in range(0, view.M, 16):
+            cols = min(16, view.M - c0)
+            got = sum(u for _, u, _ in tiles.blocks(rb, c0, c0 + 16))
+            assert got == pytest.approx(rows * cols * eb, rel=1e-9), (rb, c0)
+
+
+def _case(name):
+    (c,) = [c for c in cases("all") if c.name == name]
+    return c
+
+
+def test_replay_of_a_planned_split_call():
+    """GroupNorm+SiLU 320x64^2 batch 1 (2.5 MiB of bf16) on the h200 plan: split forward and
+    two-stage backward. With the L2 larger than the tensor the re-read is served whole; with a
+    cache of 1 MiB, first to last serves almost nothing of it and last to first serves several
+    times more (all its programs run at once, each sweeping its chunk, so the sweep's last tiles
+    are spread over every chunk and last to first meets only part of them first)."""
+    case = _case("gn32+silu 320x64^2 b1")
+    row = l2.model_case(case, torch.bfloat16, False, "h200")
+    for phase, twice in (("fwd", 1.5), ("bwd", 5 / 3)):
+        r = row[phase]
+        assert r["modelled"], r
+        assert r["planned@1"]["requested_x_ideal"] == pytest.approx(twice, rel=0.01)
+        assert r["planned@1"]["hbm_x_ideal"] == pytest.approx(1.0, rel=0.01)
+    fwd, bwd = l2.record_call(case, torch.bfloat16, False, "h200")
+    profile = dispatch.profile_named("h200")
+    for launches in (fwd, bwd):
+        assert {la.name for la in launches} & l2._TWO_SWEEP
+        rev = l2.replay(launches, profile, 1 << 20, reverse=True)
+        fwd_order = l2.replay(launches, profile, 1 << 20, reverse=False)
+        assert rev["reads"] == fwd_order["reads"]
+        assert rev["hits"] > 2 * fwd_order["hits"] and rev["hits"] > 0.05 * (1 << 20), (rev["hits"], fwd_order["hits"])
+        assert rev["hits"] <= 1 << 20 and fwd_order["hits"] < 0.05 * rev["reads"]
+
+
+def test_command_line(tmp_path, capsys):
+    path = tmp_path / "l2.json"
+    assert l2.main(["--suite", "sd-unet", "--filter", "640x32^2 b1", "--quiet", "--json", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "gn32+silu 640x32^2 b1" in out and "a model, not a measurement" in out
+    import json
+
+    rows = json.loads(path.read_text())["rows"]
+    assert rows and all(r["case"].endswith("640x32^2 b1") or "640x32^2 b1 " in r["case"] for r in rows)
+    assert any(r["fwd"]["modelled"] for r in rows)
+
+
+def test_tritonorm_bench_l2(capsys):
+    from tritonorm import cli
+
+    assert cli.main(["bench", "--l2", "--suite", "sd-unet", "--filter", "640x32^2 b1", "-q"]) == 0
+    out = capsys.readouterr().out
+    assert "kernels not modelled: pixels_apply,pixels_partial" in out  # the channels_last case
+    assert "fwd_partial+fwd_apply" in out
+    assert cli.main(["bench", "--l2", "--filter", "no such case"]) == 2
