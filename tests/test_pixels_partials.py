@@ -80,13 +80,27 @@ def _compare(x, scope, groups, w, b, r, act, asked, dy, split):
     return bwd
 
 
+@pytest.mark.parametrize("reverse", [True, False], ids=["reverse", "forward-order"])
 @pytest.mark.parametrize("layer,split", [(layer, 3) for layer in LAYERS] + [("cg10", 5), ("cg10", 20)])
-def test_split_partials_match_float64(layer, split):
+def test_split_partials_match_float64(layer, split, reverse, monkeypatch):
+    """Both orders of the apply programs and tiles (dispatch.APPLY_REVERSE: the first stage's
+    sweep run backwards, or as it ran)."""
+    from tritonorm import dispatch
+    from tritonorm.kernels import launch
+
+    monkeypatch.setattr(dispatch, "APPLY_REVERSE", reverse)
+    launch.clear()
     scope, C, groups = LAYERS[layer]
     x, w, b, r, dy = make_inputs((2, C) + HW, torch.float32, residual=True, memory_format=torch.channels_last)
     spec = scopes.parse(scope, 4, groups, C)
     assert pixel_plan.applies(tuple(x.shape), x.stride(), x.stride(), spec, 4)
-    _compare(x, scope, groups, w, b, r, "silu", ["x", "w", "b", "r"], dy, split)
+    bwd = _compare(x, scope, groups, w, b, r, "silu", ["x", "w", "b", "r"], dy, split)
+    fwd, _ = _ran()
+    for plan in (fwd, bwd):
+        first_pid, first_sp, tile0 = plan.order
+        assert (first_sp == plan.split - 1 and tile0 == plan.chunk - plan.plan.config["block_hw"]
+                and first_pid > 0) if reverse else plan.order == (0, 0, 0), plan.order
+    launch.clear()
 
 
 @pytest.mark.parametrize("layer,affine", [("cg10", "none"), ("instance", "w"), ("cg40", "b")])

@@ -20,9 +20,11 @@ It is a model, not a measurement, and a simple one:
 A real L2 is set associative, split in two partitions, and not exactly LRU, so the figures are
 for comparing orders and for reading the GPU report's measured times against, not for trusting
 to the byte. Modelled: the calls that read x twice on the row kernels (``forward.py``,
-``backward.py``): the looped and split forwards and the two-stage backwards. Calls of fused
-kernels alone read x once (what they request is what HBM moves); calls with other kernels (the
-whole-pixel and planes kernels, the LayerNorm-row column sums) are reported as not modelled.
+``backward.py``: the looped and split forwards and the two-stage backwards) and the split
+regime of the whole-pixel kernels (``pixels.py``, ``pixels_backward.py``: channels_last
+GroupNorm/InstanceNorm, whose apply programs sweep the same chunks as the first stage's). Calls of the row kernels' fused ones alone read x once (what they request is what HBM
+moves); calls with other kernels (the planes kernels, the whole-pixel fused/looped kernel, the
+LayerNorm-row column sums) are reported as not modelled.
 
     python -m tritonorm.bench.l2 [--device h200] [--suite S] [--filter TEXT] [--two-sweep] [--json PATH]
 
@@ -42,12 +44,14 @@ _ELEM = {"bfloat16": 2, "float16": 2, "float32": 4}
 
 # Kernels whose access order is modelled; tiny kernels beside them (finishing partial sums) move
 # a few KB and are ignored.
+_PIXELS = {"_pixels_partial_kernel", "_pixels_apply_kernel", "_pixels_bwd_sums_kernel", "_pixels_bwd_apply_kernel"}
 _MODELLED = {"_fwd_looped_kernel", "_fwd_partial_kernel", "_fwd_apply_kernel", "_bwd_sums_kernel",
-             "_bwd_apply_kernel"}
+             "_bwd_apply_kernel"} | _PIXELS
 _IGNORED = {"_finish_kernel", "_finish_samples_kernel"}
 # A call with one of these reads x twice; a call of the row kernels' fused ones alone reads it
 # once (what it requests is what HBM moves) and is not replayed.
-_TWO_SWEEP = {"_fwd_looped_kernel", "_fwd_partial_kernel", "_bwd_sums_kernel"}
+_TWO_SWEEP = {"_fwd_looped_kernel", "_fwd_partial_kernel", "_bwd_sums_kernel", "_pixels_partial_kernel",
+              "_pixels_bwd_sums_kernel"}
 _ONE_SWEEP = {"_fwd_fused_kernel", "_bwd_fused_kernel"}
 
 
@@ -184,32 +188,94 @@ class Tiles:
                         lo = o
                     prev = o
                 groups.append((lo, prev))
-                eb = self.eb
                 for glo, ghi in groups:
-                    width = ghi - glo + 1
                     for a, b, d in col_spans:
-                        if d > width:
-                            # Interleaved (channels_last BatchNorm: each pixel holds the group's
-                            # few channels among all of them): the group's slice of each column
-                            # is data of its own, so its units are (group, BLOCK bytes of such
-                            # slices), never shared with another group's.
-                            per = max(1, BLOCK // (width * eb))
-                            for off in range(a, b + 1, d):
-                                k = ("slice", glo, off // (per * d))
-                                u, m = used.get(k, (0.0, 0))
-                                used[k] = (u + width * eb, _FULL)
-                            continue
-                        # Contiguous: the address blocks from the first byte to the last, and the
-                        # sectors of each.
-                        lo_b, hi_b = (glo + a) * eb, (ghi + b + 1) * eb
-                        for k in range(lo_b // BLOCK, (hi_b - 1) // BLOCK + 1):
-                            s0, s1 = max(lo_b, k * BLOCK), min(hi_b, (k + 1) * BLOCK)
-                            mask = ((1 << ((s1 - 1 - k * BLOCK) // SECTOR + 1)) - 1) ^ \
-                                ((1 << ((s0 - k * BLOCK) // SECTOR)) - 1)
-                            u, m = used.get(k, (0.0, 0))
-                            used[k] = (min(BLOCK, u + s1 - s0), m | mask)
+                        _units(used, glo, ghi, a, b, d, self.eb)
             got = self.memo[key] = tuple((k, u, m) for k, (u, m) in used.items())
         return got
+
+
+def _units(used: dict, glo: int, ghi: int, a: int, b: int, d: int, eb: int) -> None:
+    """Add to ``used`` (unit -> (bytes, sector mask)) the elements glo..ghi (a group of adjacent
+    rows or channels) of each column at offsets a, a + d, ..., b."""
+    width = ghi - glo + 1
+    if d > width:
+        # Interleaved (channels_last BatchNorm, channel blocks of whole-pixel tiles: each pixel
+        # holds the group's few channels among all of them): the group's slice of each column
+        # is data of its own, so its units are (group, BLOCK bytes of such slices), never
+        # shared with another group's.
+        # A unit holds ``per`` columns' slices, one mask bit each (so a tile that ends inside a
+        # unit does not serve the next tile the slices it did not fetch).
+        per = max(1, min(BLOCK // SECTOR, BLOCK // (width * eb)))
+        for off in range(a, b + 1, d):
+            col = off // d
+            k = ("slice", glo, col // per)
+            u, m = used.get(k, (0.0, 0))
+            used[k] = (u + width * eb, m | (1 << (col % per)))
+        return
+    # Contiguous: the address blocks from the first byte to the last, and the sectors of each.
+    lo_b, hi_b = (glo + a) * eb, (ghi + b + 1) * eb
+    for k in range(lo_b // BLOCK, (hi_b - 1) // BLOCK + 1):
+        s0, s1 = max(lo_b, k * BLOCK), min(hi_b, (k + 1) * BLOCK)
+        mask = ((1 << ((s1 - 1 - k * BLOCK) // SECTOR + 1)) - 1) ^ ((1 << ((s0 - k * BLOCK) // SECTOR)) - 1)
+        u, m = used.get(k, (0.0, 0))
+        used[k] = (min(BLOCK, u + s1 - s0), m | mask)
+
+
+class PixelTiles:
+    """The units a whole-pixel tile touches (kernels/pixels.py, pixels_backward.py): sample n,
+    channel block cb (CB channels), pixels p0..p1-1 of a channels_last tensor, cached."""
+
+    def __init__(self, HW: int, C: int, CB: int, NCB: int, elem_bytes: int):
+        self.HW, self.C, self.CB, self.NCB, self.eb = HW, C, CB, NCB, elem_bytes
+        self.memo: dict = {}
+
+    def blocks(self, pid: int, p0: int, p1: int) -> tuple:
+        key = (pid, p0, p1)
+        got = self.memo.get(key)
+        if got is None:
+            n, cb = divmod(pid, self.NCB)
+            used: dict = {}
+            p1 = min(p1, self.HW)
+            if p0 < p1:
+                glo = n * self.HW * self.C + cb * self.CB
+                _units(used, glo, glo + self.CB - 1, p0 * self.C, (p1 - 1) * self.C, self.C, self.eb)
+            got = self.memo[key] = tuple((k, u, m) for k, (u, m) in used.items())
+        return got
+
+
+def _pixel_programs(launch, tiles_of, reverse=None):
+    """The programs of a whole-pixel split launch: grid (samples x channel blocks, SPLIT), each
+    sweeping its chunk of pixels; the apply kernels' program (|FIRST_PID - pid0|,
+    |FIRST_SP - pid1|) from pixel |TILE0 - t| (pixels.pixels_order; ``reverse`` overrides it)."""
+    name = launch.name
+    a = _args(launch)
+    bwd = "_bwd_" in name
+    apply = name.endswith("apply_kernel")
+    roles = ["X"] + (["DY"] if bwd else [])
+    out = ("DX" if bwd else "Y") if apply else None
+    if out == "DX" and not a.get("NEED_DX", True):
+        out = None
+    tiles = {r: tiles_of(r, a) for r in roles + ([out] if out else [])}
+    chunk, hw, bhw = a["CHUNK"], a["HW"], a["BLOCK_HW"]
+    g0, g1 = launch.grid[0], (tuple(launch.grid) + (1,))[1]
+    first_pid, first_sp, tile0 = (a.get("FIRST_PID", 0), a.get("FIRST_SP", 0), a.get("TILE0", 0)) if apply else (0, 0, 0)
+    if apply and reverse is not None:
+        first_pid, first_sp, tile0 = (g0 - 1, g1 - 1, chunk - bhw) if reverse else (0, 0, 0)
+    for p1 in range(g1):
+        for p0 in range(g0):
+            pid, sp = abs(first_pid - p0), abs(first_sp - p1)
+            start, end = sp * chunk, min(sp * chunk + chunk, hw)
+            steps = []
+            for t0 in range(0, chunk, bhw):
+                t = start + abs(tile0 - t0)
+                if t >= end:
+                    continue
+                step = [((r, k), u, m, False) for r in roles for k, u, m in tiles[r].blocks(pid, t, t + bhw)]
+                if out:
+                    step += [((out, k), u, m, True) for k, u, m in tiles[out].blocks(pid, t, t + bhw)]
+                steps.append(step)
+            yield steps
 
 
 def _args(launch) -> dict:
@@ -285,6 +351,11 @@ def replay(launches, profile, capacity_bytes: int, reverse=None, memo: dict | No
 
     def tiles_of(role, a):
         t = a[role]
+        if "NCB" in a:  # whole-pixel tiles
+            key = ("pixels", role, a["HW"], a["C"], a["CB"], a["NCB"])
+            if key not in memo:
+                memo[key] = PixelTiles(a["HW"], a["C"], a["CB"], a["NCB"], _tensor_bytes(t))
+            return memo[key]
         key = (role, a["RG"], a["CG"], a["BLOCK_P"], a["P"], a["M"])
         if key not in memo:
             memo[key] = Tiles(a["RG"], a["CG"], 0 if role == "X" else 1, _tensor_bytes(t), a["P"], a["M"],
@@ -296,7 +367,9 @@ def replay(launches, profile, capacity_bytes: int, reverse=None, memo: dict | No
         if launch.name in _IGNORED:
             continue
         warps = launch.options.get("num_warps", 4)
-        r, h, w = run_kernel(cache, _programs(launch, tiles_of, reverse), dispatch._fill(warps, profile))
+        programs = (_pixel_programs(launch, tiles_of, reverse) if launch.name in _PIXELS
+                    else _programs(launch, tiles_of, reverse))
+        r, h, w = run_kernel(cache, programs, dispatch._fill(warps, profile))
         per.append({"kernel": launch.name, "grid": list(launch.grid), "reads": r, "hits": h, "writes": w})
     return {"launches": per, "reads": sum(p["reads"] for p in per), "hits": sum(p["hits"] for p in per),
             "writes": sum(p["writes"] for p in per)}

@@ -121,10 +121,10 @@ def _group_moments(mean_c, m2_c, count, CB: tl.constexpr, CG: tl.constexpr, CB_P
 
 
 @triton.jit
-def _param_bases(W, B, first, NCB, PN, INT64: tl.constexpr):
-    """Where this program's weight and bias channels start: its first channel, in its sample's row
-    for a per-(sample, channel) parameter (n stride PN[i] > 0; 0 for a per-channel one)."""
-    n = tl.program_id(0) // NCB
+def _param_bases(W, B, pid, first, NCB, PN, INT64: tl.constexpr):
+    """Where program ``pid``'s weight and bias channels start: its first channel, in its sample's
+    row for a per-(sample, channel) parameter (n stride PN[i] > 0; 0 for a per-channel one)."""
+    n = pid // NCB
     if INT64:
         n = n.to(tl.int64)
     return W + n * PN[0] + first, B + n * PN[1] + first
@@ -155,10 +155,12 @@ def _epilogue_tile(x, Y, Res, offs, mask, k_c, mean_c, scale_c, shift_c, HAS_RES
 
 @triton.jit
 def _epilogue_sweep(X, Y, Res, base, chans, cmask, C, start, end, SPAN, k_c, mean_c, scale_c, shift_c,
-                    HAS_RES: tl.constexpr, ACT: tl.constexpr, BLOCK_HW: tl.constexpr, INT64: tl.constexpr):
-    """The epilogue over pixels [start, end), BLOCK_HW a tile (SPAN: a fixed trip count)."""
+                    HAS_RES: tl.constexpr, ACT: tl.constexpr, BLOCK_HW: tl.constexpr, INT64: tl.constexpr,
+                    TILE0=0):
+    """The epilogue over pixels [start, end), BLOCK_HW a tile (SPAN: a fixed trip count); tiles
+    from start + |TILE0 - t| (TILE0 = SPAN - BLOCK_HW: last to first)."""
     for t in range(0, SPAN, BLOCK_HW):
-        hw = start + t + tl.arange(0, BLOCK_HW)
+        hw = start + tl.abs(TILE0 - t) + tl.arange(0, BLOCK_HW)
         offs, mask = _pixel_tile(base, hw, hw < end, chans, cmask, C, INT64)
         x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
         _epilogue_tile(x, Y, Res, offs, mask, k_c, mean_c, scale_c, shift_c, HAS_RES, ACT)
@@ -187,7 +189,7 @@ def _pixels_fwd_kernel(
     mean_g, m2_g = _group_moments(mean_c, m2_c, HW * 1.0, CB, CG, CB_PAD, GB_PAD)
     rstd_g = store_stats(Stats, P, rows, gmask, k_g, mean_g, m2_g / (HW * CG), eps, X, X, 0.0, 1.0, 0)
     mean_c = _spread(mean_g, CB, CG, CB_PAD, GB_PAD)
-    w0, b0 = _param_bases(W, B, first, NCB, PN, INT64)
+    w0, b0 = _param_bases(W, B, tl.program_id(0), first, NCB, PN, INT64)
     scale_c, shift_c = _affine(w0, b0, chans, cmask, _spread(rstd_g, CB, CG, CB_PAD, GB_PAD),
                                HAS_W, HAS_B)
     if FUSED:
@@ -219,10 +221,11 @@ def _pixels_partial_kernel(
     tl.store(Part + P * SPLIT + rows * SPLIT + sp, m2_g, mask=gmask)
 
 
-@triton.jit(do_not_specialize=["NCB", "SPLIT"])
+@triton.jit(do_not_specialize=["NCB", "SPLIT", "FIRST_PID", "FIRST_SP", "TILE0"])
 def _pixels_apply_kernel(
     X, Y, Res, W, B, Stats, Part,
     P, NCB, HW, C, G, CHUNK, SPLIT, eps, PN,
+    FIRST_PID, FIRST_SP, TILE0,  # program (|FIRST_PID - pid0|, |FIRST_SP - pid1|), tiles from |TILE0 - t|
     CB: tl.constexpr, CG: tl.constexpr, CB_PAD: tl.constexpr, GB_PAD: tl.constexpr,
     BLOCK_HW: tl.constexpr, BLOCK_S: tl.constexpr, CENTER: tl.constexpr, HAS_W: tl.constexpr,
     HAS_B: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr, INT64: tl.constexpr,
@@ -230,23 +233,38 @@ def _pixels_apply_kernel(
 ):
     """Split regime, stage 2: merge the SPLIT partials of the block's groups (forward's merge, in
     elements: CHUNK * CG per split, HW * CG per statistic), store the statistics (chunk 0), and
-    write y over this program's pixel chunk."""
+    write y over this program's pixel chunk. Its grid and chunks are the partial kernel's; with
+    FIRST_PID, FIRST_SP, TILE0 the last ones (pixels_order) it runs that kernel's sweep backwards,
+    so it first re-reads what the L2 got last."""
     if PART_ROW != 0:
         Part += PART_ROW * P
-    base, first, chans, cmask, rows, gmask = _block(tl.program_id(0), NCB, HW, C, G, CB, CG, CB_PAD, GB_PAD, INT64)
-    sp = tl.program_id(1)
+    pid = tl.abs(FIRST_PID - tl.program_id(0))
+    base, first, chans, cmask, rows, gmask = _block(pid, NCB, HW, C, G, CB, CG, CB_PAD, GB_PAD, INT64)
+    sp = tl.abs(FIRST_SP - tl.program_id(1))
     k_g, k_c = _pivot(X, base, chans, gmask, CB, CG, CB_PAD, GB_PAD, CENTER)
     mean_g, var_g = _merge_partials(Part, rows, gmask, P, HW * CG, CHUNK * CG, SPLIT, GB_PAD, BLOCK_S)
     rstd_g = tl.rsqrt(var_g + eps)
     if sp == 0:
         store_stats(Stats, P, rows, gmask, k_g, mean_g, var_g, eps, X, X, 0.0, 1.0, 0)
     mean_c = _spread(mean_g, CB, CG, CB_PAD, GB_PAD)
-    w0, b0 = _param_bases(W, B, first, NCB, PN, INT64)
+    w0, b0 = _param_bases(W, B, pid, first, NCB, PN, INT64)
     scale_c, shift_c = _affine(w0, b0, chans, cmask, _spread(rstd_g, CB, CG, CB_PAD, GB_PAD),
                                HAS_W, HAS_B)
     start = sp * CHUNK
     _epilogue_sweep(X, Y, Res, base, chans, cmask, C, start, tl.minimum(start + CHUNK, HW), CHUNK, k_c, mean_c,
-                    scale_c, shift_c, HAS_RES, ACT, BLOCK_HW, INT64)
+                    scale_c, shift_c, HAS_RES, ACT, BLOCK_HW, INT64, TILE0)
+
+
+def pixels_order(grid0: int, split: int, chunk: int, block_hw: int, after_sweep: bool) -> tuple[int, int, int]:
+    """(FIRST_PID, FIRST_SP, TILE0) of the whole-pixel apply kernels: the first stage's sweep
+    run backwards (its last program first, each chunk's pixels last to first) when the pass
+    follows it and dispatch.APPLY_REVERSE (as launch.tile_order for the row kernels), else as
+    that sweep ran."""
+    from .. import dispatch
+
+    if after_sweep and dispatch.APPLY_REVERSE:
+        return grid0 - 1, split - 1, chunk - block_hw
+    return 0, 0, 0
 
 
 # --- Planning: tritonorm/pixel_plan.py (no Triton import: explain() plans without it) -----------
@@ -277,6 +295,7 @@ class PixelsForward:
         if plan.kernel == "split":
             self.partial = Launcher(_pixels_partial_kernel, (grid, self.split), const)
             self.apply = Launcher(_pixels_apply_kernel, (grid, self.split), dict(const, **flags, BLOCK_S=dispatch.MERGE_BLOCK))
+            self.order = pixels_order(grid, self.split, self.chunk, cfg["block_hw"], True)
             self.launches = 2
         else:
             self.partial = None
@@ -304,7 +323,7 @@ class PixelsForward:
                 partial, apply = self.partial, self.apply
             partial.keyed(ck, x, part, self.P, self.ncb, self.HW, self.C, self.G, self.chunk, self.split)
             apply.keyed(ck, x, y, r, w, b, stats, part, self.P, self.ncb, self.HW, self.C, self.G, self.chunk,
-                        self.split, eps, self.pn)
+                        self.split, eps, self.pn, *self.order)
         else:
             self.apply.keyed(ck, x, y, r, w, b, stats, self.P, self.ncb, self.HW, self.C, self.G, eps, self.pn)
         return y, stats

@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from .common import tile_grads
-from .pixels import _block, _fold, _param_bases, _pixel_tile, _spread
+from .pixels import _block, _fold, _param_bases, _pixel_tile, _spread, pixels_order
 
 
 @triton.jit
@@ -99,7 +99,7 @@ def _pixels_bwd_kernel(
     the tile stays in registers)."""
     base, first, chans, cmask, rows, gmask = _block(tl.program_id(0), NCB, HW, C, G, CB, CG, CB_PAD, GB_PAD, INT64)
     k_c, mean_c, rstd_c = _stats(Stats, P, rows, gmask, CB, CG, CB_PAD, GB_PAD)
-    w0, b0 = _param_bases(W, B, first, NCB, PN, INT64)
+    w0, b0 = _param_bases(W, B, tl.program_id(0), first, NCB, PN, INT64)
     w_c, b_c = _params(w0, b0, chans, cmask, HAS_W, HAS_B)
     u1 = tl.zeros([CB_PAD], dtype=tl.float32)
     u2 = tl.zeros([CB_PAD], dtype=tl.float32)
@@ -219,7 +219,7 @@ def _pixels_bwd_sums_kernel(
     base, first, chans, cmask, rows, gmask = _block(tl.program_id(0), NCB, HW, C, G, CB, CG, CB_PAD, GB_PAD, INT64)
     sp = tl.program_id(1)
     k_c, mean_c, rstd_c = _stats(Stats, P, rows, gmask, CB, CG, CB_PAD, GB_PAD)
-    w0, b0 = _param_bases(W, B, first, NCB, PN, INT64)
+    w0, b0 = _param_bases(W, B, tl.program_id(0), first, NCB, PN, INT64)
     w_c, b_c = _params(w0, b0, chans, cmask, HAS_W, HAS_B)
     start = sp * CHUNK
     end = tl.minimum(start + CHUNK, HW)
@@ -246,11 +246,12 @@ def _pixels_bwd_sums_kernel(
         _store_group_sums(groups + P * SPLIT, w_c * u1, rows, gmask, row0, SPLIT, sp, CB, CG, CB_PAD)
 
 
-@triton.jit(do_not_specialize=["NCB", "SPLIT"])
+@triton.jit(do_not_specialize=["NCB", "SPLIT", "FIRST_PID", "FIRST_SP", "TILE0"])
 def _pixels_bwd_apply_kernel(
     X, DY, Res, W, B, Stats, Part,
     DX, DRes, DW, DB,
     P, NCB, HW, C, G, N, CHUNK, SPLIT, PN,
+    FIRST_PID, FIRST_SP, TILE0,  # as pixels._pixels_apply_kernel's (pixels.pixels_order)
     CB: tl.constexpr, CG: tl.constexpr, CB_PAD: tl.constexpr, GB_PAD: tl.constexpr,
     BLOCK_HW: tl.constexpr, CENTER: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
     HAS_RES: tl.constexpr, ACT: tl.constexpr, NEED_DX: tl.constexpr, WRITE_DRES: tl.constexpr,
@@ -263,13 +264,14 @@ def _pixels_bwd_apply_kernel(
     dbias from the per-channel planes (_finish_plane), each plane read once in all."""
     if PART_ROW != 0:
         Part += PART_ROW * P
-    base, first, chans, cmask, rows, gmask = _block(tl.program_id(0), NCB, HW, C, G, CB, CG, CB_PAD, GB_PAD, INT64)
-    sp = tl.program_id(1)
-    n = tl.program_id(0) // NCB
+    pid = tl.abs(FIRST_PID - tl.program_id(0))
+    base, first, chans, cmask, rows, gmask = _block(pid, NCB, HW, C, G, CB, CG, CB_PAD, GB_PAD, INT64)
+    sp = tl.abs(FIRST_SP - tl.program_id(1))
+    n = pid // NCB
     if INT64:
         n = n.to(tl.int64)
     k_c, mean_c, rstd_c = _stats(Stats, P, rows, gmask, CB, CG, CB_PAD, GB_PAD)
-    w0, b0 = _param_bases(W, B, first, NCB, PN, INT64)
+    w0, b0 = _param_bases(W, B, pid, first, NCB, PN, INT64)
     w_c, b_c = _params(w0, b0, chans, cmask, HAS_W, HAS_B)
     db_plane, groups = _part_planes(Part, SPLIT, N, C, NEED_DW, NEED_DB)
     if NEED_DX:
@@ -283,7 +285,7 @@ def _pixels_bwd_apply_kernel(
         start = sp * CHUNK
         end = tl.minimum(start + CHUNK, HW)
         for t in range(0, CHUNK, BLOCK_HW):
-            hw = start + t + tl.arange(0, BLOCK_HW)
+            hw = start + tl.abs(TILE0 - t) + tl.arange(0, BLOCK_HW)
             offs, mask, xhat, gz = _tile(X, DY, Res, base, hw, hw < end, chans, cmask, C, k_c, mean_c, rstd_c,
                                          w_c, b_c, HAS_RES, ACT, INT64)
             _dx_tile(DX, DRes, offs, mask, xhat, gz, w_c, rstd_c, s1_c, s2_c, HW * CG, CENTER, NEED_DX,
@@ -340,6 +342,8 @@ class PixelsBackward:
                                        BLOCK_S=dispatch.MERGE_BLOCK))
             self.finish = None
             self.launches = 1 + (self.part_elems > 0)
+            # after the sums kernel's sweep (none when only dresidual is asked for)
+            self.order = pixels_order(grid, self.split, self.chunk, cfg["block_hw"], self.part_elems > 0)
         else:
             self.sums = None
             self.apply = Launcher(_pixels_bwd_kernel, (grid,),
@@ -371,7 +375,7 @@ class PixelsBackward:
                 else:
                     part = empty((self.part_elems,), x.device)
                 sums.keyed(ck, x, dy, r, w, b, stats, part, *fixed)
-            apply.keyed(ck, x, dy, r, w, b, stats, part, dx, dres, dw, db, *fixed)
+            apply.keyed(ck, x, dy, r, w, b, stats, part, dx, dres, dw, db, *fixed, *self.order)
             return
         part = empty((2, self.N, self.C), x.device) if self.need_wb else x
         self.apply.keyed(ck, x, dy, r, w, b, stats, dx, dres, part, dw, db, self.P, self.ncb, self.HW, self.C,
