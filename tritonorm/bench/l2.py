@@ -1,4 +1,4 @@
-"""What the L2 can serve of a two-sweep call: an LRU replay of the row kernels' access order.
+"""What the L2 can serve of a two-sweep call: an LRU replay of the kernels' access order.
 
 The split and looped regimes read x (and, backward, dy) twice: a first kernel or sweep for the
 statistics or the sums, then the apply pass. The cost model (``tritonorm/cost.py``) counts bytes
@@ -22,13 +22,14 @@ for comparing orders and for reading the GPU report's measured times against, no
 to the byte. Modelled: the calls that read x twice on the row kernels (``forward.py``,
 ``backward.py``: the looped and split forwards and the two-stage backwards) and the split
 regime of the whole-pixel kernels (``pixels.py``, ``pixels_backward.py``: channels_last
-GroupNorm/InstanceNorm, whose apply programs sweep the same chunks as the first stage's). Calls of the row kernels' fused ones alone read x once (what they request is what HBM
-moves); calls with other kernels (the planes kernels, the whole-pixel fused/looped kernel, the
+GroupNorm/InstanceNorm, whose apply programs sweep the same chunks as the first stage's).
+Calls of the row kernels' fused ones alone read x once (what they request is what HBM moves);
+calls with other kernels (the planes kernels, the whole-pixel fused/looped kernel, the
 LayerNorm-row column sums) are reported as not modelled.
 
     python -m tritonorm.bench.l2 [--device h200] [--suite S] [--filter TEXT] [--two-sweep] [--json PATH]
 
-The whole set of suites takes a few minutes (the 392 MiB cases most of it).
+The whole set of suites takes about ten minutes (the 392 MiB cases most of it).
 """
 
 from __future__ import annotations
@@ -38,9 +39,11 @@ import json
 import sys
 from collections import OrderedDict
 
+from tritonorm.kernels.launch import tile_order
+from tritonorm.kernels.pixels import pixels_order
+
 BLOCK = 512  # bytes a modelled cache unit holds (four 128-byte lines)
 L2_BYTES = {"h100": 50 << 20, "h200": 50 << 20}  # GH100: 50 MB of L2
-_ELEM = {"bfloat16": 2, "float16": 2, "float32": 4}
 
 # Kernels whose access order is modelled; tiny kernels beside them (finishing partial sums) move
 # a few KB and are ignored.
@@ -87,8 +90,8 @@ class LRU:
 
 def run_kernel(cache: LRU, programs, slots: int) -> tuple[float, float, float]:
     """Replay one launch: ``programs`` (in dispatch order) are iterables of steps, a step a list
-    of (key, bytes used of that unit, its sectors used (mask), is_write); ``slots`` of them are resident at once and take
-    a step each in turn. Returns (bytes read, bytes read from units the cache held, bytes
+    of (key, bytes used of that unit, its sectors used (mask), is_write); ``slots`` of them are
+    resident at once and take a step each in turn. Returns (bytes read, bytes read from units the cache held, bytes
     written)."""
     from collections import deque
 
@@ -259,9 +262,9 @@ def _pixel_programs(launch, tiles_of, reverse=None):
     tiles = {r: tiles_of(r, a) for r in roles + ([out] if out else [])}
     chunk, hw, bhw = a["CHUNK"], a["HW"], a["BLOCK_HW"]
     g0, g1 = launch.grid[0], (tuple(launch.grid) + (1,))[1]
-    first_pid, first_sp, tile0 = (a.get("FIRST_PID", 0), a.get("FIRST_SP", 0), a.get("TILE0", 0)) if apply else (0, 0, 0)
-    if apply and reverse is not None:
-        first_pid, first_sp, tile0 = (g0 - 1, g1 - 1, chunk - bhw) if reverse else (0, 0, 0)
+    first_pid, first_sp, tile0 = (a["FIRST_PID"], a["FIRST_SP"], a["TILE0"]) if apply else (0, 0, 0)
+    if apply and reverse is not None:  # the other order (the launchers' own rule)
+        first_pid, first_sp, tile0 = pixels_order(g0, g1, chunk, bhw, True, reverse)
     for p1 in range(g1):
         for p0 in range(g0):
             pid, sp = abs(first_pid - p0), abs(first_sp - p1)
@@ -285,7 +288,9 @@ def _args(launch) -> dict:
 
 
 def _tensor_bytes(arg) -> int:
-    return _ELEM.get(arg.dtype, 4)
+    import torch
+
+    return getattr(torch, arg.dtype).itemsize
 
 
 def _programs(launch, tiles_of, reverse=None):
@@ -300,8 +305,6 @@ def _programs(launch, tiles_of, reverse=None):
     out_name = "Y" if name.startswith("_fwd") else "DX"
     dy = tiles_of("DY", a) if name.startswith("_bwd") else None
     out = tiles_of(out_name, a) if out_name in a and not isinstance(a[out_name], (int, type(None))) else None
-    if name == "_fwd_fused_kernel" and not a.get("STORE_Y", True):
-        out = None
 
     def touch(rb, c0, c1, read_dy=False, write=True):
         step = [(("X", k), u, m, False) for k, u, m in x.blocks(rb, c0, c1)]
@@ -325,9 +328,8 @@ def _programs(launch, tiles_of, reverse=None):
                 yield [touch(rb, m, min(m + bm, end), read_dy=bwd, write=False) for m in range(start, end, bm)]
     elif name in ("_fwd_apply_kernel", "_bwd_apply_kernel"):
         step, tpp, first = a["TILE_STEP"], a["TILES_PER_PROG"], a["FIRST_TILE"]
-        if reverse is not None:  # the other order of the same tiles (launch.tile_order)
-            cp = abs(step)
-            step, first = (-cp, cp * tpp - 1) if reverse else (cp, 0)
+        if reverse is not None:  # the other order of the same tiles (the launchers' own rule)
+            step, tpp, first = tile_order(abs(step), tpp, True, reverse)
         for p1 in range(g1):
             for rb in range(g0):
                 steps = []
@@ -434,7 +436,7 @@ def _ideal_bytes(launches) -> int:
         for role in ("X", "DY", "Y", "DX"):
             t = la.args.get(role)
             if t is not None and t.kind == "tensor" and t.numel > 1:
-                seen[role] = max(seen.get(role, 0), t.numel * _ELEM.get(t.dtype, 4))
+                seen[role] = max(seen.get(role, 0), t.numel * _tensor_bytes(t))
     return max(1, sum(seen.values()))
 
 

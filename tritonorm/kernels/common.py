@@ -70,7 +70,7 @@ def strided_tiles(TILE_STEP, FIRST_TILE, BLOCK_M: tl.constexpr, INT64: tl.conste
     order they would first ask for what it read first, which it evicted first). Host ints, not
     a constexpr: one compiled variant serves both orders."""
     t = tl.abs(FIRST_TILE - tl.program_id(1))
-    step = t * 0 + TILE_STEP
+    step = t * 0 + TILE_STEP  # in t's integer type, so that the int64 cast covers both
     if INT64:
         t = t.to(tl.int64)
         step = step.to(tl.int64)

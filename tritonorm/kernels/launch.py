@@ -75,11 +75,11 @@ def _chunk(M: int, block_m: int, split: int) -> int:
     return triton.cdiv(triton.cdiv(M, split), block_m) * block_m
 
 
-def tile_order(col_progs: int, tiles: int, after_sweep: bool) -> tuple[int, int, int]:
+def tile_order(col_progs: int, tiles: int, after_sweep: bool, reverse: bool | None = None) -> tuple[int, int, int]:
     """The apply kernels' (TILE_STEP, TILES_PER_PROG, FIRST_TILE) (common.strided_tiles): the
-    tiles last to first when the pass follows a sweep of the same data and
-    dispatch.APPLY_REVERSE, else first to last."""
-    if after_sweep and dispatch.APPLY_REVERSE:
+    tiles last to first when the pass follows a sweep of the same data and ``reverse`` (default
+    dispatch.APPLY_REVERSE), else first to last."""
+    if after_sweep and (dispatch.APPLY_REVERSE if reverse is None else reverse):
         return -col_progs, tiles, col_progs * tiles - 1
     return col_progs, tiles, 0
 
@@ -371,6 +371,7 @@ class ForwardPlan:
             self.kernel = fk._fwd_apply_kernel
             self.grid = grid
             self.tail = (self.P, self.M, self.chunk, split)
+            self.geo = (rg, cg)  # the partial kernel's last arguments
             self.mid = (*tile_order(grid[1], tiles, merges), rg, cg)
             self.constexprs = dict(flags, **pre, SOURCE=1 if mode == "given" else 0, CENTER=center, BLOCK_P=bp,
                                    BLOCK_M=bm, BLOCK_S=MERGE_BLOCK,
@@ -487,7 +488,7 @@ class ForwardPlan:
             else:
                 part = _empty((2, self.P, self.split), x.device)
                 partial = self.partial
-            partial.keyed(ck, x, part, *self.tail, *self.mid[3:], **partial_kw)
+            partial.keyed(ck, x, part, *self.tail, *self.geo, **partial_kw)
             launch.keyed(ck, x, yp, r, w, b, stats, rm, rv, part, *self.tail, eps, momentum, unbias, *self.mid,
                          **hk)
         elif self.mode == "given":

@@ -255,14 +255,15 @@ def _pixels_apply_kernel(
                     scale_c, shift_c, HAS_RES, ACT, BLOCK_HW, INT64, TILE0)
 
 
-def pixels_order(grid0: int, split: int, chunk: int, block_hw: int, after_sweep: bool) -> tuple[int, int, int]:
+def pixels_order(grid0: int, split: int, chunk: int, block_hw: int, after_sweep: bool,
+                 reverse: bool | None = None) -> tuple[int, int, int]:
     """(FIRST_PID, FIRST_SP, TILE0) of the whole-pixel apply kernels: the first stage's sweep
     run backwards (its last program first, each chunk's pixels last to first) when the pass
-    follows it and dispatch.APPLY_REVERSE (as launch.tile_order for the row kernels), else as
-    that sweep ran."""
+    follows it and ``reverse`` (default dispatch.APPLY_REVERSE; as launch.tile_order for the row
+    kernels), else as that sweep ran."""
     from .. import dispatch
 
-    if after_sweep and dispatch.APPLY_REVERSE:
+    if after_sweep and (dispatch.APPLY_REVERSE if reverse is None else reverse):
         return grid0 - 1, split - 1, chunk - block_hw
     return 0, 0, 0
 
