@@ -56,7 +56,9 @@ def call_key(*tensors):
             key.append(t.dtype)
     if ptrs & 15:
         return None
-    return tuple(key)
+    # The second slot: (device, stream, by_call key), found at the call's first
+    # direct launch and shared by the rest (a plan's launches run on one device and stream).
+    return [tuple(key), None]
 
 
 @contextlib.contextmanager
@@ -123,19 +125,23 @@ class Launcher:
         ``ckey`` None: the full path."""
         if ckey is None or not (self.usable and _ON[0]) or self.hooks:
             return self(*args, **extra)
-        active = driver.active
-        device = active.get_current_device()
-        compiled = self.by_call.get((device, ckey))
+        where = ckey[1]
+        if where is None:
+            active = driver.active
+            device = active.get_current_device()
+            where = ckey[1] = (device, active.get_current_stream(device), (device, ckey[0]))
+        device, stream, key = where
+        compiled = self.by_call.get(key)
         if compiled is None:  # the full path, which launches; its kernel serves the key from now on
             self.last = None
             self(*args, **extra)
             if self.last is not None:
-                self.by_call[(device, ckey)] = self.last
+                self.by_call[key] = self.last
             return
         if _CHECK[0] and self._key(device, args, extra)[1] is not compiled:
-            raise RuntimeError(f"tritonorm internal: {self.kernel.fn.__name__}: call key {ckey} does not "
+            raise RuntimeError(f"tritonorm internal: {self.kernel.fn.__name__}: call key {ckey[0]} does not "
                                "fix the launch's specialization")
-        self._direct(compiled, active, device, args, extra)
+        self._direct(compiled, stream, args, extra)
 
     def __call__(self, *args, **extra):
         if not (self.usable and _ON[0]) or self.hooks:
@@ -158,7 +164,7 @@ class Launcher:
             self._remember(key, device, compiled, args, extra)
             return
         self.last = compiled
-        self._direct(compiled, active, device, args, extra)
+        self._direct(compiled, active.get_current_stream(device), args, extra)
 
     def _key(self, device, args, extra):
         """(key, the compiled kernel kept for it or None): what Triton specializes a plan's
@@ -172,7 +178,7 @@ class Launcher:
         key = (device, len(args), tuple(extra) if extra else (), misaligned, *map(_DTYPE, tensors))
         return key, self.compiled.get(key)
 
-    def _direct(self, compiled, active, device, args, extra) -> None:
+    def _direct(self, compiled, stream, args, extra) -> None:
         """What JITFunction.run does once it has the kernel, launch hooks included
         (``launch_metadata`` is None without an enter hook)."""
         if ON_DIRECT_LAUNCH[0] is not None:
@@ -181,7 +187,6 @@ class Launcher:
             bound = (*args, *[extra[name] if keyword else value for name, keyword, value in self.tail])
         else:
             bound = args + self.const_tail
-        stream = active.get_current_stream(device)
         hooks = knobs.runtime
         enter = hooks.launch_enter_hook
         meta = None if enter is None else compiled.launch_metadata(self.grid, stream, *bound)
