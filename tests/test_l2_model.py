@@ -1,7 +1,8 @@
 """The L2 replay model (tritonorm/bench/l2.py): the LRU and the round-robin dispatch on cases
 whose hits are known by hand, the geometry decoding against element-by-element enumeration, and
 the replay of a real planned call, where taking the apply tiles last to first must serve more
-of the re-read than first to last once the tensor outgrows the cache."""
+of the re-read than first to last once the tensor outgrows the cache; the same of the planes
+kernels' second sweeps (last sample tile first)."""
 
 from __future__ import annotations
 
@@ -143,6 +144,52 @@ def test_replay_of_a_planned_split_call():
         assert rev["reads"] == fwd_order["reads"]
         assert rev["hits"] > 2 * fwd_order["hits"] and rev["hits"] > 0.05 * (1 << 20), (rev["hits"], fwd_order["hits"])
         assert rev["hits"] <= 1 << 20 and fwd_order["hits"] < 0.05 * rev["reads"]
+
+
+def test_plane_tile_bytes_add_up():
+    """Planes runs (sample n, channel block pid: T contiguous elements at (n * NCB + pid) * T):
+    a tile of samples n0..n1 touches (n1 - n0) * T elements, and two channel blocks' runs of one
+    sample are apart (sectors shared only at a run's ends)."""
+    T, ncb, eb = 392, 4, 2
+    tiles = l2.PlaneTiles(T, ncb, eb)
+    for n0, n1 in [(0, 1), (0, 8), (3, 7)]:
+        assert sum(u for _, u, _ in tiles.blocks(1, n0, n1)) == (n1 - n0) * T * eb
+    a, b = tiles.blocks(0, 0, 1), tiles.blocks(2, 0, 1)
+    assert not {k for k, _, _ in a} & {k for k, _, _ in b}
+
+
+@pytest.mark.parametrize("n,fused", [(32, True), (64, False)])
+def test_replay_of_a_planned_planes_call(n, fused):
+    """BatchNorm 2048x7^2 (bf16 NCHW, the planes kernels) on the h200 plan. At batch 32 a channel
+    block's samples are one tile, read once (no second sweep: nothing to serve, a call of one
+    sweep). At batch 64 the kernels sweep the samples twice; with a cache of 6 MiB (half of x),
+    the y and dx sweeps taken last to first (dispatch.sweep_back) are served several times what
+    first to last gets: all 256 programs run at once, so the first sweep's last tiles are what
+    the cache holds when the second begins."""
+    from dataclasses import replace
+
+    case = replace(_case("bn 2048x7^2 b256"), shape=(n, 2048, 7, 7))
+    fwd, bwd = l2.record_call(case, torch.bfloat16, False, "h200")
+    profile = dispatch.profile_named("h200")
+    for launches in (fwd, bwd):
+        (la,) = [la for la in launches if la.name in l2._PLANES]
+        assert l2._two_sweep(la) is not fused
+        a = l2._args(la)  # the launch as planned takes its second sweep last to first
+        assert a["N_BACK"] == (0 if fused else (n - 1) // a["BLOCK_N"]) and (fused or a["N_BACK"])
+        rev = l2.replay(launches, profile, 6 << 20, reverse=True)
+        fwd_order = l2.replay(launches, profile, 6 << 20, reverse=False)
+        assert rev["reads"] == fwd_order["reads"]
+        if fused:
+            assert rev["hits"] == fwd_order["hits"] < 0.05 * rev["reads"]
+        else:
+            assert rev["hits"] > 4 * fwd_order["hits"] and rev["hits"] > 2 << 20, (rev["hits"], fwd_order["hits"])
+    row = l2.model_case(case, torch.bfloat16, False, "h200", fractions=(1.0,))
+    for phase in ("fwd", "bwd"):
+        assert row[phase]["modelled"] is not fused, row[phase]
+        if fused:
+            assert row[phase]["why"] == "one sweep"
+        else:  # x (and dy) of 6 MiB fit the L2: the second sweep is served whole
+            assert row[phase]["planned@1"]["hbm_x_ideal"] == pytest.approx(1.0, rel=0.02)
 
 
 def test_command_line(tmp_path, capsys):

@@ -237,6 +237,20 @@ APPLY_FILL = True
 # the L2 serves the part of the re-read that the sweep read last; False: first to last, as
 # before (the GPU report's A/B stage measures both). Any order computes the same values.
 APPLY_REVERSE = True
+
+
+def sweep_back(n: int, block: int, reverse: bool | None = None) -> int:
+    """A looped kernel's host int for its second sweep over ``n`` items in ``block``s (the row
+    looped forward's columns, the planes kernels' samples): the sweep visits block |back - j|
+    for j = 0, 1, ...; so the last block's index (its blocks last to first: first what the first
+    sweep read last) where ``reverse`` (default APPLY_REVERSE), else 0 (first to last). A block
+    index, not an element offset, so the kernels' start (index * BLOCK) keeps its known
+    alignment; a host int (do_not_specialize), so both orders share one compiled variant."""
+    if (APPLY_REVERSE if reverse is None else reverse) and n > 0:
+        return (n - 1) // block
+    return 0
+
+
 MAX_GRID_1 = 65535  # CUDA's limit on the second grid dimension
 # Partials merged per step by the apply and finish kernels (row, whole-pixel and planes): a fixed
 # block (not the split's next power of two), so the split count, which follows the batch, never

@@ -39,6 +39,7 @@ import json
 import sys
 from collections import OrderedDict
 
+from tritonorm.dispatch import sweep_back
 from tritonorm.kernels.launch import tile_order
 from tritonorm.kernels.pixels import pixels_order
 
@@ -48,14 +49,23 @@ L2_BYTES = {"h100": 50 << 20, "h200": 50 << 20}  # GH100: 50 MB of L2
 # Kernels whose access order is modelled; tiny kernels beside them (finishing partial sums) move
 # a few KB and are ignored.
 _PIXELS = {"_pixels_partial_kernel", "_pixels_apply_kernel", "_pixels_bwd_sums_kernel", "_pixels_bwd_apply_kernel"}
+_PLANES = {"_planes_fwd_kernel", "_planes_bwd_kernel"}
 _MODELLED = {"_fwd_looped_kernel", "_fwd_partial_kernel", "_fwd_apply_kernel", "_bwd_sums_kernel",
-             "_bwd_apply_kernel"} | _PIXELS
+             "_bwd_apply_kernel"} | _PIXELS | _PLANES
 _IGNORED = {"_finish_kernel", "_finish_samples_kernel"}
 # A call with one of these reads x twice; a call of the row kernels' fused ones alone reads it
 # once (what it requests is what HBM moves) and is not replayed.
 _TWO_SWEEP = {"_fwd_looped_kernel", "_fwd_partial_kernel", "_bwd_sums_kernel", "_pixels_partial_kernel",
               "_pixels_bwd_sums_kernel"}
 _ONE_SWEEP = {"_fwd_fused_kernel", "_bwd_fused_kernel"}
+
+
+def _two_sweep(launch) -> bool:
+    """Whether a launch reads its input twice: the first stages and looped kernels above, and
+    the planes kernels unless FUSED (all samples of a channel block in one tile)."""
+    if launch.name in _PLANES:
+        return not launch.args["FUSED"].value
+    return launch.name in _TWO_SWEEP
 
 
 SECTOR = 32  # bytes: what the L2 fetches from HBM at a time
@@ -281,6 +291,65 @@ def _pixel_programs(launch, tiles_of, reverse=None):
             yield steps
 
 
+class PlaneTiles:
+    """The units the planes kernels' tiles touch (kernels/planes.py): for sample n and channel
+    block pid, one contiguous run of T = CB * HW elements at (n * NCB + pid) * T; cached."""
+
+    def __init__(self, T: int, NCB: int, elem_bytes: int):
+        self.T, self.NCB, self.eb = T, NCB, elem_bytes
+        self.memo: dict = {}
+
+    def blocks(self, pid: int, n0: int, n1: int) -> tuple:
+        key = (pid, n0, n1)
+        got = self.memo.get(key)
+        if got is None:
+            used: dict = {}
+            for n in range(n0, n1):
+                lo = (n * self.NCB + pid) * self.T
+                _units(used, lo, lo + self.T - 1, 0, 0, 1, self.eb)
+            got = self.memo[key] = tuple((k, u, m) for k, (u, m) in used.items())
+        return got
+
+
+def _plane_programs(launch, tiles_of, reverse=None):
+    """The programs of a planes launch: grid (channel blocks, sample groups), each sweeping its
+    group's N samples in BLOCK_N tiles for the moments or sums, then again for y or dx (FUSED:
+    one tile, read once); the second sweep's tile j is |N_BACK - j| (dispatch.sweep_back;
+    ``reverse`` overrides it)."""
+    a = _args(launch)
+    bwd = launch.name == "_planes_bwd_kernel"
+    roles = ["X"] + (["DY"] if bwd else [])
+    out = "DX" if bwd else "Y"
+    if bwd and not a["NEED_DX"]:
+        out = None
+    T = a["CB"] * a["HW"]
+    tiles = {r: tiles_of(r, dict(a, T=T)) for r in roles + ([out] if out else [])}
+    N, bn = a["N"], a["BLOCK_N"]
+    back = a.get("N_BACK", 0)
+    if reverse is not None:
+        back = sweep_back(N, bn, reverse)
+    g0, g1 = launch.grid[0], (tuple(launch.grid) + (1,))[1]
+
+    def touch(pid, n0, n1, write):
+        step = [((r, k), u, m, False) for r in roles for k, u, m in tiles[r].blocks(pid, n0, n1)]
+        if write and out:
+            step += [((out, k), u, m, True) for k, u, m in tiles[out].blocks(pid, n0, n1)]
+        return step
+
+    for s in range(g1):
+        for pid in range(g0):
+            lo = s * N
+            if a["FUSED"]:
+                yield [touch(pid, lo, lo + N, True)]
+                continue
+            first = [touch(pid, lo + n0, lo + min(n0 + bn, N), False) for n0 in range(0, N, bn)]
+            second = []
+            for j in range(-(-N // bn)):
+                n0 = abs(back - j) * bn
+                second.append(touch(pid, lo + n0, lo + min(n0 + bn, N), True))
+            yield first + second
+
+
 def _args(launch) -> dict:
     return {k: (a.value if a.kind in ("int", "bool", "constexpr", "float") else
                 tuple(v.value for v in a.value) if a.kind == "tuple" else a)
@@ -316,9 +385,13 @@ def _programs(launch, tiles_of, reverse=None):
 
     bwd = name.startswith("_bwd")
     if name == "_fwd_looped_kernel":
+        back = a.get("M_BACK", 0)  # the second sweep's tile j is |M_BACK - j| (forward.py)
+        if reverse is not None:
+            back = sweep_back(M, bm, reverse)
         for rb in range(g0):
             first = [touch(rb, m, m + bm, write=False) for m in range(0, M, bm)]
-            second = [touch(rb, m, m + bm) for m in range(0, M, bm)] if out is not None else []
+            second = ([touch(rb, abs(back - j) * bm, abs(back - j) * bm + bm) for j in range(-(-M // bm))]
+                      if out is not None else [])
             yield first + second
     elif name in ("_fwd_partial_kernel", "_bwd_sums_kernel"):
         chunk = a["CHUNK"]
@@ -353,6 +426,11 @@ def replay(launches, profile, capacity_bytes: int, reverse=None, memo: dict | No
 
     def tiles_of(role, a):
         t = a[role]
+        if "T" in a:  # planes runs
+            key = ("planes", role, a["T"], a["NCB"])
+            if key not in memo:
+                memo[key] = PlaneTiles(a["T"], a["NCB"], _tensor_bytes(t))
+            return memo[key]
         if "NCB" in a:  # whole-pixel tiles
             key = ("pixels", role, a["HW"], a["C"], a["CB"], a["NCB"])
             if key not in memo:
@@ -370,6 +448,7 @@ def replay(launches, profile, capacity_bytes: int, reverse=None, memo: dict | No
             continue
         warps = launch.options.get("num_warps", 4)
         programs = (_pixel_programs(launch, tiles_of, reverse) if launch.name in _PIXELS
+                    else _plane_programs(launch, tiles_of, reverse) if launch.name in _PLANES
                     else _programs(launch, tiles_of, reverse))
         r, h, w = run_kernel(cache, programs, dispatch._fill(warps, profile))
         per.append({"kernel": launch.name, "grid": list(launch.grid), "reads": r, "hits": h, "writes": w})
@@ -402,10 +481,11 @@ def model_case(case, dtype, channels_last: bool, profile_name: str = "h200", fra
     row = {"case": case.name, "dtype": str(dtype).replace("torch.", ""), "channels_last": channels_last}
     for phase, launches in zip(("fwd", "bwd"), record_call(case, dtype, channels_last, profile_name)):
         names = {la.name for la in launches}
-        if names and names <= _ONE_SWEEP | _IGNORED:
+        two = any(_two_sweep(la) for la in launches)
+        if names and not two and names <= _ONE_SWEEP | _PLANES | _IGNORED:
             row[phase] = {"modelled": False, "why": "one sweep", "kernels": sorted(names)}
             continue
-        if not names & _TWO_SWEEP or names - _MODELLED - _IGNORED:
+        if not two or names - _MODELLED - _IGNORED:
             row[phase] = {"modelled": False, "why": "kernels not modelled", "kernels": sorted(names)}
             continue
         out = {"modelled": True, "kernels": [la.name for la in launches if la.name not in _IGNORED]}

@@ -84,12 +84,14 @@ def experiments() -> list[Experiment]:
                    (("resnet50", "bn 64x112^2 b32", "fwd"), ("resnet50", "bn 64x112^2 b256 cl", "fwd")),
                    _setting(dispatch, "APPLY_FILL", False),
                    dry_force=dict(kernel="split", block_p=4, block_m=256, split=4)),
-        Experiment("apply_reverse", "apply passes after a sweep of the same data: that sweep run backwards (A) -> "
-                   "in its own order (B, the old order)",
+        Experiment("apply_reverse", "apply passes and looped kernels' second sweeps after a sweep of the same "
+                   "data: that sweep run backwards (A) -> in its own order (B, the old order)",
                    "A faster where x and dy are about the L2's size or more: A's re-read starts with what the "
                    "sweep left in the L2 (the L2 model, bench --l2: bn 64x112^2 b32 fwd+bwd 49 MiB, HBM bytes "
-                   "1.46/1.67x -> 1.26/1.45x ideal; SD 320x64^2 b8 channels_last bwd 1.43x -> 1.15x)",
-                   (("resnet50", "bn 64x112^2 b32", "fwd+bwd"), ("sd-unet", "gn32+silu 320x64^2 b8 cl", "fwd+bwd")),
+                   "1.46/1.67x -> 1.26/1.45x ideal; SD 320x64^2 b8 channels_last bwd 1.43x -> 1.15x; the planes "
+                   "kernels' looped bn 2048x7^2 b256 1.47/1.64x -> 1.24/1.42x)",
+                   (("resnet50", "bn 64x112^2 b32", "fwd+bwd"), ("sd-unet", "gn32+silu 320x64^2 b8 cl", "fwd+bwd"),
+                    ("resnet50", "bn 2048x7^2 b256", "fwd+bwd")),
                    _setting(dispatch, "APPLY_REVERSE", False),
                    dry_force=dict(kernel="split", block_p=4, block_m=256, split=4)),
         Experiment("strided_rows_block", "channels_last BatchNorm tiles 16 x 1024 (A) -> 32 x 128 (B, the old rule)",

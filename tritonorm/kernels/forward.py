@@ -61,11 +61,12 @@ def _fwd_fused_kernel(
         store2d(Y, ro, co, y, mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M_BACK"])
 def _fwd_looped_kernel(
     X, Y, Res, W, B, Stats, RunMean, RunVar,  # as the fused kernel
     P, M, eps, momentum, unbias,
     RG, CG,
+    M_BACK,  # the y sweep's column tiles: tile |M_BACK - j| (dispatch.sweep_back: last to first)
     CENTER: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_RES: tl.constexpr,
     ACT: tl.constexpr, CHAN: tl.constexpr, INT64: tl.constexpr, BLOCK_P: tl.constexpr,
     BLOCK_M: tl.constexpr, STORE_Y: tl.constexpr, RUNNING: tl.constexpr,
@@ -73,7 +74,7 @@ def _fwd_looped_kernel(
     PARAM_FULL: tl.constexpr = False, PARAM_NC: tl.constexpr = False, PS=None, LEAN: tl.constexpr = 0,
 ):
     """Moments by Chan-merging BLOCK_M tiles, then a second sweep applies the epilogue
-    (STORE_Y=False: statistics only, one sweep)."""
+    (STORE_Y=False: statistics only, one sweep), its tiles in the order M_BACK gives."""
     rows, rmask, rx, ro, rt, rh = row_block(tl.program_id(0), P, BLOCK_P, INT64, RG)
     k = pivot_input(X, Res, H, rx, ro, rmask, CENTER, PRE_ADD)
     mean_d = tl.zeros([BLOCK_P], dtype=tl.float32)
@@ -87,8 +88,8 @@ def _fwd_looped_kernel(
     rstd = store_stats(Stats, P, rt, rmask, k, mean_d, m2 / M, eps, RunMean, RunVar, momentum, unbias,
                        RUNNING, LEAN)
     if STORE_Y:
-        for m0 in range(0, M, BLOCK_M):
-            cmask, mask, cx, co, ct, ch = col_tile(m0, M, rmask, BLOCK_M, INT64, CG)
+        for j in range(0, tl.cdiv(M, BLOCK_M)):
+            cmask, mask, cx, co, ct, ch = col_tile(tl.abs(M_BACK - j) * BLOCK_M, M, rmask, BLOCK_M, INT64, CG)
             wr, wc, br, bc = param_offsets(rows, rh, ch, ro, co, PARAM_FULL, PARAM_NC, PS)
             xin = load_input(X, Res, H, rx, cx, ro, co, mask, PRE_ADD, True)
             xhat = ((xin - k[:, None]) - mean_d[:, None]) * rstd[:, None]

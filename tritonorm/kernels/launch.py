@@ -382,7 +382,10 @@ class ForwardPlan:
             self.grid = (triton.cdiv(self.P, bp),)
             self.constexprs = dict(flags, **pre, CENTER=center, BLOCK_P=bp, BLOCK_M=bm, STORE_Y=mode != "stats",
                                    RUNNING=running if mode == "train" else NO_RUNNING, num_warps=nw)
-            self.mid = (rg, cg)
+            # The looped kernel's y sweep follows its moments sweep over the same row block: its
+            # column tiles last to first (M_BACK, dispatch.sweep_back), the re-read beginning
+            # with what the L2 got last.
+            self.mid = (rg, cg) if kernel == "fused" else (rg, cg, dispatch.sweep_back(self.M, bm))
         self.launch = Launcher(self.kernel, self.grid, self.constexprs)
         self.lean_ok = mode == "train"
         self.lean_rows = 1 + bool(center)  # rstd (and the shifted mean)

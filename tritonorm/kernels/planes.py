@@ -34,6 +34,7 @@ import triton
 import triton.language as tl
 
 from .. import dispatch
+from ..dispatch import sweep_back
 from ..planes_plan import _plane, choose
 from .common import activation, chan_merge, finite_pivot, store_stats, tile_grads, tile_moments
 
@@ -108,11 +109,12 @@ def _y_tile(d, Y, Res, offs, mask, mean_e, scale_e, shift_e, HAS_RES: tl.constex
     tl.store(Y + offs, activation(z, ACT).to(Y.dtype.element_ty), mask=mask)
 
 
-@triton.jit(do_not_specialize=["N"])
+@triton.jit(do_not_specialize=["N", "N_BACK"])
 def _planes_fwd_kernel(
     X, Y, Res, W, B, Stats,   # Stats: [5, P] fp32 out (see forward.py), P = S*C, statistic s*C + c
     RunMean, RunVar,          # running statistics: blended (RUNNING) or read (GIVEN); S = 1 only
     N, NCB, C, P, eps, momentum, unbias,  # N: samples a sample group
+    N_BACK,                   # the y sweep's sample tiles: tile |N_BACK - j| (dispatch.sweep_back)
     HW: tl.constexpr, CB: tl.constexpr, CB_PAD: tl.constexpr, T_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
     FUSED: tl.constexpr, GIVEN: tl.constexpr, CENTER: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
     HAS_RES: tl.constexpr, ACT: tl.constexpr, RUNNING: tl.constexpr, INT64: tl.constexpr,
@@ -167,8 +169,8 @@ def _planes_fwd_kernel(
     if FUSED and not GIVEN:
         _y_tile(d, Y, Res, offs, mask, mean_e, scale_e, shift_e, HAS_RES, ACT)
     else:
-        for n0 in range(0, N, BLOCK_N):
-            offs, mask = _tile(pid, n_lo, n0, N, NCB, idx, pmask, HW, CB, BLOCK_N, INT64)
+        for j in range(0, tl.cdiv(N, BLOCK_N)):
+            offs, mask = _tile(pid, n_lo, tl.abs(N_BACK - j) * BLOCK_N, N, NCB, idx, pmask, HW, CB, BLOCK_N, INT64)
             d = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32) - k_e[None, :]
             _y_tile(d, Y, Res, offs, mask, mean_e, scale_e, shift_e, HAS_RES, ACT)
 
@@ -186,11 +188,12 @@ def _dx_tile(DX, offs, mask, xhat, gz, w_e, rstd_e, s1_e, s2_e, GIVEN: tl.conste
     tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
 
 
-@triton.jit(do_not_specialize=["N"])
+@triton.jit(do_not_specialize=["N", "N_BACK"])
 def _planes_bwd_kernel(
     X, DY, Res, W, B, Stats,  # Stats: the forward's [5, P] statistics, P = S*C
     DX, DRes, DW, DB,         # outputs (x where not asked for); S > 1: DW, DB the fp32 [S, C] partials
     N, NCB, C, P,             # N: samples a sample group
+    N_BACK,                   # the dx sweep's sample tiles: tile |N_BACK - j| (dispatch.sweep_back)
     HW: tl.constexpr, CB: tl.constexpr, CB_PAD: tl.constexpr, T_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
     FUSED: tl.constexpr, GIVEN: tl.constexpr, CENTER: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
     HAS_RES: tl.constexpr, ACT: tl.constexpr, NEED_DX: tl.constexpr, WRITE_DRES: tl.constexpr,
@@ -243,8 +246,9 @@ def _planes_bwd_kernel(
         if FUSED:
             _dx_tile(DX, offs, mask, xhat, gz, w_e, rstd_e, s1_e, s2_e, GIVEN, CENTER)
         else:
-            for n0 in range(0, N, BLOCK_N):
-                offs, mask = _tile(pid, n_lo, n0, N, NCB, idx, pmask, HW, CB, BLOCK_N, INT64)
+            for j in range(0, tl.cdiv(N, BLOCK_N)):
+                offs, mask = _tile(pid, n_lo, tl.abs(N_BACK - j) * BLOCK_N, N, NCB, idx, pmask, HW, CB, BLOCK_N,
+                                   INT64)
                 xhat, gz = tile_grads(X, DY, Res, offs, mask, k_e, mean_e, rstd_e, w_e, b_e, HAS_RES, ACT)
                 _dx_tile(DX, offs, mask, xhat, gz, w_e, rstd_e, s1_e, s2_e, GIVEN, CENTER)
 
@@ -280,6 +284,9 @@ class PlanesForward:
         self.blends = bool(running) and not given  # whether the kernel reads momentum
         M = self.N * HW
         self.unbias = M / (M - 1) if M > 1 and center else 1.0
+        # The y sweep follows the moments sweep of the same samples: last tile first (what the
+        # L2 holds last), unless FUSED (one tile, read once) or given statistics (one sweep).
+        self.n_back = 0 if given else sweep_back(self.N, self.plan.config["block_n"])
         self.launch = Launcher(_planes_fwd_kernel, (self.ncb, groups),
                                dict(_const(shape, elem_bytes, self.plan), GIVEN=given, CENTER=center, HAS_W=has_w,
                                     HAS_B=has_b, HAS_RES=has_res, ACT=act, RUNNING=0 if given else running))
@@ -292,7 +299,7 @@ class PlanesForward:
         rv = x if run_var is None else run_var
         momentum = float(momentum) if self.blends else 0.0
         self.launch.keyed(ck, x, y, r, w, b, stats, rm, rv, self.N, self.ncb, self.C, self.S * self.C, eps,
-                          momentum, self.unbias)
+                          momentum, self.unbias, self.n_back)
         return y, stats
 
 
@@ -317,6 +324,8 @@ class PlanesBackward:
         self.need_dx = need_dx
         self.write_dres = need_dres and act != 0
         self.need_dw, self.need_db = need_dw and has_w, need_db and has_b
+        # The dx sweep follows the sums sweep: last sample tile first, as the forward's y sweep.
+        self.n_back = 0 if given else sweep_back(self.N, self.plan.config["block_n"])
         self.launch = Launcher(_planes_bwd_kernel, (self.ncb, groups),
                                dict(_const(shape, elem_bytes, self.plan), GIVEN=given, CENTER=center, HAS_W=has_w,
                                     HAS_B=has_b, HAS_RES=has_res, ACT=act, NEED_DX=need_dx,
@@ -333,8 +342,9 @@ class PlanesBackward:
         ``ck``: the call key of fastlaunch.Launcher.keyed (``pr``: unused, no room here)."""
         P = self.S * self.C
         if self.finish is None:
-            self.launch.keyed(ck, x, dy, r, w, b, stats, dx, dres, dw, db, self.N, self.ncb, self.C, P)
+            self.launch.keyed(ck, x, dy, r, w, b, stats, dx, dres, dw, db, self.N, self.ncb, self.C, P, self.n_back)
             return
         part = empty((2, self.S, self.C), x.device)
-        self.launch.keyed(ck, x, dy, r, w, b, stats, dx, dres, part[0], part[1], self.N, self.ncb, self.C, P)
+        self.launch.keyed(ck, x, dy, r, w, b, stats, dx, dres, part[0], part[1], self.N, self.ncb, self.C, P,
+                          self.n_back)
         self.finish.keyed(ck, part, dw, db, self.C, self.S)
