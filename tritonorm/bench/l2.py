@@ -22,10 +22,12 @@ for comparing orders and for reading the GPU report's measured times against, no
 to the byte. Modelled: the calls that read x twice on the row kernels (``forward.py``,
 ``backward.py``: the looped and split forwards and the two-stage backwards) and the split
 regime of the whole-pixel kernels (``pixels.py``, ``pixels_backward.py``: channels_last
-GroupNorm/InstanceNorm, whose apply programs sweep the same chunks as the first stage's).
-Calls of the row kernels' fused ones alone read x once (what they request is what HBM moves);
-calls with other kernels (the planes kernels, the whole-pixel fused/looped kernel, the
-LayerNorm-row column sums) are reported as not modelled.
+GroupNorm/InstanceNorm, whose apply programs sweep the same chunks as the first stage's), and
+the planes kernels' looped calls (``planes.py``: NCHW BatchNorm at 14x14 and 7x7, a channel
+block's sample tiles swept twice in one launch). Calls of the row kernels' fused ones alone,
+or of the planes kernels' fused ones, read x once (what they request is what HBM moves); calls
+with other kernels (the whole-pixel fused/looped kernel, the LayerNorm-row column sums) are
+reported as not modelled.
 
     python -m tritonorm.bench.l2 [--device h200] [--suite S] [--filter TEXT] [--two-sweep] [--json PATH]
 
