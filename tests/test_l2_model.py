@@ -192,6 +192,14 @@ def test_replay_of_a_planned_planes_call(n, fused):
             assert row[phase]["planned@1"]["hbm_x_ideal"] == pytest.approx(1.0, rel=0.02)
 
 
+def test_fused_whole_pixel_call_is_one_sweep():
+    """SD 1280x8^2 channels_last: the whole-pixel fused kernels, a program's pixels in one tile,
+    read x (and dy) once: nothing to replay, a call of one sweep (not 'kernels not modelled')."""
+    row = l2.model_case(_case("gn32+silu 1280x8^2 b1 cl"), torch.bfloat16, True, "h200", fractions=(1.0,))
+    for phase in ("fwd", "bwd"):
+        assert row[phase]["modelled"] is False and row[phase]["why"] == "one sweep", row[phase]
+
+
 def test_command_line(tmp_path, capsys):
     path = tmp_path / "l2.json"
     assert l2.main(["--suite", "sd-unet", "--filter", "640x32^2 b1", "--quiet", "--json", str(path)]) == 0

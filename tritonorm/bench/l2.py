@@ -62,10 +62,15 @@ _TWO_SWEEP = {"_fwd_looped_kernel", "_fwd_partial_kernel", "_bwd_sums_kernel", "
 _ONE_SWEEP = {"_fwd_fused_kernel", "_bwd_fused_kernel"}
 
 
+# Kernels that read their input once when FUSED (a program's whole data in one tile), twice
+# (two sweeps in one launch) otherwise.
+_FUSED_ONCE = _PLANES | {"_pixels_fwd_kernel", "_pixels_bwd_kernel"}
+
+
 def _two_sweep(launch) -> bool:
     """Whether a launch reads its input twice: the first stages and looped kernels above, and
-    the planes kernels unless FUSED (all samples of a channel block in one tile)."""
-    if launch.name in _PLANES:
+    the planes and whole-pixel fused/looped kernels unless FUSED."""
+    if launch.name in _FUSED_ONCE:
         return not launch.args["FUSED"].value
     return launch.name in _TWO_SWEEP
 
@@ -484,7 +489,7 @@ def model_case(case, dtype, channels_last: bool, profile_name: str = "h200", fra
     for phase, launches in zip(("fwd", "bwd"), record_call(case, dtype, channels_last, profile_name)):
         names = {la.name for la in launches}
         two = any(_two_sweep(la) for la in launches)
-        if names and not two and names <= _ONE_SWEEP | _PLANES | _IGNORED:
+        if names and not two and names <= _ONE_SWEEP | _FUSED_ONCE | _IGNORED:
             row[phase] = {"modelled": False, "why": "one sweep", "kernels": sorted(names)}
             continue
         if not two or names - _MODELLED - _IGNORED:
