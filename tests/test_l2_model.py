@@ -192,6 +192,27 @@ def test_replay_of_a_planned_planes_call(n, fused):
             assert row[phase]["planned@1"]["hbm_x_ideal"] == pytest.approx(1.0, rel=0.02)
 
 
+def test_replay_of_a_column_sums_call():
+    """RMSNorm rows of 16384 (too long to fuse), 64 of them: the backward's column-sums kernel
+    (program (r, t): column tile t of rows r, r + R, ...) then the apply kernel. With x and dy
+    (4 MiB) inside the L2 the apply's re-read is served whole (half the reads); with a 4 MiB
+    cache, the apply's tiles last to first meet what the sums kernel read last, first to last
+    nothing."""
+    from dataclasses import replace
+
+    case = replace(_case("rms 4096x16384"), shape=(64, 16384))
+    _, bwd = l2.record_call(case, torch.bfloat16, False, "h200")
+    assert [la.name for la in bwd] == ["_bwd_col_sums_kernel", "_bwd_apply_kernel"]
+    profile = dispatch.profile_named("h200")
+    whole = l2.replay(bwd, profile, 50 << 20)
+    assert whole["reads"] == 2 * 2 * 64 * 16384 * 2 and whole["hits"] == whole["reads"] / 2
+    rev = l2.replay(bwd, profile, 4 << 20, reverse=True)
+    fwd_order = l2.replay(bwd, profile, 4 << 20, reverse=False)
+    assert rev["hits"] > 0.25 * whole["hits"] and fwd_order["hits"] < 0.01 * whole["hits"], (rev, fwd_order)
+    row = l2.model_case(case, torch.bfloat16, False, "h200", fractions=(1.0,))
+    assert row["bwd"]["modelled"] and row["bwd"]["planned@1"]["hbm_x_ideal"] == pytest.approx(1.0, rel=0.01)
+
+
 def test_fused_whole_pixel_call_is_one_sweep():
     """SD 1280x8^2 channels_last: the whole-pixel fused kernels, a program's pixels in one tile,
     read x (and dy) once: nothing to replay, a call of one sweep (not 'kernels not modelled')."""

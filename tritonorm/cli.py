@@ -150,8 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "plans on meta tensors, runs nothing (any machine)")
     b.add_argument("--l2", nargs="?", const="h200", choices=PROFILE_NAMES[:2], default=None, metavar="PROFILE",
                    help="instead: an LRU model of what the L2 serves of the calls that read x twice (split "
-                   "and looped regimes on the row kernels, split on the whole-pixel kernels, looped on the "
-                   "planes kernels; bf16): their launches recorded as planned for "
+                   "and looped regimes on the row kernels, LayerNorm rows' column sums, split on the "
+                   "whole-pixel kernels, looped on the planes kernels; bf16): their launches recorded as planned for "
                    "the profile and replayed, bytes requested beside the HBM bytes left; a model, not a "
                    "measurement; minutes for the whole suite (any machine)")
 

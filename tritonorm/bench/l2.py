@@ -20,14 +20,15 @@ It is a model, not a measurement, and a simple one:
 A real L2 is set associative, split in two partitions, and not exactly LRU, so the figures are
 for comparing orders and for reading the GPU report's measured times against, not for trusting
 to the byte. Modelled: the calls that read x twice on the row kernels (``forward.py``,
-``backward.py``: the looped and split forwards and the two-stage backwards) and the split
+``backward.py``: the looped and split forwards and the two-stage backwards, LayerNorm rows'
+column sums included) and the split
 regime of the whole-pixel kernels (``pixels.py``, ``pixels_backward.py``: channels_last
 GroupNorm/InstanceNorm, whose apply programs sweep the same chunks as the first stage's), and
 the planes kernels' looped calls (``planes.py``: NCHW BatchNorm at 14x14 and 7x7, a channel
 block's sample tiles swept twice in one launch). Calls of the row kernels' fused ones alone,
-or of the planes kernels' fused ones, read x once (what they request is what HBM moves); calls
-with other kernels (the whole-pixel fused/looped kernel, the LayerNorm-row column sums) are
-reported as not modelled.
+or of the planes and whole-pixel kernels' fused ones, read x once (what they request is what
+HBM moves); calls with other kernels (the whole-pixel looped ones) are reported as not
+modelled.
 
     python -m tritonorm.bench.l2 [--device h200] [--suite S] [--filter TEXT] [--two-sweep] [--json PATH]
 
@@ -52,12 +53,12 @@ L2_BYTES = {"h100": 50 << 20, "h200": 50 << 20}  # GH100: 50 MB of L2
 # a few KB and are ignored.
 _PIXELS = {"_pixels_partial_kernel", "_pixels_apply_kernel", "_pixels_bwd_sums_kernel", "_pixels_bwd_apply_kernel"}
 _PLANES = {"_planes_fwd_kernel", "_planes_bwd_kernel"}
-_MODELLED = {"_fwd_looped_kernel", "_fwd_partial_kernel", "_fwd_apply_kernel", "_bwd_sums_kernel",
+_MODELLED = {"_fwd_looped_kernel", "_fwd_partial_kernel", "_fwd_apply_kernel", "_bwd_sums_kernel", "_bwd_col_sums_kernel",
              "_bwd_apply_kernel"} | _PIXELS | _PLANES
 _IGNORED = {"_finish_kernel", "_finish_samples_kernel"}
 # A call with one of these reads x twice; a call of the row kernels' fused ones alone reads it
 # once (what it requests is what HBM moves) and is not replayed.
-_TWO_SWEEP = {"_fwd_looped_kernel", "_fwd_partial_kernel", "_bwd_sums_kernel", "_pixels_partial_kernel",
+_TWO_SWEEP = {"_fwd_looped_kernel", "_fwd_partial_kernel", "_bwd_sums_kernel", "_bwd_col_sums_kernel", "_pixels_partial_kernel",
               "_pixels_bwd_sums_kernel"}
 _ONE_SWEEP = {"_fwd_fused_kernel", "_bwd_fused_kernel"}
 
@@ -400,6 +401,11 @@ def _programs(launch, tiles_of, reverse=None):
             second = ([touch(rb, abs(back - j) * bm, abs(back - j) * bm + bm) for j in range(-(-M // bm))]
                       if out is not None else [])
             yield first + second
+    elif name == "_bwd_col_sums_kernel":  # program (r, t): column tile t of row blocks r, r + R, ...
+        for t in range(g1):
+            for r in range(g0):
+                yield [touch(rb, t * bm, t * bm + bm, read_dy=True, write=False)
+                       for rb in range(r, a["ROW_BLOCKS"], g0)]
     elif name in ("_fwd_partial_kernel", "_bwd_sums_kernel"):
         chunk = a["CHUNK"]
         for sp in range(g1):
