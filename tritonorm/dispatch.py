@@ -82,6 +82,8 @@ class DeviceProfile:
     # (GB/s, read + write) and the time a launch adds (us). Datasheet-derived until measured.
     hbm_gbps: float = 2000.0
     launch_us: float = 4.0
+    # The L2's size: second passes over more than half of it evict first (second_pass_policy).
+    l2_bytes: int = 50 << 20
 
     def __post_init__(self):
         for attr in ("fused_max", "fused_max_backward"):
@@ -147,7 +149,9 @@ def _cuda_profile(index: int) -> DeviceProfile:
     import torch
 
     props = torch.cuda.get_device_properties(index)
-    return profile_from_properties(props.name, props.multi_processor_count, (props.major, props.minor))
+    profile = profile_from_properties(props.name, props.multi_processor_count, (props.major, props.minor))
+    l2 = getattr(props, "L2_cache_size", 0)  # torch's device properties (bytes); absent: the profile's
+    return replace(profile, l2_bytes=l2) if l2 else profile
 
 
 @dataclass(frozen=True)
@@ -249,6 +253,22 @@ def sweep_back(n: int, block: int, reverse: bool | None = None) -> int:
     if (APPLY_REVERSE if reverse is None else reverse) and n > 0:
         return (n - 1) // block
     return 0
+
+
+# A second pass over data the L2 cannot keep whole (an apply kernel after the sweep of the same x
+# and dy, a looped kernel's second sweep) loads and stores with eviction_policy="evict_first": what
+# it reads is not read again and what it writes is read by a later kernel, if at all, after it has
+# left the L2 anyway; so neither displaces the lines of x (dy) the same pass has yet to re-read.
+# torch.compile's looped reductions mark their one-time loads the same way. False: no hints (the
+# GPU report's A/B stage measures both). Tensors of at most half the L2 take none: their outputs
+# may still be in the L2 when the next layer reads them.
+EVICT_FIRST = True
+
+
+def second_pass_policy(reread_bytes: int, profile: "DeviceProfile") -> str:
+    """The eviction policy of a second pass that re-reads ``reread_bytes`` (x, and dy in a
+    backward, and a residual): "evict_first" past half the profile's L2, else ""."""
+    return "evict_first" if EVICT_FIRST and 2 * reread_bytes > profile.l2_bytes else ""
 
 
 MAX_GRID_1 = 65535  # CUDA's limit on the second grid dimension

@@ -16,7 +16,9 @@ It is a model, not a measurement, and a simple one:
   resident slots, and the resident programs advance one tile each in turn;
 - the cache is one fully associative LRU of ``capacity`` bytes in BLOCK-byte units, evicted
   whole, that counts hits by 32-byte sector (what the L2 fetches at a time); writes allocate
-  (the outputs take room as they are written); a call starts cold (other layers ran in between).
+  (the outputs take room as they are written); a unit that a pass with the kernels' evict-first
+  hint (``EV``, dispatch.second_pass_policy) reads or writes goes to the evicted-first end; a
+  call starts cold (other layers ran in between).
 A real L2 is set associative, split in two partitions, and not exactly LRU, so the figures are
 for comparing orders and for reading the GPU report's measured times against, not for trusting
 to the byte. Modelled: the calls that read x twice on the row kernels (``forward.py``,
@@ -106,10 +108,15 @@ class LRU:
         return 0.0
 
 
+WRITE, EVICT_FIRST = 1, 2  # an access's flags (a bool is a write flag)
+
+
 def run_kernel(cache: LRU, programs, slots: int) -> tuple[float, float, float]:
     """Replay one launch: ``programs`` (in dispatch order) are iterables of steps, a step a list
-    of (key, bytes used of that unit, its sectors used (mask), is_write); ``slots`` of them are
-    resident at once and take a step each in turn. Returns (bytes read, bytes read from units the cache held, bytes
+    of (key, bytes used of that unit, its sectors used (mask), flags: WRITE, EVICT_FIRST (the
+    kernels' eviction_policy="evict_first": the unit goes to the evicted-first end of the LRU
+    instead of staying at its most recent end)); ``slots`` of them are resident at once and take
+    a step each in turn. Returns (bytes read, bytes read from units the cache held, bytes
     written)."""
     from collections import deque
 
@@ -122,6 +129,7 @@ def run_kernel(cache: LRU, programs, slots: int) -> tuple[float, float, float]:
         active.append(iter(p))
     reads = hits = writes = 0.0
     access = cache.access
+    lines = cache.lines
     while active:
         prog = active.popleft()
         step = next(prog, None)
@@ -130,13 +138,15 @@ def run_kernel(cache: LRU, programs, slots: int) -> tuple[float, float, float]:
             if p is not None:
                 active.append(iter(p))
             continue
-        for key, used, mask, write in step:
+        for key, used, mask, flags in step:
             hit = access(key, mask)
-            if write:
+            if flags & WRITE:
                 writes += used
             else:
                 reads += used
                 hits += used * hit
+            if flags & EVICT_FIRST:
+                lines.move_to_end(key, last=False)
         active.append(prog)
     return reads, hits, writes
 
@@ -319,12 +329,19 @@ class PlaneTiles:
         return got
 
 
-def _plane_programs(launch, tiles_of, reverse=None):
+def _evict(a: dict, hints) -> int:
+    """EVICT_FIRST for the accesses of a launch's second pass that takes the kernels' EV hint
+    (dispatch.second_pass_policy), as recorded (``hints`` None) or not at all (False)."""
+    return EVICT_FIRST if hints is not False and a.get("EV") == "evict_first" else 0
+
+
+def _plane_programs(launch, tiles_of, reverse=None, hints=None):
     """The programs of a planes launch: grid (channel blocks, sample groups), each sweeping its
     group's N samples in BLOCK_N tiles for the moments or sums, then again for y or dx (FUSED:
     one tile, read once); the second sweep's tile j is |N_BACK - j| (dispatch.sweep_back;
-    ``reverse`` overrides it)."""
+    ``reverse`` overrides it), its accesses evict-first where the launch says so (EV)."""
     a = _args(launch)
+    ev = _evict(a, hints)
     bwd = launch.name == "_planes_bwd_kernel"
     roles = ["X"] + (["DY"] if bwd else [])
     out = "DX" if bwd else "Y"
@@ -338,10 +355,10 @@ def _plane_programs(launch, tiles_of, reverse=None):
         back = sweep_back(N, bn, reverse)
     g0, g1 = launch.grid[0], (tuple(launch.grid) + (1,))[1]
 
-    def touch(pid, n0, n1, write):
-        step = [((r, k), u, m, False) for r in roles for k, u, m in tiles[r].blocks(pid, n0, n1)]
+    def touch(pid, n0, n1, write, flags=0):
+        step = [((r, k), u, m, flags) for r in roles for k, u, m in tiles[r].blocks(pid, n0, n1)]
         if write and out:
-            step += [((out, k), u, m, True) for k, u, m in tiles[out].blocks(pid, n0, n1)]
+            step += [((out, k), u, m, flags | WRITE) for k, u, m in tiles[out].blocks(pid, n0, n1)]
         return step
 
     for s in range(g1):
@@ -354,7 +371,7 @@ def _plane_programs(launch, tiles_of, reverse=None):
             second = []
             for j in range(-(-N // bn)):
                 n0 = abs(back - j) * bn
-                second.append(touch(pid, lo + n0, lo + min(n0 + bn, N), True))
+                second.append(touch(pid, lo + n0, lo + min(n0 + bn, N), True, ev))
             yield first + second
 
 
@@ -370,10 +387,12 @@ def _tensor_bytes(arg) -> int:
     return getattr(torch, arg.dtype).itemsize
 
 
-def _programs(launch, tiles_of, reverse=None):
-    """The programs of a recorded launch in dispatch order, each a list of steps."""
+def _programs(launch, tiles_of, reverse=None, hints=None):
+    """The programs of a recorded launch in dispatch order, each a list of steps (an apply
+    kernel's, or a looped kernel's second sweep's, evict-first where the launch says so: EV)."""
     name = launch.name
     a = _args(launch)
+    ev = _evict(a, hints)
     bp, bm = a["BLOCK_P"], a["BLOCK_M"]
     P, M = a["P"], a["M"]
     grid = tuple(launch.grid) + (1, 1)
@@ -383,12 +402,12 @@ def _programs(launch, tiles_of, reverse=None):
     dy = tiles_of("DY", a) if name.startswith("_bwd") else None
     out = tiles_of(out_name, a) if out_name in a and not isinstance(a[out_name], (int, type(None))) else None
 
-    def touch(rb, c0, c1, read_dy=False, write=True):
-        step = [(("X", k), u, m, False) for k, u, m in x.blocks(rb, c0, c1)]
+    def touch(rb, c0, c1, read_dy=False, write=True, flags=0):
+        step = [(("X", k), u, m, flags) for k, u, m in x.blocks(rb, c0, c1)]
         if read_dy and dy is not None:
-            step += [(("DY", k), u, m, False) for k, u, m in dy.blocks(rb, c0, c1)]
+            step += [(("DY", k), u, m, flags) for k, u, m in dy.blocks(rb, c0, c1)]
         if write and out is not None:
-            step += [((out_name, k), u, m, True) for k, u, m in out.blocks(rb, c0, c1)]
+            step += [((out_name, k), u, m, flags | WRITE) for k, u, m in out.blocks(rb, c0, c1)]
         return step
 
     bwd = name.startswith("_bwd")
@@ -398,7 +417,7 @@ def _programs(launch, tiles_of, reverse=None):
             back = sweep_back(M, bm, reverse)
         for rb in range(g0):
             first = [touch(rb, m, m + bm, write=False) for m in range(0, M, bm)]
-            second = ([touch(rb, abs(back - j) * bm, abs(back - j) * bm + bm) for j in range(-(-M // bm))]
+            second = ([touch(rb, abs(back - j) * bm, abs(back - j) * bm + bm, flags=ev) for j in range(-(-M // bm))]
                       if out is not None else [])
             yield first + second
     elif name == "_bwd_col_sums_kernel":  # program (r, t): column tile t of row blocks r, r + R, ...
@@ -422,16 +441,17 @@ def _programs(launch, tiles_of, reverse=None):
                 for i in range(tpp):  # common.strided_tiles
                     c0 = (abs(first - p1) + i * step) * bm
                     if c0 < M:
-                        steps.append(touch(rb, c0, c0 + bm, read_dy=bwd))
+                        steps.append(touch(rb, c0, c0 + bm, read_dy=bwd, flags=ev))
                 yield steps
     else:
         raise ValueError(name)
 
 
-def replay(launches, profile, capacity_bytes: int, reverse=None, memo: dict | None = None) -> dict:
+def replay(launches, profile, capacity_bytes: int, reverse=None, memo: dict | None = None, hints=None) -> dict:
     """Replay a call's recorded launches through one cold LRU of ``capacity_bytes``; ``reverse``
-    overrides the apply kernels' tile order (None: as recorded; launch.tile_order). Returns
-    bytes read, bytes the L2 served and bytes written, per launch and in all."""
+    overrides the apply kernels' tile order (None: as recorded; launch.tile_order); ``hints``
+    False ignores the launches' evict-first hints (None: as recorded). Returns bytes read,
+    bytes the L2 served and bytes written, per launch and in all."""
     from tritonorm import dispatch
 
     cache = LRU(capacity_bytes // BLOCK)
@@ -461,8 +481,8 @@ def replay(launches, profile, capacity_bytes: int, reverse=None, memo: dict | No
             continue
         warps = launch.options.get("num_warps", 4)
         programs = (_pixel_programs(launch, tiles_of, reverse) if launch.name in _PIXELS
-                    else _plane_programs(launch, tiles_of, reverse) if launch.name in _PLANES
-                    else _programs(launch, tiles_of, reverse))
+                    else _plane_programs(launch, tiles_of, reverse, hints) if launch.name in _PLANES
+                    else _programs(launch, tiles_of, reverse, hints))
         r, h, w = run_kernel(cache, programs, dispatch._fill(warps, profile))
         per.append({"kernel": launch.name, "grid": list(launch.grid), "reads": r, "hits": h, "writes": w})
     return {"launches": per, "reads": sum(p["reads"] for p in per), "hits": sum(p["hits"] for p in per),

@@ -157,19 +157,19 @@ def _bwd_fused_kernel(
             cmask, mask, cx, co, ct, ch = col_tile(0, M, rmask, BLOCK_M, INT64, CG)
         wr, wc, br, bc = param_offsets(rows, rh, ch, ro, co, PARAM_FULL, PARAM_NC, PS)
         k, mean, rstd = load_stats(Stats, P, rt, rmask, X, rx, LEAN)
-        x = load2d(X, rx, cx, mask) - k[:, None]
-        dy = load2d(DY, ro, co, mask)
-        res = load_residual(Res, ro, co, mask, HAS_RES)
+        x = load2d(X, rx, cx, mask, "") - k[:, None]
+        dy = load2d(DY, ro, co, mask, "")
+        res = load_residual(Res, ro, co, mask, HAS_RES, "")
         xhat, gz, g = grad_terms(x, dy, mean[:, None], rstd[:, None], wr, wc, br, bc, rmask, cmask, mask,
                                  res, W, B, HAS_W, HAS_B, HAS_RES, ACT, CHAN)
         if STORE_DX:
             dx = _dx(g, xhat, rstd, tl.sum(g, axis=1), tl.sum(g * xhat, axis=1), M, CENTER, GIVEN)
             dx = add_incoming(dx, DH, ro, co, mask, ADD_DH)
-            store2d(DX, ro, co, dx, mask)
+            store2d(DX, ro, co, dx, mask, "")
         if WRITE_DRES:
-            store2d(DRes, ro, co, gz, mask)
+            store2d(DRes, ro, co, gz, mask, "")
         if DX_TWICE:
-            store2d(DRes, ro, co, dx, mask)
+            store2d(DRes, ro, co, dx, mask, "")
         store_param_grads(DW, DB, ro, co, gz, xhat, mask, PARAM_FULL, NEED_DW, NEED_DB)
         if ROW_CHANNEL:
             if NEED_DW:
@@ -231,9 +231,9 @@ def _bwd_sums_kernel(
     for m in range(0, CHUNK, BLOCK_M):  # a fixed trip count: tiles past `end` are masked
         cmask, mask, cx, co, ct, ch = col_tile(start + m, end, rmask, BLOCK_M, INT64, CG)
         wr, wc, br, bc = param_offsets(rows, rh, ch, ro, co, PARAM_FULL, PARAM_NC, PS)
-        x = load2d(X, rx, cx, mask) - k[:, None]
-        dy = load2d(DY, ro, co, mask)
-        res = load_residual(Res, ro, co, mask, HAS_RES)
+        x = load2d(X, rx, cx, mask, "") - k[:, None]
+        dy = load2d(DY, ro, co, mask, "")
+        res = load_residual(Res, ro, co, mask, HAS_RES, "")
         xhat, gz, g = grad_terms(x, dy, mean[:, None], rstd[:, None], wr, wc, br, bc, rmask, cmask, mask,
                                  res, W, B, HAS_W, HAS_B, HAS_RES, ACT, CHAN)
         s1 += tl.sum(g, axis=1)
@@ -290,9 +290,9 @@ def _bwd_col_sums_kernel(
         k, mean, rstd = load_stats(Stats, P, rt, rmask, X, rx, LEAN)
         cmask, mask, cx, co, ct, ch = col_tile(t * BLOCK_M, M, rmask, BLOCK_M, INT64, CG)
         wr, wc, br, bc = param_offsets(rows, rh, ch, ro, co, False, PARAM_NC, PS)
-        x = load2d(X, rx, cx, mask) - k[:, None]
-        dy = load2d(DY, ro, co, mask)
-        res = load_residual(Res, ro, co, mask, HAS_RES)
+        x = load2d(X, rx, cx, mask, "") - k[:, None]
+        dy = load2d(DY, ro, co, mask, "")
+        res = load_residual(Res, ro, co, mask, HAS_RES, "")
         xhat, gz, g = grad_terms(x, dy, mean[:, None], rstd[:, None], wr, wc, br, bc, rmask, cmask, mask,
                                  res, W, B, HAS_W, HAS_B, HAS_RES, ACT, CHAN)
         idx = rows * TILES + t
@@ -372,6 +372,7 @@ def _bwd_apply_kernel(
     ColPart=None, FINISH_COLS: tl.constexpr = False,  # [2, FIN_S, M] column sums (see below)
     FINISH_SAMPLES: tl.constexpr = False, W_SAMPLE: tl.constexpr = False, B_SAMPLE: tl.constexpr = False,
     PART_ROW: tl.constexpr = 0,               # as _bwd_sums_kernel's (Part is Stats)
+    EV: tl.constexpr = "",                    # the tiles' eviction policy (dispatch.second_pass_policy)
 ):
     """dx (and dresidual) over a 2-D grid of (row block, column tiles); each program adds its
     rows' SPLIT partial sums itself, and with ROW_CHANNEL the programs of column 0 store dweight
@@ -425,17 +426,17 @@ def _bwd_apply_kernel(
         cmask, mask, cx, co, ct, ch = col_tile(start, M, rmask, BLOCK_M, INT64, CG)
         start += step
         wr, wc, br, bc = param_offsets(rows, rh, ch, ro, co, PARAM_FULL, PARAM_NC, PS)
-        x = load2d(X, rx, cx, mask) - k[:, None]
-        dy = load2d(DY, ro, co, mask)
-        res = load_residual(Res, ro, co, mask, HAS_RES)
+        x = load2d(X, rx, cx, mask, EV) - k[:, None]
+        dy = load2d(DY, ro, co, mask, EV)
+        res = load_residual(Res, ro, co, mask, HAS_RES, EV)
         xhat, gz, g = grad_terms(x, dy, mean[:, None], rstd[:, None], wr, wc, br, bc, rmask, cmask, mask,
                                  res, W, B, HAS_W, HAS_B, HAS_RES, ACT, CHAN)
         dx = add_incoming(_dx(g, xhat, rstd, s1, s2, M, CENTER, GIVEN), DH, ro, co, mask, ADD_DH)
-        store2d(DX, ro, co, dx, mask)
+        store2d(DX, ro, co, dx, mask, EV)
         if WRITE_DRES:
-            store2d(DRes, ro, co, gz, mask)
+            store2d(DRes, ro, co, gz, mask, EV)
         if DX_TWICE:
-            store2d(DRes, ro, co, dx, mask)
+            store2d(DRes, ro, co, dx, mask, EV)
         store_param_grads(DW, DB, ro, co, gz, xhat, mask, PARAM_FULL, NEED_DW, NEED_DB)
 
 
@@ -463,11 +464,11 @@ def _dwdb_kernel(
     db = tl.zeros([BLOCK_P], dtype=tl.float32)
     for m in range(0, CHUNK, BLOCK_M):  # a fixed trip count: tiles past `end` are masked
         cmask, mask, cx, co, ct, ch = col_tile(start + m, end, rmask, BLOCK_M, INT64, CG)
-        x = load2d(X, rx, cx, mask) - load2d(Stats, rt, ct, mask)
-        dy = load2d(DY, ro, co, mask)
-        res = load_residual(Res, ro, co, mask, HAS_RES)
-        xhat, gz, g = grad_terms(x, dy, load2d(Stats + NSTAT, rt, ct, mask),
-                                 load2d(Stats + 2 * NSTAT, rt, ct, mask), rh, ch, rh, ch,
+        x = load2d(X, rx, cx, mask, "") - load2d(Stats, rt, ct, mask, "")
+        dy = load2d(DY, ro, co, mask, "")
+        res = load_residual(Res, ro, co, mask, HAS_RES, "")
+        xhat, gz, g = grad_terms(x, dy, load2d(Stats + NSTAT, rt, ct, mask, ""),
+                                 load2d(Stats + 2 * NSTAT, rt, ct, mask, ""), rh, ch, rh, ch,
                                  rmask, cmask, mask, res, W, B, HAS_W, HAS_B, HAS_RES, ACT, CHAN)
         dw += tl.sum(gz * xhat, axis=1)
         db += tl.sum(gz, axis=1)

@@ -134,40 +134,42 @@ def load_stats(Stats, P, rt, rmask, X, rx, LEAN: tl.constexpr = 0):
 
 
 @triton.jit
-def tile_grads(X, DY, Res, offs, mask, k, mean, rstd, w, b, HAS_RES: tl.constexpr, ACT: tl.constexpr):
+def tile_grads(X, DY, Res, offs, mask, k, mean, rstd, w, b, HAS_RES: tl.constexpr, ACT: tl.constexpr,
+               EV: tl.constexpr):
     """xhat and gz = dy * act'(pre) of a tile at ``offs`` whose columns are channels (the
     whole-pixel and plane kernels), from per-column pivot, shifted mean, rstd, weight and bias
-    vectors; 0 where masked."""
-    x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
-    dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
+    vectors; 0 where masked. ``EV``: the loads' eviction policy (see load2d)."""
+    x = tl.load(X + offs, mask=mask, other=0.0, eviction_policy=EV).to(tl.float32)
+    dy = tl.load(DY + offs, mask=mask, other=0.0, eviction_policy=EV).to(tl.float32)
     xhat = tl.where(mask, ((x - k[None, :]) - mean[None, :]) * rstd[None, :], 0.0)
     gz = dy
     if ACT != 0:
         pre = xhat * w[None, :] + b[None, :]
         if HAS_RES:
-            pre = pre + tl.load(Res + offs, mask=mask, other=0.0).to(tl.float32)
+            pre = pre + tl.load(Res + offs, mask=mask, other=0.0, eviction_policy=EV).to(tl.float32)
         gz = tl.where(mask, dy * activation_grad(pre, ACT), 0.0)
     return xhat, gz
 
 
 @triton.jit
-def load2d(Ptr, roff, coff, mask):
-    """A [rows, cols] tile upcast to fp32 (0 where masked)."""
-    return tl.load(Ptr + (roff[:, None] + coff[None, :]), mask=mask, other=0.0).to(tl.float32)
+def load2d(Ptr, roff, coff, mask, EV: tl.constexpr):
+    """A [rows, cols] tile upcast to fp32 (0 where masked). ``EV``: the eviction policy, "" or
+    "evict_first" for a pass whose data is not read again (dispatch.second_pass_policy)."""
+    return tl.load(Ptr + (roff[:, None] + coff[None, :]), mask=mask, other=0.0, eviction_policy=EV).to(tl.float32)
 
 
 @triton.jit
-def load_residual(Res, ro, co, mask, HAS_RES: tl.constexpr):
+def load_residual(Res, ro, co, mask, HAS_RES: tl.constexpr, EV: tl.constexpr):
     res = 0.0
     if HAS_RES:
-        res = load2d(Res, ro, co, mask)
+        res = load2d(Res, ro, co, mask, EV)
     return res
 
 
 @triton.jit
-def store2d(Ptr, roff, coff, value, mask):
-    """Store a tile in the pointer's dtype."""
-    tl.store(Ptr + (roff[:, None] + coff[None, :]), value.to(Ptr.dtype.element_ty), mask=mask)
+def store2d(Ptr, roff, coff, value, mask, EV: tl.constexpr):
+    """Store a tile in the pointer's dtype (``EV``: as load2d's)."""
+    tl.store(Ptr + (roff[:, None] + coff[None, :]), value.to(Ptr.dtype.element_ty), mask=mask, eviction_policy=EV)
 
 
 @triton.jit
@@ -359,15 +361,17 @@ def grad_terms(x, dy, mean, rstd, rh, ch, bh, bc, rmask, cmask, mask, res, W, B,
 
 
 @triton.jit
-def load_input(X, Res, H, rx, cx, ro, co, mask, PRE_ADD: tl.constexpr, STORE_H: tl.constexpr):
+def load_input(X, Res, H, rx, cx, ro, co, mask, PRE_ADD: tl.constexpr, STORE_H: tl.constexpr,
+               EV: tl.constexpr):
     """The tile the statistics are taken of, in fp32. Without PRE_ADD: x. With PRE_ADD:
     h = x + residual summed in fp32 and rounded once to H's dtype (the residual stream's), so the
-    norm sees exactly the h it returns; stored to H (output layout) when STORE_H."""
-    v = load2d(X, rx, cx, mask)
+    norm sees exactly the h it returns; stored to H (output layout) when STORE_H. ``EV``: the
+    loads' and H's eviction policy (load2d)."""
+    v = load2d(X, rx, cx, mask, EV)
     if PRE_ADD:
-        h = (v + load2d(Res, ro, co, mask)).to(H.dtype.element_ty)
+        h = (v + load2d(Res, ro, co, mask, EV)).to(H.dtype.element_ty)
         if STORE_H:
-            tl.store(H + (ro[:, None] + co[None, :]), h, mask=mask)
+            tl.store(H + (ro[:, None] + co[None, :]), h, mask=mask, eviction_policy=EV)
         v = h.to(tl.float32)
     return v
 
@@ -396,7 +400,7 @@ def add_incoming(dx, DH, ro, co, mask, ADD_DH: tl.constexpr):
     """dx plus the gradient that reaches h from later layers (add_norm's backward): one tensor
     is then the gradient of both x and the residual."""
     if ADD_DH:
-        dx = dx + load2d(DH, ro, co, mask)
+        dx = dx + load2d(DH, ro, co, mask, "")
     return dx
 
 
@@ -470,6 +474,6 @@ def store_param_grads(DW, DB, ro, co, gz, xhat, mask, PARAM_FULL: tl.constexpr, 
     (gz * xhat and gz); autograd sums them over the broadcast axes."""
     if PARAM_FULL:
         if NEED_DW:
-            store2d(DW, ro, co, gz * xhat, mask)
+            store2d(DW, ro, co, gz * xhat, mask, "")
         if NEED_DB:
-            store2d(DB, ro, co, gz, mask)
+            store2d(DB, ro, co, gz, mask, "")

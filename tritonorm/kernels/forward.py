@@ -50,15 +50,15 @@ def _fwd_fused_kernel(
     cmask, mask, cx, co, ct, ch = col_tile(0, M, rmask, BLOCK_M, INT64, CG)
     wr, wc, br, bc = param_offsets(rows, rh, ch, ro, co, PARAM_FULL, PARAM_NC, PS)
     k = pivot_input(X, Res, H, rx, ro, rmask, CENTER, PRE_ADD)
-    d = tl.where(mask, load_input(X, Res, H, rx, cx, ro, co, mask, PRE_ADD, STORE_Y) - k[:, None], 0.0)
+    d = tl.where(mask, load_input(X, Res, H, rx, cx, ro, co, mask, PRE_ADD, STORE_Y, "") - k[:, None], 0.0)
     mean_d, m2 = tile_moments(d, mask, M, CENTER)
     rstd = store_stats(Stats, P, rt, rmask, k, mean_d, m2 / M, eps, RunMean, RunVar, momentum, unbias,
                        RUNNING, LEAN)
     if STORE_Y:
-        res = load_residual(Res, ro, co, mask, HAS_RES)
+        res = load_residual(Res, ro, co, mask, HAS_RES, "")
         y = epilogue((d - mean_d[:, None]) * rstd[:, None], wr, wc, br, bc, rmask, cmask, res,
                      W, B, HAS_W, HAS_B, HAS_RES, ACT, CHAN)
-        store2d(Y, ro, co, y, mask)
+        store2d(Y, ro, co, y, mask, "")
 
 
 @triton.jit(do_not_specialize=["M_BACK"])
@@ -72,6 +72,7 @@ def _fwd_looped_kernel(
     BLOCK_M: tl.constexpr, STORE_Y: tl.constexpr, RUNNING: tl.constexpr,
     H=None, PRE_ADD: tl.constexpr = False,  # as the fused kernel; both sweeps re-add x + Res
     PARAM_FULL: tl.constexpr = False, PARAM_NC: tl.constexpr = False, PS=None, LEAN: tl.constexpr = 0,
+    EV: tl.constexpr = "",  # the y sweep's eviction policy (dispatch.second_pass_policy)
 ):
     """Moments by Chan-merging BLOCK_M tiles, then a second sweep applies the epilogue
     (STORE_Y=False: statistics only, one sweep), its tiles in the order M_BACK gives."""
@@ -81,7 +82,7 @@ def _fwd_looped_kernel(
     m2 = tl.zeros([BLOCK_P], dtype=tl.float32)
     for m0 in range(0, M, BLOCK_M):
         cmask, mask, cx, co, ct, ch = col_tile(m0, M, rmask, BLOCK_M, INT64, CG)
-        d = tl.where(mask, load_input(X, Res, H, rx, cx, ro, co, mask, PRE_ADD, False) - k[:, None], 0.0)
+        d = tl.where(mask, load_input(X, Res, H, rx, cx, ro, co, mask, PRE_ADD, False, "") - k[:, None], 0.0)
         nt = tl.minimum(M - m0, BLOCK_M).to(tl.float32)
         t_mean, t_m2 = tile_moments(d, mask, nt, CENTER)
         mean_d, m2 = chan_merge(m0 * 1.0, mean_d, m2, nt, t_mean, t_m2)
@@ -91,11 +92,11 @@ def _fwd_looped_kernel(
         for j in range(0, tl.cdiv(M, BLOCK_M)):
             cmask, mask, cx, co, ct, ch = col_tile(tl.abs(M_BACK - j) * BLOCK_M, M, rmask, BLOCK_M, INT64, CG)
             wr, wc, br, bc = param_offsets(rows, rh, ch, ro, co, PARAM_FULL, PARAM_NC, PS)
-            xin = load_input(X, Res, H, rx, cx, ro, co, mask, PRE_ADD, True)
+            xin = load_input(X, Res, H, rx, cx, ro, co, mask, PRE_ADD, True, EV)
             xhat = ((xin - k[:, None]) - mean_d[:, None]) * rstd[:, None]
-            res = load_residual(Res, ro, co, mask, HAS_RES)
+            res = load_residual(Res, ro, co, mask, HAS_RES, EV)
             y = epilogue(xhat, wr, wc, br, bc, rmask, cmask, res, W, B, HAS_W, HAS_B, HAS_RES, ACT, CHAN)
-            store2d(Y, ro, co, y, mask)
+            store2d(Y, ro, co, y, mask, EV)
 
 
 @triton.jit(do_not_specialize=["SPLIT"])
@@ -123,7 +124,7 @@ def _fwd_partial_kernel(
     for m in range(0, CHUNK, BLOCK_M):  # a fixed trip count: tiles past `end` are masked
         m0 = start + m
         cmask, mask, cx, co, ct, ch = col_tile(m0, end, rmask, BLOCK_M, INT64, CG)
-        d = tl.where(mask, load_input(X, Res, H, rx, cx, ro, co, mask, PRE_ADD, False) - k[:, None], 0.0)
+        d = tl.where(mask, load_input(X, Res, H, rx, cx, ro, co, mask, PRE_ADD, False, "") - k[:, None], 0.0)
         nt = tl.maximum(tl.minimum(end - m0, BLOCK_M), 0).to(tl.float32)
         t_mean, t_m2 = tile_moments(d, mask, tl.maximum(nt, 1.0), CENTER)
         n_before = tl.maximum(tl.minimum(end - start, m), 0).to(tl.float32)
@@ -171,6 +172,7 @@ def _fwd_apply_kernel(
     H=None, PRE_ADD: tl.constexpr = False,  # as the fused kernel; re-adds x + Res, stores H
     PARAM_FULL: tl.constexpr = False, PARAM_NC: tl.constexpr = False, PS=None, LEAN: tl.constexpr = 0,
     PART_ROW: tl.constexpr = 0,       # > 0: the partials sit in Part (= Stats) from row PART_ROW on
+    EV: tl.constexpr = "",            # the tiles' eviction policy (dispatch.second_pass_policy)
 ):
     """Epilogue over a 2-D grid of (row block, column tiles). Each program derives its rows'
     statistics itself (merging the split partials, or from the running buffers); the programs of
@@ -195,8 +197,8 @@ def _fwd_apply_kernel(
         cmask, mask, cx, co, ct, ch = col_tile(start, M, rmask, BLOCK_M, INT64, CG)
         start += step
         wr, wc, br, bc = param_offsets(rows, rh, ch, ro, co, PARAM_FULL, PARAM_NC, PS)
-        xin = load_input(X, Res, H, rx, cx, ro, co, mask, PRE_ADD, True)
+        xin = load_input(X, Res, H, rx, cx, ro, co, mask, PRE_ADD, True, EV)
         xhat = ((xin - k[:, None]) - mean[:, None]) * rstd[:, None]
-        res = load_residual(Res, ro, co, mask, HAS_RES)
+        res = load_residual(Res, ro, co, mask, HAS_RES, EV)
         y = epilogue(xhat, wr, wc, br, bc, rmask, cmask, res, W, B, HAS_W, HAS_B, HAS_RES, ACT, CHAN)
-        store2d(Y, ro, co, y, mask)
+        store2d(Y, ro, co, y, mask, EV)

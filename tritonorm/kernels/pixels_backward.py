@@ -57,7 +57,7 @@ def _tile(X, DY, Res, base, hw, hmask, chans, cmask, C, k_c, mean_c, rstd_c, w_c
           HAS_RES: tl.constexpr, ACT: tl.constexpr, INT64: tl.constexpr):
     """Offsets, mask, xhat and gz = dy * act'(pre) of one [BLOCK_HW, CB_PAD] tile (0 where masked)."""
     offs, mask = _pixel_tile(base, hw, hmask, chans, cmask, C, INT64)
-    xhat, gz = tile_grads(X, DY, Res, offs, mask, k_c, mean_c, rstd_c, w_c, b_c, HAS_RES, ACT)
+    xhat, gz = tile_grads(X, DY, Res, offs, mask, k_c, mean_c, rstd_c, w_c, b_c, HAS_RES, ACT, "")
     return offs, mask, xhat, gz
 
 

@@ -101,12 +101,14 @@ def _params(W, B, first, cl, cmask, HAS_W: tl.constexpr, HAS_B: tl.constexpr):
 
 
 @triton.jit
-def _y_tile(d, Y, Res, offs, mask, mean_e, scale_e, shift_e, HAS_RES: tl.constexpr, ACT: tl.constexpr):
-    """y = act(((x - K) - mean) * rstd * w + b + residual) of one tile (d = x - K)."""
+def _y_tile(d, Y, Res, offs, mask, mean_e, scale_e, shift_e, HAS_RES: tl.constexpr, ACT: tl.constexpr,
+            EV: tl.constexpr):
+    """y = act(((x - K) - mean) * rstd * w + b + residual) of one tile (d = x - K); ``EV``: the
+    eviction policy of its accesses (common.load2d)."""
     z = (d - mean_e[None, :]) * scale_e[None, :] + shift_e[None, :]
     if HAS_RES:
-        z = z + tl.load(Res + offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(Y + offs, activation(z, ACT).to(Y.dtype.element_ty), mask=mask)
+        z = z + tl.load(Res + offs, mask=mask, other=0.0, eviction_policy=EV).to(tl.float32)
+    tl.store(Y + offs, activation(z, ACT).to(Y.dtype.element_ty), mask=mask, eviction_policy=EV)
 
 
 @triton.jit(do_not_specialize=["N", "N_BACK"])
@@ -118,6 +120,7 @@ def _planes_fwd_kernel(
     HW: tl.constexpr, CB: tl.constexpr, CB_PAD: tl.constexpr, T_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
     FUSED: tl.constexpr, GIVEN: tl.constexpr, CENTER: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
     HAS_RES: tl.constexpr, ACT: tl.constexpr, RUNNING: tl.constexpr, INT64: tl.constexpr,
+    EV: tl.constexpr = "",    # the y sweep's eviction policy (dispatch.second_pass_policy)
 ):
     """One program per (channel block, sample group), sweeping the group's N samples: moments,
     statistics, then y."""
@@ -167,17 +170,19 @@ def _planes_fwd_kernel(
     scale_e = _spread(rstd_c * w_c, ch, CB_PAD)
     shift_e = _spread(b_c, ch, CB_PAD)
     if FUSED and not GIVEN:
-        _y_tile(d, Y, Res, offs, mask, mean_e, scale_e, shift_e, HAS_RES, ACT)
+        _y_tile(d, Y, Res, offs, mask, mean_e, scale_e, shift_e, HAS_RES, ACT, "")
     else:
         for j in range(0, tl.cdiv(N, BLOCK_N)):
             offs, mask = _tile(pid, n_lo, tl.abs(N_BACK - j) * BLOCK_N, N, NCB, idx, pmask, HW, CB, BLOCK_N, INT64)
-            d = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32) - k_e[None, :]
-            _y_tile(d, Y, Res, offs, mask, mean_e, scale_e, shift_e, HAS_RES, ACT)
+            d = tl.load(X + offs, mask=mask, other=0.0, eviction_policy=EV).to(tl.float32) - k_e[None, :]
+            _y_tile(d, Y, Res, offs, mask, mean_e, scale_e, shift_e, HAS_RES, ACT, EV)
 
 
 @triton.jit
-def _dx_tile(DX, offs, mask, xhat, gz, w_e, rstd_e, s1_e, s2_e, GIVEN: tl.constexpr, CENTER: tl.constexpr):
-    """dx = rstd (g - S1/M - xhat S2/M) (S1, S2 already over M); with given statistics rstd g."""
+def _dx_tile(DX, offs, mask, xhat, gz, w_e, rstd_e, s1_e, s2_e, GIVEN: tl.constexpr, CENTER: tl.constexpr,
+             EV: tl.constexpr):
+    """dx = rstd (g - S1/M - xhat S2/M) (S1, S2 already over M); with given statistics rstd g.
+    ``EV``: the store's eviction policy (common.load2d)."""
     g = gz * w_e[None, :]
     if GIVEN:
         dx = g * rstd_e[None, :]
@@ -185,7 +190,7 @@ def _dx_tile(DX, offs, mask, xhat, gz, w_e, rstd_e, s1_e, s2_e, GIVEN: tl.conste
         dx = (g - s1_e[None, :] - xhat * s2_e[None, :]) * rstd_e[None, :]
     else:
         dx = (g - xhat * s2_e[None, :]) * rstd_e[None, :]
-    tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
+    tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask, eviction_policy=EV)
 
 
 @triton.jit(do_not_specialize=["N", "N_BACK"])
@@ -198,6 +203,7 @@ def _planes_bwd_kernel(
     FUSED: tl.constexpr, GIVEN: tl.constexpr, CENTER: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
     HAS_RES: tl.constexpr, ACT: tl.constexpr, NEED_DX: tl.constexpr, WRITE_DRES: tl.constexpr,
     NEED_DW: tl.constexpr, NEED_DB: tl.constexpr, INT64: tl.constexpr,
+    EV: tl.constexpr = "",    # the dx sweep's eviction policy (dispatch.second_pass_policy)
 ):
     """One program per (channel block, sample group): the sums sweep (dweight, dbias,
     dresidual; with given statistics dx too), then the dx sweep (FUSED: from registers). The
@@ -216,23 +222,23 @@ def _planes_bwd_kernel(
     if NEED_DX or NEED_DW or NEED_DB or WRITE_DRES:  # with GIVEN, dx needs no sums: stored here
         if FUSED:
             offs, mask = _tile(pid, n_lo, 0, N, NCB, idx, pmask, HW, CB, BLOCK_N, INT64)
-            xhat, gz = tile_grads(X, DY, Res, offs, mask, k_e, mean_e, rstd_e, w_e, b_e, HAS_RES, ACT)
+            xhat, gz = tile_grads(X, DY, Res, offs, mask, k_e, mean_e, rstd_e, w_e, b_e, HAS_RES, ACT, "")
             acc1 = tl.sum(gz, axis=0)
             acc2 = tl.sum(gz * xhat, axis=0)
             if WRITE_DRES:
                 tl.store(DRes + offs, gz.to(DRes.dtype.element_ty), mask=mask)
             if NEED_DX and GIVEN:
-                _dx_tile(DX, offs, mask, xhat, gz, w_e, rstd_e, zero_e, zero_e, GIVEN, CENTER)
+                _dx_tile(DX, offs, mask, xhat, gz, w_e, rstd_e, zero_e, zero_e, GIVEN, CENTER, "")
         else:
             for n0 in range(0, N, BLOCK_N):
                 offs, mask = _tile(pid, n_lo, n0, N, NCB, idx, pmask, HW, CB, BLOCK_N, INT64)
-                xhat, gz = tile_grads(X, DY, Res, offs, mask, k_e, mean_e, rstd_e, w_e, b_e, HAS_RES, ACT)
+                xhat, gz = tile_grads(X, DY, Res, offs, mask, k_e, mean_e, rstd_e, w_e, b_e, HAS_RES, ACT, "")
                 acc1 += tl.sum(gz, axis=0)
                 acc2 += tl.sum(gz * xhat, axis=0)
                 if WRITE_DRES:
                     tl.store(DRes + offs, gz.to(DRes.dtype.element_ty), mask=mask)
                 if NEED_DX and GIVEN:
-                    _dx_tile(DX, offs, mask, xhat, gz, w_e, rstd_e, zero_e, zero_e, GIVEN, CENTER)
+                    _dx_tile(DX, offs, mask, xhat, gz, w_e, rstd_e, zero_e, zero_e, GIVEN, CENTER, "")
     u1 = _fold(acc1, ch, CB_PAD)  # dbias (of the group's samples): each statistic is one channel
     u2 = _fold(acc2, ch, CB_PAD)  # dweight
     if NEED_DW:
@@ -244,16 +250,28 @@ def _planes_bwd_kernel(
         s1_e = _spread(w_c * u1, ch, CB_PAD) / m
         s2_e = _spread(w_c * u2, ch, CB_PAD) / m
         if FUSED:
-            _dx_tile(DX, offs, mask, xhat, gz, w_e, rstd_e, s1_e, s2_e, GIVEN, CENTER)
+            _dx_tile(DX, offs, mask, xhat, gz, w_e, rstd_e, s1_e, s2_e, GIVEN, CENTER, "")
         else:
             for j in range(0, tl.cdiv(N, BLOCK_N)):
                 offs, mask = _tile(pid, n_lo, tl.abs(N_BACK - j) * BLOCK_N, N, NCB, idx, pmask, HW, CB, BLOCK_N,
                                    INT64)
-                xhat, gz = tile_grads(X, DY, Res, offs, mask, k_e, mean_e, rstd_e, w_e, b_e, HAS_RES, ACT)
-                _dx_tile(DX, offs, mask, xhat, gz, w_e, rstd_e, s1_e, s2_e, GIVEN, CENTER)
+                xhat, gz = tile_grads(X, DY, Res, offs, mask, k_e, mean_e, rstd_e, w_e, b_e, HAS_RES, ACT, EV)
+                _dx_tile(DX, offs, mask, xhat, gz, w_e, rstd_e, s1_e, s2_e, GIVEN, CENTER, EV)
 
 
 # --- Planning: tritonorm/planes_plan.py (no Triton import: explain() plans without it) ----------
+
+
+def _evict(second_pass: bool, shape, elem_bytes: int, tensors: int, profile) -> dict:
+    """The EV constexpr of the y or dx sweep (re-reading ``tensors`` tensors of x's size):
+    dispatch.second_pass_policy; {} where there is no second sweep or no hint."""
+    if not second_pass:
+        return {}
+    numel = 1
+    for s in shape:
+        numel *= s
+    ev = dispatch.second_pass_policy(tensors * numel * elem_bytes, profile)
+    return {"EV": ev} if ev else {}
 
 
 def _const(shape, elem_bytes, plan):
@@ -287,9 +305,11 @@ class PlanesForward:
         # The y sweep follows the moments sweep of the same samples: last tile first (what the
         # L2 holds last), unless FUSED (one tile, read once) or given statistics (one sweep).
         self.n_back = 0 if given else sweep_back(self.N, self.plan.config["block_n"])
+        const = _const(shape, elem_bytes, self.plan)
         self.launch = Launcher(_planes_fwd_kernel, (self.ncb, groups),
-                               dict(_const(shape, elem_bytes, self.plan), GIVEN=given, CENTER=center, HAS_W=has_w,
-                                    HAS_B=has_b, HAS_RES=has_res, ACT=act, RUNNING=0 if given else running))
+                               dict(const, GIVEN=given, CENTER=center, HAS_W=has_w, HAS_B=has_b, HAS_RES=has_res,
+                                    ACT=act, RUNNING=0 if given else running,
+                                    **_evict(not (given or const["FUSED"]), shape, elem_bytes, 1 + has_res, profile)))
         self.launches = 1
 
     def __call__(self, x, y, residual, w, b, stats, run_mean, run_var, eps: float, momentum: float, ck=None):
@@ -326,10 +346,13 @@ class PlanesBackward:
         self.need_dw, self.need_db = need_dw and has_w, need_db and has_b
         # The dx sweep follows the sums sweep: last sample tile first, as the forward's y sweep.
         self.n_back = 0 if given else sweep_back(self.N, self.plan.config["block_n"])
+        const = _const(shape, elem_bytes, self.plan)
         self.launch = Launcher(_planes_bwd_kernel, (self.ncb, groups),
-                               dict(_const(shape, elem_bytes, self.plan), GIVEN=given, CENTER=center, HAS_W=has_w,
+                               dict(const, GIVEN=given, CENTER=center, HAS_W=has_w,
                                     HAS_B=has_b, HAS_RES=has_res, ACT=act, NEED_DX=need_dx,
-                                    WRITE_DRES=self.write_dres, NEED_DW=self.need_dw, NEED_DB=self.need_db))
+                                    WRITE_DRES=self.write_dres, NEED_DW=self.need_dw, NEED_DB=self.need_db,
+                                    **_evict(need_dx and not (given or const["FUSED"]), shape, elem_bytes,
+                                             2 + (has_res and act != 0), profile)))
         self.finish = None
         if groups > 1 and (self.need_dw or self.need_db):
             self.finish = Launcher(_finish_kernel, (triton.cdiv(self.C, 64),),
