@@ -122,6 +122,19 @@ def device_profile_overrides(monkeypatch, overrides: dict) -> None:
     launch.clear()
 
 
+def row_kernels_on_profile(monkeypatch, **fields) -> dict:
+    """row_kernels_only, on the device's own profile with ``fields`` replaced
+    (device_profile_overrides; sm_count 4 unless given); fresh plans. Returns the overrides."""
+    from tritonorm.kernels import launch
+
+    row_kernels_only(monkeypatch)
+    overrides: dict = {}
+    device_profile_overrides(monkeypatch, overrides)
+    overrides.update(fields)
+    launch.clear()
+    return overrides
+
+
 def assert_sample_group_grads(x, spec, leaves, residual, dy, y, y64, got, exp, live, labels, dtype, eager_y,
                               eager_g) -> None:
     """y and the gradients ``labels`` (of dx, dweight, dbias, dresidual) of a sample-group call

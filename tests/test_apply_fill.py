@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 from cases import check_case, make_inputs
-from helpers import device_profile_overrides, row_kernels_only
+from helpers import row_kernels_on_profile
 
 from tritonorm import dispatch
 from tritonorm.kernels import launch
@@ -22,11 +22,7 @@ CASES = [((2, 6, 9, 10), "batch", None, None), ((3, 8, 5, 6), "batch", None, tor
 @pytest.fixture
 def one_sm(monkeypatch):
     """The device's profile with 1 SM: the fill is 16 programs, fewer than the tiles."""
-    row_kernels_only(monkeypatch)
-    overrides: dict = {}
-    device_profile_overrides(monkeypatch, overrides)
-    overrides["sm_count"] = 1
-    launch.clear()
+    row_kernels_on_profile(monkeypatch, sm_count=1)
     yield
     launch.clear()
 

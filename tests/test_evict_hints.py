@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 from cases import check_case, make_inputs
-from helpers import device_profile_overrides, row_kernels_only
+from helpers import row_kernels_on_profile
 
 from tritonorm import dispatch
 from tritonorm.bench import l2
@@ -34,12 +34,7 @@ def test_switch_off(monkeypatch):
 @pytest.fixture
 def no_l2(monkeypatch):
     """The device's profile with an L2 of 0 bytes: every second pass takes the hint."""
-    row_kernels_only(monkeypatch)
-    overrides: dict = {}
-    device_profile_overrides(monkeypatch, overrides)
-    overrides["l2_bytes"] = 0
-    launch.clear()
-    yield overrides
+    yield row_kernels_on_profile(monkeypatch, l2_bytes=0)
     launch.clear()
 
 

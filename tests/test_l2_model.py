@@ -221,6 +221,31 @@ def test_fused_whole_pixel_call_is_one_sweep():
         assert row[phase]["modelled"] is False and row[phase]["why"] == "one sweep", row[phase]
 
 
+def _cost(read, written, ideal_read, ideal_written):
+    return {"bytes": read + written, "ideal": ideal_read + ideal_written, "read": read, "written": written,
+            "ideal_read": ideal_read, "ideal_written": ideal_written}
+
+
+def test_hbm_ratio_counts_the_replay_or_a_resident_call():
+    mib = 2**20
+    # 98 MiB ideal, 49 MiB re-read, 24.5 of it served by the replay; too large to be resident.
+    big = _cost(147 * mib, 49 * mib, 49 * mib, 49 * mib)
+    replayed = {"modelled": True, "planned@1": {"l2_served_mib": 24.5}}
+    assert l2.hbm_ratio(big, None, 50 * mib) == (pytest.approx(2.0), "requested")
+    assert l2.hbm_ratio(big, replayed, 50 * mib) == (pytest.approx(1.75), "replay")
+    # 1 MiB of x and dy, 0.5 MiB of dx and 0.25 MiB of partials written and read back: all of it
+    # fits in half the L2, so HBM moves the inputs once and every write once.
+    small = _cost(1.25 * mib, 0.75 * mib, 1 * mib, 0.5 * mib)
+    assert l2.hbm_ratio(small, None, 50 * mib) == (pytest.approx(1.75 / 1.5), "resident")
+    assert l2.hbm_ratio(small, None, 2 * mib) == (pytest.approx(2 / 1.5), "requested")  # not resident
+    rows = [{"case": "a", "fwd": replayed, "bwd": {"modelled": False}}]
+    model_rows = [{"case": "a", "forward": big, "backward": small}, {"case": "b", "forward": small, "backward": big}]
+    got = l2.counted(rows, model_rows, 50 * mib)
+    assert got["forward"]["within"] == 0 and [o[0] for o in got["forward"]["over"]] == ["a", "b"]
+    assert got["backward"]["within"] == 1 and got["backward"]["over"] == [("b", 2.0, "requested")]
+    assert got["forward"]["counted_by"] == {"replay": 1, "resident": 1}
+
+
 def test_command_line(tmp_path, capsys):
     path = tmp_path / "l2.json"
     assert l2.main(["--suite", "sd-unet", "--filter", "640x32^2 b1", "--quiet", "--json", str(path)]) == 0
@@ -231,6 +256,8 @@ def test_command_line(tmp_path, capsys):
     rows = json.loads(path.read_text())["rows"]
     assert rows and all(r["case"].endswith("640x32^2 b1") or "640x32^2 b1 " in r["case"] for r in rows)
     assert any(r["fwd"]["modelled"] for r in rows)
+    counted = json.loads(path.read_text())["counted"]
+    assert counted["forward"]["cases"] == len(rows) and "within 1.1x the ideal in HBM bytes" in out
 
 
 def test_tritonorm_bench_l2(capsys):

@@ -152,8 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="instead: an LRU model of what the L2 serves of the calls that read x twice (split "
                    "and looped regimes on the row kernels, LayerNorm rows' column sums, split on the "
                    "whole-pixel kernels, looped on the planes kernels; bf16): their launches recorded as planned for "
-                   "the profile and replayed, bytes requested beside the HBM bytes left; a model, not a "
-                   "measurement; minutes for the whole suite (any machine)")
+                   "the profile and replayed, bytes requested beside the HBM bytes left, then every case "
+                   "counted against the bytes targets in HBM bytes; a model, not a measurement; minutes "
+                   "for the whole suite (any machine)")
 
     t = sub.add_parser("tune", help="measure candidate plans on this GPU and store the fastest "
                        "in the tuning cache", description="Sweeps launch plans for the suite shapes on "

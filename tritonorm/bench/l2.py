@@ -393,8 +393,7 @@ def _programs(launch, tiles_of, reverse=None, hints=None):
     name = launch.name
     a = _args(launch)
     ev = _evict(a, hints)
-    bp, bm = a["BLOCK_P"], a["BLOCK_M"]
-    P, M = a["P"], a["M"]
+    bm, M = a["BLOCK_M"], a["M"]
     grid = tuple(launch.grid) + (1, 1)
     g0, g1 = grid[0], grid[1]
     x = tiles_of("X", a)
@@ -553,6 +552,45 @@ def _ideal_bytes(launches) -> int:
     return max(1, sum(seen.values()))
 
 
+def hbm_ratio(cost: dict, l2_phase: dict | None, l2_bytes: int) -> tuple[float, str]:
+    """(HBM bytes over the ideal, how it was counted) of one call, from its cost-model row
+    (bench/model.py: bytes read and written, the ideal's) and its replay (or None):
+    - "replay": the cost model's bytes less what the replay says the L2 serves of the re-read;
+    - "resident": when everything the call touches (its inputs once and every byte it writes,
+      the partials' included) fits in half the L2, what it re-reads is served: its inputs once
+      and its writes (written back once) are what HBM moves. The replay says as much of every
+      re-read it covers at that size, and it does not cover the fp32 partials' re-reads;
+    - "requested": neither applies; the cost model's bytes."""
+    ratio, how = cost["bytes"] / max(1, cost["ideal"]), "requested"
+    if l2_phase is not None and l2_phase.get("modelled"):
+        ratio, how = (cost["bytes"] - l2_phase["planned@1"]["l2_served_mib"] * 2**20) / max(1, cost["ideal"]), "replay"
+    footprint = cost["ideal"] + cost["written"] - cost["ideal_written"]
+    if 2 * footprint <= l2_bytes:
+        resident = (cost["ideal_read"] + cost["written"]) / max(1, cost["ideal"])
+        if resident < ratio:
+            ratio, how = resident, "resident"
+    return ratio, how
+
+
+def counted(l2_rows: list, model_rows: list, l2_bytes: int) -> dict:
+    """Per op ("forward", "backward"): how many cases are within #10's targets (bench/model.py's
+    TARGET) in HBM bytes as hbm_ratio counts them, and those over (case, ratio, how)."""
+    from tritonorm.bench.model import TARGET
+
+    by_case = {r["case"]: r for r in l2_rows}
+    out = {}
+    for op, phase in (("forward", "fwd"), ("backward", "bwd")):
+        over, how_n = [], {}
+        for m in model_rows:
+            ratio, how = hbm_ratio(m[op], by_case.get(m["case"], {}).get(phase), l2_bytes)
+            how_n[how] = how_n.get(how, 0) + 1
+            if ratio > TARGET[op] + 1e-9:
+                over.append((m["case"], round(ratio, 2), how))
+        out[op] = {"target": TARGET[op], "cases": len(model_rows), "within": len(model_rows) - len(over),
+                   "over": over, "counted_by": how_n}
+    return out
+
+
 def report(case_list, device: str = "h200", two_sweep: bool = False, json_path=None, progress: bool = True) -> list:
     """Model ``case_list`` (bf16, each case's own layout), print the table, write the JSON; the
     rows. ``python -m tritonorm.bench.l2`` and ``tritonorm bench --l2`` call this."""
@@ -588,10 +626,22 @@ def report(case_list, device: str = "h200", two_sweep: bool = False, json_path=N
           "not a measurement)")
     print(format_table(("case", "call", "kernels", "ideal MiB", "requested x ideal",
                         "HBM x ideal, as planned (L2 / half L2)", "HBM x ideal, applies first-to-last (L2)"), table))
+    # Every case against #10's targets in HBM bytes: the cost model's bytes, less what the
+    # replay serves, or a call resident in the L2 (hbm_ratio).
+    from tritonorm.bench import model
+
+    count = counted(rows, [model.report(c, torch.bfloat16, device) for c in case_list], L2_BYTES[device])
+    for op, c in count.items():
+        ways = ", ".join(f"{n} by {how}" for how, n in sorted(c["counted_by"].items()))
+        line = f"{op}: {c['within']} of {c['cases']} within {c['target']}x the ideal in HBM bytes ({ways})"
+        if c["over"]:
+            line += "; over: " + ", ".join(f"{name} {r:.2f}x" for name, r, _ in c["over"])
+        print(line)
     if json_path is not None:
         with open(json_path, "w") as f:
             json.dump({"device": device, "block": BLOCK, "sector": SECTOR, "l2_bytes": L2_BYTES[device],
-                       "note": "a model, not a measurement (tritonorm/bench/l2.py)", "rows": rows}, f, indent=1)
+                       "note": "a model, not a measurement (tritonorm/bench/l2.py)", "rows": rows,
+                       "counted": count}, f, indent=1)
     return rows
 
 

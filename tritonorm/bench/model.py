@@ -25,7 +25,9 @@ def report(case, dtype, profile: str = "h200") -> dict:
         plan = tritonorm.explain(x, case.scope, op=op, device=profile, **kw)
         cost = plan.cost
         row[op] = {"kernel": plan.kernel, "launches": cost.launches, "bytes": cost.bytes, "ideal": cost.ideal,
-                   "ratio": cost.bytes / max(1, cost.ideal), "us": cost.predicted_us}
+                   "ratio": cost.bytes / max(1, cost.ideal), "us": cost.predicted_us,
+                   "read": cost.bytes_read, "written": cost.bytes_written, "ideal_read": cost.ideal_read,
+                   "ideal_written": cost.ideal_written}
     return row
 
 

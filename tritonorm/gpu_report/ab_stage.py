@@ -76,7 +76,6 @@ def _profile_field(name, value):
 
 def experiments() -> list[Experiment]:
     from tritonorm import dispatch, pixel_plan
-    from tritonorm.kernels import launch
 
     return [
         Experiment("apply_fill", "split-regime apply programs: several tiles each (A) -> one tile each (B)",
