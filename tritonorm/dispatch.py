@@ -271,6 +271,14 @@ def second_pass_policy(reread_bytes: int, profile: "DeviceProfile") -> str:
     return "evict_first" if EVICT_FIRST and 2 * reread_bytes > profile.l2_bytes else ""
 
 
+def second_pass_kw(second_pass: bool, reread_bytes: int, profile: "DeviceProfile") -> dict:
+    """The EV constexpr of a kernel whose pass (``second_pass``: it follows a sweep of the same
+    data in the same call) re-reads ``reread_bytes``: {"EV": second_pass_policy(...)}, or {} where
+    there is no such pass or it takes no hint, so those plans compile what they always did."""
+    ev = second_pass_policy(reread_bytes, profile) if second_pass else ""
+    return {"EV": ev} if ev else {}
+
+
 MAX_GRID_1 = 65535  # CUDA's limit on the second grid dimension
 # Partials merged per step by the apply and finish kernels (row, whole-pixel and planes): a fixed
 # block (not the split's next power of two), so the split count, which follows the batch, never

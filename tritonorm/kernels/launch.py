@@ -84,16 +84,6 @@ def tile_order(col_progs: int, tiles: int, after_sweep: bool, reverse: bool | No
     return col_progs, tiles, 0
 
 
-def _evict(second_pass: bool, x: torch.Tensor, tensors: int, profile: dispatch.DeviceProfile) -> dict:
-    """The EV constexpr of a kernel pass that re-reads ``tensors`` tensors of x's size after a
-    sweep of them (dispatch.second_pass_policy); {} where there is none or it takes no hint, so
-    those plans compile what they always did."""
-    if not second_pass:
-        return {}
-    ev = dispatch.second_pass_policy(tensors * x.numel() * x.element_size(), profile)
-    return {"EV": ev} if ev else {}
-
-
 def _apply_grid(P: int, M: int, bp: int, bm: int, one_program_per_row: bool = False, fill: int | None = None):
     """dispatch.apply_grid: the apply kernels' grid and column tiles per program."""
     return dispatch.apply_grid(P, M, bp, bm, one_program_per_row, fill)
@@ -386,15 +376,15 @@ class ForwardPlan:
             self.constexprs = dict(flags, **pre, SOURCE=1 if mode == "given" else 0, CENTER=center, BLOCK_P=bp,
                                    BLOCK_M=bm, BLOCK_S=MERGE_BLOCK,
                                    RUNNING=running if mode == "train" else NO_RUNNING, num_warps=nw,
-                                   **_evict(merges, x, 1 + (has_res or pre_add), profile))
+                                   **dispatch.second_pass_kw(merges, (1 + (has_res or pre_add)) * x.nbytes, profile))
         else:
             self.partial = None
             self.kernel = fk._fwd_fused_kernel if kernel == "fused" else fk._fwd_looped_kernel
             self.grid = (triton.cdiv(self.P, bp),)
             self.constexprs = dict(flags, **pre, CENTER=center, BLOCK_P=bp, BLOCK_M=bm, STORE_Y=mode != "stats",
                                    RUNNING=running if mode == "train" else NO_RUNNING, num_warps=nw,
-                                   **_evict(kernel != "fused" and mode != "stats", x, 1 + (has_res or pre_add),
-                                            profile))
+                                   **dispatch.second_pass_kw(kernel != "fused" and mode != "stats",
+                                                             (1 + (has_res or pre_add)) * x.nbytes, profile))
             # The looped kernel's y sweep follows its moments sweep over the same row block: its
             # column tiles last to first (M_BACK, dispatch.sweep_back), the re-read beginning
             # with what the L2 got last.
@@ -812,8 +802,9 @@ class BackwardPlan:
                               dict(common, **addk, **fin, CENTER=c.center, GIVEN=self.given,
                                    WRITE_DRES=self.write_dres, BLOCK_S=MERGE_BLOCK, ROW_CHANNEL=row_channel,
                                    NEED_DW=need_dw, NEED_DB=need_db,
-                                   **_evict(not self.given and self.store_dx, x_meta,
-                                            2 + (fwd.has_res and fwd.act != 0), profile)))
+                                   **dispatch.second_pass_kw(not self.given and self.store_dx,
+                                                             (2 + (fwd.has_res and fwd.act != 0)) * x_meta.nbytes,
+                                                             profile)))
         self.dwdb = None
         self.finish_cols = None
         col_two = self.dx_kind == "two-stage" and self.col_two

@@ -30,6 +30,8 @@ fp32 partials [2, S, C] and backward._finish_kernel adds them over S (two launch
 
 from __future__ import annotations
 
+import math
+
 import triton
 import triton.language as tl
 
@@ -262,18 +264,6 @@ def _planes_bwd_kernel(
 # --- Planning: tritonorm/planes_plan.py (no Triton import: explain() plans without it) ----------
 
 
-def _evict(second_pass: bool, shape, elem_bytes: int, tensors: int, profile) -> dict:
-    """The EV constexpr of the y or dx sweep (re-reading ``tensors`` tensors of x's size):
-    dispatch.second_pass_policy; {} where there is no second sweep or no hint."""
-    if not second_pass:
-        return {}
-    numel = 1
-    for s in shape:
-        numel *= s
-    ev = dispatch.second_pass_policy(tensors * numel * elem_bytes, profile)
-    return {"EV": ev} if ev else {}
-
-
 def _const(shape, elem_bytes, plan):
     N, C, HW = shape[0], shape[1], _plane(shape)
     cb = plan.config["planes"]
@@ -309,7 +299,8 @@ class PlanesForward:
         self.launch = Launcher(_planes_fwd_kernel, (self.ncb, groups),
                                dict(const, GIVEN=given, CENTER=center, HAS_W=has_w, HAS_B=has_b, HAS_RES=has_res,
                                     ACT=act, RUNNING=0 if given else running,
-                                    **_evict(not (given or const["FUSED"]), shape, elem_bytes, 1 + has_res, profile)))
+                                    **dispatch.second_pass_kw(not (given or const["FUSED"]),
+                                                              (1 + has_res) * math.prod(shape) * elem_bytes, profile)))
         self.launches = 1
 
     def __call__(self, x, y, residual, w, b, stats, run_mean, run_var, eps: float, momentum: float, ck=None):
@@ -351,8 +342,9 @@ class PlanesBackward:
                                dict(const, GIVEN=given, CENTER=center, HAS_W=has_w,
                                     HAS_B=has_b, HAS_RES=has_res, ACT=act, NEED_DX=need_dx,
                                     WRITE_DRES=self.write_dres, NEED_DW=self.need_dw, NEED_DB=self.need_db,
-                                    **_evict(need_dx and not (given or const["FUSED"]), shape, elem_bytes,
-                                             2 + (has_res and act != 0), profile)))
+                                    **dispatch.second_pass_kw(need_dx and not (given or const["FUSED"]),
+                                                              (2 + (has_res and act != 0)) * math.prod(shape) * elem_bytes,
+                                                              profile)))
         self.finish = None
         if groups > 1 and (self.need_dw or self.need_db):
             self.finish = Launcher(_finish_kernel, (triton.cdiv(self.C, 64),),
