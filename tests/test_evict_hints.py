@@ -83,6 +83,18 @@ def test_planes_kernels_with_the_hint(shape, dtype, planes_profile, monkeypatch)
     assert bwds and all(p.launch.constexprs["EV"] == "evict_first" for p in bwds)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("regime,config", [("split", dict(block_p=2, block_m=16, split=3)),
+                                           ("looped", dict(block_p=2, block_m=16))])
+def test_row_kernels_with_the_hint_16_bit(regime, config, dtype, no_l2):
+    # odd sizes (M = 3 * 7 * 11 = 231 columns: the last tile partial), channels_last
+    x, w, b, r, dy = make_inputs((3, 6, 7, 11), dtype, residual=True, memory_format=torch.channels_last)
+    check_case(x, "batch", weight=w, bias=b, residual=r, dy=dy, activation="silu", regime=regime, config=config)
+    ev = _ev_of_launchers()
+    assert ev["_fwd_apply_kernel" if regime == "split" else "_fwd_looped_kernel"] == {"evict_first"}, ev
+    assert ev["_bwd_apply_kernel"] == {"evict_first"}, ev
+
+
 def test_no_hint_without_a_second_pass(no_l2):
     # fused: one pass; eval (running statistics): the apply kernel's only pass
     x, w, b, _, dy = make_inputs((2, 6, 9, 10), torch.float32)

@@ -55,6 +55,18 @@ def test_row_looped_forward_both_orders(shape, scope, groups, fmt, reverse, fres
 
 
 @pytest.mark.parametrize("reverse", [True, False], ids=["reverse", "forward-order"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_row_looped_forward_both_orders_16_bit(dtype, reverse, fresh_plans, monkeypatch):
+    row_kernels_only(monkeypatch)
+    monkeypatch.setattr(dispatch, "APPLY_REVERSE", reverse)
+    x, w, b, r, dy = make_inputs((3, 6, 7, 11), dtype, residual=True, memory_format=torch.channels_last)
+    check_case(x, "batch", weight=w, bias=b, residual=r, dy=dy, activation="silu", regime="looped",
+               config=dict(block_p=2, block_m=16))
+    (plan,) = [p for p in launch._PLANS.values() if p.kernel is launch.fk._fwd_looped_kernel]
+    assert plan.mid[2] == ((plan.M - 1) // 16 if reverse else 0) and plan.M % 16 != 0
+
+
+@pytest.mark.parametrize("reverse", [True, False], ids=["reverse", "forward-order"])
 @pytest.mark.parametrize("shape,dtype", [((5, 16, 7, 7), torch.float32), ((5, 8, 14, 14), torch.bfloat16)])
 def test_planes_looped_both_orders(shape, dtype, reverse, planes_profile, monkeypatch):
     # 256-element fused limits and 512-element tiles (conftest.planes_regime's looped): 5 samples
