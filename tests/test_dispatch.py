@@ -59,8 +59,9 @@ EXPECTED = [
     ("ln 4096x4096", "forward", "fused"),
     ("rms 4096x8192", "backward", "fused"),
     ("ln 1x4096", "forward", "fused"),
-    # A 16384-wide fp32 row is past the backward's register budget: looped over tiles.
-    ("ln 4096x16384", "backward", "looped"),
+    # A 16384-wide fp32 row is past the backward's register budget: fused WIDE, two column
+    # tiles a row, each program summing the whole rows first (dispatch.wide_plan).
+    ("ln 4096x16384", "backward", "fused"),
     ("in3d 32x128^3 b2", "forward", "split"),
 ]
 
@@ -118,7 +119,10 @@ def test_every_suite_shape_gets_a_runnable_plan():
                 for k in ("block_p", "block_m", "num_warps"):
                     assert cfg[k] >= 1 and cfg[k] & (cfg[k] - 1) == 0, (case.name, plan)
                 if plan.kernel == "fused":
-                    assert cfg["block_m"] >= _plan_problem(case, dtype, op).M
+                    # WIDE (rows past the fused limit): its column tiles cover the row
+                    tiles = cfg.get("wide", 1)
+                    assert 1 <= tiles <= dispatch.WIDE_MAX_TILES and (tiles == 1 or op == "backward")
+                    assert tiles * cfg["block_m"] >= _plan_problem(case, dtype, op).M
                     assert cfg["block_p"] * cfg["block_m"] <= 32768
                 else:
                     assert 1 <= cfg["split"] <= dispatch.MAX_SPLIT

@@ -192,14 +192,15 @@ def test_replay_of_a_planned_planes_call(n, fused):
             assert row[phase]["planned@1"]["hbm_x_ideal"] == pytest.approx(1.0, rel=0.02)
 
 
-def test_replay_of_a_column_sums_call():
-    """RMSNorm rows of 16384 (too long to fuse), 64 of them: the backward's column-sums kernel
-    (program (r, t): column tile t of rows r, r + R, ...) then the apply kernel. With x and dy
-    (4 MiB) inside the L2 the apply's re-read is served whole (half the reads); with a 4 MiB
-    cache, the apply's tiles last to first meet what the sums kernel read last, first to last
-    nothing."""
+def test_replay_of_a_column_sums_call(monkeypatch):
+    """RMSNorm rows of 16384 (too long to fuse), 64 of them, on the looped plan (WIDE_ROWS off):
+    the backward's column-sums kernel (program (r, t): column tile t of rows r, r + R, ...) then
+    the apply kernel. With x and dy (4 MiB) inside the L2 the apply's re-read is served whole
+    (half the reads); with a 4 MiB cache, the apply's tiles last to first meet what the sums
+    kernel read last, first to last nothing."""
     from dataclasses import replace
 
+    monkeypatch.setattr(dispatch, "WIDE_ROWS", False)
     case = replace(_case("rms 4096x16384"), shape=(64, 16384))
     _, bwd = l2.record_call(case, torch.bfloat16, False, "h200")
     assert [la.name for la in bwd] == ["_bwd_col_sums_kernel", "_bwd_apply_kernel"]
@@ -209,6 +210,28 @@ def test_replay_of_a_column_sums_call():
     rev = l2.replay(bwd, profile, 4 << 20, reverse=True)
     fwd_order = l2.replay(bwd, profile, 4 << 20, reverse=False)
     assert rev["hits"] > 0.25 * whole["hits"] and fwd_order["hits"] < 0.01 * whole["hits"], (rev, fwd_order)
+    row = l2.model_case(case, torch.bfloat16, False, "h200", fractions=(1.0,))
+    assert row["bwd"]["modelled"] and row["bwd"]["planned@1"]["hbm_x_ideal"] == pytest.approx(1.0, rel=0.01)
+
+
+def test_replay_of_a_wide_backward_call():
+    """The same rows on the WIDE plan: one fused dx launch on a (programs, 2) grid, each program
+    sweeping its rows whole (x and dy) before its 8192-column tile, so x and dy are requested
+    three times. With every program on an SM at once the L2 serves all but the first read of
+    each row (HBM = the ideal); with a cache smaller than what the programs sweep together, it
+    cannot, and the replay says so."""
+    from dataclasses import replace
+
+    case = replace(_case("rms 4096x16384"), shape=(64, 16384))
+    _, bwd = l2.record_call(case, torch.bfloat16, False, "h200")
+    # (+ the finish of the dweight partials, which the replay leaves out: _IGNORED)
+    assert [la.name for la in bwd] == ["_bwd_fused_kernel", "_finish_kernel"] and bwd[0].args["WIDE"].value > 0
+    profile = dispatch.profile_named("h200")
+    whole = l2.replay(bwd, profile, 50 << 20)
+    row_bytes = 2 * 64 * 16384 * 2  # x and dy
+    assert whole["reads"] == 3 * row_bytes and whole["reads"] - whole["hits"] == row_bytes
+    tiny = l2.replay(bwd, profile, 64 << 10)
+    assert tiny["reads"] - tiny["hits"] > 1.5 * row_bytes, tiny
     row = l2.model_case(case, torch.bfloat16, False, "h200", fractions=(1.0,))
     assert row["bwd"]["modelled"] and row["bwd"]["planned@1"]["hbm_x_ideal"] == pytest.approx(1.0, rel=0.01)
 

@@ -190,13 +190,20 @@ def backward_cost(plan: dispatch.Plan, problem: dispatch.Problem, dwdb_plan: dis
         return Cost(launches, read, written, ideal_read, ideal_written, _time(profile, launches, read + written))
     if plan.kernel == "fused":
         launches += 1
-        read += n + xin + dh_read + res_read + stats + params_in
+        # WIDE (rows longer than a program holds): each of a row's ``wide`` tile programs sweeps
+        # the whole row before its tile's pass, so x and dy are requested 1 + wide times (the L2
+        # serves all but the first: tritonorm.bench.l2 replays it).
+        sweeps = 1 + plan.config.get("wide", 0)
+        read += sweeps * (n + xin + res_read) + dh_read + stats + params_in
         written += n + dres_written
         if need_wb and row_channel:
             written += params_out
         if need_wb and (col_channel or sample_programs):
-            progs = sample_programs or dispatch.col_channel_programs(math.ceil(P / plan.config["block_p"]),
-                                                                     profile.sm_count)
+            row_blocks = math.ceil(P / plan.config["block_p"])
+            if "wide" in plan.config:
+                progs = dispatch.wide_programs(row_blocks, plan.config["wide"], profile.sm_count)
+            else:
+                progs = sample_programs or dispatch.col_channel_programs(row_blocks, profile.sm_count)
             if P == 1 and not sample_programs:  # the dx kernel stores dweight/dbias itself
                 written += params_out
             else:

@@ -466,6 +466,59 @@ def col_channel_programs(row_blocks: int, sm_count: int) -> int:
     return max(1, min(COL_PROGRAMS_PER_SM * sm_count, -(-row_blocks // ROWS_PER_PROGRAM)))
 
 
+# The backward of contiguous rows longer than one fused program holds (LayerNorm/RMSNorm at
+# D = 16384): one pass over x and dy on a (programs, column tiles) grid, each program holding a
+# tile and sweeping the whole rows for their sums first (kernels/backward.py, WIDE), where the
+# looped regime's two stages read x and dy twice from HBM. False: the looped/split plan, as
+# before (the GPU report's A/B stage measures both).
+WIDE_ROWS = True
+# At most this many tiles a row: every tile's program sweeps the whole row from the L2, so the
+# L2 reads grow with the tiles (three row reads at two tiles: two sweeps and the tile reload).
+WIDE_MAX_TILES = 2
+
+
+def wide_plan(problem: Problem, profile: DeviceProfile, tiles: int | None = None,
+              block_a: int | None = None) -> Plan | None:
+    """The fused plan with ``wide`` column tiles for a backward of contiguous rows between one
+    and WIDE_MAX_TILES times the fused limit (``tiles``: that many, whatever the limit, as
+    ``forced(..., wide=tiles)`` asks), or None where it does not apply. The launcher also checks
+    that the gradients suit it (see BackwardPlan)."""
+    if problem.op != "backward" or problem.rows_unit_stride or problem.col_run < problem.M:
+        return None
+    limit = profile.fused_limit(problem.elem_bytes, "backward", True)
+    if tiles is None:
+        if not WIDE_ROWS or problem.M <= limit:
+            return None
+        tiles = -(-problem.M // limit)
+        if tiles > WIDE_MAX_TILES:
+            return None
+    tiles = max(1, min(int(tiles), problem.M))
+    block_m = _pow2(-(-problem.M // tiles))
+    tiles = -(-problem.M // block_m)
+    block_a = _pow2(block_a) if block_a else min(block_m, profile.tile)
+    return Plan("fused", {"block_p": 1, "block_m": block_m, "num_warps": _warps(block_m, profile), "wide": tiles,
+                          "block_a": block_a},
+                f"heuristic: rows of {problem.M} elements, more than one program holds ({limit}): "
+                f"{tiles} column tiles a row, each program sweeping the whole rows for their sums (one "
+                f"pass over x and dy)")
+
+
+def maybe_wide(plan: Plan, problem: Problem, profile: DeviceProfile) -> Plan:
+    """``plan``, or the WIDE plan where the heuristic chose the looped or split regime for rows
+    it suits (a tuned table's or a forced plan stays as it is)."""
+    if plan.kernel in ("looped", "split") and plan.reason.startswith("heuristic"):
+        return wide_plan(problem, profile) or plan
+    return plan
+
+
+def wide_programs(row_blocks: int, tiles: int, sm_count: int) -> int:
+    """Programs along the rows of the WIDE backward: with the tiles, at most one an SM, so that
+    every program runs at once and a row block's tiles stay in step (what lets the L2 serve
+    their shared row sweeps); as ``col_channel_programs``, at least ROWS_PER_PROGRAM row blocks
+    each."""
+    return max(1, min(sm_count // max(1, tiles), -(-row_blocks // ROWS_PER_PROGRAM)))
+
+
 def col_tile_programs(row_blocks: int, tiles: int, warps: int, profile: DeviceProfile) -> int:
     """Programs along the rows of the looped/split LayerNorm-row backward's first stage (one per
     column tile on the other axis): enough to fill half the device's warp slots with the tiles
@@ -565,6 +618,9 @@ def forced(kernel: str, op: str | None = None, **config):
 def _forced_plan(kernel: str, cfg: dict, problem: Problem, profile: DeviceProfile) -> Plan:
     if kernel == NATIVE:
         return Plan(NATIVE, {}, "forced")
+    if kernel == "fused" and cfg.get("wide"):  # where the WIDE backward cannot run: the heuristic's
+        wide = wide_plan(problem, profile, cfg["wide"], cfg.get("block_a"))
+        return replace(wide, reason="forced") if wide is not None else choose(problem, profile)
     nw = cfg.get("num_warps", 4)
     if kernel == "fused":
         need = max(_pow2(problem.M), problem.fused_m)

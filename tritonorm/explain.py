@@ -194,6 +194,9 @@ def explain(x: torch.Tensor, scope: str = "group", *, num_groups: int | None = N
                                          dtype=str(x.dtype).replace("torch.", ""), flags=flags,
                                          fused_m=seg.fused_cols if seg is not None and op == "backward" else 0)
     plan = dispatch.plan_for(problem, profile)
+    if op == "backward":
+        plan = _wide(plan, problem, profile, x, spec, weight, bias, given, seg, param_full, param_nc,
+                     rows is not None, bn, view)
     out_stride = torch.empty_like(x, memory_format=torch.preserve_format, device="meta").stride()
     if op in ("forward", "backward") and plan.kernel != dispatch.NATIVE and running_var is None \
             and running_mean is None and pre_add is None and not param_full \
@@ -220,6 +223,18 @@ def explain(x: torch.Tensor, scope: str = "group", *, num_groups: int | None = N
         note += (" (not run by this call: no weight or bias)" if weight is None and bias is None else
                  " (not run by this call: the backward's dx pass gives dweight/dbias)")
     return dispatch.Plan(plan.kernel, dict(plan.config), plan.reason + note, cost=call_cost)
+
+
+def _wide(plan, problem, profile, x, spec, weight, bias, given, seg, param_full, param_nc, rows_nc, bn, view):
+    """The backward plan as the launcher takes it: the WIDE fused plan where the heuristic's
+    looped/split one meets rows it suits (launch.wide_suits; every gradient asked for)."""
+    need_wb = weight is not None or bias is not None
+    row_channel = need_wb and not given and not param_full and bn is None and channel_per_row(spec)
+    from .kernels import launch
+
+    if launch.wide_suits(need_wb, True, given, seg, param_full, param_nc, rows_nc, row_channel, view, x.shape):
+        return dispatch.maybe_wide(plan, problem, profile)
+    return plan
 
 
 def _cost(op, plan, problem, profile, x, spec, weight, bias, residual, act, running_var, training, flags,
@@ -256,6 +271,8 @@ def _cost(op, plan, problem, profile, x, spec, weight, bias, residual, act, runn
         bplan = dispatch.choose(bproblem, profile)
     need_wb = weight is not None or bias is not None
     row_channel = need_wb and not given and not param_full and bn is None and channel_per_row(spec)
+    bplan = _wide(bplan, bproblem, profile, x, spec, weight, bias, given, seg, param_full, param_nc,
+                  sample_programs > 0, bn, fwd_view)
     col_channel = (need_wb and bplan.kernel == "fused" and not param_full
                    and channel_per_col(fwd_view, x.shape[1]))
     if seg is not None and bn is None and ((bplan.kernel == "fused" and not seg.order)

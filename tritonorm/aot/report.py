@@ -7,7 +7,7 @@ from .variants import Variant
 # A streamed bulk tensor moved in pieces narrower than this is a "scalar access" finding.
 WANT_BYTES = 16
 _FLAGS = ("CENTER", "HAS_W", "HAS_B", "HAS_RES", "ACT", "CHAN", "INT64", "STORE_Y", "GIVEN",
-          "WRITE_DRES", "ROW_CHANNEL", "COL_CHANNEL")
+          "WRITE_DRES", "ROW_CHANNEL", "COL_CHANNEL", "WIDE", "EV")
 
 
 def spills(r: dict) -> int:

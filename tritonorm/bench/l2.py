@@ -56,7 +56,7 @@ L2_BYTES = {"h100": 50 << 20, "h200": 50 << 20}  # GH100: 50 MB of L2
 _PIXELS = {"_pixels_partial_kernel", "_pixels_apply_kernel", "_pixels_bwd_sums_kernel", "_pixels_bwd_apply_kernel"}
 _PLANES = {"_planes_fwd_kernel", "_planes_bwd_kernel"}
 _MODELLED = {"_fwd_looped_kernel", "_fwd_partial_kernel", "_fwd_apply_kernel", "_bwd_sums_kernel", "_bwd_col_sums_kernel",
-             "_bwd_apply_kernel"} | _PIXELS | _PLANES
+             "_bwd_apply_kernel", "_bwd_fused_kernel"} | _PIXELS | _PLANES
 _IGNORED = {"_finish_kernel", "_finish_samples_kernel"}
 # A call with one of these reads x twice; a call of the row kernels' fused ones alone reads it
 # once (what it requests is what HBM moves) and is not replayed.
@@ -75,6 +75,8 @@ def _two_sweep(launch) -> bool:
     the planes and whole-pixel fused/looped kernels unless FUSED."""
     if launch.name in _FUSED_ONCE:
         return not launch.args["FUSED"].value
+    if launch.name == "_bwd_fused_kernel":  # WIDE: each tile's program sweeps the whole rows first
+        return bool(getattr(launch.args.get("WIDE"), "value", 0))
     return launch.name in _TWO_SWEEP
 
 
@@ -419,6 +421,15 @@ def _programs(launch, tiles_of, reverse=None, hints=None):
             second = ([touch(rb, abs(back - j) * bm, abs(back - j) * bm + bm, flags=ev) for j in range(-(-M // bm))]
                       if out is not None else [])
             yield first + second
+    elif name == "_bwd_fused_kernel":  # WIDE: program (r, t) sweeps row blocks r, r + R, ..., then tile t
+        wide = a["WIDE"]
+        for t in range(g1):
+            for r in range(g0):
+                steps = []
+                for rb in range(r, a["ROW_BLOCKS"], g0):
+                    steps += [touch(rb, m, m + wide, read_dy=True, write=False) for m in range(0, M, wide)]
+                    steps.append(touch(rb, t * bm, t * bm + bm, read_dy=True))
+                yield steps
     elif name == "_bwd_col_sums_kernel":  # program (r, t): column tile t of row blocks r, r + R, ...
         for t in range(g1):
             for r in range(g0):

@@ -111,6 +111,26 @@ def _dx(g, xhat, rstd, s1, s2, M, CENTER: tl.constexpr, GIVEN: tl.constexpr):
     return dx
 
 
+@triton.jit
+def _row_sums(X, DY, Res, W, B, rows, rmask, rx, ro, rh, k, mean, rstd, M, CG, HAS_W: tl.constexpr,
+              HAS_B: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr, CHAN: tl.constexpr,
+              INT64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_A: tl.constexpr):
+    """S1 = sum g and S2 = sum g * xhat of each row of a row block over all its M columns, BLOCK_A
+    at a time (the fused kernel's WIDE sweep)."""
+    s1 = tl.zeros([BLOCK_P], dtype=tl.float32)
+    s2 = tl.zeros([BLOCK_P], dtype=tl.float32)
+    for m in range(0, M, BLOCK_A):
+        cmask, mask, cx, co, ct, ch = col_tile(m, M, rmask, BLOCK_A, INT64, CG)
+        x = load2d(X, rx, cx, mask, "") - k[:, None]
+        dy = load2d(DY, ro, co, mask, "")
+        res = load_residual(Res, ro, co, mask, HAS_RES, "")
+        xhat, gz, g = grad_terms(x, dy, mean[:, None], rstd[:, None], rh, ch, rh, ch, rmask, cmask, mask, res,
+                                 W, B, HAS_W, HAS_B, HAS_RES, ACT, CHAN)
+        s1 += tl.sum(g, axis=1)
+        s2 += tl.sum(g * xhat, axis=1)
+    return s1, s2
+
+
 @triton.jit(do_not_specialize=["ROW_BLOCKS"])
 def _bwd_fused_kernel(
     X, DY, Res, W, B, Stats,    # Stats: the forward's [5, P] statistics
@@ -133,6 +153,7 @@ def _bwd_fused_kernel(
     LEAN: tl.constexpr = 0,                 # Stats is [LEAN, P] (common.load_stats)
     COL_DIRECT: tl.constexpr = False,       # COL_CHANNEL on one program: DW, DB are the gradients
     SEG_T: tl.constexpr = False,            # SEG on BatchNorm rows (channels): _seg_store's TRANS
+    WIDE: tl.constexpr = 0,                 # > 0: rows too long for one program (see below)
 ):
     """Whole statistics in registers: S1, S2 and dx in one pass over x and dy.
 
@@ -143,6 +164,16 @@ def _bwd_fused_kernel(
     PARAM_NC == 2 with COL_CHANNEL (adaLN's per-(sample, column) weight/bias, their gradients
     asked for): a (J, N) grid, program (j, n) walking row blocks j, j+J, ... (ROW_BLOCKS of them)
     of sample n only, so its per-column sums are partials of that sample's gradient ([2, N*J, M]).
+
+    WIDE (contiguous rows longer than one program holds; launched on a persistent (R, TILES)
+    grid, R * TILES programs at most one an SM): program (r, t) holds column tile t (BLOCK_M
+    wide) of row blocks r, r + R, ... Each row's S1, S2 come first from a sweep of the whole row
+    in WIDE-column chunks (_row_sums), the same sweep in every tile's program, so they agree
+    bit for bit: the TILES programs of a row block read the same rows at about the same time
+    and the L2 serves all but the first of those reads, and the tile's own reload follows the
+    sweep that just read it. x and dy come from HBM once, where the looped backward's two
+    stages read them twice. COL_CHANNEL: the per-column sums of tile t are columns t*BLOCK_M...
+    of the program's row r of the [2, R, M] partials (or of dweight/dbias: COL_DIRECT).
     """
     dw = tl.zeros([BLOCK_M], dtype=tl.float32)
     db = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -151,20 +182,27 @@ def _bwd_fused_kernel(
             rows, rmask, rx, ro, rt, rh = sample_row_block(rb, tl.program_id(1), P, BLOCK_P, INT64, RG, PS)
         else:
             rows, rmask, rx, ro, rt, rh = row_block(rb, P, BLOCK_P, INT64, RG)
+        k, mean, rstd = load_stats(Stats, P, rt, rmask, X, rx, LEAN)
         if SEG:
             cmask, mask, cx, co, ct, ch, hm = _seg_tile(rmask, M, HM_B, HD_B, SEG, INT64, CG)
+        elif WIDE:
+            if STORE_DX:
+                s1, s2 = _row_sums(X, DY, Res, W, B, rows, rmask, rx, ro, rh, k, mean, rstd, M, CG, HAS_W, HAS_B,
+                                   HAS_RES, ACT, CHAN, INT64, BLOCK_P, WIDE)
+            cmask, mask, cx, co, ct, ch = col_tile(tl.program_id(1) * BLOCK_M, M, rmask, BLOCK_M, INT64, CG)
         else:
             cmask, mask, cx, co, ct, ch = col_tile(0, M, rmask, BLOCK_M, INT64, CG)
         wr, wc, br, bc = param_offsets(rows, rh, ch, ro, co, PARAM_FULL, PARAM_NC, PS)
-        k, mean, rstd = load_stats(Stats, P, rt, rmask, X, rx, LEAN)
         x = load2d(X, rx, cx, mask, "") - k[:, None]
         dy = load2d(DY, ro, co, mask, "")
         res = load_residual(Res, ro, co, mask, HAS_RES, "")
         xhat, gz, g = grad_terms(x, dy, mean[:, None], rstd[:, None], wr, wc, br, bc, rmask, cmask, mask,
                                  res, W, B, HAS_W, HAS_B, HAS_RES, ACT, CHAN)
         if STORE_DX:
-            dx = _dx(g, xhat, rstd, tl.sum(g, axis=1), tl.sum(g * xhat, axis=1), M, CENTER, GIVEN)
-            dx = add_incoming(dx, DH, ro, co, mask, ADD_DH)
+            if not WIDE:
+                s1 = tl.sum(g, axis=1)
+                s2 = tl.sum(g * xhat, axis=1)
+            dx = add_incoming(_dx(g, xhat, rstd, s1, s2, M, CENTER, GIVEN), DH, ro, co, mask, ADD_DH)
             store2d(DX, ro, co, dx, mask, "")
         if WRITE_DRES:
             store2d(DRes, ro, co, gz, mask, "")
@@ -187,14 +225,20 @@ def _bwd_fused_kernel(
                 _seg_store(DB, rows, rmask, gz, hm, 0 if B_NC else P * hm, BLOCK_P, HM_B, HD_B, SEG, SEG_T, P)
     if COL_CHANNEL:
         cols = tl.arange(0, BLOCK_M)
+        if WIDE:
+            cols += tl.program_id(1) * BLOCK_M
         if COL_DIRECT:  # one program saw every row: its sums are dweight and dbias (no finish)
             if NEED_DW:
                 tl.store(DW + cols, dw.to(DW.dtype.element_ty), mask=cols < M)
             if NEED_DB:
                 tl.store(DB + cols, db.to(DB.dtype.element_ty), mask=cols < M)
         else:  # partials [2, programs, M]: each program stores a contiguous row
-            prog = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)  # PARAM_NC == 2: n*J + j
-            progs = tl.num_programs(0) * tl.num_programs(1)
+            if WIDE:  # axis 1 is the column tile: one partial row a program along the rows
+                prog = tl.program_id(0)
+                progs = tl.num_programs(0)
+            else:
+                prog = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)  # PARAM_NC == 2: n*J + j
+                progs = tl.num_programs(0) * tl.num_programs(1)
             tl.store(DW + prog * M + cols, dw, mask=cols < M)
             tl.store(DW + M * progs + prog * M + cols, db, mask=cols < M)
 

@@ -95,6 +95,15 @@ def _chan_mode(view) -> int:
     return {(True, True): 0, (False, True): 1, (True, False): 2, (False, False): 3}[(rows, cols)]
 
 
+def wide_suits(need_wb: bool, dx_pass: bool, given: bool, seg, param_full: bool, nc, rows_nc: bool,
+               row_channel: bool, view, shape) -> bool:
+    """Whether a backward can run the WIDE fused kernel (dispatch.wide_plan): a dx pass from the
+    rows' own sums (not the running statistics'), and dweight/dbias, when asked for, as
+    per-column sums (LayerNorm rows), not per-segment, per-row or per-element ones."""
+    return (dx_pass and not given and seg is None and not param_full and nc is None and not rows_nc
+            and not row_channel and (not need_wb or channel_per_col(view, shape[1])))
+
+
 def _problem(op: str, view, x: torch.Tensor, spec: Spec | None = None, flags: str = "",
              fused_m: int = 0) -> dispatch.Problem:
     return dispatch.problem_from_view(op, view, x.element_size(), spec=spec,
@@ -654,6 +663,12 @@ class BackwardPlan:
             # The torch regime takes (C,) parameters only (a backward-only torch entry of a tuned
             # table, or one forced, with broadcast ones): the heuristic's kernels instead.
             self.plan = plan = dispatch.choose(bproblem, profile)
+        # Rows too long to fuse, one pass over x and dy (dispatch.wide_plan): where the
+        # gradients need nothing but the rows' sums and, for dweight/dbias, per-column ones.
+        if wide_suits(need_wb, dx_pass, self.given, seg, param_full, nc, rows_nc, row_channel, view, c.shape):
+            self.plan = plan = dispatch.maybe_wide(plan, bproblem, profile)
+        elif "wide" in plan.config:  # forced where it cannot run
+            self.plan = plan = dispatch.choose(bproblem, profile)
         self.native = plan.kernel == dispatch.NATIVE
         if self.native:
             return
@@ -700,6 +715,10 @@ class BackwardPlan:
                     row_blocks = triton.cdiv(P // N, bp)
                     J = dispatch.sample_programs(N, P // N, bp, profile.sm_count)
                     progs, grid = N * J, (J, N)
+                elif "wide" in cfg:  # (R, TILES), all at once (dispatch.wide_programs)
+                    progs = dispatch.wide_programs(row_blocks, cfg["wide"], profile.sm_count)
+                    grid = (progs, cfg["wide"])
+                    addk["WIDE"] = cfg["block_a"]
                 elif col_channel:
                     progs = dispatch.col_channel_programs(row_blocks, profile.sm_count)
                 # One row (decoding, a batch of one): the one program's column sums are dweight
