@@ -14,7 +14,7 @@ from tritonorm.kernels import launch
 
 
 def _state():
-    return (dispatch.APPLY_FILL, dispatch.APPLY_REVERSE, dispatch.EVICT_FIRST, dispatch.ROWS_PER_PROGRAM, dispatch.COL_PROGRAMS_PER_SM, pixel_plan.BACKWARD_SPLIT_CAP, pixel_plan.FORWARD_TILE_DIV,
+    return (dispatch.APPLY_FILL, dispatch.APPLY_REVERSE, dispatch.EVICT_FIRST, dispatch.WIDE_ROWS, dispatch.ROWS_PER_PROGRAM, dispatch.COL_PROGRAMS_PER_SM, pixel_plan.BACKWARD_SPLIT_CAP, pixel_plan.FORWARD_TILE_DIV,
             dispatch.profile_for_device(torch.device("cpu")).strided_rows_block, dispatch.forced_state())
 
 
@@ -38,7 +38,7 @@ def test_dry_run_compares_a_with_b(tmp_path):
         assert "error" not in r, r
         assert r["check"]["same"] and r["check"]["max_rel_diff"] <= 2.0 ** -6
         assert "A" not in r and "B" not in r  # no timing without a GPU
-    assert _state()[:3] == (True, True, True)  # switches put back
+    assert _state()[:4] == (True, True, True, True)  # switches put back
 
 
 def test_apply_fill_is_a_real_switch():
