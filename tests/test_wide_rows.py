@@ -133,6 +133,7 @@ def test_h200_plans_and_their_cost():
     w = torch.empty(d, dtype=torch.bfloat16)
     plan = tritonorm.explain(x, "layer", weight=w, bias=w, op="backward", device="h200")
     assert plan.kernel == "fused" and plan.config["wide"] == 2 and plan.config["block_m"] == 8192
+    assert plan.config["block_a"] == 8192  # the sweep's chunk is the tile (dispatch.wide_plan)
     c = plan.cost
     # requested: x and dy by the two tiles' sweeps and the tiles' own pass (3 times), dx once,
     # the [2, 66, D] fp32 partials written and read back (dispatch.wide_programs: 132 SMs / 2)

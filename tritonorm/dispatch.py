@@ -495,7 +495,11 @@ def wide_plan(problem: Problem, profile: DeviceProfile, tiles: int | None = None
     tiles = max(1, min(int(tiles), problem.M))
     block_m = _pow2(-(-problem.M // tiles))
     tiles = -(-problem.M // block_m)
-    block_a = _pow2(block_a) if block_a else min(block_m, profile.tile)
+    # The sweep's chunk is the tile: the sweep holds no more than the tile's pass does (sm_90a,
+    # Triton 3.6 and 3.9: 100-126 registers, no spills), and a chunk of BLOCK_M columns puts
+    # twice the bytes of a 4096-column one in flight a step: one 16-warp program an SM is all
+    # the occupancy this kernel has, so its loads a step are what hides the memory's latency.
+    block_a = _pow2(block_a) if block_a else block_m
     return Plan("fused", {"block_p": 1, "block_m": block_m, "num_warps": _warps(block_m, profile), "wide": tiles,
                           "block_a": block_a},
                 f"heuristic: rows of {problem.M} elements, more than one program holds ({limit}): "

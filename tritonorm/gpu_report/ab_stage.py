@@ -104,7 +104,7 @@ def experiments() -> list[Experiment]:
         Experiment("wide_rows", "backward of rows past the fused limit (LayerNorm 4096x16384): one pass, each "
                    "of a row's 2 tile programs sweeping the row for its sums (A) -> the looped two stages (B)",
                    "A faster: HBM bytes 1.66x -> ~1.05x the ideal (x and dy read once; the L2 serves the other "
-                   "tile's sweep, bench --l2), if 1 program of 16 warps an SM (128 registers) keeps enough bytes "
+                   "tile's sweep, bench --l2), if 1 program of 16 warps an SM (100-126 registers) keeps enough bytes "
                    "in flight (run 2, the looped plan: fwd+bwd 307 us, fwd 81; the ideal bytes of the backward take ~95 us)",
                    (("llm", "ln 4096x16384", "fwd+bwd"),),
                    _setting(dispatch, "WIDE_ROWS", False)),
