@@ -203,10 +203,10 @@ def test_sweep_keeps_the_fastest_candidate_and_ranks_the_field(monkeypatch):
 
     profile = dispatch.profile_named("h200")
     task = sweep.tasks(["resnet50"], ["bf16"], ["forward"], profile)[0]
-    plans = sweep.candidates(task.problem, profile)
+    plans = sweep.candidates(task.problem, profile, task.heuristic)
     rng = random.Random(7)
     cost = {id(p): (float("inf") if i % 5 == 3 else rng.uniform(0.1, 2.0)) for i, p in enumerate(plans)}
-    monkeypatch.setattr(sweep, "candidates", lambda problem, prof: plans)
+    monkeypatch.setattr(sweep, "candidates", lambda problem, prof, heuristic=None: plans)
     monkeypatch.setattr(sweep, "measure", lambda t, plan, device: cost[id(plan)])
     entry = sweep.tune([task], profile, "cpu")[task.key]
     finite = sorted((c, p) for p in plans if (c := cost[id(p)]) != float("inf"))

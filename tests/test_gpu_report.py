@@ -119,10 +119,10 @@ def test_tune_budget_keeps_whole_problems_only(monkeypatch):
 
     monkeypatch.setattr(sweep, "measure", fake_measure)
     everything = sweep.tune(tasks, profile, "cpu")
-    assert len(everything) == 2 and len(calls) == sum(len(sweep.candidates(t.problem, profile)) for t in tasks)
+    assert len(everything) == 2 and len(calls) == sum(len(sweep.candidates(t.problem, profile, t.heuristic)) for t in tasks)
     calls.clear()
     cut = sweep.tune(tasks, profile, "cpu", deadline=time.monotonic() + 0.03)
-    assert cut == {} and 0 < len(calls) < len(sweep.candidates(tasks[0].problem, profile))
+    assert cut == {} and 0 < len(calls) < len(sweep.candidates(tasks[0].problem, profile, tasks[0].heuristic))
 
 
 def test_bench_rows_beside_the_l2_model(tmp_path):

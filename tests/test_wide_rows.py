@@ -168,6 +168,60 @@ def test_forced_wide_where_it_cannot_run_takes_the_heuristic(monkeypatch):
     check_case(x, "group", num_groups=2, weight=w, bias=b, dy=torch.randn(3, 4, 5, 6), regime="fused",
                config=dict(op="backward", wide=2, block_a=16))
     assert not any(s[1] for s in seen), seen
+    # explain says what the launcher does: the heuristic's plan, not the WIDE one forced
+    with dispatch.forced("fused", op="backward", wide=2, block_a=16):
+        plan = tritonorm.explain(x, "group", num_groups=2, weight=w, bias=b, op="backward")
+    assert "wide" not in plan.config and plan.reason.startswith("heuristic"), plan
+
+
+def test_the_tuner_measures_the_wide_plan_and_its_neighbours():
+    """The tuner's heuristic is the plan the launcher runs (WIDE for LayerNorm 4096x16384), and
+    its field holds WIDE at 2 and 4 tiles, sweeping a tile or half a tile a step, beside the
+    looped/split plans and torch; rows that fuse whole get no WIDE candidate."""
+    from tritonorm.tuning import sweep
+
+    prof = dispatch.profile_named("h200")
+    by = {t.case.name: t for t in sweep.tasks(["llm"], ["bf16"], ["backward"], prof)}
+    task = by["ln 4096x16384"]
+    assert task.heuristic.config.get("wide") == 2 and task.heuristic.reason.startswith("heuristic")
+    plans = sweep.candidates(task.problem, prof, task.heuristic)
+    assert plans[0] is task.heuristic
+    assert {(p.config["wide"], p.config["block_a"]) for p in plans if "wide" in p.config} == {
+        (2, 8192), (2, 4096), (4, 4096), (4, 2048)}
+    assert {"looped", "split", dispatch.NATIVE} <= {p.kernel for p in plans}
+    assert sweep.ranking([(0.2, plans[0])]) == "fused 1x8192 t2 a8192 w16: 200.0"
+    small = by["ln 4096x4096"]
+    assert not any("wide" in p.config for p in sweep.candidates(small.problem, prof, small.heuristic))
+    with pytest.MonkeyPatch.context() as mp:  # the switch off: the looped plan is the heuristic
+        mp.setattr(dispatch, "WIDE_ROWS", False)
+        assert "wide" not in sweep.heuristic(task.case, "bf16", "backward", task.problem, prof).config
+
+
+def test_a_stored_wide_plan_is_taken(tmp_path, monkeypatch):
+    """A tuned WIDE entry (the tuner's winner) is a well-formed cache entry, and the plan it
+    stores is the one that runs (explain, which takes the launcher's decisions); a forward
+    problem cannot take one."""
+    from tritonorm.tuning import cache, suites, sweep
+
+    monkeypatch.setenv("TRITONORM_CACHE_DIR", str(tmp_path / "cache"))
+    cache.reset()
+    dispatch.clear_memo()
+    try:
+        live = dispatch.replace(dispatch.PROFILES["h100"], gpu_name="NVIDIA H100 80GB HBM3", live=True)
+        (case,) = [c for c in suites.cases("llm") if c.name == "ln 4096x16384"]
+        key = sweep.problem_of(case, "bf16", "backward").key()
+        cfg = {"block_p": 1, "block_m": 4096, "num_warps": 16, "wide": 4, "block_a": 2048}
+        cache.user_cache(live).put(key, "fused", cfg)
+        x = suites.meta_input(case, torch.bfloat16)
+        w = torch.empty(case.shape[1], dtype=torch.bfloat16, device="meta")
+        plan = tritonorm.explain(x, "layer", weight=w, bias=w, op="backward", device=live)
+        assert plan.reason.startswith("cache hit") and plan.kernel == "fused"
+        assert (plan.config["wide"], plan.config["block_m"], plan.config["block_a"]) == (4, 4096, 2048)
+        fwd = sweep.problem_of(case, "bf16", "forward")
+        assert dispatch.fit(dispatch.Plan("fused", cfg, "t"), fwd, live) is None
+    finally:
+        cache.reset()
+        dispatch.clear_memo()
 
 
 def test_wide_plan_tiles_and_programs():

@@ -334,7 +334,7 @@ def cmd_tune(args) -> int:
     if args.limit is not None:
         task_list = task_list[: args.limit]
     if args.dry_run:
-        counts = [len(sweep.candidates(task.problem, profile)) for task in task_list]
+        counts = [len(sweep.candidates(task.problem, profile, task.heuristic)) for task in task_list]
         print(f"would tune {len(task_list)} problems on profile {profile.name} "
               f"(suites: {', '.join(suites)}; dtypes: {','.join(args.dtype)}; ops: {','.join(args.op)}):")
         rows = [(t.case.suite, t.case.name, t.dtype, t.op, n, t.heuristic.kernel, t.key)

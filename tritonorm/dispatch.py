@@ -564,6 +564,9 @@ def fit(plan: Plan, problem: Problem, profile: DeviceProfile) -> Plan | None:
     if bp < 1 or bm < 1 or bp & (bp - 1) or bm & (bm - 1) or nw < 1 or nw & (nw - 1):
         return None
     cfg.update(block_p=bp, block_m=bm, num_warps=nw)
+    if plan.kernel == "fused" and "wide" in cfg:  # WIDE: its tiles and chunk, as forced(wide=...) plans them
+        wide = wide_plan(problem, profile, cfg["wide"], cfg.get("block_a"))
+        return None if wide is None else replace(wide, reason=plan.reason)
     if plan.kernel == "fused":
         if bm < max(problem.M, problem.fused_m):
             return None

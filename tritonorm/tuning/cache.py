@@ -46,7 +46,7 @@ from typing import Callable
 FORMAT = "tritonorm-tuning"
 VERSION = 1
 KERNELS = ("fused", "looped", "split", "torch")
-CONFIG_KEYS = ("block_p", "block_m", "num_warps", "split")
+CONFIG_KEYS = ("block_p", "block_m", "num_warps", "split", "wide", "block_a")  # wide, block_a: dispatch.wide_plan
 # A real cache holds a few thousand entries (well under 1 MB); anything far larger is not ours.
 MAX_BYTES = 16 << 20
 MAX_ENTRIES = 100_000

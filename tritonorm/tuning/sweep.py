@@ -68,8 +68,26 @@ def tasks(suite_names, dtypes, ops, profile: dispatch.DeviceProfile) -> list[Tas
                     if key in seen:
                         continue
                     seen.add(key)
-                    out.append(Task(key, case, dt, op, problem, dispatch.choose(problem, profile)))
+                    out.append(Task(key, case, dt, op, problem, heuristic(case, dt, op, problem, profile)))
     return out
+
+
+def heuristic(case: suites.Case, dtype: str, op: str, problem: dispatch.Problem,
+              profile: dispatch.DeviceProfile) -> dispatch.Plan:
+    """The plan the launcher runs for the case with nothing tuned: ``dispatch.choose``'s, or for
+    a backward of rows past the fused limit the WIDE plan where the case's gradients suit it
+    (launch.wide_suits; asked of explain, which takes the launcher's decision, by forcing it)."""
+    plan = dispatch.choose(problem, profile)
+    wide = dispatch.maybe_wide(plan, problem, profile) if op == "backward" else plan
+    if "wide" not in wide.config:
+        return plan
+    from ..explain import explain
+
+    dt = DTYPES[dtype]
+    with dispatch.forced("fused", op="backward", wide=wide.config["wide"]):
+        seen = explain(suites.meta_input(case, dt), case.scope, device=profile, op="backward",
+                       sample_groups=case.sample_groups, **_kwargs_meta(case, dt))
+    return wide if "wide" in seen.config else plan
 
 
 def _pow2s(lo: int, hi: int):
@@ -79,11 +97,23 @@ def _pow2s(lo: int, hi: int):
         v *= 2
 
 
-def candidates(problem: dispatch.Problem, profile: dispatch.DeviceProfile) -> list[dispatch.Plan]:
-    """Plans worth measuring: the heuristic's, its neighbours in each regime, and torch native."""
+def candidates(problem: dispatch.Problem, profile: dispatch.DeviceProfile,
+               heuristic: dispatch.Plan | None = None) -> list[dispatch.Plan]:
+    """Plans worth measuring: the heuristic's (``heuristic``: the task's, as the launcher takes it;
+    default ``dispatch.choose``'s), its neighbours in each regime, and torch native. Where the
+    heuristic is the WIDE backward (a case whose gradients suit it), WIDE with 2 and 4 column
+    tiles, each sweeping the rows a tile or half a tile at a time."""
     P, M = problem.P, problem.M
     block_m_full = dispatch._pow2(M)
-    out = [dispatch.choose(problem, profile)]
+    out = [heuristic or dispatch.choose(problem, profile)]
+    if "wide" in out[0].config:
+        for tiles in (2, 4):
+            for half in (False, True):
+                plan = dispatch.wide_plan(problem, profile, tiles)
+                if plan is not None and plan.config["wide"] == tiles:
+                    block_a = plan.config["block_m"] // (2 if half else 1)
+                    plan = dispatch.wide_plan(problem, profile, tiles, block_a)
+                    out.append(dispatch.Plan("fused", plan.config, "sweep"))
     if block_m_full <= 32768:
         for bp in _pow2s(1, min(dispatch._pow2(P), 64)):
             if bp * block_m_full > 32768:
@@ -173,7 +203,8 @@ def ranking(timed: list, n: int = 6) -> str:
         if plan.kernel == dispatch.NATIVE:
             return plan.kernel
         shape = "x".join(str(c[k]) for k in ("block_p", "block_m") if k in c)
-        extra = "".join(f" {tag}{c[k]}" for k, tag in (("split", "s"), ("num_warps", "w")) if k in c)
+        extra = "".join(f" {tag}{c[k]}" for k, tag in (("split", "s"), ("wide", "t"), ("block_a", "a"),
+                                                       ("num_warps", "w")) if k in c)
         return f"{plan.kernel} {shape}{extra}"
 
     best = sorted((t for t in timed if t[0] != float("inf")), key=lambda t: t[0])[:n]
@@ -202,7 +233,7 @@ def tune(task_list: list[Task], profile: dispatch.DeviceProfile, device, progres
         best_plan, best_ms, heur_ms = None, float("inf"), float("inf")
         cut = False
         timed = []
-        for plan in candidates(task.problem, profile):
+        for plan in candidates(task.problem, profile, task.heuristic):
             if late():
                 cut = True
                 break
