@@ -87,6 +87,33 @@ def test_one_row_stores_dweight_from_each_tile(monkeypatch):
     assert [s[0] for s in seen if s[0] != "_fwd_fused_kernel"] == ["_bwd_fused_kernel"], seen
 
 
+def test_compiled_layer_norm_takes_the_wide_backward(monkeypatch):
+    """torch.compile(fullgraph) of layer_norm + SiLU: the registered op's backward plans as the
+    eager call does (WIDE), and the gradients match the float64 reference."""
+    from helpers import FP32_RTOL, max_err, scale
+
+    from tritonorm import functional as tf
+
+    torch._dynamo.reset()
+    seen = _launched(monkeypatch)
+    x, w, b, dy = _rows((3, 5000), torch.float32)
+    leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+    ref = [t.double().requires_grad_() for t in (x, w, b)]
+
+    def f(x, w, b):
+        return torch.nn.functional.silu(tf.layer_norm(x, (5000,), w, b))
+
+    try:
+        torch.compile(f, fullgraph=True, backend="aot_eager")(*leaves).backward(dy)
+    finally:
+        torch._dynamo.reset()
+    torch.nn.functional.silu(torch.nn.functional.layer_norm(ref[0], (5000,), ref[1], ref[2])).backward(dy.double())
+    assert ("_bwd_fused_kernel", 4096, (1, 2)) in seen, seen
+    for name, got, want in zip(("dx", "dweight", "dbias"), leaves, ref):
+        err, sc = max_err(got.grad, want.grad), scale(want.grad)
+        assert err <= FP32_RTOL * sc + 1e-7, (name, err, sc)
+
+
 @pytest.mark.parametrize("rd", [None, torch.float32])
 def test_add_norm_takes_the_wide_backward(rd, monkeypatch):
     # add_norm: dx gets the incoming gradient of h (ADD_DH) and, with a float32 residual
