@@ -10,7 +10,6 @@ from __future__ import annotations
 import pytest
 import torch
 from cases import check_case
-from helpers import record_launches
 
 import tritonorm
 from tritonorm import dispatch
@@ -20,9 +19,21 @@ from tritonorm.kernels import backward as bk
 
 @pytest.fixture(autouse=True)
 def _fresh(monkeypatch):
+    """Poisoned outputs, fresh plans, every launch through JITFunction.run (where _launched sees
+    it), and the device's profile with the interpreter's limits and 4 SMs: on CPU that is the
+    interpreter's profile; on a GPU (the GPU report runs this file compiled) the same plans for
+    these small shapes, rows of 5000 past a 4096-element backward limit."""
+    from helpers import device_profile_overrides
+
+    from tritonorm.kernels import fastlaunch
+
     monkeypatch.setattr(launch, "POISON", True)
+    overrides: dict = {}
+    device_profile_overrides(monkeypatch, overrides)
+    overrides.update(fused_max_backward={4: 4096, 2: 4096}, tile=4096)
     launch.clear()
-    yield
+    with fastlaunch.enabled(False):
+        yield
     launch.clear()
 
 
