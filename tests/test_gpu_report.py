@@ -154,3 +154,12 @@ def test_bench_rows_beside_the_l2_model(tmp_path):
     assert lines[0]["measured_over_l2_model"] == pytest.approx(100.0 / lines[0]["l2_model_us"])
     assert "l2_model_us" not in lines[1] and "l2_model_us" not in lines[2]
     assert "L2 model us" in summary.beside_table(lines)
+    # The dry run's rows are scaled down: the suite shapes' served bytes do not apply (they
+    # exceeded its tiny model us, and the ratio divided by zero at the end of the dry run); a
+    # served figure past the model us gives 0 and no ratio.
+    scaled = dict(row("bn 64x112^2 b32", "bf16", "fwd+bwd", 0.001, 8.0), dry_run=True)
+    over = row("bn 64x112^2 b32", "bf16", "fwd+bwd", 0.001, 1.0)
+    lines = summary.beside({"rows": [scaled, over]}, None, None, served)
+    assert "l2_model_us" not in lines[0] and "measured_over_l2_model" not in lines[0]
+    assert lines[1]["l2_model_us"] == 0.0 and "measured_over_l2_model" not in lines[1]
+    summary.beside_table(lines)

@@ -91,10 +91,11 @@ def beside(bench: dict | None, checks: dict | None, host: dict | None, served: d
                 "copy_frac": ours.get("copy_frac") if ours else None}
         if line["us"] and line["model_us"]:
             line["measured_over_model"] = line["us"] / line["model_us"]
-        got = served.get((r["case"], r["mode"])) if r.get("dtype") == "bf16" else None
+        # The L2 model's figures are the suite shapes': not the dry run's scaled-down rows.
+        got = served.get((r["case"], r["mode"])) if r.get("dtype") == "bf16" and not r.get("dry_run") else None
         if got and line["model_us"]:
             line["l2_model_us"] = max(0.0, line["model_us"] - got / (gbps * 1e3))
-            if line["us"]:
+            if line["us"] and line["l2_model_us"] > 0:
                 line["measured_over_l2_model"] = line["us"] / line["l2_model_us"]
         out.append(line)
     return out
