@@ -179,6 +179,12 @@ def test_h200_plans_and_their_cost():
     assert c.launches == 2
     assert 6 * n < c.bytes_read < 6 * n + 2 * 66 * d * 4 + (1 << 20)
     assert n + 2 * 66 * d * 4 <= c.bytes_written < n + 2 * 66 * d * 4 + (1 << 20)
+    # the two sweeps after the first are the L2's by design: 4n of the reads, said apart
+    prof = dispatch.profile_named("h200")
+    assert c.l2_read == 4 * n and c.l2_us == pytest.approx(4 * n / (prof.hbm_gbps * 1e3))
+    assert "meant to come from the L2" in c.summary() and (c.bytes - c.l2_read) / c.ideal < 1.1
+    plain = tritonorm.explain(x[:, :8192], "layer", weight=w[:8192], op="backward", device="h200").cost
+    assert plain.l2_read == 0 and "L2" not in plain.summary()
     # 8192 columns fuse; 32768 would take 4 tiles: the looped plan
     assert "wide" not in tritonorm.explain(x[:, :8192], "layer", weight=w[:8192], op="backward",
                                            device="h200").config

@@ -29,6 +29,11 @@ class Cost:
     ideal_read: int
     ideal_written: int
     predicted_us: float
+    # Of bytes_read, what the plan is built to take from the L2 (the WIDE backward's tile
+    # programs sweeping the same rows together): still in bytes and predicted_us, which count
+    # every byte requested at HBM bandwidth, as for every regime (bench --l2 models the rest).
+    l2_read: int = 0
+    l2_us: float = 0.0  # the part of predicted_us that l2_read accounts for
 
     @property
     def bytes(self) -> int:
@@ -44,9 +49,14 @@ class Cost:
         return self.bytes / max(1, self.ideal)
 
     def summary(self) -> str:
-        return (f"{self.launches} launch{'es' if self.launches != 1 else ''}, "
+        text = (f"{self.launches} launch{'es' if self.launches != 1 else ''}, "
                 f"{self.bytes / 2**20:.2f} MiB moved ({self.ratio:.2f}x ideal), "
                 f"predicted {self.predicted_us:.1f} us")
+        if self.l2_read:
+            text += (f"; {self.l2_read / 2**20:.2f} MiB of the reads are meant to come from the L2 "
+                     f"(without them {(self.bytes - self.l2_read) / max(1, self.ideal):.2f}x ideal, "
+                     f"{self.predicted_us - self.l2_us:.1f} us)")
+        return text
 
 
 def _time(profile: dispatch.DeviceProfile, launches: int, nbytes: int) -> float:
@@ -180,6 +190,7 @@ def backward_cost(plan: dispatch.Plan, problem: dispatch.Problem, dwdb_plan: dis
     ideal_read = n + xin + dh_read + res_read + params_in
     ideal_written = n + dres_written + params_out
     stats = 3 * P * 4
+    l2_read = 0
     launches = 0
     read = written = 0
     if plan.kernel == dispatch.NATIVE:
@@ -195,6 +206,7 @@ def backward_cost(plan: dispatch.Plan, problem: dispatch.Problem, dwdb_plan: dis
         # serves all but the first: tritonorm.bench.l2 replays it).
         sweeps = 1 + plan.config.get("wide", 0)
         read += sweeps * (n + xin + res_read) + dh_read + stats + params_in
+        l2_read = (sweeps - 1) * (n + xin + res_read)
         written += n + dres_written
         if need_wb and row_channel:
             written += params_out
@@ -267,7 +279,8 @@ def backward_cost(plan: dispatch.Plan, problem: dispatch.Problem, dwdb_plan: dis
         read += param_full * full + (has_w + has_b) * (full - C * param_bytes) * (1 if plan.kernel == "fused" else 2)
         written += param_full * full
         read += param_full * full  # the reductions read them back
-    return Cost(launches, read, written, ideal_read, ideal_written, _time(profile, launches, read + written))
+    return Cost(launches, read, written, ideal_read, ideal_written, _time(profile, launches, read + written),
+                l2_read, l2_read / (profile.hbm_gbps * 1e3))
 
 
 
