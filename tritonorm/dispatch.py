@@ -515,6 +515,15 @@ def maybe_wide(plan: Plan, problem: Problem, profile: DeviceProfile) -> Plan:
     return plan
 
 
+def backward_wide(plan: Plan, problem: Problem, profile: DeviceProfile, suits: bool) -> Plan:
+    """The backward plan the launcher runs (launch.BackwardPlan; explain asks the same): where
+    the gradients ``suit`` the WIDE kernel (launch.wide_suits), ``maybe_wide``; where they do
+    not, the heuristic's plan in place of a forced or stored WIDE one."""
+    if suits:
+        return maybe_wide(plan, problem, profile)
+    return choose(problem, profile) if "wide" in plan.config else plan
+
+
 def wide_programs(row_blocks: int, tiles: int, sm_count: int) -> int:
     """Programs along the rows of the WIDE backward: with the tiles, at most one an SM, so that
     every program runs at once and a row block's tiles stay in step (what lets the L2 serve

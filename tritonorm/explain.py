@@ -226,18 +226,14 @@ def explain(x: torch.Tensor, scope: str = "group", *, num_groups: int | None = N
 
 
 def _wide(plan, problem, profile, x, spec, weight, bias, given, seg, param_full, param_nc, rows_nc, bn, view):
-    """The backward plan as the launcher takes it (launch.BackwardPlan): the WIDE fused plan where
-    the heuristic's looped/split one meets rows it suits (launch.wide_suits; every gradient
-    asked for), and the heuristic's where a forced or stored WIDE plan meets rows it does not."""
+    """The backward plan as the launcher takes it (dispatch.backward_wide, with every gradient
+    asked for)."""
     need_wb = weight is not None or bias is not None
     row_channel = need_wb and not given and not param_full and bn is None and channel_per_row(spec)
     from .kernels import launch
 
-    if launch.wide_suits(need_wb, True, given, seg, param_full, param_nc, rows_nc, row_channel, view, x.shape):
-        return dispatch.maybe_wide(plan, problem, profile)
-    if "wide" in plan.config:
-        return dispatch.choose(problem, profile)
-    return plan
+    return dispatch.backward_wide(plan, problem, profile, launch.wide_suits(
+        need_wb, True, given, seg, param_full, param_nc, rows_nc, row_channel, view, x.shape))
 
 
 def _cost(op, plan, problem, profile, x, spec, weight, bias, residual, act, running_var, training, flags,

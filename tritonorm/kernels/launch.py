@@ -665,10 +665,8 @@ class BackwardPlan:
             self.plan = plan = dispatch.choose(bproblem, profile)
         # Rows too long to fuse, one pass over x and dy (dispatch.wide_plan): where the
         # gradients need nothing but the rows' sums and, for dweight/dbias, per-column ones.
-        if wide_suits(need_wb, dx_pass, self.given, seg, param_full, nc, rows_nc, row_channel, view, c.shape):
-            self.plan = plan = dispatch.maybe_wide(plan, bproblem, profile)
-        elif "wide" in plan.config:  # forced where it cannot run
-            self.plan = plan = dispatch.choose(bproblem, profile)
+        self.plan = plan = dispatch.backward_wide(plan, bproblem, profile, wide_suits(
+            need_wb, dx_pass, self.given, seg, param_full, nc, rows_nc, row_channel, view, c.shape))
         self.native = plan.kernel == dispatch.NATIVE
         if self.native:
             return

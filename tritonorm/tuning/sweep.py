@@ -108,12 +108,11 @@ def candidates(problem: dispatch.Problem, profile: dispatch.DeviceProfile,
     out = [heuristic or dispatch.choose(problem, profile)]
     if "wide" in out[0].config:
         for tiles in (2, 4):
-            for half in (False, True):
-                plan = dispatch.wide_plan(problem, profile, tiles)
-                if plan is not None and plan.config["wide"] == tiles:
-                    block_a = plan.config["block_m"] // (2 if half else 1)
-                    plan = dispatch.wide_plan(problem, profile, tiles, block_a)
-                    out.append(dispatch.Plan("fused", plan.config, "sweep"))
+            base = dispatch.wide_plan(problem, profile, tiles)
+            if base is None or base.config["wide"] != tiles:
+                continue
+            for block_a in (base.config["block_m"], base.config["block_m"] // 2):
+                out.append(dispatch.Plan("fused", dispatch.wide_plan(problem, profile, tiles, block_a).config, "sweep"))
     if block_m_full <= 32768:
         for bp in _pow2s(1, min(dispatch._pow2(P), 64)):
             if bp * block_m_full > 32768:
